@@ -1,0 +1,62 @@
+"""Models: the NNX decoder, its functional boundary, and checkpoint/tokenizer import.
+
+The rest of ff_jax holds a model as `(graphdef, params)`: a static NNX GraphDef and a pure nested
+dict of arrays (`{'embed': ..., 'layers': {0: {'attn': {'q': ...}}}}`). Pure dicts go through
+`jax.jit`, optax, vmap and Orbax unchanged; `forward` merges them back into a module inside a trace.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+from ff_jax.models.config import ModelConfig, RopeScaling, tiny_llama
+from ff_jax.models.transformer import Cache, Transformer, positions_from_mask
+
+__all__ = [
+    "Cache", "ModelConfig", "RopeScaling", "Transformer", "abstract_model", "forward",
+    "init_params", "logical_axes", "positions_from_mask", "tiny_llama",
+]
+
+Params = dict[str, Any]
+
+
+def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, Params, Params]:
+  """(graphdef, abstract params of ShapeDtypeStructs, logical axes as PartitionSpecs) of `cfg`.
+
+  Nothing is allocated: shapes come from `nnx.eval_shape`, so this is how a model too big for one
+  device is planned before it is initialised or loaded shard by shard.
+  """
+  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(model)
+  abstract = state.to_pure_dict()
+  axes = logical_axes(state)
+  return graphdef, abstract, axes
+
+
+def logical_axes(state: nnx.State) -> Params:
+  """Pure dict of `PartitionSpec`s of *logical* names, one per parameter."""
+
+  def spec(variable):
+    return PartitionSpec(*variable.get_metadata().get("out_sharding", ()))
+
+  return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
+
+
+def init_params(cfg: ModelConfig, seed: int) -> Params:
+  """Freshly initialised parameters (unsharded; `ff_jax.parallel` has the sharded version)."""
+  return nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)))[1].to_pure_dict()
+
+
+def forward(graphdef: nnx.GraphDef, params: Params, tokens, positions, kv_mask,
+            cache: Cache | None = None, cache_index: Any = 0):
+  """Pure forward pass: `(logits [B,T,V] fp32, new_cache)`; see `Transformer` for the contract."""
+  model = nnx.merge(graphdef, params)
+  return model(tokens, positions, kv_mask, cache, cache_index)
+
+
+def init_cache(graphdef: nnx.GraphDef, params: Params, batch: int, length: int) -> Cache:
+  return nnx.merge(graphdef, params).init_cache(batch, length)

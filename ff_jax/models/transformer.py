@@ -1,0 +1,276 @@
+"""One Flax NNX decoder-only transformer for the Llama, Qwen2 and GPT-2 families.
+
+Every parameter carries logical axis names in its `out_sharding` metadata ('vocab', 'embed',
+'heads', 'kv_heads', 'head_dim', 'mlp', 'norm', 'position'); `ff_jax.parallel` maps them to mesh
+axes. The forward pass is the same for training, scoring and decoding:
+
+  logits, cache = model(tokens, positions, kv_mask, cache=None, cache_index=None)
+
+`positions` feed RoPE / learned position embeddings and are derived from the padding mask by the
+caller (`positions_from_mask`), so left- and right-padded rows see the same positions as an unpadded
+row. Attention visibility is by *slot*: slot j is visible from slot i iff j <= i and `kv_mask[j]`.
+Without a cache the slots are the T input columns; with a cache they are the cache's S columns and
+the inputs occupy slots `cache_index .. cache_index+T-1`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ff_jax.models.config import ModelConfig
+
+Cache = list[dict[str, jax.Array]]
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def positions_from_mask(mask: jax.Array) -> jax.Array:
+  """Position ids that ignore padding: 0 for the first real token of each row."""
+  return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def _param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: tuple[str | None, ...],
+           dtype) -> nnx.Param:
+  assert len(shape) == len(axes), (shape, axes)
+  # Never shard eagerly: ff_jax.parallel places parameters through jit out_shardings, so building
+  # a model needs no mesh context (and works under nnx.eval_shape).
+  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
+
+
+class Norm(nnx.Module):
+  """RMSNorm (Llama) or LayerNorm with bias (GPT-2); statistics always in fp32."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    pdt = _DTYPES[cfg.param_dtype]
+    self.kind = cfg.norm
+    self.eps = cfg.norm_eps
+    self.scale = _param(rngs, nnx.initializers.ones, (cfg.hidden_size,), ("norm",), pdt)
+    if cfg.norm == "layer":
+      self.bias = _param(rngs, nnx.initializers.zeros, (cfg.hidden_size,), ("norm",), pdt)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    if self.kind == "rms":
+      x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+      return (x * self.scale[...].astype(jnp.float32)).astype(dtype)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    x = (x - mean) * jax.lax.rsqrt(var + self.eps)
+    return (x * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(
+        dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+  """Inverse RoPE frequencies, with HF's 'linear' and 'llama3' scaling rules."""
+  hd = cfg.resolved_head_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+  scaling = cfg.rope_scaling
+  if scaling.kind == "linear":
+    inv_freq = inv_freq / scaling.factor
+  elif scaling.kind == "llama3":
+    old_len = scaling.original_max_position_embeddings
+    low_wavelen = old_len / scaling.low_freq_factor
+    high_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    inv_freq = jnp.where(is_medium, smoothed, scaled)
+  return inv_freq
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotate `x` [B, T, H, D] by position, in HF's half-split layout (rotate_half)."""
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention with optional q/k/v and output biases and an explicit KV cache."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    pdt = _DTYPES[cfg.param_dtype]
+    d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+    init = nnx.initializers.normal(cfg.initializer_range)
+    zeros = nnx.initializers.zeros
+    self.cfg = cfg
+    self.q = _param(rngs, init, (d, h, hd), ("embed", "heads", "head_dim"), pdt)
+    self.k = _param(rngs, init, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pdt)
+    self.v = _param(rngs, init, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pdt)
+    self.o = _param(rngs, init, (h, hd, d), ("heads", "head_dim", "embed"), pdt)
+    if cfg.qkv_bias:
+      self.q_bias = _param(rngs, zeros, (h, hd), ("heads", "head_dim"), pdt)
+      self.k_bias = _param(rngs, zeros, (kv, hd), ("kv_heads", "head_dim"), pdt)
+      self.v_bias = _param(rngs, zeros, (kv, hd), ("kv_heads", "head_dim"), pdt)
+    if cfg.out_bias:
+      self.o_bias = _param(rngs, zeros, (d,), ("norm",), pdt)
+
+  def __call__(self, x, positions, kv_mask, layer_cache, cache_index):
+    cfg = self.cfg
+    dt = x.dtype
+    q = jnp.einsum("btd,dhk->bthk", x, self.q[...].astype(dt))
+    k = jnp.einsum("btd,dhk->bthk", x, self.k[...].astype(dt))
+    v = jnp.einsum("btd,dhk->bthk", x, self.v[...].astype(dt))
+    if cfg.qkv_bias:
+      q = q + self.q_bias[...].astype(dt)
+      k = k + self.k_bias[...].astype(dt)
+      v = v + self.v_bias[...].astype(dt)
+    if cfg.positions == "rope":
+      inv_freq = rope_inv_freq(cfg)
+      q = apply_rope(q, positions, inv_freq)
+      k = apply_rope(k, positions, inv_freq)
+
+    batch, length = x.shape[:2]
+    if layer_cache is None:
+      q_slots = jnp.arange(length)
+    else:
+      # Left-padded batches share one write index, so a plain dynamic_update_slice suffices.
+      k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype),
+                                       (0, cache_index, 0, 0))
+      v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype),
+                                       (0, cache_index, 0, 0))
+      layer_cache = {"k": k, "v": v}
+      q_slots = cache_index + jnp.arange(length)
+    k_slots = jnp.arange(k.shape[1])
+    visible = (k_slots[None, :] <= q_slots[:, None])[None] & kv_mask[:, None, :].astype(bool)
+
+    groups = cfg.num_heads // cfg.num_kv_heads
+    q = q.reshape(batch, length, cfg.num_kv_heads, groups, cfg.resolved_head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(dt),
+                        preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(cfg.resolved_head_dim)
+    # A large finite negative (not -inf) keeps fully-masked padding rows NaN-free.
+    scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dt))
+    out = out.reshape(batch, length, cfg.num_heads, cfg.resolved_head_dim)
+    out = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dt))
+    if cfg.out_bias:
+      out = out + self.o_bias[...].astype(dt)
+    return out, layer_cache
+
+
+class Mlp(nnx.Module):
+  """SwiGLU (Llama, Qwen2) or GELU (GPT-2, tanh approximation) feed-forward block."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    pdt = _DTYPES[cfg.param_dtype]
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    init = nnx.initializers.normal(cfg.initializer_range)
+    zeros = nnx.initializers.zeros
+    self.kind = cfg.mlp
+    self.bias = cfg.mlp_bias
+    if cfg.mlp == "swiglu":
+      self.gate = _param(rngs, init, (d, f), ("embed", "mlp"), pdt)
+    self.up = _param(rngs, init, (d, f), ("embed", "mlp"), pdt)
+    self.down = _param(rngs, init, (f, d), ("mlp", "embed"), pdt)
+    if cfg.mlp_bias:
+      self.up_bias = _param(rngs, zeros, (f,), ("mlp",), pdt)
+      self.down_bias = _param(rngs, zeros, (d,), ("norm",), pdt)
+
+  def __call__(self, x):
+    dt = x.dtype
+    up = x @ self.up[...].astype(dt)
+    if self.bias:
+      up = up + self.up_bias[...].astype(dt)
+    if self.kind == "swiglu":
+      hidden = jax.nn.silu(x @ self.gate[...].astype(dt)) * up
+    else:
+      hidden = jax.nn.gelu(up, approximate=True)
+    out = hidden @ self.down[...].astype(dt)
+    if self.bias:
+      out = out + self.down_bias[...].astype(dt)
+    return out
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.attn_norm = Norm(cfg, rngs)
+    self.attn = Attention(cfg, rngs)
+    self.mlp_norm = Norm(cfg, rngs)
+    self.mlp = Mlp(cfg, rngs)
+
+  def __call__(self, x, positions, kv_mask, layer_cache, cache_index):
+    attn_out, layer_cache = self.attn(self.attn_norm(x), positions, kv_mask, layer_cache,
+                                      cache_index)
+    x = x + attn_out
+    x = x + self.mlp(self.mlp_norm(x))
+    return x, layer_cache
+
+
+def _block_forward(block, x, positions, kv_mask, layer_cache, cache_index):
+  return block(x, positions, kv_mask, layer_cache, cache_index)
+
+
+# Recomputes each block's activations in the backward pass: memory for FLOPs.
+_remat_block_forward = nnx.remat(_block_forward)
+
+
+class Transformer(nnx.Module):
+  """Decoder-only language model. See the module docstring for the call contract."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    pdt = _DTYPES[cfg.param_dtype]
+    self.cfg = cfg
+    init = nnx.initializers.normal(cfg.initializer_range)
+    self.embed = _param(rngs, init, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pdt)
+    if cfg.positions == "learned":
+      self.pos_embed = _param(rngs, init, (cfg.max_position_embeddings, cfg.hidden_size),
+                              ("position", "embed"), pdt)
+    self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = Norm(cfg, rngs)
+    if not cfg.tie_embeddings:
+      self.lm_head = _param(rngs, init, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
+                            pdt)
+
+  def init_cache(self, batch: int, length: int) -> Cache:
+    """An empty KV cache of `length` slots, in the compute dtype."""
+    cfg = self.cfg
+    shape = (batch, length, cfg.num_kv_heads, cfg.resolved_head_dim)
+    dtype = _DTYPES[cfg.dtype]
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+            for _ in range(cfg.num_layers)]
+
+  def hidden_states(self, tokens, positions, kv_mask, cache: Cache | None = None,
+                    cache_index: Any = 0):
+    cfg = self.cfg
+    dt = _DTYPES[cfg.dtype]
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
+    if cfg.positions == "learned":
+      x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)
+    forward = _remat_block_forward if cfg.remat else _block_forward
+    new_cache = None if cache is None else []
+    for i, block in enumerate(self.layers):
+      layer_cache = None if cache is None else cache[i]
+      x, layer_cache = forward(block, x, positions, kv_mask, layer_cache, cache_index)
+      if cache is not None:
+        new_cache.append(layer_cache)
+    return self.final_norm(x), new_cache
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """Vocabulary logits in fp32 (the loss and sampling need the precision)."""
+    dt = hidden.dtype
+    if self.cfg.tie_embeddings:
+      return jnp.einsum("btd,vd->btv", hidden, self.embed[...].astype(dt),
+                        preferred_element_type=jnp.float32)
+    return jnp.einsum("btd,dv->btv", hidden, self.lm_head[...].astype(dt),
+                      preferred_element_type=jnp.float32)
+
+  def __call__(self, tokens, positions, kv_mask, cache: Cache | None = None,
+               cache_index: Any = 0):
+    hidden, new_cache = self.hidden_states(tokens, positions, kv_mask, cache, cache_index)
+    return self.logits(hidden), new_cache
