@@ -67,7 +67,8 @@ class ModelConfig:
 
     for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                 "intermediate_size", "max_position_embeddings"):
-      need(int(getattr(self, key)) > 0, key, f"must be a positive integer, got {getattr(self, key)}")
+      value = getattr(self, key)
+      need(int(value) > 0, key, f"must be a positive integer, got {value}")
     need(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
          f"{self.num_kv_heads} must divide num_heads={self.num_heads}")
     if self.head_dim is None:

@@ -1,8 +1,8 @@
 """Tokenizers: one wrapper around a `tokenizers.Tokenizer` plus its special ids and chat template.
 
-HF folders (`tokenizer.json` + `tokenizer_config.json`), GGUF files (built from the file's metadata in
-`ff_jax.models.gguf`) and the demo's own trained tokenizer all end up as a `TextTokenizer`, so the
-data layer and the decoder never care where a tokenizer came from.
+HF folders (`tokenizer.json` + `tokenizer_config.json`), GGUF files (built from the file's
+metadata in `ff_jax.models.gguf`) and the demo's own trained tokenizer all end up as a
+`TextTokenizer`, so the data layer and the decoder never care where a tokenizer came from.
 """
 
 from __future__ import annotations

@@ -1,0 +1,178 @@
+"""Device meshes, logical-axis sharding rules, sharded initialisation and global batches.
+
+One rules table maps the model's logical axis names to mesh axes. Parameters are planned from an
+abstract model and created by a jitted init whose `out_shardings` place each shard directly on its
+device, so a model too big for one device is never materialised whole. Meshes use `AxisType.Auto`
+(jax>=0.9 defaults to Explicit, which would make every op demand sharding annotations).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from ff_jax.errors import ConfigError, MeshError
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axes. Weights are sharded FSDP-style on `embed` and Megatron-style on
+# heads/mlp/vocab; the batch is split over both data-parallel axes. Norm scales and biases over the
+# hidden size are tiny and stay replicated. A dimension whose size the mesh axes do not divide is
+# replicated instead (see `spec_for`), so e.g. 3 KV heads on a 2-way tensor axis still works.
+DEFAULT_RULES: dict[str, tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "vocab": ("tensor",),
+    "embed": ("fsdp",),
+    "mlp": ("tensor",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "head_dim": None,
+    "norm": None,
+    "position": None,
+    "replica": None,  # sweeps stack replicas on a leading axis; mapped by the sweep's own rules
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Mesh shape; one axis may be -1 to take all remaining devices."""
+
+  data: int = 1
+  fsdp: int = -1
+  tensor: int = 1
+
+  def shape(self) -> tuple[int, int, int]:
+    return (self.data, self.fsdp, self.tensor)
+
+
+def resolve_mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
+  """Fill a -1 axis and check that the product equals the device count."""
+  shape = list(cfg.shape())
+  for name, size in zip(MESH_AXES, shape):
+    if size == 0 or size < -1:
+      raise MeshError(f"mesh.{name}={size}: axis sizes must be positive or -1")
+  free = [i for i, s in enumerate(shape) if s == -1]
+  if len(free) > 1:
+    raise MeshError(f"mesh {dict(zip(MESH_AXES, shape))}: at most one axis may be -1")
+  fixed = math.prod(s for s in shape if s != -1)
+  if free:
+    if num_devices % fixed:
+      raise MeshError(f"mesh {dict(zip(MESH_AXES, shape))}: the fixed axes ({fixed} devices) do "
+                      f"not divide the {num_devices} available devices")
+    shape[free[0]] = num_devices // fixed
+  if math.prod(shape) != num_devices:
+    raise MeshError(f"mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, but "
+                    f"{num_devices} are available; set one axis to -1 to fill the rest")
+  return tuple(shape)
+
+
+def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[Any] | None = None) -> Mesh:
+  """A ('data', 'fsdp', 'tensor') mesh with Auto axis types over `devices` (default: all)."""
+  devices = list(devices) if devices is not None else jax.devices()
+  shape = resolve_mesh_shape(cfg, len(devices))
+  if len(devices) == len(jax.devices()):
+    # make_mesh picks a topology-aware device order (ICI rings on TPU).
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
+              axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def spec_for(logical: PartitionSpec, shape: Sequence[int], mesh: Mesh,
+             rules: Mapping[str, tuple[str, ...] | None] = DEFAULT_RULES) -> PartitionSpec:
+  """Mesh PartitionSpec for one array from its logical axis names.
+
+  Unknown logical names are an error (a silently replicated weight is how big models OOM); a mesh
+  axis already used by an earlier dimension, or one that does not divide the dimension, is dropped.
+  """
+  used: set[str] = set()
+  out = []
+  for dim, name in zip(shape, logical):
+    if name is None:
+      out.append(None)
+      continue
+    if name not in rules:
+      raise ConfigError(f"sharding rules: no rule for logical axis {name!r}; "
+                        f"known axes are {sorted(rules)}")
+    axes = tuple(a for a in (rules[name] or ()) if a in mesh.shape and a not in used)
+    axes = tuple(a for a in axes if mesh.shape[a] > 1)
+    size = math.prod(mesh.shape[a] for a in axes)
+    if not axes or dim % size:
+      out.append(None)
+      continue
+    used.update(axes)
+    out.append(axes[0] if len(axes) == 1 else axes)
+  return PartitionSpec(*out)
+
+
+def tree_shardings(abstract: Any, logical: Any, mesh: Mesh,
+                   rules: Mapping[str, tuple[str, ...] | None] = DEFAULT_RULES) -> Any:
+  """NamedSharding for every leaf of `abstract`, from the matching logical PartitionSpec tree."""
+  return jax.tree.map(lambda a, spec: NamedSharding(mesh, spec_for(spec, a.shape, mesh, rules)),
+                      abstract, logical)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh, rules: Mapping[str, tuple[str, ...] | None] = DEFAULT_RULES,
+                   ndim: int = 2) -> NamedSharding:
+  """Rows over the data-parallel axes, everything else replicated."""
+  axes = tuple(a for a in (rules.get("batch") or ()) if a in mesh.shape)
+  return NamedSharding(mesh, PartitionSpec(axes or None, *([None] * (ndim - 1))))
+
+
+def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
+                 rules: Mapping[str, tuple[str, ...] | None] = DEFAULT_RULES) -> dict[str, Any]:
+  """Assemble each host's rows into global arrays sharded over the batch axes.
+
+  Every process passes only the rows it loaded; on one host this is a plain sharded device_put.
+  """
+  return {
+      key: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, value.ndim), value)
+      for key, value in local_batch.items()
+  }
+
+
+def shard_params(params: Any, shardings: Any) -> Any:
+  """Place an (already materialised, e.g. host numpy) parameter tree onto its shardings."""
+  return jax.tree.map(jax.device_put, params, shardings)
+
+
+def sharded_init(init_fn, shardings: Any, *args) -> Any:
+  """Run `init_fn(*args)` under jit so each output is created directly on its shards."""
+  return jax.jit(init_fn, out_shardings=shardings)(*args)
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+  """Start JAX's multi-controller runtime when running on several hosts.
+
+  Must run before anything queries devices. On Cloud TPU every argument is discovered from the
+  environment; elsewhere pass them or set FF_JAX_COORDINATOR / FF_JAX_NUM_PROCESSES /
+  FF_JAX_PROCESS_ID. Returns whether distributed mode was started.
+  """
+  coordinator_address = coordinator_address or os.environ.get("FF_JAX_COORDINATOR")
+  if num_processes is None and "FF_JAX_NUM_PROCESSES" in os.environ:
+    num_processes = int(os.environ["FF_JAX_NUM_PROCESSES"])
+  if process_id is None and "FF_JAX_PROCESS_ID" in os.environ:
+    process_id = int(os.environ["FF_JAX_PROCESS_ID"])
+  on_tpu_pod = "TPU_WORKER_HOSTNAMES" in os.environ or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
+  if coordinator_address is None and not on_tpu_pod:
+    return False
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+  log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+  return True

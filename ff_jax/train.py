@@ -1,0 +1,251 @@
+"""Train state and the pure, jit-compiled train and score steps.
+
+`train_step(state, batch) -> (state, metrics, per_example_loss[B])` and
+`score_step(params, batch) -> {nll_sum, tokens, correct}[B]` are pure functions of pytrees; the
+NNX graphdef and the optimizer are closed over as static values. Both are jitted with explicit
+shardings (parameters by the logical rules, batches by rows) and the train state is donated, so
+a step updates parameters in place on device.
+
+Batches follow the contract in `ff_jax.data.batching`: `tokens`, `mask`, `loss_mask` [B, T] and
+`example_id` [B]; `loss_mask[b, t]` marks tokens[b, t] as a target predicted from position t-1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from ff_jax import parallel
+from ff_jax.errors import ConfigError
+from ff_jax.models import ModelConfig, abstract_model, forward, init_params, positions_from_mask
+
+Batch = dict[str, jax.Array]
+TrainState = dict[str, Any]  # {"params", "opt_state", "step"}
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW with warmup then decay, global-norm clipping and gradient accumulation."""
+
+  learning_rate: float = 1e-3
+  warmup_steps: int = 0
+  schedule: Literal["cosine", "linear", "constant"] = "cosine"
+  end_lr_fraction: float = 0.1
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  max_grad_norm: float = 1.0
+  grad_accum_steps: int = 1
+  # "response": loss on response tokens (and EOS) only, as ForgetFilter measures forgetting of y;
+  # "all": every non-padding token, as the official code's LM collator does.
+  loss_on: Literal["response", "all"] = "response"
+
+  def __post_init__(self):
+    if self.schedule not in ("cosine", "linear", "constant"):
+      raise ConfigError(f"optim.schedule: unknown schedule {self.schedule!r}")
+    if self.loss_on not in ("response", "all"):
+      raise ConfigError(f"optim.loss_on: must be 'response' or 'all', got {self.loss_on!r}")
+    if self.grad_accum_steps < 1:
+      raise ConfigError(f"optim.grad_accum_steps: must be >= 1, got {self.grad_accum_steps}")
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int):
+  """(AdamW chain, learning-rate schedule) for a phase of `total_steps` optimizer steps."""
+  total_steps = max(int(total_steps), 1)
+  warmup = min(cfg.warmup_steps, total_steps - 1) if total_steps > 1 else 0
+  decay_steps = max(total_steps - warmup, 1)
+  end = cfg.learning_rate * cfg.end_lr_fraction
+  if cfg.schedule == "cosine":
+    decay = optax.cosine_decay_schedule(cfg.learning_rate, decay_steps, cfg.end_lr_fraction)
+  elif cfg.schedule == "linear":
+    decay = optax.linear_schedule(cfg.learning_rate, end, decay_steps)
+  else:
+    decay = optax.constant_schedule(cfg.learning_rate)
+  schedule = decay
+  if warmup:
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, cfg.learning_rate, warmup), decay], [warmup])
+  return optax.chain(
+      optax.clip_by_global_norm(cfg.max_grad_norm),
+      optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay),
+  ), schedule
+
+
+def _target_weights(batch: Batch, loss_on: str) -> tuple[jax.Array, jax.Array]:
+  """(targets [B,T-1], weights [B,T-1]) for next-token prediction."""
+  targets = batch["tokens"][:, 1:]
+  if loss_on == "all":
+    weights = batch["mask"][:, 1:]
+  else:
+    weights = batch["loss_mask"][:, 1:]
+  return targets, weights.astype(jnp.float32)
+
+
+def token_nll(graphdef: nnx.GraphDef, params: Any, batch: Batch, loss_on: str = "response"):
+  """Per-token NLL and correctness [B, T-1], and the target weights."""
+  mask = batch["mask"]
+  logits, _ = forward(graphdef, params, batch["tokens"], positions_from_mask(mask), mask)
+  logits = logits[:, :-1]
+  targets, weights = _target_weights(batch, loss_on)
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  return nll * weights, correct * weights, weights
+
+
+def make_score_fn(graphdef: nnx.GraphDef) -> Callable[[Any, Batch], dict[str, jax.Array]]:
+  """Unjitted per-example statistics, for vmapping over parameter snapshots."""
+
+  def score(params, batch):
+    nll, correct, weights = token_nll(graphdef, params, batch, "response")
+    return {"nll_sum": nll.sum(-1), "tokens": weights.sum(-1), "correct": correct.sum(-1)}
+
+  return score
+
+
+def make_train_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: OptimConfig):
+  """Unjitted train step with gradient accumulation over `cfg.grad_accum_steps` micro-batches."""
+  accum = cfg.grad_accum_steps
+
+  def micro_loss(params, micro, total_tokens):
+    nll, _, weights = token_nll(graphdef, params, micro, cfg.loss_on)
+    per_example = nll.sum(-1) / jnp.maximum(weights.sum(-1), 1.0)
+    # Dividing by the whole batch's token count makes the accumulated gradient equal the
+    # full-batch token-mean gradient, however the rows are split into micro-batches.
+    return nll.sum() / total_tokens, per_example
+
+  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+  def step(state: TrainState, batch: Batch):
+    params = state["params"]
+    _, weights = _target_weights(batch, cfg.loss_on)
+    total_tokens = jnp.maximum(weights.sum(), 1.0)
+    rows = batch["tokens"].shape[0]
+    if rows % accum:
+      raise ConfigError(f"batch_size {rows} is not divisible by grad_accum_steps {accum}")
+    if accum == 1:
+      (loss, per_example), grads = grad_fn(params, batch, total_tokens)
+    else:
+      # Interleave rows into micro-batches (row i goes to micro-batch i % accum) so that each
+      # micro-batch stays spread over every data-parallel shard instead of living on a few.
+      micro = jax.tree.map(
+          lambda x: x.reshape(rows // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+
+      def body(carry, mb):
+        (loss_mb, per_mb), grads_mb = grad_fn(params, mb, total_tokens)
+        loss_acc, grads_acc = carry
+        return (loss_acc + loss_mb, jax.tree.map(jnp.add, grads_acc, grads_mb)), per_mb
+
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      (loss, grads), per_example = jax.lax.scan(body, (jnp.zeros(()), zeros), micro)
+      per_example = per_example.swapaxes(0, 1).reshape(rows)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    params = optax.apply_updates(params, updates)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": weights.sum()}
+    new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
+    return new_state, metrics, per_example
+
+  return step
+
+
+@dataclasses.dataclass
+class ModelRuntime:
+  """A model planned on a mesh: graphdef, abstract params and their shardings."""
+
+  cfg: ModelConfig
+  mesh: Mesh
+  graphdef: nnx.GraphDef
+  abstract_params: Any
+  param_shardings: Any
+  rules: dict
+
+  @classmethod
+  def create(cls, cfg: ModelConfig, mesh: Mesh,
+             rules: dict | None = None) -> ModelRuntime:
+    rules = dict(rules or parallel.DEFAULT_RULES)
+    graphdef, abstract, logical = abstract_model(cfg)
+    shardings = parallel.tree_shardings(abstract, logical, mesh, rules)
+    return cls(cfg, mesh, graphdef, abstract, shardings, rules)
+
+  def init_params(self, seed: int) -> Any:
+    """Fresh parameters, each created directly on its shards."""
+    cfg = self.cfg
+    return parallel.sharded_init(lambda: init_params(cfg, seed), self.param_shardings)
+
+  def abstract_with_shardings(self) -> Any:
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        self.abstract_params, self.param_shardings)
+
+  @property
+  def batch_sharding(self) -> NamedSharding:
+    return parallel.batch_sharding(self.mesh, self.rules)
+
+  @property
+  def row_sharding(self) -> NamedSharding:
+    return parallel.batch_sharding(self.mesh, self.rules, ndim=1)
+
+
+class Trainer:
+  """Jitted train step for one phase: optimizer, shardings and donation in one place."""
+
+  def __init__(self, runtime: ModelRuntime, cfg: OptimConfig, total_steps: int):
+    self.runtime = runtime
+    self.cfg = cfg
+    self.tx, self.schedule = make_optimizer(cfg, total_steps)
+    mesh = runtime.mesh
+    abstract = runtime.abstract_with_shardings()
+    opt_shardings = jax.jit(self.tx.init).lower(abstract).compile().output_shardings
+    repl = parallel.replicated(mesh)
+    self.state_shardings = {"params": runtime.param_shardings, "opt_state": opt_shardings,
+                            "step": repl}
+    self.trace_count = 0
+    step_fn = make_train_fn(runtime.graphdef, self.tx, cfg)
+
+    def counted(state, batch):
+      self.trace_count += 1  # runs at trace time only: counts compilations
+      return step_fn(state, batch)
+
+    batch_sh = runtime.batch_sharding
+    batch_shardings = {"tokens": batch_sh, "mask": batch_sh, "loss_mask": batch_sh,
+                       "example_id": runtime.row_sharding}
+    self.step = jax.jit(counted, in_shardings=(self.state_shardings, batch_shardings),
+                        out_shardings=(self.state_shardings, repl, runtime.row_sharding),
+                        donate_argnums=(0,))
+    self._init_opt = jax.jit(self.tx.init, out_shardings=opt_shardings)
+
+  def init_state(self, params: Any) -> TrainState:
+    step = jax.device_put(jnp.zeros((), jnp.int32), parallel.replicated(self.runtime.mesh))
+    return {"params": params, "opt_state": self._init_opt(params), "step": step}
+
+  def abstract_state(self) -> TrainState:
+    """ShapeDtypeStructs with target shardings, for restoring a checkpoint onto this mesh."""
+    shapes = jax.eval_shape(self.init_state, self.runtime.abstract_params)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        shapes, self.state_shardings)
+
+  def learning_rate(self, step: int) -> float:
+    return float(self.schedule(step))
+
+
+class Scorer:
+  """Jitted score step: per-example summed NLL, target-token count and correct-token count."""
+
+  def __init__(self, runtime: ModelRuntime):
+    self.runtime = runtime
+    rows = runtime.row_sharding
+    batch_sh = runtime.batch_sharding
+    batch_shardings = {"tokens": batch_sh, "mask": batch_sh, "loss_mask": batch_sh,
+                       "example_id": rows}
+    score = make_score_fn(runtime.graphdef)
+    self.step = jax.jit(score, in_shardings=(runtime.param_shardings, batch_shardings),
+                        out_shardings={"nll_sum": rows, "tokens": rows, "correct": rows})
+    # Several parameter snapshots stacked on a leading axis are scored in one pass (forgetting
+    # curves): vmap over the snapshot axis, the batch is shared.
+    self.stacked_step = jax.jit(jax.vmap(score, in_axes=(0, None)))
