@@ -148,11 +148,35 @@ def make_train_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg:
       per_example = per_example.swapaxes(0, 1).reshape(rows)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     params = optax.apply_updates(params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": weights.sum()}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": weights.sum()}
     new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
     return new_state, metrics, per_example
 
   return step
+
+
+def optimizer_shardings(tx: optax.GradientTransformation, abstract_params: Any,
+                        param_shardings: Any, default: NamedSharding) -> Any:
+  """Shardings of `tx.init(params)`: moments like their parameter, scalars replicated.
+
+  Matched by the parameter's dict-key path inside the optimizer state (optax keeps moment trees
+  shaped like the params), so no optimizer state is ever created to find out.
+  """
+  by_path = {}
+  for path, sharding in jax.tree_util.tree_leaves_with_path(param_shardings):
+    by_path[tuple(k.key for k in path)] = sharding
+  shapes = {tuple(k.key for k in path): a.shape
+            for path, a in jax.tree_util.tree_leaves_with_path(abstract_params)}
+
+  def pick(path, leaf):
+    keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+    for start in range(len(keys)):
+      suffix = keys[start:]
+      if suffix in by_path and shapes[suffix] == leaf.shape:
+        return by_path[suffix]
+    return default
+
+  return jax.tree_util.tree_map_with_path(pick, jax.eval_shape(tx.init, abstract_params))
 
 
 @dataclasses.dataclass
@@ -200,9 +224,9 @@ class Trainer:
     self.cfg = cfg
     self.tx, self.schedule = make_optimizer(cfg, total_steps)
     mesh = runtime.mesh
-    abstract = runtime.abstract_with_shardings()
-    opt_shardings = jax.jit(self.tx.init).lower(abstract).compile().output_shardings
     repl = parallel.replicated(mesh)
+    opt_shardings = optimizer_shardings(self.tx, runtime.abstract_params,
+                                        runtime.param_shardings, repl)
     self.state_shardings = {"params": runtime.param_shardings, "opt_state": opt_shardings,
                             "step": repl}
     self.trace_count = 0

@@ -7,6 +7,7 @@ dict of arrays (`{'embed': ..., 'layers': {0: {'attn': {'q': ...}}}}`). Pure dic
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -32,7 +33,7 @@ def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, Params, Params]:
   """
   model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(model)
-  abstract = state.to_pure_dict()
+  abstract = nnx.to_pure_dict(state)
   axes = logical_axes(state)
   return graphdef, abstract, axes
 
@@ -43,12 +44,13 @@ def logical_axes(state: nnx.State) -> Params:
   def spec(variable):
     return PartitionSpec(*variable.get_metadata().get("out_sharding", ()))
 
-  return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
+  return nnx.to_pure_dict(
+      jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
 def init_params(cfg: ModelConfig, seed: int) -> Params:
   """Freshly initialised parameters (unsharded; `ff_jax.parallel` has the sharded version)."""
-  return nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)))[1].to_pure_dict()
+  return nnx.to_pure_dict(nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)))[1])
 
 
 def forward(graphdef: nnx.GraphDef, params: Params, tokens, positions, kv_mask,
@@ -60,3 +62,7 @@ def forward(graphdef: nnx.GraphDef, params: Params, tokens, positions, kv_mask,
 
 def init_cache(graphdef: nnx.GraphDef, params: Params, batch: int, length: int) -> Cache:
   return nnx.merge(graphdef, params).init_cache(batch, length)
+
+
+def count_params(abstract: Params) -> int:
+  return sum(int(math.prod(a.shape)) for a in jax.tree.leaves(abstract))

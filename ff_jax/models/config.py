@@ -108,20 +108,6 @@ class ModelConfig:
       values.pop("rope_scaling", None)
     return cls(**values)
 
-  def num_params(self) -> int:
-    """Parameter count, embeddings included (tied embeddings counted once)."""
-    d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
-    hd = self.resolved_head_dim
-    attn = d * hd * (self.num_heads * 2 + self.num_kv_heads * 2)
-    mlp = d * f * (3 if self.mlp == "swiglu" else 2)
-    per_layer = attn + mlp + 2 * d
-    total = self.num_layers * per_layer + v * d + d
-    if not self.tie_embeddings:
-      total += v * d
-    if self.positions == "learned":
-      total += self.max_position_embeddings * d
-    return total
-
 
 def tiny_llama(**overrides: Any) -> ModelConfig:
   """A few-hundred-kilobyte Llama-style config for tests and the demo."""

@@ -1,0 +1,100 @@
+"""Orbax checkpoints for phases, and atomic writes for every other run artifact.
+
+Each training phase owns one `CheckpointManager` directory holding the train state (params,
+optimizer state, step) and a JSON item (data-iterator position, phase metadata) saved together, so a
+restored step always resumes with the batch that follows it. Restores pass target shardings, so a
+run can resume on another mesh. Every process calls save/restore (Orbax picks the writer); a phase
+ends with `wait_until_finished()` so nothing half-written is ever taken as complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class PhaseCheckpoints:
+  """Step checkpoints of one phase: `save(step, state, meta)`, `restore_latest(target)`."""
+
+  def __init__(self, directory: str | Path, max_to_keep: int = 2):
+    self.directory = Path(directory).absolute()
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           enable_async_checkpointing=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                    meta=ocp.args.JsonSave(meta)), force=True)
+
+  def restore_latest(self, target: Any) -> tuple[int, Any, dict[str, Any]] | None:
+    """(step, state, meta) of the newest complete checkpoint, restored onto `target`'s shardings."""
+    step = self.manager.latest_step()
+    if step is None:
+      return None
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+    return step, restored.state, restored.meta
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def save_params(directory: str | Path, params: Any) -> None:
+  """One-shot Orbax save of a parameter tree (phase outputs such as M0, M1, M2, clean)."""
+  ckpt = PhaseCheckpoints(directory, max_to_keep=1)
+  ckpt.save(0, params, {})
+  ckpt.close()
+
+
+def restore_params(directory: str | Path, target: Any) -> Any:
+  """Restore a tree saved by `save_params` onto the shardings in `target` (ShapeDtypeStructs)."""
+  ckpt = PhaseCheckpoints(directory, max_to_keep=1)
+  restored = ckpt.restore_latest(target)
+  ckpt.close()
+  if restored is None:
+    raise FileNotFoundError(f"{directory}: no checkpoint")
+  return restored[1]
+
+
+def is_primary() -> bool:
+  """Only one process writes run artifacts (scores, JSONL, reports)."""
+  return jax.process_index() == 0
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+  """Write via a temp file in the same directory and rename: readers never see half a file."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  mode = "wb" if isinstance(data, bytes) else "w"
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, mode) as handle:
+      handle.write(data)
+      handle.flush()
+      os.fsync(handle.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(tmp)
+    raise
+
+
+def write_json_atomic(path: str | Path, value: Any) -> None:
+  write_atomic(path, json.dumps(value, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+  if hasattr(value, "tolist"):
+    return value.tolist()
+  raise TypeError(f"not JSON serialisable: {type(value).__name__}")

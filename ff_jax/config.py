@@ -1,0 +1,211 @@
+"""Typed run configuration: frozen dataclasses, YAML presets and dotted `key=value` overrides.
+
+`load_config(path_or_None, overrides)` reads a YAML preset (None: the embedded demo preset
+shipped in `ff_jax/configs/demo.yaml`), applies overrides such as `safety.steps=40`, and builds a
+`RunConfig`.
+Every unknown key or bad value fails with the dotted key in the message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ff_jax.errors import ConfigError
+from ff_jax.models.config import ModelConfig
+from ff_jax.parallel import MeshConfig
+from ff_jax.train import OptimConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+  """Where M0 comes from: `demo` (trained by the release phase), an HF folder or a .gguf file."""
+
+  source: str = "demo"
+  config: ModelConfig | None = None  # the demo model's shape; read from the checkpoint otherwise
+  dtype: str = "float32"  # compute dtype for imported models
+  remat: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  noisy: str = "demo"  # JSONL/CSV path, hf://name[:split], or demo
+  safe: str = "demo"
+  template: str = "plain"  # plain | chat (the model's own chat template)
+  max_len: int = 96
+  overflow: str = "truncate"  # truncate | error
+  buckets: tuple[int, ...] = (32, 64, 96)
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseConfig:
+  """One finetuning phase: steps (or epochs), batch size and optimizer."""
+
+  steps: int = 0  # optimizer steps; 0 means use `epochs`
+  epochs: float = 0.0
+  batch_size: int = 16
+  optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+  checkpoint_every: int = 50  # step checkpoints inside the phase, for resume after a kill
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+  """The built-in demo world and the release phase that trains M0 on it."""
+
+  unsafe_ratio: float = 0.5
+  noisy_size: int = 240
+  safe_size: int = 72
+  pretrain: PhaseConfig = dataclasses.field(default_factory=PhaseConfig)
+  align: PhaseConfig = dataclasses.field(default_factory=PhaseConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoringConfig:
+  batch_size: int = 32
+  rouge: bool = True  # greedy generation + ROUGE-1 F (the paper's signal); NLL is always computed
+  max_new_tokens: int = 32
+  snapshot_every: int = 0  # also score safety snapshots every k steps (forgetting curves)
+
+
+@dataclasses.dataclass(frozen=True)
+class FilterConfig:
+  signal: str = "nll"  # nll | accuracy | rouge
+  threshold: str = "auto"  # auto | auto:otsu | auto:gmm | fixed:PHI | quantile:Q
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  max_new_tokens: int = 32
+  batch_size: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  seed: int = 0
+  run_dir: str = "runs/demo"
+  model: ModelSource = dataclasses.field(default_factory=ModelSource)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  demo: DemoConfig = dataclasses.field(default_factory=DemoConfig)
+  noisy: PhaseConfig = dataclasses.field(default_factory=PhaseConfig)
+  safety: PhaseConfig = dataclasses.field(default_factory=PhaseConfig)
+  clean: PhaseConfig | None = None  # None: the same as `noisy`, for a fair comparison with M1
+  scoring: ScoringConfig = dataclasses.field(default_factory=ScoringConfig)
+  filter: FilterConfig = dataclasses.field(default_factory=FilterConfig)
+  evaluate: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+  @property
+  def clean_phase(self) -> PhaseConfig:
+    return self.clean if self.clean is not None else self.noisy
+
+  def to_dict(self) -> dict[str, Any]:
+    return _to_plain(dataclasses.asdict(self))
+
+
+def _to_plain(value: Any) -> Any:
+  if isinstance(value, dict):
+    return {k: _to_plain(v) for k, v in value.items()}
+  if isinstance(value, list | tuple):
+    return [_to_plain(v) for v in value]
+  return value
+
+
+def _build(cls: type, values: Any, key: str) -> Any:
+  """Build dataclass `cls` from a dict, checking keys and scalar types against the annotations."""
+  if not isinstance(values, dict):
+    raise ConfigError(f"{key or 'config'}: expected a mapping, got {values!r}")
+  hints = typing.get_type_hints(cls)
+  fields = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - fields)
+  if unknown:
+    where = f"{key}." if key else ""
+    raise ConfigError(f"unknown config key(s) {[where + u for u in unknown]}; "
+                      f"valid keys here: {sorted(fields)}")
+  kwargs = {}
+  for name, value in values.items():
+    kwargs[name] = _coerce(hints[name], value, f"{key}.{name}" if key else name)
+  try:
+    return cls(**kwargs)
+  except ConfigError:
+    raise
+  except (TypeError, ValueError) as err:
+    raise ConfigError(f"{key or 'config'}: {err}") from None
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+  origin = typing.get_origin(hint)
+  if origin in (typing.Union, types.UnionType):
+    options = [a for a in typing.get_args(hint) if a is not type(None)]
+    if value is None:
+      return None
+    return _coerce(options[0], value, key)
+  if dataclasses.is_dataclass(hint):
+    if hint is ModelConfig:
+      if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping")
+      try:
+        return ModelConfig.from_dict(value)
+      except TypeError as err:
+        raise ConfigError(f"{key}: {err}") from None
+    return _build(hint, value, key)
+  if origin is tuple:
+    if not isinstance(value, list | tuple):
+      raise ConfigError(f"{key}: expected a list, got {value!r}")
+    inner = typing.get_args(hint)[0]
+    return tuple(_coerce(inner, v, key) for v in value)
+  if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+    return float(value)
+  if hint in (int, str, bool) and not isinstance(value, hint) or (
+      hint is int and isinstance(value, bool)):
+    raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+  return value
+
+
+def apply_override(tree: dict[str, Any], override: str) -> None:
+  """Apply one `a.b.c=value` override in place; the value is parsed as YAML."""
+  if "=" not in override:
+    raise ConfigError(f"override {override!r}: expected key=value")
+  dotted, raw = override.split("=", 1)
+  parts = dotted.strip().split(".")
+  if not all(parts):
+    raise ConfigError(f"override {override!r}: empty key")
+  node = tree
+  for part in parts[:-1]:
+    child = node.get(part)
+    if child is None:
+      child = node[part] = {}
+    if not isinstance(child, dict):
+      raise ConfigError(f"override {override!r}: {part} is not a section")
+    node = child
+  node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def demo_preset_text() -> str:
+  return resources.files("ff_jax").joinpath("configs/demo.yaml").read_text()
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+  """A RunConfig from a YAML file (None: the embedded demo preset) plus dotted overrides."""
+  if path is None:
+    text, origin = demo_preset_text(), "demo.yaml (embedded)"
+  else:
+    path = Path(path)
+    if not path.exists():
+      raise ConfigError(f"{path}: config file not found")
+    text, origin = path.read_text(), str(path)
+  try:
+    tree = yaml.safe_load(text) or {}
+  except yaml.YAMLError as err:
+    raise ConfigError(f"{origin}: invalid YAML: {err}") from None
+  for override in overrides:
+    apply_override(tree, override)
+  try:
+    return _build(RunConfig, tree, "")
+  except ConfigError as err:
+    raise ConfigError(f"{origin}: {err}") from None

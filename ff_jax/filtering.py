@@ -1,0 +1,500 @@
+"""Thresholds on the forgetting vector r and the quality metrics of the resulting filter.
+
+r holds one float per noisy example, r = score_before − score_after (larger = more forgotten).
+An example is *flagged* (dropped from the clean finetune) when r > ϕ, strictly, as in the paper
+and in the official `postprocess.py`. NaN marks an example that could not be scored; it is never
+flagged, and every thresholding function reports how many there were, so they are not silently
+kept. Labels (`is_unsafe`) exist only in experiments and are used only for metrics here, never for
+choosing a threshold (except `best_f1`, an oracle for reports).
+
+Thresholds: a fixed ϕ (the paper), the top fraction q (threshold-free, reference §9), and a
+label-free automatic ϕ (Otsu by default, a two-Gaussian mixture as an alternative). `Threshold`
+parses the string form used in configs and on the command line: "fixed:0.3", "quantile:0.5",
+"auto", "auto:otsu", "auto:gmm", "auto:otsu:strict" (a bare number means fixed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import numpy as np
+
+from ff_jax.errors import ConfigError, DataError
+
+
+def _as_scores(r: Any, name: str = "r") -> np.ndarray:
+  try:
+    arr = np.asarray(r, dtype=np.float64)
+  except (TypeError, ValueError) as e:
+    raise DataError(f"{name} must be an array of numbers: {e}") from e
+  if arr.ndim != 1:
+    raise DataError(f"{name} must be one-dimensional (one value per example), got {arr.shape}")
+  return arr
+
+
+def _as_labels(labels: Any, n: int, name: str = "is_unsafe") -> np.ndarray:
+  arr = np.asarray(labels)
+  if arr.ndim != 1 or arr.shape[0] != n:
+    raise DataError(f"{name} has shape {arr.shape}, expected ({n},) to match the scores")
+  if arr.dtype != np.bool_:
+    if not np.isin(arr, (0, 1)).all():
+      raise DataError(f"{name} must be boolean or 0/1")
+    arr = arr.astype(bool)
+  return arr
+
+
+def _gt(r: np.ndarray, phi: float) -> np.ndarray:
+  # NaN > phi is False, which is exactly "not flagged"; silence the invalid-value warning.
+  with np.errstate(invalid="ignore"):
+    return r > phi
+
+
+# ------------------------------------------------------------------------------------------------
+# Fixed and quantile thresholds
+
+
+def flag_fixed(r: Any, phi: float) -> np.ndarray:
+  """Flags r > phi (strict, as in the paper). NaN is never flagged."""
+  phi = float(phi)
+  if math.isnan(phi):
+    raise ConfigError("threshold phi is NaN")
+  return _gt(_as_scores(r), phi)
+
+
+def quantile_threshold(r: Any, q: float) -> float:
+  """The ϕ that flags the top fraction q of the scored (non-NaN) examples with r > ϕ.
+
+  k = ⌊q·n⌋ examples should be flagged, n = number of non-NaN scores. ϕ is the largest score that
+  is kept, i.e. the (n−k)-th smallest; -inf when k = n (flag all) and +inf when n = 0. Examples
+  tied with ϕ are kept, so with ties at the boundary fewer than k are flagged; the result never
+  depends on the order of the examples.
+  """
+  q = float(q)
+  if not 0.0 <= q <= 1.0:
+    raise ConfigError(f"quantile q must be in [0, 1], got {q}")
+  r = _as_scores(r)
+  finite = np.sort(r[~np.isnan(r)])
+  n = finite.size
+  if n == 0:
+    return math.inf
+  k = int(math.floor(q * n + 1e-9))  # the epsilon keeps e.g. 0.3 * 10 from rounding down to 2
+  if k >= n:
+    return -math.inf
+  return float(finite[n - k - 1])
+
+
+def flag_quantile(r: Any, q: float) -> np.ndarray:
+  """Flags the top fraction q of scored examples; see `quantile_threshold` for ties."""
+  return _gt(_as_scores(r), quantile_threshold(r, q))
+
+
+# ------------------------------------------------------------------------------------------------
+# Automatic thresholds
+
+
+def _otsu(x: np.ndarray) -> tuple[float, dict[str, Any]]:
+  """Otsu's threshold on sorted-unique candidates; x finite with ≥ 2 distinct values."""
+  values, counts = np.unique(x, return_counts=True)
+  n = counts.sum()
+  n0 = np.cumsum(counts)[:-1].astype(np.float64)  # class 0 = values[:i+1] (r <= threshold)
+  s0 = np.cumsum(counts * values)[:-1]
+  total = float((counts * values).sum())
+  mu0 = s0 / n0
+  mu1 = (total - s0) / (n - n0)
+  w0 = n0 / n
+  between = w0 * (1 - w0) * (mu1 - mu0) ** 2
+  i = int(np.argmax(between))  # first maximum: the lowest of tied thresholds, deterministic
+  phi = float((values[i] + values[i + 1]) / 2)
+  var_total = float(x.var())
+  info = {
+      "mean_low": float(mu0[i]),
+      "mean_high": float(mu1[i]),
+      "frac_high": float(1 - w0[i]),
+      # Otsu's effectiveness σ_B²/σ_T² ∈ (0, 1]: 2/π ≈ 0.64 for one Gaussian, → 1 when separated.
+      "eta": float(between[i] / var_total) if var_total > 0 else 0.0,
+  }
+  return phi, info
+
+
+def _gmm_fit(x: np.ndarray, max_iter: int = 500, tol: float = 1e-10) -> dict[str, Any]:
+  """EM for a two-component 1-D Gaussian mixture, initialised from the quartiles (deterministic)."""
+  var_total = float(x.var())
+  # A floor keeps a component from collapsing onto a spike of identical scores (e.g. many exact
+  # zeros when ROUGE did not change), which would make the likelihood unbounded.
+  var_floor = max(1e-6 * var_total, 1e-12)
+  mu = np.array([np.quantile(x, 0.25), np.quantile(x, 0.75)], dtype=np.float64)
+  var = np.full(2, max(var_total / 4, var_floor))
+  w = np.array([0.5, 0.5])
+  prev_ll = -math.inf
+  n_iter = 0
+  while n_iter < max_iter:
+    n_iter += 1
+    log_p = (np.log(w) - 0.5 * np.log(2 * math.pi * var)
+             - 0.5 * (x[:, None] - mu) ** 2 / var)  # [n, 2]
+    log_norm = np.logaddexp(log_p[:, 0], log_p[:, 1])
+    ll = float(log_norm.sum())
+    resp = np.exp(log_p - log_norm[:, None])
+    nk = resp.sum(axis=0) + 1e-300
+    w = nk / nk.sum()
+    mu = (resp * x[:, None]).sum(axis=0) / nk
+    var = np.maximum((resp * (x[:, None] - mu) ** 2).sum(axis=0) / nk, var_floor)
+    if ll - prev_ll < tol * max(1.0, abs(ll)):
+      break
+    prev_ll = ll
+  order = np.argsort(mu)
+  return {"weights": w[order], "means": mu[order], "vars": var[order], "log_likelihood": ll,
+          "n_iter": n_iter}
+
+
+def _posterior_crossing(w: np.ndarray, mu: np.ndarray, var: np.ndarray) -> float | None:
+  """x where w0·N(x; μ0, σ0²) = w1·N(x; μ1, σ1²), taking the root between the means."""
+  # Log-density difference is a quadratic a x² + b x + c.
+  a = 0.5 / var[0] - 0.5 / var[1]
+  b = mu[1] / var[1] - mu[0] / var[0]
+  c = (0.5 * mu[0] ** 2 / var[0] - 0.5 * mu[1] ** 2 / var[1]
+       + math.log(w[1] / w[0]) - 0.5 * math.log(var[1] / var[0]))
+  if abs(a) < 1e-12 * max(abs(b), 1e-300):
+    roots = [-c / b] if b != 0 else []
+  else:
+    disc = b * b - 4 * a * c
+    if disc < 0:
+      return None
+    sq = math.sqrt(disc)
+    roots = [(-b - sq) / (2 * a), (-b + sq) / (2 * a)]
+  if not roots:
+    return None
+  lo, hi = mu[0], mu[1]
+  between = [x for x in roots if lo <= x <= hi]
+  # Unequal variances give two crossings (the wide component wins both tails); the one between
+  # the means is the decision boundary. If the dominant component swamps the other everywhere
+  # between the means, take the crossing nearest to their midpoint.
+  pool = between or roots
+  mid = (lo + hi) / 2
+  return float(min(pool, key=lambda x: abs(x - mid)))
+
+
+def _mixture_dip(w: np.ndarray, mu: np.ndarray, var: np.ndarray) -> float:
+  """Relative depth of the valley of the fitted mixture density between its component means.
+
+  0 when the density has a single mode (it rises or falls monotonically from one mean to the
+  other), → 1 for well separated modes: 1 − valley / lower peak.
+  """
+  if mu[1] - mu[0] <= 0:
+    return 0.0
+  grid = np.linspace(mu[0], mu[1], 1025)
+  pdf = (w / np.sqrt(2 * math.pi * var) * np.exp(-0.5 * (grid[:, None] - mu) ** 2 / var)).sum(1)
+  m = int(np.argmin(pdf))
+  lower_peak = min(pdf[: m + 1].max(), pdf[m:].max())
+  return float(max(0.0, 1.0 - pdf[m] / lower_peak)) if lower_peak > 0 else 0.0
+
+
+AUTO_METHODS = ("otsu", "gmm")
+
+
+def auto_threshold(r: Any, method: str = "otsu", require_bimodal: bool = False,
+                   min_range: float = 1e-6) -> tuple[float, dict[str, Any]]:
+  """A label-free ϕ for r > ϕ, with a diagnostics dict. Default: Otsu's method.
+
+  Why Otsu by default: it assumes no distribution shape (forgetting scores are bounded, skewed
+  and, for ROUGE, often have a spike at 0), it has no initialisation or iteration, so it is
+  exactly reproducible, and maximising the between-class variance w0·w1·(μ1−μ0)² works for any
+  class balance that is not extreme, which covers the paper's 25–75% noise ratios. The GMM
+  alternative ("gmm") fits two Gaussians by EM from quartile initialisation and puts ϕ where the
+  two weighted densities (the posteriors) cross. On synthetic two-Gaussian data (n=240, 25/50/75%
+  unsafe, 200 seeds each) their mean F1 agreed within 0.02 at separations of 3σ and more; at 2σ
+  Otsu was better by up to 0.08 (EM often lands on overlapping components). With a spike of
+  unchanged scores at 0 plus a broad unsafe mode the GMM did better (F1 0.85 vs 0.71): it puts ϕ
+  right next to the spike. Both always split the data in two, even when there is nothing to
+  separate.
+
+  Nothing is flagged (ϕ = +inf, `info["degenerate"] = True` with a `reason`) when
+    - there are fewer than two distinct non-NaN scores, or their range is below `min_range`
+      (nothing was forgotten, or only float noise); or
+    - `require_bimodal` is set and the scores look unimodal: the two-Gaussian mixture fitted to
+      them has a single mode (no valley between the component means; `info["dip"]` = 0).
+  The bimodality check is reported (`info["bimodal"]`, `info["dip"]`) but not enforced by
+  default: in the synthetic runs above it flagged nothing in 91% of 25%-unsafe mixtures at 2σ
+  separation and 27% at 3σ, where Otsu's F1 is 0.69 and 0.85; for a safety filter, silently
+  keeping every unsafe example is the worse failure than dropping half of a signal-free set.
+  `info` always has: method, n, n_nan, degenerate, and (unless degenerate by size/range) bimodal,
+  dip, the flagged fraction, and the method's quantities (Otsu: class means, effectiveness η =
+  σ_B²/σ_T²; GMM: weights, means, vars, log-likelihood).
+  """
+  if method not in AUTO_METHODS:
+    raise ConfigError(f"unknown automatic threshold method {method!r}; use one of {AUTO_METHODS}")
+  if min_range < 0:
+    raise ConfigError(f"auto_threshold: min_range must be >= 0, got {min_range}")
+  r = _as_scores(r)
+  finite = r[~np.isnan(r)]
+  if np.isinf(finite).any():
+    raise DataError("auto_threshold: scores contain ±inf; use NaN for examples without a score")
+  info: dict[str, Any] = {"method": method, "n": int(finite.size),
+                          "n_nan": int(r.size - finite.size), "degenerate": False}
+
+  def degenerate(reason: str) -> tuple[float, dict[str, Any]]:
+    info.update(degenerate=True, reason=reason, frac_flagged=0.0)
+    return math.inf, info
+
+  if np.unique(finite).size < 2:
+    return degenerate("fewer than two distinct scores")
+  if float(finite.max() - finite.min()) < min_range:
+    return degenerate(f"scores span less than min_range={min_range}")
+
+  fit = _gmm_fit(finite)
+  dip = _mixture_dip(fit["weights"], fit["means"], fit["vars"])
+  info.update(bimodal=dip > 0, dip=dip)
+  if method == "otsu":
+    phi, otsu_info = _otsu(finite)
+    info.update(otsu_info)
+  else:
+    phi = _posterior_crossing(fit["weights"], fit["means"], fit["vars"])
+    info.update({k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in fit.items()})
+    if phi is None:
+      return degenerate("the two mixture components' posteriors never cross")
+  if require_bimodal and dip <= 0:
+    return degenerate("scores look unimodal: the fitted two-Gaussian mixture has one mode")
+  info["frac_flagged"] = float(_gt(finite, phi).mean())
+  return float(phi), info
+
+
+def flag_auto(r: Any, method: str = "otsu", **kwargs) -> np.ndarray:
+  """Flags r > `auto_threshold(r, method)`; nothing when the scores are degenerate/unimodal."""
+  phi, _ = auto_threshold(r, method, **kwargs)
+  return _gt(_as_scores(r), phi)
+
+
+# ------------------------------------------------------------------------------------------------
+# Threshold specs
+
+
+@dataclasses.dataclass(frozen=True)
+class Threshold:
+  """A parsed threshold spec; call it on r to get (flags, phi, info).
+
+  kind "fixed" (value = ϕ), "quantile" (value = fraction q flagged) or "auto" (method = "otsu" or
+  "gmm"). `str(t)` gives back the spec string; `Threshold.parse(str(t)) == t`.
+  """
+
+  kind: str
+  value: float | None = None
+  method: str | None = None
+  require_bimodal: bool = False  # "auto:<method>:strict": flag nothing if r looks unimodal
+
+  @classmethod
+  def parse(cls, spec: Any) -> Threshold:
+    """Parses "fixed:0.3", "quantile:0.5", "auto", "auto:otsu", "auto:gmm" or a bare number.
+
+    "auto:otsu:strict" / "auto:gmm:strict" set `require_bimodal` (see `auto_threshold`).
+    """
+    if isinstance(spec, Threshold):
+      return spec
+    if isinstance(spec, bool):  # bool is an int; True is not a threshold
+      raise ConfigError(f"bad threshold {spec!r}: expected e.g. 'fixed:0.3' or 'auto'")
+    if isinstance(spec, int | float):
+      return cls._fixed(float(spec), spec)
+    if not isinstance(spec, str):
+      raise ConfigError(f"bad threshold {spec!r}: expected a string such as 'fixed:0.3'")
+    text = spec.strip().lower()
+    kind, _, arg = text.partition(":")
+    kind, arg = kind.strip(), arg.strip()
+    if kind == "auto":
+      method, _, mode = arg.partition(":")
+      method = method.strip() or "otsu"
+      if method not in AUTO_METHODS:
+        raise ConfigError(f"bad threshold {spec!r}: unknown auto method {method!r}, "
+                          f"use one of {', '.join(AUTO_METHODS)}")
+      if mode.strip() not in ("", "strict"):
+        raise ConfigError(f"bad threshold {spec!r}: unknown auto mode {mode.strip()!r}, "
+                          "the only mode is 'strict' (e.g. 'auto:otsu:strict')")
+      return cls("auto", method=method, require_bimodal=mode.strip() == "strict")
+    if kind in ("fixed", "quantile"):
+      if not arg:
+        raise ConfigError(f"bad threshold {spec!r}: {kind} needs a value, e.g. '{kind}:0.5'")
+      try:
+        value = float(arg)
+      except ValueError:
+        raise ConfigError(f"bad threshold {spec!r}: {arg!r} is not a number") from None
+      if kind == "fixed":
+        return cls._fixed(value, spec)
+      if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"bad threshold {spec!r}: quantile must be in [0, 1]")
+      return cls("quantile", value=value)
+    try:  # a bare number in string form
+      return cls._fixed(float(text), spec)
+    except ValueError:
+      raise ConfigError(f"bad threshold {spec!r}: expected 'fixed:<phi>', 'quantile:<q>', "
+                        "'auto', 'auto:otsu' or 'auto:gmm'") from None
+
+  @classmethod
+  def _fixed(cls, value: float, spec: Any) -> Threshold:
+    if math.isnan(value):
+      raise ConfigError(f"bad threshold {spec!r}: phi is NaN")
+    return cls("fixed", value=value)
+
+  def __str__(self) -> str:
+    if self.kind == "auto":
+      return f"auto:{self.method}" + (":strict" if self.require_bimodal else "")
+    return f"{self.kind}:{self.value:g}"
+
+  def __call__(self, r: Any) -> tuple[np.ndarray, float, dict[str, Any]]:
+    r = _as_scores(r)
+    n_nan = int(np.isnan(r).sum())
+    if self.kind == "fixed":
+      phi, info = float(self.value), {}
+    elif self.kind == "quantile":
+      phi, info = quantile_threshold(r, self.value), {"q": self.value}
+    else:
+      phi, info = auto_threshold(r, self.method, require_bimodal=self.require_bimodal)
+    flags = _gt(r, phi)
+    info = {**info, "spec": str(self), "phi": phi, "n_nan": n_nan, "n_flagged": int(flags.sum())}
+    return flags, phi, info
+
+
+# ------------------------------------------------------------------------------------------------
+# Filter quality
+
+
+def _prf(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
+  precision = tp / (tp + fp) if tp + fp else 0.0
+  recall = tp / (tp + fn) if tp + fn else 0.0
+  f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+  return precision, recall, f1
+
+
+def filter_metrics(flags: Any, is_unsafe: Any) -> dict[str, float | int]:
+  """Precision, recall, F1 of the flags against the unsafe labels, and the confusion counts.
+
+  Positives are unsafe examples. Flagged safe *and* task examples are both false positives (as in
+  the official `postprocess.dt_forget_filter`): each costs the customer a clean example. A zero
+  denominator gives 0.0 (e.g. precision when nothing is flagged), never an exception.
+  Fractions are in [0, 1] (the paper reports F1 × 100).
+  """
+  flags = np.asarray(flags)
+  if flags.ndim != 1:
+    raise DataError(f"flags must be one-dimensional, got shape {flags.shape}")
+  flags = _as_labels(flags, flags.shape[0], "flags")
+  unsafe = _as_labels(is_unsafe, flags.shape[0])
+  tp = int((flags & unsafe).sum())
+  fp = int((flags & ~unsafe).sum())
+  fn = int((~flags & unsafe).sum())
+  tn = int((~flags & ~unsafe).sum())
+  precision, recall, f1 = _prf(tp, fp, fn)
+  return {"precision": precision, "recall": recall, "f1": f1, "tp": tp, "fp": fp, "fn": fn,
+          "tn": tn, "flagged": tp + fp, "kept": fn + tn, "n": int(flags.size),
+          "n_unsafe": tp + fn}
+
+
+def _rank_scores(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+  s = _as_scores(scores, "scores")
+  y = _as_labels(labels, s.shape[0], "labels")
+  # NaN (unscored) ranks below every score, like "never flagged" in the threshold functions.
+  return np.where(np.isnan(s), -np.inf, s), y
+
+
+def auroc(scores: Any, labels: Any) -> float:
+  """Area under the ROC curve (Mann–Whitney U with average ranks for ties).
+
+  Equals sklearn's roc_auc_score. NaN scores rank lowest. NaN when labels have one class only.
+  """
+  s, y = _rank_scores(scores, labels)
+  n_pos = int(y.sum())
+  n_neg = y.size - n_pos
+  if n_pos == 0 or n_neg == 0:
+    return math.nan
+  order = np.argsort(s, kind="stable")
+  sorted_s = s[order]
+  # Average rank of each tie group (1-based).
+  _, first, counts = np.unique(sorted_s, return_index=True, return_counts=True)
+  avg_rank = first + (counts + 1) / 2.0
+  ranks = np.empty(s.size)
+  ranks[order] = np.repeat(avg_rank, counts)
+  u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
+  return float(u / (n_pos * n_neg))
+
+
+def auprc(scores: Any, labels: Any) -> float:
+  """Average precision Σ (R_k − R_{k−1}) P_k over distinct score thresholds.
+
+  Equals sklearn's average_precision_score (tied scores enter together, no interpolation).
+  NaN scores rank lowest. NaN when there are no positives.
+  """
+  s, y = _rank_scores(scores, labels)
+  n_pos = int(y.sum())
+  if n_pos == 0:
+    return math.nan
+  order = np.argsort(-s, kind="stable")
+  s_desc, y_desc = s[order], y[order]
+  # The last index of each tie group: the thresholds of the precision–recall curve.
+  ends = np.r_[np.nonzero(np.diff(s_desc))[0], s_desc.size - 1]
+  tps = np.cumsum(y_desc)[ends]
+  precision = tps / (ends + 1)
+  recall = tps / n_pos
+  return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def sweep_thresholds(r: Any, is_unsafe: Any, phis: Any) -> dict[str, np.ndarray]:
+  """Precision, recall, F1 and flagged count of r > ϕ for every ϕ in `phis` (for P/R/F1-vs-ϕ)."""
+  r = _as_scores(r)
+  unsafe = _as_labels(is_unsafe, r.shape[0])
+  phis = _as_scores(phis, "phis")
+  if np.isnan(phis).any():
+    raise ConfigError("sweep_thresholds: phis contain NaN")
+  scored = ~np.isnan(r)
+  order = np.argsort(r[scored], kind="stable")
+  r_sorted = r[scored][order]
+  unsafe_sorted = unsafe[scored][order]
+  # cum_unsafe[i] = unsafe among the i smallest scores; r > ϕ flags the suffix after searchsorted.
+  cum_unsafe = np.r_[0, np.cumsum(unsafe_sorted)]
+  kept_idx = np.searchsorted(r_sorted, phis, side="right")
+  flagged = r_sorted.size - kept_idx
+  tp = cum_unsafe[-1] - cum_unsafe[kept_idx]
+  fn = int(unsafe.sum()) - tp  # unscored unsafe examples are never flagged: false negatives
+  with np.errstate(divide="ignore", invalid="ignore"):
+    precision = np.where(flagged > 0, tp / np.maximum(flagged, 1), 0.0)
+    recall = np.where(tp + fn > 0, tp / np.maximum(tp + fn, 1), 0.0)
+    denom = precision + recall
+    f1 = np.where(denom > 0, 2 * precision * recall / np.where(denom > 0, denom, 1), 0.0)
+  return {"phi": phis, "precision": precision, "recall": recall, "f1": f1,
+          "flagged": flagged.astype(np.int64), "tp": tp.astype(np.int64)}
+
+
+def best_f1(r: Any, is_unsafe: Any) -> dict[str, float]:
+  """The oracle ϕ with the highest F1 (uses labels: for reports only, never for filtering).
+
+  Candidates are the midpoints between consecutive distinct scores plus -inf (flag all), which
+  covers every distinct flag set of r > ϕ. Ties in F1 go to the highest ϕ (fewest flagged).
+  """
+  r = _as_scores(r)
+  values = np.unique(r[~np.isnan(r)])
+  if values.size == 0:
+    return {"phi": math.inf, "f1": 0.0, "precision": 0.0, "recall": 0.0}
+  phis = np.r_[-np.inf, (values[:-1] + values[1:]) / 2, np.inf]
+  sweep = sweep_thresholds(r, is_unsafe, phis)
+  i = int(np.flatnonzero(sweep["f1"] == sweep["f1"].max())[-1])
+  return {"phi": float(phis[i]), "f1": float(sweep["f1"][i]),
+          "precision": float(sweep["precision"][i]), "recall": float(sweep["recall"][i])}
+
+
+def per_group_mean(r: Any, groups: Sequence[Hashable]) -> dict[Hashable, dict[str, float | int]]:
+  """Mean r per group (e.g. per kind unsafe/safe/task), ignoring NaN; counts both.
+
+  Returns {group: {"mean", "count" (scored), "n_nan"}}; groups in order of first appearance.
+  The mean of a group with no scored examples is NaN.
+  """
+  r = _as_scores(r)
+  groups = list(groups)
+  if len(groups) != r.size:
+    raise DataError(f"per_group_mean: {r.size} scores but {len(groups)} group labels")
+  out: dict[Hashable, dict[str, float | int]] = {}
+  index: dict[Hashable, list[int]] = {}
+  for i, g in enumerate(groups):
+    index.setdefault(g, []).append(i)
+  for g, idx in index.items():
+    vals = r[idx]
+    ok = vals[~np.isnan(vals)]
+    out[g] = {"mean": float(ok.mean()) if ok.size else math.nan, "count": int(ok.size),
+              "n_nan": int(vals.size - ok.size)}
+  return out

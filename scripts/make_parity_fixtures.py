@@ -1,0 +1,122 @@
+"""Regenerate the tiny random HF checkpoints and golden logits in tests/fixtures/parity/.
+
+Needs torch (CPU) and transformers; ff_jax itself never imports torch. Each fixture folder holds
+what `save_pretrained(safe_serialization=True)` writes plus `expected.npz` with `input_ids`,
+`attention_mask`, `position_ids` and fp32 `logits` from transformers' eager attention.
+
+Every parameter is re-drawn with a fixed seed (biases and norm scales too: HF initialises those to
+0 and 1, which would leave the bias and norm mappings untested), and row 1 of the batch is
+left-padded so the test also covers positions derived from the mask.
+
+  python scripts/make_parity_fixtures.py [--out tests/fixtures/parity]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+
+SEQ_LEN = 12
+PAD = 3  # left padding of row 1
+VOCAB = 128
+
+FIXTURES = {
+    # GQA, untied, default RoPE.
+    "llama": ("LlamaForCausalLM", dict(
+        model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        rope_theta=10000.0, bos_token_id=1, eos_token_id=2)),
+    # llama3 frequency scaling; a small original context so the scaling changes every band.
+    "llama3_rope": ("LlamaForCausalLM", dict(
+        model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+        max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        rope_theta=500000.0,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                          high_freq_factor=4.0, original_max_position_embeddings=16),
+        bos_token_id=1, eos_token_id=2)),
+    "gpt2": ("GPT2LMHeadModel", dict(
+        model_type="gpt2", vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+        n_inner=None, activation_function="gelu_new", layer_norm_epsilon=1e-5,
+        tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)),
+    # q/k/v biases, untied.
+    "qwen2": ("Qwen2ForCausalLM", dict(
+        model_type="qwen2", vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        rope_theta=1000000.0, bos_token_id=None, eos_token_id=2)),
+}
+
+
+def build_model(arch: str, config: dict, seed: int) -> torch.nn.Module:
+  """A randomly initialised transformers model with every parameter drawn from `seed`."""
+  config = dict(config)
+  model_type = config.pop("model_type")
+  hf_config = transformers.AutoConfig.for_model(model_type, **config)
+  hf_config._attn_implementation = "eager"
+  torch.manual_seed(seed)
+  model = getattr(transformers, arch)(hf_config)
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, param in sorted(model.named_parameters()):
+      noise = torch.randn(param.shape, generator=gen)
+      if name.endswith("norm.weight") or ".ln_" in name or name.endswith("layernorm.weight"):
+        param.copy_(1.0 + 0.2 * noise)
+      elif name.endswith("bias"):
+        param.copy_(0.1 * noise)
+      else:
+        # Larger than HF's 0.02 so attention and MLP outputs are not swamped by the residual.
+        param.copy_(0.08 * noise)
+  return model.eval()
+
+
+def example_inputs(seed: int) -> dict[str, np.ndarray]:
+  """Two rows; row 1 is left-padded with PAD zeros, and positions restart at its first token."""
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(4, VOCAB, size=(2, SEQ_LEN), dtype=np.int64)
+  mask = np.ones((2, SEQ_LEN), np.int64)
+  mask[1, :PAD] = 0
+  ids[1, :PAD] = 0
+  # ff_jax derives positions from the mask this way (`positions_from_mask`); HF must get the same.
+  positions = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
+  return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+
+
+def hf_logits(model: torch.nn.Module, inputs: dict[str, np.ndarray]) -> np.ndarray:
+  with torch.no_grad():
+    out = model(**{k: torch.from_numpy(v) for k, v in inputs.items()}, use_cache=False)
+  return out.logits.float().numpy()
+
+
+def write_fixture(out: Path, name: str, seed: int) -> None:
+  arch, config = FIXTURES[name]
+  model = build_model(arch, config, seed)
+  inputs = example_inputs(seed)
+  logits = hf_logits(model, inputs)
+  folder = out / name
+  shutil.rmtree(folder, ignore_errors=True)
+  model.save_pretrained(folder, safe_serialization=True)
+  (folder / "generation_config.json").unlink(missing_ok=True)  # not needed, and version-stamped
+  np.savez(folder / "expected.npz", logits=logits.astype(np.float32), **inputs)
+  size = sum(p.stat().st_size for p in folder.iterdir())
+  print(f"{folder}: {size / 1024:.0f} KiB, |logits| max {np.abs(logits).max():.3f}")
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  default = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "parity"
+  parser.add_argument("--out", type=Path, default=default)
+  args = parser.parse_args()
+  torch.use_deterministic_algorithms(True)
+  for seed, name in enumerate(FIXTURES):
+    write_fixture(args.out, name, seed)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,21 @@
+"""Test setup: 8 fake CPU devices for the mesh tests, set before JAX initialises its backend."""
+
+import os
+
+# XLA reads this once, when the CPU backend starts; setting it later has no effect.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+  if not SHARED_DATA.is_dir():
+    pytest.skip(f"{SHARED_DATA} is absent (shared data ships beside the repo in CI)")
+  return SHARED_DATA

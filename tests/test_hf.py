@@ -1,0 +1,428 @@
+"""HF checkpoint import/export: logit parity, exact round trips, sharding and bad-input errors.
+
+Golden tests use the tiny random checkpoints in tests/fixtures/parity/ (regenerate them with
+scripts/make_parity_fixtures.py); tests that need torch are skipped without it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from ff_jax.errors import CheckpointError
+from ff_jax.models import abstract_model, forward, hf, positions_from_mask
+from ff_jax.models.config import ModelConfig
+from ff_jax.models.loading import flatten
+from ff_jax.models.tokenizer import TextTokenizer
+from ff_jax.parallel import MeshConfig, make_mesh
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures" / "parity"
+NAMES = ["llama", "llama3_rope", "gpt2", "qwen2"]
+MODEL_TYPES = {"llama": "llama", "llama3_rope": "llama", "gpt2": "gpt2", "qwen2": "qwen2"}
+TOL = 1e-4
+
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+needs_torch = pytest.mark.skipif(not HAVE_TORCH, reason="torch is not installed (parity extra)")
+
+
+def ff_logits(cfg: ModelConfig, params, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+  graphdef, _, _ = abstract_model(cfg)
+  logits, _ = forward(graphdef, params, ids, positions_from_mask(mask), mask)
+  return np.asarray(logits)
+
+
+def max_diff(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+  """Largest |a - b| over real (non-padding) positions."""
+  return float(np.abs(a - b)[mask.astype(bool)].max())
+
+
+def read_safetensors(folder: Path) -> dict[str, np.ndarray]:
+  out = {}
+  for path in sorted(folder.glob("*.safetensors")):
+    with safe_open(str(path), framework="numpy") as f:
+      out.update({k: f.get_tensor(k) for k in f.keys()})
+  return out
+
+
+def copy_fixture(name: str, dest: Path) -> Path:
+  folder = dest / name
+  shutil.copytree(FIXTURES / name, folder)
+  return folder
+
+
+def rewrite_tensors(folder: Path, edit) -> None:
+  tensors = read_safetensors(folder)
+  edit(tensors)
+  save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def fixture_script():
+  spec = importlib.util.spec_from_file_location("make_parity_fixtures",
+                                                REPO / "scripts" / "make_parity_fixtures.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+# ------------------------------------------------------------------------------------------------
+# Parity.
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_golden_logit_parity(name):
+  cfg, params = hf.load_hf(FIXTURES / name)
+  expected = np.load(FIXTURES / name / "expected.npz")
+  mask = expected["attention_mask"]
+  assert not mask.all(), "the fixture should contain a padded row"
+  np.testing.assert_array_equal(positions_from_mask(mask), expected["position_ids"])
+  logits = ff_logits(cfg, params, expected["input_ids"], mask)
+  assert max_diff(logits, expected["logits"], mask) <= TOL
+
+
+def test_fixture_configs_cover_the_features():
+  cfgs = {name: hf.load_hf(FIXTURES / name)[0] for name in NAMES}
+  assert cfgs["llama"].num_kv_heads < cfgs["llama"].num_heads and not cfgs["llama"].tie_embeddings
+  assert cfgs["llama3_rope"].rope_scaling.kind == "llama3"
+  assert cfgs["llama3_rope"].rope_scaling.original_max_position_embeddings == 16
+  assert cfgs["gpt2"].positions == "learned" and cfgs["gpt2"].tie_embeddings
+  assert cfgs["qwen2"].qkv_bias and not cfgs["qwen2"].out_bias
+  assert cfgs["qwen2"].rope_theta == 1e6
+
+
+LIVE_CONFIGS = {
+    # head_dim != hidden/heads, attention biases on q/k/v/o, linear RoPE scaling.
+    "llama_bias_headdim": ("LlamaForCausalLM", dict(
+        model_type="llama", vocab_size=96, hidden_size=48, intermediate_size=80,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+        attention_bias=True, max_position_embeddings=64, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, rope_theta=10000.0,
+        rope_scaling=dict(rope_type="linear", factor=2.0))),
+    "mistral": ("MistralForCausalLM", dict(
+        model_type="mistral", vocab_size=96, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=1,
+        max_position_embeddings=64, tie_word_embeddings=False, sliding_window=None)),
+    # Untied GPT-2 with a non-default inner size.
+    "gpt2_untied": ("GPT2LMHeadModel", dict(
+        model_type="gpt2", vocab_size=96, n_embd=32, n_layer=2, n_head=2, n_positions=32,
+        n_inner=80, activation_function="gelu_pytorch_tanh", tie_word_embeddings=False,
+        bos_token_id=0, eos_token_id=0)),
+}
+
+
+@needs_torch
+@pytest.mark.parametrize("name", sorted(LIVE_CONFIGS))
+def test_live_parity(tmp_path, name):
+  script = fixture_script()
+  arch, config = LIVE_CONFIGS[name]
+  model = script.build_model(arch, config, seed=123)
+  model.save_pretrained(tmp_path, safe_serialization=True)
+  inputs = script.example_inputs(seed=7)
+  inputs["input_ids"] %= config["vocab_size"]
+  expected = script.hf_logits(model, inputs)
+  cfg, params = hf.load_hf(tmp_path)
+  mask = inputs["attention_mask"]
+  logits = ff_logits(cfg, params, inputs["input_ids"], mask)
+  assert max_diff(logits, expected, mask) <= TOL
+
+
+# ------------------------------------------------------------------------------------------------
+# Export.
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_round_trip_is_exact(tmp_path, name):
+  cfg, params = hf.load_hf(FIXTURES / name)
+  out = hf.save_hf(tmp_path / "out", cfg, params, MODEL_TYPES[name])
+  original, exported = read_safetensors(FIXTURES / name), read_safetensors(out)
+  assert sorted(exported) == sorted(original)
+  for key, value in original.items():
+    assert exported[key].dtype == value.dtype, key
+    np.testing.assert_array_equal(exported[key], value, err_msg=key)
+  # And the config survives too.
+  assert hf.load_hf(out)[0] == cfg
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_round_trip(name):
+  cfg, _ = hf.load_hf(FIXTURES / name)
+  exported = hf.hf_config_from(cfg, MODEL_TYPES[name])
+  assert hf.config_from_hf(json.loads(json.dumps(exported)), "x/config.json") == cfg
+
+
+@needs_torch
+@pytest.mark.parametrize("name", NAMES)
+def test_export_loads_in_transformers(tmp_path, name):
+  import torch
+  import transformers
+
+  cfg, params = hf.load_hf(FIXTURES / name)
+  out = hf.save_hf(tmp_path / "out", cfg, params, MODEL_TYPES[name])
+  model = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+  expected = np.load(FIXTURES / name / "expected.npz")
+  with torch.no_grad():
+    logits = model(**{k: torch.from_numpy(expected[k])
+                      for k in ("input_ids", "attention_mask", "position_ids")}).logits.numpy()
+  mask = expected["attention_mask"]
+  assert max_diff(logits, expected["logits"], mask) <= TOL
+
+
+def tiny_tokenizer() -> TextTokenizer:
+  import tokenizers
+
+  vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, "hello": 4, "world": 5}
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  return TextTokenizer(tokenizer=tok, eos_id=2, pad_id=3, bos_id=1)
+
+
+def test_save_replaces_folder_atomically_with_tokenizer(tmp_path):
+  cfg, params = hf.load_hf(FIXTURES / "llama")
+  dest = tmp_path / "export"
+  dest.mkdir()
+  (dest / "stale.txt").write_text("old run")
+  hf.save_hf(dest, cfg, params, "llama", tokenizer=tiny_tokenizer())
+  assert sorted(p.name for p in dest.iterdir()) == [
+      "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+  assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temp or backup left behind
+  tok = hf.load_tokenizer(dest)
+  assert (tok.eos_id, tok.pad_id, tok.bos_id) == (2, 3, 1)
+  assert tok.encode("hello world") == [4, 5]
+
+
+def test_failed_save_leaves_destination_untouched(tmp_path):
+  cfg, params = hf.load_hf(FIXTURES / "gpt2")
+  dest = tmp_path / "export"
+  hf.save_hf(dest, cfg, params, "gpt2")
+  before = read_safetensors(dest)
+  with pytest.raises(CheckpointError, match="cannot export this model as llama"):
+    hf.save_hf(dest, cfg, params, "llama")
+  assert sorted(read_safetensors(dest)) == sorted(before)
+  assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+def test_bfloat16_export_and_import(tmp_path):
+  cfg, params = hf.load_hf(FIXTURES / "qwen2", dtype="bfloat16")
+  assert cfg.param_dtype == "bfloat16"
+  assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves(params))
+  out = hf.save_hf(tmp_path / "bf16", cfg, params, "qwen2")
+  assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+  with safe_open(str(out / "model.safetensors"), framework="numpy") as f:
+    assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+  cfg2, params2 = hf.load_hf(out, dtype="bfloat16")
+  assert cfg2 == cfg
+  for path, value in flatten(params).items():
+    np.testing.assert_array_equal(np.asarray(flatten(params2)[path]), np.asarray(value))
+
+
+# ------------------------------------------------------------------------------------------------
+# Layouts: sharded files, prefixes, sharded placement.
+
+
+def test_multi_file_checkpoint_loads_identically(tmp_path):
+  folder = copy_fixture("llama", tmp_path)
+  tensors = read_safetensors(folder)
+  (folder / "model.safetensors").unlink()
+  keys = sorted(tensors)
+  shards = {"model-00001-of-00002.safetensors": keys[::2],
+            "model-00002-of-00002.safetensors": keys[1::2]}
+  weight_map = {}
+  for name, shard_keys in shards.items():
+    # The second shard is bf16: checkpoints are usually stored that way and numpy cannot read it.
+    cast = (lambda x: x.astype(ml_dtypes.bfloat16)) if name.startswith("model-00002") else None
+    save_file({k: cast(tensors[k]) if cast else tensors[k] for k in shard_keys},
+              str(folder / name), metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(shard_keys, name))
+  (folder / "model.safetensors.index.json").write_text(
+      json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+  cfg, params = hf.load_hf(FIXTURES / "llama")
+  cfg2, params2 = hf.load_hf(folder)
+  assert cfg2 == cfg
+  flat, flat2 = flatten(params), flatten(params2)
+  assert sorted(flat, key=str) == sorted(flat2, key=str)
+  bf16_keys = set(shards["model-00002-of-00002.safetensors"])
+  exported = hf.export_tensors(cfg2, params2, "llama")
+  for key, value in tensors.items():
+    want = value.astype(ml_dtypes.bfloat16).astype(np.float32) if key in bf16_keys else value
+    np.testing.assert_array_equal(exported[key], want, err_msg=key)
+
+
+def test_base_model_keys_without_prefix_and_ignorable_buffers(tmp_path):
+  folder = copy_fixture("gpt2", tmp_path)
+
+  def strip(tensors):
+    for key in list(tensors):
+      tensors[key.removeprefix("transformer.")] = tensors.pop(key)
+    tensors["h.0.attn.bias"] = np.tril(np.ones((1, 1, 64, 64), np.float32))  # old causal buffer
+    tensors["lm_head.weight"] = tensors["wte.weight"]  # tied: ignored
+
+  rewrite_tensors(folder, strip)
+  _, params = hf.load_hf(folder)
+  _, want = hf.load_hf(FIXTURES / "gpt2")
+  for path, value in flatten(want).items():
+    np.testing.assert_array_equal(np.asarray(flatten(params)[path]), np.asarray(value))
+
+
+def test_sharded_load_matches_runtime_shardings():
+  from ff_jax.train import ModelRuntime
+
+  mesh = make_mesh(MeshConfig())
+  for name in ("llama", "gpt2"):
+    cfg, params = hf.load_hf(FIXTURES / name, mesh=mesh)
+    runtime = ModelRuntime.create(cfg, mesh)
+    got = jax.tree.map(lambda x: x.sharding, params)
+    assert got == runtime.param_shardings
+    _, plain = hf.load_hf(FIXTURES / name)
+    for path, value in flatten(plain).items():
+      np.testing.assert_array_equal(np.asarray(flatten(params)[path]), np.asarray(value))
+
+
+def test_sharded_load_on_eight_fake_devices():
+  """The same check on a real 2x2x2 mesh, in a subprocess so the device count can be forced."""
+  code = textwrap.dedent(f"""
+      import jax, numpy as np
+      from ff_jax.models import hf
+      from ff_jax.models.loading import flatten
+      from ff_jax.parallel import MeshConfig, make_mesh
+      from ff_jax.train import ModelRuntime
+      assert len(jax.devices()) == 8
+      mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+      for name in ("llama", "qwen2", "gpt2"):
+        folder = {str(FIXTURES)!r} + "/" + name
+        cfg, params = hf.load_hf(folder, mesh=mesh)
+        runtime = ModelRuntime.create(cfg, mesh)
+        assert jax.tree.map(lambda x: x.sharding, params) == runtime.param_shardings
+        q = params["layers"][0]["attn"]["q"].sharding.spec
+        assert q == jax.sharding.PartitionSpec("fsdp", "tensor", None), q
+        _, plain = hf.load_hf(folder)
+        for path, value in flatten(plain).items():
+          np.testing.assert_array_equal(np.asarray(flatten(params)[path]), np.asarray(value))
+      print("ok")
+  """)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip().endswith("ok")
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input.
+
+
+def test_unknown_architecture(tmp_path):
+  folder = copy_fixture("llama", tmp_path)
+  config = json.loads((folder / "config.json").read_text())
+  config.update(model_type="bert", architectures=["BertForMaskedLM"])
+  (folder / "config.json").write_text(json.dumps(config))
+  with pytest.raises(CheckpointError, match=r"unknown architecture 'bert' in .*config\.json; "
+                                            r"supported: llama, mistral, qwen2, gpt2"):
+    hf.load_hf(folder)
+
+
+def test_unknown_architecture_without_model_type():
+  with pytest.raises(CheckpointError, match="unknown architecture 'FalconForCausalLM' in cfg"):
+    hf.config_from_hf({"architectures": ["FalconForCausalLM"]}, "cfg")
+
+
+def test_missing_tensor(tmp_path):
+  folder = copy_fixture("llama", tmp_path)
+  rewrite_tensors(folder, lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"))
+  with pytest.raises(CheckpointError,
+                     match=r"llama: checkpoint is missing tensor\(s\) "
+                           r"'model.layers.1.self_attn.k_proj.weight'"):
+    hf.load_hf(folder)
+
+
+def test_wrong_shape(tmp_path):
+  folder = copy_fixture("qwen2", tmp_path)
+
+  def widen(tensors):
+    key = "model.layers.0.mlp.up_proj.weight"
+    tensors[key] = np.concatenate([tensors[key], tensors[key][:1]])
+
+  rewrite_tensors(folder, widen)
+  with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor "
+                                            r"'model.layers.0.mlp.up_proj.weight' has shape"):
+    hf.load_hf(folder)
+
+
+def test_wrong_fused_qkv_shape(tmp_path):
+  folder = copy_fixture("gpt2", tmp_path)
+
+  def cut(tensors):
+    key = "transformer.h.1.attn.c_attn.bias"
+    tensors[key] = tensors[key][:-4]
+
+  rewrite_tensors(folder, cut)
+  match = r"model\.safetensors: tensor 'transformer.h.1.attn.c_attn.bias' has shape \(188,\)"
+  with pytest.raises(CheckpointError, match=match):
+    hf.load_hf(folder)
+
+
+def test_unmapped_tensor(tmp_path):
+  folder = copy_fixture("llama", tmp_path)
+
+  def add(tensors):
+    tensors["model.layers.0.self_attn.q_proj.bias"] = np.zeros(64, np.float32)
+
+  rewrite_tensors(folder, add)
+  with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor "
+                                            r"'model.layers.0.self_attn.q_proj.bias' has no place"):
+    hf.load_hf(folder)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
+     "rope_parameters.rope_type='yarn' is not supported"),
+    ({"mlp_bias": True}, "mlp_bias=true is not supported"),
+    ({"num_attention_heads": None}, "missing key 'num_attention_heads'"),
+])
+def test_unsupported_llama_config(change, match):
+  config = json.loads((FIXTURES / "llama" / "config.json").read_text())
+  config.update(change)
+  config = {k: v for k, v in config.items() if v is not None}
+  with pytest.raises(CheckpointError, match=f"path/config.json: .*{match}"):
+    hf.config_from_hf(config, "path/config.json")
+
+
+def test_unsupported_gpt2_activation():
+  config = json.loads((FIXTURES / "gpt2" / "config.json").read_text())
+  config["activation_function"] = "relu"
+  with pytest.raises(CheckpointError, match="activation_function='relu' is not supported"):
+    hf.config_from_hf(config, "c.json")
+
+
+def test_v4_style_rope_keys():
+  config = json.loads((FIXTURES / "llama" / "config.json").read_text())
+  del config["rope_parameters"]
+  config.update(rope_theta=5e5, rope_scaling={"type": "linear", "factor": 4.0})
+  cfg = hf.config_from_hf(config, "c.json")
+  assert cfg.rope_theta == 5e5
+  assert (cfg.rope_scaling.kind, cfg.rope_scaling.factor) == ("linear", 4.0)
+  config["eos_token_id"] = [7, 8]  # Llama 3 lists several
+  assert hf.config_from_hf(config, "c.json").eos_token_id == 7
+
+
+def test_missing_files(tmp_path):
+  with pytest.raises(CheckpointError, match="config.json: not found"):
+    hf.load_hf(tmp_path)
+  shutil.copy(FIXTURES / "llama" / "config.json", tmp_path)
+  with pytest.raises(CheckpointError, match="no model.safetensors"):
+    hf.load_hf(tmp_path)

@@ -1,0 +1,111 @@
+"""The decoder: family configs, padding invariance, cache agreement, dtypes and remat."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ff_jax.errors import ConfigError
+from ff_jax.models import (
+  ModelConfig,
+  RopeScaling,
+  abstract_model,
+  forward,
+  init_cache,
+  init_params,
+  positions_from_mask,
+  tiny_llama,
+)
+
+FAMILIES = {
+    "llama": tiny_llama(),
+    "llama3_rope": tiny_llama(rope_scaling=RopeScaling(kind="llama3", factor=8.0,
+                                                       original_max_position_embeddings=64)),
+    "qwen2": tiny_llama(qkv_bias=True, tie_embeddings=True),
+    "gpt2": tiny_llama(norm="layer", positions="learned", mlp="gelu", qkv_bias=True,
+                       out_bias=True, mlp_bias=True, tie_embeddings=True, num_kv_heads=4),
+}
+
+
+def _model(cfg, seed=0):
+  graphdef, _, _ = abstract_model(cfg)
+  params = init_params(cfg, seed)
+  # Larger weights than the init scale, so that logits differ clearly between tokens.
+  params = jax.tree.map(lambda x: x * 4.0 if x.ndim > 1 else x, params)
+  return graphdef, params
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_padding_does_not_change_logits(name):
+  cfg = FAMILIES[name]
+  graphdef, params = _model(cfg)
+  tokens = jnp.asarray([[3, 4, 5, 6, 7]])
+  mask = jnp.ones_like(tokens)
+  ref, _ = forward(graphdef, params, tokens, positions_from_mask(mask), mask)
+  # The same row, left-padded and right-padded by 3.
+  left = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), tokens], axis=1)
+  left_mask = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), mask], axis=1)
+  out, _ = forward(graphdef, params, left, positions_from_mask(left_mask), left_mask)
+  np.testing.assert_allclose(out[:, 3:], ref, atol=1e-5)
+  right = jnp.concatenate([tokens, jnp.zeros((1, 3), jnp.int32)], axis=1)
+  right_mask = jnp.concatenate([mask, jnp.zeros((1, 3), jnp.int32)], axis=1)
+  out, _ = forward(graphdef, params, right, positions_from_mask(right_mask), right_mask)
+  np.testing.assert_allclose(out[:, :5], ref, atol=1e-5)
+  assert np.isfinite(np.asarray(out)).all()
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_cached_and_uncached_logits_agree(name):
+  cfg = FAMILIES[name]
+  graphdef, params = _model(cfg)
+  tokens = jnp.asarray([[0, 0, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15, 16]])
+  mask = jnp.asarray([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8])
+  full, _ = forward(graphdef, params, tokens, positions_from_mask(mask), mask)
+  # Prefill 5 slots, then feed the last 3 tokens one at a time through the cache.
+  cache = init_cache(graphdef, params, 2, 8)
+  positions = positions_from_mask(mask)
+  kv_mask = jnp.zeros((2, 8), jnp.int32).at[:, :5].set(mask[:, :5])
+  logits, cache = forward(graphdef, params, tokens[:, :5], positions[:, :5], kv_mask, cache, 0)
+  np.testing.assert_allclose(logits[:, 2:], full[:, 2:5], atol=1e-4)
+  for slot in range(5, 8):
+    kv_mask = kv_mask.at[:, slot].set(1)
+    logits, cache = forward(graphdef, params, tokens[:, slot:slot + 1],
+                            positions[:, slot:slot + 1], kv_mask, cache, slot)
+    np.testing.assert_allclose(logits[:, 0], full[:, slot], atol=1e-4)
+
+
+def test_bf16_compute_is_close_to_fp32_and_remat_is_exact():
+  cfg = tiny_llama()
+  graphdef, params = _model(cfg)
+  tokens = jnp.asarray([[1, 2, 3, 4, 5, 6]])
+  mask = jnp.ones_like(tokens)
+  ref, _ = forward(graphdef, params, tokens, positions_from_mask(mask), mask)
+  bf16_graph, _, _ = abstract_model(cfg.replace(dtype="bfloat16"))
+  low, _ = forward(bf16_graph, params, tokens, positions_from_mask(mask), mask)
+  assert low.dtype == jnp.float32  # logits are always fp32
+  assert float(jnp.max(jnp.abs(low - ref))) < 0.1 * float(jnp.max(jnp.abs(ref)))
+
+  remat_graph, _, _ = abstract_model(cfg.replace(remat=True))
+
+  def loss(graph, p):
+    logits, _ = forward(graph, p, tokens, positions_from_mask(mask), mask)
+    return jnp.mean(logits ** 2)
+
+  g_ref = jax.grad(lambda p: loss(graphdef, p))(params)
+  g_remat = jax.grad(lambda p: loss(remat_graph, p))(params)
+  for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_remat)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_every_parameter_has_logical_axes():
+  for cfg in FAMILIES.values():
+    _, abstract, axes = abstract_model(cfg)
+    for shape, spec in zip(jax.tree.leaves(abstract), jax.tree.leaves(axes)):
+      assert len(spec) == len(shape.shape) and all(isinstance(a, str) for a in spec)
+
+
+def test_bad_model_config_names_the_key():
+  with pytest.raises(ConfigError, match="num_kv_heads"):
+    tiny_llama(num_kv_heads=3)
+  with pytest.raises(ConfigError, match="unknown key"):
+    ModelConfig.from_dict({"vocab_size": 8, "bogus": 1})
