@@ -18,7 +18,6 @@ from typing import Any
 import yaml
 
 from ff_jax.errors import ConfigError
-from ff_jax.models.config import ModelConfig
 from ff_jax.parallel import MeshConfig
 from ff_jax.train import OptimConfig
 
@@ -28,7 +27,9 @@ class ModelSource:
   """Where M0 comes from: `demo` (trained by the release phase), an HF folder or a .gguf file."""
 
   source: str = "demo"
-  config: ModelConfig | None = None  # the demo model's shape; read from the checkpoint otherwise
+  # The demo model's shape (ModelConfig fields; vocab_size and special ids come from the demo
+  # tokenizer). Imported models take their shape from their own files.
+  config: dict | None = None
   dtype: str = "float32"  # compute dtype for imported models
   remat: bool = False
 
@@ -146,13 +147,6 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
       return None
     return _coerce(options[0], value, key)
   if dataclasses.is_dataclass(hint):
-    if hint is ModelConfig:
-      if not isinstance(value, dict):
-        raise ConfigError(f"{key}: expected a mapping")
-      try:
-        return ModelConfig.from_dict(value)
-      except TypeError as err:
-        raise ConfigError(f"{key}: {err}") from None
     return _build(hint, value, key)
   if origin is tuple:
     if not isinstance(value, list | tuple):

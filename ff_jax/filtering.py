@@ -8,9 +8,9 @@ kept. Labels (`is_unsafe`) exist only in experiments and are used only for metri
 choosing a threshold (except `best_f1`, an oracle for reports).
 
 Thresholds: a fixed ϕ (the paper), the top fraction q (threshold-free, reference §9), and a
-label-free automatic ϕ (Otsu by default, a two-Gaussian mixture as an alternative). `Threshold`
-parses the string form used in configs and on the command line: "fixed:0.3", "quantile:0.5",
-"auto", "auto:otsu", "auto:gmm", "auto:otsu:strict" (a bare number means fixed).
+label-free automatic ϕ (a two-Gaussian mixture by default, Otsu's method as an alternative).
+`Threshold` parses the string form used in configs and on the command line: "fixed:0.3",
+"quantile:0.5", "auto", "auto:otsu", "auto:gmm", "auto:otsu:strict" (a bare number means fixed).
 """
 
 from __future__ import annotations
@@ -194,11 +194,20 @@ def _mixture_dip(w: np.ndarray, mu: np.ndarray, var: np.ndarray) -> float:
 AUTO_METHODS = ("otsu", "gmm")
 
 
-def auto_threshold(r: Any, method: str = "otsu", require_bimodal: bool = False,
+def auto_threshold(r: Any, method: str = "gmm", require_bimodal: bool = False,
                    min_range: float = 1e-6) -> tuple[float, dict[str, Any]]:
-  """A label-free ϕ for r > ϕ, with a diagnostics dict. Default: Otsu's method.
+  """A label-free ϕ for r > ϕ, with a diagnostics dict. Default: the two-Gaussian mixture.
 
-  Why Otsu by default: it assumes no distribution shape (forgetting scores are bounded, skewed
+  Why the mixture by default: forgetting scores of real runs are a spike of barely changed
+  examples near 0 (task and safe ones, the majority) plus a broad mode of forgotten ones, and the
+  unsafe mode is itself often a blend of categories forgotten at different rates (on the demo:
+  harmful +2.4, bias +3.0, toxicity +7.9 nats/token). Otsu then splits *inside* the unsafe mode
+  (demo seed 0: ϕ = 4.7, F1 0.49), while the mixture's wide component absorbs every unsafe
+  category and ϕ lands next to the spike (ϕ = 0.6, F1 0.90); the synthetic spike-plus-broad case
+  below agrees (0.85 vs 0.71). Otsu remains available ("auto:otsu") and is the better choice for
+  two symmetric, similar-width modes.
+
+  Otsu's properties: it assumes no distribution shape (forgetting scores are bounded, skewed
   and, for ROUGE, often have a spike at 0), it has no initialisation or iteration, so it is
   exactly reproducible, and maximising the between-class variance w0·w1·(μ1−μ0)² works for any
   class balance that is not extreme, which covers the paper's 25–75% noise ratios. The GMM
@@ -260,7 +269,7 @@ def auto_threshold(r: Any, method: str = "otsu", require_bimodal: bool = False,
   return float(phi), info
 
 
-def flag_auto(r: Any, method: str = "otsu", **kwargs) -> np.ndarray:
+def flag_auto(r: Any, method: str = "gmm", **kwargs) -> np.ndarray:
   """Flags r > `auto_threshold(r, method)`; nothing when the scores are degenerate/unimodal."""
   phi, _ = auto_threshold(r, method, **kwargs)
   return _gt(_as_scores(r), phi)
@@ -302,7 +311,7 @@ class Threshold:
     kind, arg = kind.strip(), arg.strip()
     if kind == "auto":
       method, _, mode = arg.partition(":")
-      method = method.strip() or "otsu"
+      method = method.strip() or "gmm"
       if method not in AUTO_METHODS:
         raise ConfigError(f"bad threshold {spec!r}: unknown auto method {method!r}, "
                           f"use one of {', '.join(AUTO_METHODS)}")

@@ -106,7 +106,7 @@ def test_auto_threshold_nan_counted_and_inf_rejected():
 def test_threshold_spec_parsing():
   assert Threshold.parse("fixed:0.3") == Threshold("fixed", value=0.3)
   assert Threshold.parse(" Quantile : 0.5 ") == Threshold("quantile", value=0.5)
-  assert Threshold.parse("auto") == Threshold("auto", method="otsu")
+  assert Threshold.parse("auto") == Threshold("auto", method="gmm")
   assert Threshold.parse("auto:gmm").method == "gmm"
   assert Threshold.parse("auto:otsu:strict").require_bimodal
   assert Threshold.parse(0.25) == Threshold.parse("0.25") == Threshold("fixed", value=0.25)
@@ -126,8 +126,10 @@ def test_threshold_call_returns_flags_phi_info():
   assert phi == 0.5 and info["n_nan"] == 1 and info["n_flagged"] == 2
   flags, phi, info = Threshold.parse("quantile:0.5")(r)
   assert flags.sum() == 2 and phi == 0.1 and info["q"] == 0.5
-  flags, phi, info = Threshold.parse("auto")(r)
+  flags, phi, info = Threshold.parse("auto:otsu")(r)
   assert 0.1 < phi < 0.6 and info["method"] == "otsu" and flags.sum() == 2
+  flags, phi, info = Threshold.parse("auto")(r)
+  assert info["method"] == "gmm" and np.isfinite(phi)
 
 
 def test_filter_metrics_counts_and_zero_division():

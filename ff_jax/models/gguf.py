@@ -328,6 +328,15 @@ def iter_gguf_params(reader: gguf.GGUFReader, cfg: ModelConfig,
     yield path, array, name
 
 
+def load_gguf_metadata(path: str | Path) -> tuple[ModelConfig, TextTokenizer]:
+  """`(config, tokenizer)` from a GGUF file's metadata, without reading any weight."""
+  origin = str(path)
+  reader = open_gguf(path)
+  cfg = config_from_gguf(reader, origin)
+  tokenizer = tokenizer_from_gguf(reader, origin)
+  return cfg.replace(pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id), tokenizer
+
+
 def load_gguf(path: str | Path, mesh=None, rules: dict | None = None,
               **overrides: Any) -> tuple[ModelConfig, dict, TextTokenizer]:
   """`(config, params, tokenizer)` from a GGUF file.

@@ -1,0 +1,99 @@
+"""`ff-jax` command line: run, filter, report.
+
+  ff-jax run [CONFIG.yaml] [key=value ...] [--restart] [--until PHASE]
+  ff-jax filter --model PATH --noisy FILE --safe FILE [--run-dir DIR] [key=value ...]
+  ff-jax report RUN_DIR
+
+Errors a user can cause (config, data, checkpoints, run directories) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ff_jax.errors import FFJaxError
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="ff-jax", description="ForgetFilter in JAX.")
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  run = sub.add_parser("run", help="run every phase (no CONFIG: the built-in demo)")
+  run.add_argument("args", nargs="*", metavar="[CONFIG] key=value",
+                   help="a YAML config (default: the embedded demo) and dotted overrides")
+  run.add_argument("--restart", action="store_true",
+                   help="clear the run directory and start over")
+  run.add_argument("--until", metavar="PHASE", help="stop after this phase")
+
+  filt = sub.add_parser("filter", help="ForgetFilter on your own model and data")
+  filt.add_argument("--model", required=True, help="HF folder or .gguf file of the aligned model")
+  filt.add_argument("--noisy", required=True, help="noisy dataset (JSONL/CSV/hf://)")
+  filt.add_argument("--safe", required=True, help="safe set (JSONL/CSV/hf://)")
+  filt.add_argument("--run-dir", default="runs/filter")
+  filt.add_argument("--restart", action="store_true")
+  filt.add_argument("--until", metavar="PHASE")
+  filt.add_argument("overrides", nargs="*", metavar="key=value")
+
+  report = sub.add_parser("report", help="(re)write report.md and plots of a run directory")
+  report.add_argument("run_dir")
+  return parser
+
+
+def _split_config(args: list[str]) -> tuple[str | None, list[str]]:
+  if args and "=" not in args[0]:
+    return args[0], args[1:]
+  return None, args
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  try:
+    return _dispatch(args)
+  except FFJaxError as err:
+    print(f"ff-jax: error: {err}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("ff-jax: interrupted; rerun the same command to resume", file=sys.stderr)
+    return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+  from ff_jax import config as config_lib
+
+  if args.command == "report":
+    from ff_jax.report import summary_figures, write_report
+
+    path = write_report(Path(args.run_dir))
+    print(path)
+    print(summary_figures(Path(args.run_dir)))
+    return 0
+
+  # Multi-host runs must start the distributed runtime before anything touches devices.
+  from ff_jax import parallel
+
+  parallel.initialize_distributed()
+  from ff_jax.pipeline import PHASES, run_job
+
+  if args.until and args.until not in PHASES:
+    raise config_lib.ConfigError(f"--until {args.until}: not a phase; phases are {PHASES}")
+  if args.command == "run":
+    path, overrides = _split_config(args.args)
+    cfg = config_lib.load_config(path, overrides)
+  else:
+    preset = Path(config_lib.__file__).parent / "configs" / "filter.yaml"
+    cfg = config_lib.load_config(preset, [
+        f"model.source={args.model}", f"data.noisy={args.noisy}", f"data.safe={args.safe}",
+        f"run_dir={args.run_dir}", *args.overrides])
+  root = run_job(cfg, restart=args.restart, until=args.until)
+  if not args.until or args.until == PHASES[-1]:
+    from ff_jax.report import summary_figures
+
+    print(f"report: {root / 'report.md'}")
+    print(summary_figures(root))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,40 @@
+"""Data layer: records and their IO, prompt templates and tokenization, batching, the demo world.
+
+Every source becomes a list of `Record`s (`records`), is encoded into token ids with an exact
+prompt/response boundary (`templates`), and is served as fixed-shape numpy batches (`batching`).
+`demo` generates the built-in, seeded demo world that `ff-jax run` uses by default.
+"""
+
+from ff_jax.data.batching import (
+    TrainIterator,
+    default_buckets,
+    eval_batches,
+    left_padded_prompts,
+    make_batch,
+    pick_bucket,
+)
+from ff_jax.data.records import (
+    KINDS,
+    Record,
+    fingerprint,
+    load_records,
+    read_csv,
+    read_hf_dataset,
+    read_jsonl,
+    write_jsonl_atomic,
+)
+from ff_jax.data.templates import (
+    PLAIN_TEMPLATE,
+    EncodedExample,
+    PromptTemplate,
+    encode_example,
+    encode_examples,
+    encode_prompt,
+)
+
+__all__ = [
+    "KINDS", "PLAIN_TEMPLATE", "EncodedExample", "PromptTemplate", "Record", "TrainIterator",
+    "default_buckets", "encode_example", "encode_examples", "encode_prompt", "eval_batches",
+    "fingerprint", "left_padded_prompts", "load_records", "make_batch", "pick_bucket", "read_csv",
+    "read_hf_dataset", "read_jsonl", "write_jsonl_atomic",
+]

@@ -1,0 +1,163 @@
+"""What a job runs on: the model source, its tokenizer, the noisy and safe sets, and fingerprints.
+
+The model is the built-in demo (trained by the `release` phase), an HF folder (`config.json` +
+safetensors + `tokenizer.json`) or a GGUF file. Data is the demo world or the user's files
+(JSONL/CSV paths or `hf://` datasets). Fingerprints of all of them go into the run manifest, so a
+run directory is never resumed on other inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ff_jax.config import RunConfig
+from ff_jax.data import records as records_io
+from ff_jax.data.demo import DemoWorld, build_demo_world, train_demo_tokenizer
+from ff_jax.data.records import Record
+from ff_jax.errors import ConfigError, DataError
+from ff_jax.models import ModelConfig
+from ff_jax.models.tokenizer import TextTokenizer
+from ff_jax.rundir import RunDir
+
+
+@dataclasses.dataclass
+class JobInputs:
+  source: str
+  kind: str  # demo | hf | gguf
+  tokenizer: TextTokenizer
+  model_config: ModelConfig
+  noisy: list[Record]
+  safe: list[Record]
+  world: DemoWorld | None
+  fingerprints: dict[str, str]
+  compute_dtype: str = "float32"
+
+  @property
+  def is_demo_model(self) -> bool:
+    return self.kind == "demo"
+
+  def load_m0(self, mesh, rules) -> Any:
+    """The user's aligned model, streamed from its files onto the mesh."""
+    if self.kind == "hf":
+      from ff_jax.models.hf import load_hf
+
+      return load_hf(self.source, mesh=mesh, rules=rules)[1]
+    from ff_jax.models.gguf import load_gguf
+
+    return load_gguf(self.source, mesh=mesh, rules=rules)[1]
+
+  def export_hf(self, folder: Path, runtime, params) -> Path | None:
+    """Write the clean model as an HF folder (Llama family; the demo model is Llama-style)."""
+    from ff_jax.models.hf import save_hf
+
+    cfg = self.model_config
+    model_type = "qwen2" if cfg.qkv_bias and cfg.norm == "rms" else (
+        "gpt2" if cfg.positions == "learned" else "llama")
+    return save_hf(folder, cfg, params, model_type, tokenizer=self.tokenizer)
+
+
+def _file_digest(path: Path) -> str:
+  """Cheap content fingerprint of a (possibly multi-GB) file: size plus head and tail hashes."""
+  size = path.stat().st_size
+  digest = hashlib.sha256(str(size).encode())
+  with path.open("rb") as handle:
+    digest.update(handle.read(1 << 20))
+    if size > 2 << 20:
+      handle.seek(-(1 << 20), 2)
+      digest.update(handle.read())
+  return digest.hexdigest()
+
+
+def _model_fingerprint(source: Path) -> str:
+  if source.is_file():
+    return _file_digest(source)
+  digest = hashlib.sha256()
+  for path in sorted(source.iterdir()):
+    if path.is_file() and (path.suffix in (".json", ".safetensors", ".jinja")):
+      digest.update(path.name.encode() + _file_digest(path).encode())
+  return digest.hexdigest()
+
+
+def _demo_tokenizer(world: DemoWorld, run: RunDir) -> TextTokenizer:
+  """The run's demo tokenizer if the release phase saved one, else a freshly trained one."""
+  if (run.tokenizer / "tokenizer.json").exists():
+    return TextTokenizer.from_folder(run.tokenizer)
+  return train_demo_tokenizer(world.texts())
+
+
+def save_tokenizer(tokenizer: TextTokenizer, run: RunDir) -> None:
+  """Keep the tokenizer in the run directory (atomically: a temp folder renamed into place)."""
+  if (run.tokenizer / "tokenizer.json").exists():
+    return
+  run.root.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(dir=run.root, prefix=".tokenizer."))
+  tokenizer.save(tmp)
+  if run.tokenizer.exists():
+    shutil.rmtree(run.tokenizer)
+  tmp.rename(run.tokenizer)
+
+
+def _read_source(spec: str, role: str) -> list[Record]:
+  try:
+    records = records_io.load_records(spec)
+  except FileNotFoundError:
+    raise DataError(f"data.{role}: {spec}: file not found") from None
+  if not records:
+    raise DataError(f"data.{role}: {spec} holds no records")
+  return records
+
+
+def load_inputs(cfg: RunConfig, run: RunDir) -> JobInputs:
+  source = cfg.model.source
+  demo_data = cfg.data.noisy == "demo" or cfg.data.safe == "demo"
+  world = None
+  if source == "demo" or demo_data:
+    world = build_demo_world(seed=cfg.seed, n_noisy=cfg.demo.noisy_size,
+                             unsafe_ratio=cfg.demo.unsafe_ratio, n_safe_set=cfg.demo.safe_size)
+  noisy = world.noisy if cfg.data.noisy == "demo" else _read_source(cfg.data.noisy, "noisy")
+  safe = world.safe_set if cfg.data.safe == "demo" else _read_source(cfg.data.safe, "safe")
+  if not safe:
+    raise DataError("data.safe: the safe set is empty")
+  prints = {"noisy": records_io.fingerprint(noisy), "safe": records_io.fingerprint(safe)}
+
+  if source == "demo":
+    if cfg.model.config is None:
+      raise ConfigError("model.config: the demo model needs its shape (see configs/demo.yaml)")
+    tokenizer = _demo_tokenizer(world, run)
+    try:
+      model_cfg = ModelConfig.from_dict({
+          **cfg.model.config, "vocab_size": tokenizer.vocab_size,
+          "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id,
+          "bos_token_id": tokenizer.bos_id})
+    except TypeError as err:
+      raise ConfigError(f"model.config: {err}") from None
+    kind = "demo"
+  else:
+    path = Path(source).expanduser()
+    if not path.exists():
+      raise ConfigError(f"model.source: {source}: no such file or folder")
+    if path.is_file() and path.suffix == ".gguf":
+      from ff_jax.models.gguf import load_gguf_metadata
+
+      model_cfg, tokenizer = load_gguf_metadata(path)
+      kind = "gguf"
+    elif path.is_dir() and (path / "config.json").exists():
+      from ff_jax.models.hf import config_from_hf
+
+      model_cfg = config_from_hf(json.loads((path / "config.json").read_text()),
+                                 str(path / "config.json"))
+      tokenizer = TextTokenizer.from_folder(path)
+      kind = "hf"
+    else:
+      raise ConfigError(f"model.source: {source}: expected 'demo', an HF folder with "
+                        "config.json, or a .gguf file")
+    model_cfg = model_cfg.replace(dtype=cfg.model.dtype, remat=cfg.model.remat)
+    prints["model"] = _model_fingerprint(path)
+  return JobInputs(source=str(source), kind=kind, tokenizer=tokenizer, model_config=model_cfg,
+                   noisy=noisy, safe=safe, world=world, fingerprints=prints)

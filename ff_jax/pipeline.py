@@ -1,0 +1,230 @@
+"""The ForgetFilter job as a chain of resumable phases.
+
+  release -> noisy -> score_before -> safety -> score_after -> filter -> clean -> evaluate
+
+`release` trains the demo's aligned model M0 (for a user's model it only records the import).
+`noisy` finetunes M0 on D (M1); `safety` finetunes M1 on S (M2); the two score phases measure every
+example of D under M1 and M2; `filter` drops the examples whose forgetting exceeds the threshold;
+`clean` finetunes M0 (never M1/M2) on what is left; `evaluate` compares M0, M1, M2 and the clean
+model and writes the report. Each phase ends in an Orbax checkpoint or an atomically written file
+and is marked complete in the manifest; a rerun skips complete phases and resumes a training phase
+from its newest step checkpoint.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from ff_jax import parallel
+from ff_jax.checkpoints import restore_params, save_params, write_json_atomic
+from ff_jax.config import PhaseConfig, RunConfig
+from ff_jax.data import records as records_io
+from ff_jax.data.templates import PromptTemplate, encode_examples, encode_prompt
+from ff_jax.errors import DataError
+from ff_jax.inputs import JobInputs, load_inputs, save_tokenizer
+from ff_jax.loop import PhaseSpec, phase_steps, snapshot_steps, train_phase
+from ff_jax.progress import MetricsLog
+from ff_jax.rundir import RunDir
+from ff_jax.scoring import (
+  generate_texts,
+  per_example_table,
+  score_examples,
+  score_snapshots,
+)
+from ff_jax.train import ModelRuntime, Scorer
+
+PHASES = ("release", "noisy", "score_before", "safety", "score_after", "filter", "clean",
+          "evaluate")
+
+
+def log(message: str) -> None:
+  if jax.process_index() == 0:
+    print(message, file=sys.stderr, flush=True)
+
+
+class Job:
+  """One run of the pipeline over a run directory."""
+
+  def __init__(self, cfg: RunConfig, restart: bool = False):
+    self.cfg = cfg
+    self.run = RunDir(cfg.run_dir)
+    self.mesh = parallel.make_mesh(cfg.mesh)
+    self.inputs: JobInputs = load_inputs(cfg, self.run)
+    self.manifest = self.run.open(cfg.to_dict(), self.inputs.fingerprints, restart=restart)
+    if jax.process_index() == 0:
+      save_tokenizer(self.inputs.tokenizer, self.run)
+    self.runtime = ModelRuntime.create(self.inputs.model_config, self.mesh)
+    self.template = PromptTemplate(mode=cfg.data.template)
+    tok = self.inputs.tokenizer
+    self.noisy = encode_examples(tok, self.inputs.noisy, self.template, cfg.data.max_len,
+                                 cfg.data.overflow)
+    self.safe = encode_examples(tok, self.inputs.safe, self.template, cfg.data.max_len,
+                                cfg.data.overflow)
+    self.metrics = MetricsLog(self.run.file("metrics.jsonl"))
+    self._scorer: Scorer | None = None
+
+  # -- helpers --------------------------------------------------------------------------------
+
+  @property
+  def scorer(self) -> Scorer:
+    if self._scorer is None:
+      self._scorer = Scorer(self.runtime)
+    return self._scorer
+
+  def params(self, name: str) -> Any:
+    """A phase's output model, restored onto this mesh (M0 of a user model: from its files)."""
+    if name == "M0" and not self.inputs.is_demo_model:
+      return self.inputs.load_m0(self.mesh, self.runtime.rules)
+    return restore_params(self.run.model(name), self.runtime.abstract_with_shardings())
+
+  def spec(self, name: str, phase: PhaseConfig, num_examples: int, seed_offset: int,
+           snapshot_every: int = 0) -> PhaseSpec:
+    steps = phase_steps(phase.steps, phase.epochs, num_examples, phase.batch_size, name)
+    return PhaseSpec(name=name, steps=steps, batch_size=phase.batch_size, optim=phase.optim,
+                     seed=self.cfg.seed * 1000 + seed_offset, buckets=self.cfg.data.buckets,
+                     checkpoint_every=phase.checkpoint_every, snapshot_every=snapshot_every)
+
+  def train(self, name: str, phase: PhaseConfig, init, examples, seed_offset: int,
+            output: str, snapshot_every: int = 0) -> Any:
+    if not examples:
+      raise DataError(f"phase {name}: no examples to train on")
+    spec = self.spec(name, phase, len(examples), seed_offset, snapshot_every)
+    snapshot_dir = self.run.snapshots(name) if snapshot_every else None
+    params = train_phase(spec, self.runtime, init, examples, self.inputs.tokenizer.pad_id,
+                         self.run.ckpt(name), self.metrics, snapshot_dir)
+    save_params(self.run.model(output), params)
+    return params
+
+  def drop_step_checkpoints(self, name: str) -> None:
+    # The phase output is saved on its own; step checkpoints only serve a resume of that phase.
+    if jax.process_index() == 0:
+      shutil.rmtree(self.run.ckpt(name), ignore_errors=True)
+
+  # -- phases ---------------------------------------------------------------------------------
+
+  def phase_release(self) -> dict[str, Any]:
+    if not self.inputs.is_demo_model:
+      return {"source": self.cfg.model.source}
+    world, demo = self.inputs.world, self.cfg.demo
+    tok = self.inputs.tokenizer
+    corpus = encode_examples(tok, world.corpus, self.template, self.cfg.data.max_len)
+    align = encode_examples(tok, world.alignment, self.template, self.cfg.data.max_len)
+    seed = self.cfg.seed
+    self.train("release_pretrain", demo.pretrain, lambda: self.runtime.init_params(seed),
+               corpus, 1, "base")
+    self.train("release_align", demo.align, lambda: self.params("base"), align, 2, "M0")
+    for name in ("release_pretrain", "release_align"):
+      self.drop_step_checkpoints(name)
+    return {"pretrain_examples": len(corpus), "align_examples": len(align)}
+
+  def phase_noisy(self) -> dict[str, Any]:
+    self.train("noisy", self.cfg.noisy, lambda: self.params("M0"), self.noisy, 3, "M1")
+    self.drop_step_checkpoints("noisy")
+    return {"examples": len(self.noisy)}
+
+  def phase_safety(self) -> dict[str, Any]:
+    if not self.safe:
+      raise DataError("the safe set is empty: safety finetuning needs at least one example")
+    self.train("safety", self.cfg.safety, lambda: self.params("M1"), self.safe, 4, "M2",
+               snapshot_every=self.cfg.scoring.snapshot_every)
+    self.drop_step_checkpoints("safety")
+    return {"examples": len(self.safe)}
+
+  def score(self, model: str, name: str) -> dict[str, Any]:
+    cfg = self.cfg
+    params = self.params(model)
+    stats = score_examples(self.scorer, params, self.noisy, cfg.scoring.batch_size,
+                           cfg.data.buckets, self.inputs.tokenizer.pad_id, name)
+    generations = None
+    if cfg.scoring.rouge:
+      prompts = [encode_prompt(self.inputs.tokenizer, r, self.template, cfg.data.max_len)
+                 for r in self.inputs.noisy]
+      generations = generate_texts(self.runtime, params, self.inputs.tokenizer, prompts,
+                                   cfg.scoring.max_new_tokens, cfg.scoring.batch_size,
+                                   f"{name}/generate")
+    table = per_example_table(stats, generations, [r.response for r in self.inputs.noisy])
+    out = {key: np.asarray(value).tolist() for key, value in table.items()}
+    if generations is not None:
+      out["generations"] = generations
+    return out
+
+  def phase_score_before(self) -> dict[str, Any]:
+    write_json_atomic(self.run.file("scores_before.json"), self.score("M1", "score_before"))
+    return {}
+
+  def phase_score_after(self) -> dict[str, Any]:
+    scores = self.score("M2", "score_after")
+    steps = snapshot_steps(self.run.snapshots("safety"))
+    if steps:
+      # Forgetting curves: every snapshot scored in one vmapped pass over the data.
+      target = self.runtime.abstract_with_shardings()
+      stacked = jax.tree.map(lambda *xs: np.stack(xs), *[
+          jax.device_get(restore_params(self.run.snapshots("safety") / f"step_{s}", target))
+          for s in steps])
+      stats = score_snapshots(self.scorer, stacked, self.noisy, self.cfg.scoring.batch_size,
+                              self.cfg.data.buckets, self.inputs.tokenizer.pad_id)
+      tokens = np.maximum(stats["tokens"], 1.0)
+      scores["curve"] = {"steps": steps, "nll": (stats["nll_sum"] / tokens).tolist()}
+    write_json_atomic(self.run.file("scores_after.json"), scores)
+    return {"snapshots": len(steps)}
+
+  def phase_filter(self) -> dict[str, Any]:
+    from ff_jax.filter_phase import run_filter
+
+    return run_filter(self.cfg, self.run, self.inputs.noisy,
+                      truncated=sum(e.truncated for e in self.noisy))
+
+  def phase_clean(self) -> dict[str, Any]:
+    kept = records_io.read_jsonl(self.run.file("filtered.jsonl"))
+    examples = encode_examples(self.inputs.tokenizer, kept, self.template, self.cfg.data.max_len,
+                               self.cfg.data.overflow)
+    params = self.train("clean", self.cfg.clean_phase, lambda: self.params("M0"), examples, 5,
+                        "clean")
+    self.drop_step_checkpoints("clean")
+    export = self.inputs.export_hf(self.run.file("clean_hf"), self.runtime, params)
+    return {"examples": len(examples), "hf_export": str(export) if export else None}
+
+  def phase_evaluate(self) -> dict[str, Any]:
+    from ff_jax.evaluate_phase import evaluate_models
+
+    metrics = evaluate_models(self)
+    write_json_atomic(self.run.file("metrics.json"), metrics)
+    from ff_jax.report import write_report
+
+    write_report(self.run.root)
+    return {}
+
+  # -- driver ---------------------------------------------------------------------------------
+
+  def execute(self, until: str | None = None) -> dict[str, Any]:
+    """Run every incomplete phase in order (up to and including `until`)."""
+    phases = PHASES[:PHASES.index(until) + 1] if until else PHASES
+    total = time.perf_counter()
+    for name in phases:
+      if self.run.is_complete(self.manifest, name):
+        log(f"== {name}: complete, skipped")
+        continue
+      log(f"== {name}")
+      start = time.perf_counter()
+      info = getattr(self, f"phase_{name}")()
+      seconds = time.perf_counter() - start
+      self.run.mark_complete(self.manifest, name, seconds, **(info or {}))
+      log(f"== {name}: done in {seconds:.1f}s")
+    times = {p: self.manifest["phases"].get(p, {}).get("seconds") for p in phases}
+    log("phase times (s): " + ", ".join(f"{p} {t:.1f}" for p, t in times.items()
+                                        if t is not None))
+    log(f"wall time this invocation: {time.perf_counter() - total:.1f}s")
+    return self.manifest
+
+
+def run_job(cfg: RunConfig, restart: bool = False, until: str | None = None) -> Path:
+  job = Job(cfg, restart=restart)
+  job.execute(until)
+  return job.run.root

@@ -1,0 +1,107 @@
+"""The run directory: where each phase writes, and the manifest that makes a run resumable.
+
+`manifest.json` records the run's config, the fingerprints of its data and model, and which phases
+are complete. It is rewritten atomically after each phase, so a phase is complete exactly when the
+manifest says so; anything a killed phase left behind is ignored or overwritten on the rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from ff_jax.checkpoints import is_primary, write_json_atomic
+from ff_jax.errors import RunDirError
+
+MANIFEST_VERSION = 1
+
+
+class RunDir:
+  """Paths inside a run directory and its manifest."""
+
+  def __init__(self, root: str | Path):
+    self.root = Path(root).absolute()
+    self.manifest_path = self.root / "manifest.json"
+
+  def model(self, name: str) -> Path:
+    return self.root / "models" / name
+
+  def ckpt(self, phase: str) -> Path:
+    return self.root / "ckpt" / phase
+
+  def snapshots(self, phase: str) -> Path:
+    return self.root / "snapshots" / phase
+
+  def file(self, name: str) -> Path:
+    return self.root / name
+
+  @property
+  def tokenizer(self) -> Path:
+    return self.root / "tokenizer"
+
+  def read_manifest(self) -> dict[str, Any] | None:
+    if not self.manifest_path.exists():
+      return None
+    try:
+      return json.loads(self.manifest_path.read_text())
+    except json.JSONDecodeError as err:
+      raise RunDirError(f"{self.manifest_path}: unreadable manifest ({err}); pass --restart to "
+                        "start this run directory over") from None
+
+  def open(self, config: dict[str, Any], fingerprints: dict[str, str],
+           restart: bool = False) -> dict[str, Any]:
+    """Load the manifest, refusing one written for another config or other data.
+
+    With `restart`, everything in the directory is removed first.
+    """
+    if restart and self.root.exists() and is_primary():
+      shutil.rmtree(self.root)
+    manifest = self.read_manifest()
+    if manifest is None:
+      if self.root.exists() and any(self.root.iterdir()):
+        raise RunDirError(f"{self.root}: exists, is not empty and has no manifest.json; choose "
+                          "another run_dir or pass --restart to clear it")
+      manifest = {"version": MANIFEST_VERSION, "config": config, "fingerprints": fingerprints,
+                  "phases": {}, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+      self.write(manifest)
+      return manifest
+    changed = _diff(manifest.get("config", {}), config)
+    if changed:
+      shown = ", ".join(changed[:6]) + (" ..." if len(changed) > 6 else "")
+      raise RunDirError(f"{self.root} holds a run with another config (differs at: {shown}); "
+                        "use another run_dir, or pass --restart to start over")
+    old_prints = manifest.get("fingerprints", {})
+    moved = sorted(k for k in set(old_prints) | set(fingerprints)
+                   if old_prints.get(k) != fingerprints.get(k))
+    if moved:
+      raise RunDirError(f"{self.root} was run on other data or another model (fingerprint of "
+                        f"{', '.join(moved)} changed); use another run_dir, or pass --restart")
+    return manifest
+
+  def write(self, manifest: dict[str, Any]) -> None:
+    if is_primary():
+      write_json_atomic(self.manifest_path, manifest)
+
+  def mark_complete(self, manifest: dict[str, Any], phase: str, seconds: float,
+                    **info: Any) -> None:
+    manifest["phases"][phase] = {"complete": True, "seconds": round(seconds, 2), **info}
+    self.write(manifest)
+
+  @staticmethod
+  def is_complete(manifest: dict[str, Any], phase: str) -> bool:
+    return bool(manifest["phases"].get(phase, {}).get("complete"))
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+  """Dotted keys whose values differ (run_dir itself may move)."""
+  if isinstance(old, dict) and isinstance(new, dict):
+    out = []
+    for key in sorted(set(old) | set(new)):
+      if not prefix and key == "run_dir":
+        continue
+      out += _diff(old.get(key), new.get(key), f"{prefix}{key}.")
+    return out
+  return [] if old == new else [prefix.rstrip(".")]
