@@ -51,9 +51,14 @@ class PhaseCheckpoints:
 
 
 def save_params(directory: str | Path, params: Any) -> None:
-  """One-shot Orbax save of a parameter tree (phase outputs such as M0, M1, M2, clean)."""
+  """One-shot Orbax save of a parameter tree (phase outputs such as M0, M1, M2, clean).
+
+  A resumed phase may save again where a killed run already saved (Orbax refuses to overwrite a
+  step): the new tree goes in as the next step and the old one is dropped once it is complete.
+  """
   ckpt = PhaseCheckpoints(directory, max_to_keep=1)
-  ckpt.save(0, params, {})
+  latest = ckpt.latest_step()
+  ckpt.save(0 if latest is None else latest + 1, params, {})
   ckpt.close()
 
 

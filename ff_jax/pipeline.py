@@ -57,16 +57,18 @@ class Job:
     self.run = RunDir(cfg.run_dir)
     self.mesh = parallel.make_mesh(cfg.mesh)
     self.inputs: JobInputs = load_inputs(cfg, self.run)
-    self.manifest = self.run.open(cfg.to_dict(), self.inputs.fingerprints, restart=restart)
-    if jax.process_index() == 0:
-      save_tokenizer(self.inputs.tokenizer, self.run)
-    self.runtime = ModelRuntime.create(self.inputs.model_config, self.mesh)
+    # Encode (and so refuse overlong records under data.overflow=error) before the run directory
+    # is touched: a bad input must not leave a manifest that blocks the rerun on fixed data.
     self.template = PromptTemplate(mode=cfg.data.template)
     tok = self.inputs.tokenizer
     self.noisy = encode_examples(tok, self.inputs.noisy, self.template, cfg.data.max_len,
                                  cfg.data.overflow)
     self.safe = encode_examples(tok, self.inputs.safe, self.template, cfg.data.max_len,
                                 cfg.data.overflow)
+    self.manifest = self.run.open(cfg.to_dict(), self.inputs.fingerprints, restart=restart)
+    if jax.process_index() == 0:
+      save_tokenizer(self.inputs.tokenizer, self.run)
+    self.runtime = ModelRuntime.create(self.inputs.model_config, self.mesh)
     self.metrics = MetricsLog(self.run.file("metrics.jsonl"))
     self._scorer: Scorer | None = None
 

@@ -1,8 +1,13 @@
-"""Progress lines with rate and ETA, and the run's `metrics.jsonl` stream."""
+"""Progress lines with rate and ETA, and the run's `metrics.jsonl` stream.
+
+Progress lines are printed at most every 5 s; the environment variable `FF_JAX_PROGRESS_INTERVAL`
+(seconds, e.g. `0` for a line per update) changes that default, for logs and tests.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,11 +16,24 @@ from typing import Any
 import jax
 
 
-class Progress:
-  """Prints `name: done/total unit (rate/s, ETA)` at most every `interval` seconds (process 0)."""
+def default_interval() -> float:
+  """Seconds between progress lines: `FF_JAX_PROGRESS_INTERVAL`, else 5."""
+  raw = os.environ.get("FF_JAX_PROGRESS_INTERVAL", "").strip()
+  try:
+    return max(0.0, float(raw)) if raw else 5.0
+  except ValueError:
+    return 5.0
 
-  def __init__(self, name: str, total: int, unit: str = "steps", interval: float = 5.0,
+
+class Progress:
+  """Prints `name: done/total unit (rate/s, ETA)` at most every `interval` seconds (process 0).
+
+  `interval=None` uses `default_interval()`.
+  """
+
+  def __init__(self, name: str, total: int, unit: str = "steps", interval: float | None = None,
                stream=None):
+    interval = default_interval() if interval is None else interval
     self.name, self.total, self.unit, self.interval = name, max(int(total), 1), unit, interval
     self.stream = stream or sys.stderr
     self.start = time.perf_counter()

@@ -278,11 +278,21 @@ def greedy(cfg, params, prompt: list[int], max_new: int, eos: int) -> list[int]:
 
 @pytest.mark.slow
 def test_smollm2_answers_paris(smollm):
+  """The batched KV-cache decoder answers, and agrees with uncached greedy decoding."""
+  from ff_jax.models.decoding import SamplingConfig, generate
+
   cfg, params, tok = smollm
-  prompt = tok.encode(tok.render_chat(QUESTION, add_generation_prompt=True))
-  answer = tok.decode(greedy(cfg, params, prompt, max_new=12, eos=tok.eos_id))
+  graphdef, _, _ = abstract_model(cfg)
+  prompts = [tok.encode(tok.render_chat(q, add_generation_prompt=True))
+             for q in (QUESTION, [{"role": "user", "content": "Name a primary color."}])]
+  batched = generate(graphdef, params, prompts, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                     sampling=SamplingConfig(max_new_tokens=12))
+  answer = tok.decode(batched[0])
   print(f"\nSmolLM2 answer: {answer!r}")
   assert "Paris" in answer
+  # Left padding and the cache must not change greedy tokens (row 2 is padded to row 1's width).
+  for prompt, tokens in zip(prompts, batched):
+    assert tokens == greedy(cfg, params, prompt, max_new=12, eos=tok.eos_id)
 
 
 @pytest.mark.slow
