@@ -150,11 +150,6 @@ def shard_params(params: Any, shardings: Any) -> Any:
   return jax.tree.map(jax.device_put, params, shardings)
 
 
-def sharded_init(init_fn, shardings: Any, *args) -> Any:
-  """Run `init_fn(*args)` under jit so each output is created directly on its shards."""
-  return jax.jit(init_fn, out_shardings=shardings)(*args)
-
-
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None,
                            process_id: int | None = None) -> bool:

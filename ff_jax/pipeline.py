@@ -184,7 +184,11 @@ class Job:
                       truncated=sum(e.truncated for e in self.noisy))
 
   def phase_clean(self) -> dict[str, Any]:
-    kept = records_io.read_jsonl(self.run.file("filtered.jsonl"))
+    path = self.run.file("filtered.jsonl")
+    if not path.read_text(encoding="utf-8").strip():
+      raise DataError(f"{path}: the filter flagged every example of data.noisy, so nothing is left "
+                      "to finetune the clean model on (see filter.json; raise filter.threshold)")
+    kept = records_io.read_jsonl(path)
     examples = encode_examples(self.inputs.tokenizer, kept, self.template, self.cfg.data.max_len,
                                self.cfg.data.overflow)
     params = self.train("clean", self.cfg.clean_phase, lambda: self.params("M0"), examples, 5,

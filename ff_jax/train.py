@@ -200,8 +200,7 @@ class ModelRuntime:
 
   def init_params(self, seed: int) -> Any:
     """Fresh parameters, each created directly on its shards."""
-    cfg = self.cfg
-    return parallel.sharded_init(lambda: init_params(cfg, seed), self.param_shardings)
+    return init_params(self.cfg, seed, self.param_shardings)
 
   def abstract_with_shardings(self) -> Any:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -35,6 +35,14 @@ def smollm2_shape(small: bool) -> ModelConfig:
                      rope_theta=100000.0, tie_embeddings=True, dtype="bfloat16")
 
 
+class Report(dict):
+  """Prints every figure as soon as it is measured, so a run cut short still reports."""
+
+  def __setitem__(self, key, value):
+    super().__setitem__(key, value)
+    print(f"{key}: {value}", flush=True)
+
+
 def timed(fn, repeats: int) -> float:
   """Seconds per call after one warm-up call (which includes compilation)."""
   jax.block_until_ready(fn())
@@ -60,7 +68,7 @@ def main() -> None:
   parser.add_argument("--seq", type=int, default=512)
   args = parser.parse_args()
   batch, seq = (4, 64) if args.small else (args.batch, args.seq)
-  report: dict = {"devices": [str(d) for d in jax.devices()], "jax": jax.__version__}
+  report = Report({"devices": [str(d) for d in jax.devices()], "jax": jax.__version__})
 
   cfg = smollm2_shape(args.small)
   mesh = parallel.make_mesh(parallel.MeshConfig())
@@ -124,7 +132,7 @@ def main() -> None:
   peak = matmul_peak(512 if args.small else 8192)
   report["bf16_matmul_peak_tflops"] = round(peak / 1e12, 1)
   report["train_mfu"] = round(flops_per_token * train_tokens / step_s / peak, 3)
-  print(json.dumps(report, indent=2))
+  print(json.dumps(report, indent=2), flush=True)
 
 
 if __name__ == "__main__":

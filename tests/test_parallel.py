@@ -93,14 +93,17 @@ def test_sharded_init_never_materialises_the_whole_model():
   runtime = ModelRuntime.create(cfg, mesh)
   total_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(runtime.abstract_params))
   from ff_jax.models import init_params
-  compiled = jax.jit(lambda: init_params(cfg, 0),
-                     out_shardings=runtime.param_shardings).lower().compile()
+  shardings = runtime.param_shardings
+  compiled = jax.jit(lambda: init_params(cfg, 0, shardings),
+                     out_shardings=shardings).lower().compile()
   memory = compiled.memory_analysis()
   per_device = memory.output_size_in_bytes + memory.temp_size_in_bytes
   assert per_device < total_bytes / 2, (per_device, total_bytes)
   params = runtime.init_params(0)
   shard = params["layers"][0]["mlp"]["up"].addressable_shards[0]
   assert shard.data.shape == (256 // 8, 1024)
+  for array, sharding in zip(jax.tree.leaves(params), jax.tree.leaves(shardings)):
+    assert array.sharding == sharding
 
 
 def test_meshes_that_do_not_fit_the_devices_are_refused():

