@@ -31,7 +31,7 @@ from ff_jax.errors import DataError
 from ff_jax.inputs import JobInputs, load_inputs, save_tokenizer
 from ff_jax.loop import PhaseSpec, phase_steps, snapshot_steps, train_phase
 from ff_jax.progress import MetricsLog
-from ff_jax.rundir import RunDir
+from ff_jax.rundir import PHASES, RunDir
 from ff_jax.scoring import (
   generate_texts,
   per_example_table,
@@ -39,9 +39,6 @@ from ff_jax.scoring import (
   score_snapshots,
 )
 from ff_jax.train import ModelRuntime, Scorer
-
-PHASES = ("release", "noisy", "score_before", "safety", "score_after", "filter", "clean",
-          "evaluate")
 
 
 def log(message: str) -> None:
@@ -202,9 +199,6 @@ class Job:
 
     metrics = evaluate_models(self)
     write_json_atomic(self.run.file("metrics.json"), metrics)
-    from ff_jax.report import write_report
-
-    write_report(self.run.root)
     return {}
 
   # -- driver ---------------------------------------------------------------------------------
@@ -223,6 +217,11 @@ class Job:
       seconds = time.perf_counter() - start
       self.run.mark_complete(self.manifest, name, seconds, **(info or {}))
       log(f"== {name}: done in {seconds:.1f}s")
+    if self.run.is_complete(self.manifest, "evaluate") and jax.process_index() == 0:
+      from ff_jax.report import write_report
+
+      # Written after the manifest is final, so the report's timing table has every phase.
+      write_report(self.run.root)
     times = {p: self.manifest["phases"].get(p, {}).get("seconds") for p in phases}
     log("phase times (s): " + ", ".join(f"{p} {t:.1f}" for p, t in times.items()
                                         if t is not None))

@@ -25,6 +25,7 @@ import numpy as np
 from ff_jax import filtering
 from ff_jax.checkpoints import write_atomic
 from ff_jax.errors import DataError
+from ff_jax.rundir import PHASES
 
 SIGNALS = ("nll", "acc", "rouge")
 KIND_ORDER = ("unsafe", "safe", "task")
@@ -438,7 +439,10 @@ def _timing_section(a: dict[str, Any]) -> list[str]:
   secs = {p: (v or {}).get("seconds") if isinstance(v, dict) else None for p, v in phases.items()}
   total = sum(float(s) for s in secs.values() if isinstance(s, int | float) and math.isfinite(s))
   rows = []
-  for p, v in phases.items():
+  # Pipeline order first, then anything else the manifest holds (the file is key-sorted).
+  order = [p for p in PHASES if p in phases] + sorted(p for p in phases if p not in PHASES)
+  for p in order:
+    v = phases[p]
     s = secs[p]
     share = (f"{100 * float(s) / total:.1f}%" if isinstance(s, int | float) and total > 0
              and math.isfinite(s) else None)

@@ -18,6 +18,10 @@ from ff_jax.errors import RunDirError
 
 MANIFEST_VERSION = 1
 
+# The phases of a run, in order (ff_jax.pipeline runs them; reports list them this way).
+PHASES = ("release", "noisy", "score_before", "safety", "score_after", "filter", "clean",
+          "evaluate")
+
 
 class RunDir:
   """Paths inside a run directory and its manifest."""
