@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from ff_jax import parallel
 from ff_jax.data.batching import eval_batches
@@ -39,8 +40,9 @@ def score_examples(scorer: Scorer, params: Any, examples: Sequence[EncodedExampl
   done = 0
   for local in batches:
     batch = parallel.global_batch(local, runtime.mesh, runtime.rules)
-    stats = jax.device_get(scorer.step(params, batch))
-    ids = np.asarray(jax.device_get(batch["example_id"]))
+    # Every host gets every row's statistics (each loaded only its own rows).
+    stats = multihost_utils.process_allgather(scorer.step(params, batch), tiled=True)
+    ids = np.asarray(multihost_utils.process_allgather(batch["example_id"], tiled=True))
     real = ids >= 0
     for key in out:
       out[key][ids[real]] = np.asarray(stats[key])[real]

@@ -21,16 +21,24 @@ def model():
 
 
 def _uncached_greedy(graphdef, params, prompt, max_new):
-  tokens, out = list(prompt), []
-  for _ in range(max_new):
-    ids = jnp.asarray([tokens])
-    mask = jnp.ones_like(ids)
-    logits, _ = forward(graphdef, params, ids, positions_from_mask(mask), mask)
-    token = int(jnp.argmax(logits[0, -1]))
+  """Greedy decoding by full forward passes over a fixed-width, right-padded buffer."""
+  width = len(prompt) + max_new
+
+  @jax.jit
+  def next_token(tokens, length):
+    mask = (jnp.arange(width) < length)[None].astype(jnp.int32)
+    logits, _ = forward(graphdef, params, tokens, positions_from_mask(mask), mask)
+    return jnp.argmax(logits[0, length - 1])
+
+  tokens = np.zeros((1, width), np.int32)
+  tokens[0, :len(prompt)] = prompt
+  out = []
+  for length in range(len(prompt), width):
+    token = int(next_token(tokens, length))
     if token == EOS:
       break
+    tokens[0, length] = token
     out.append(token)
-    tokens.append(token)
   return out
 
 
