@@ -3,6 +3,7 @@
   ff-jax run [CONFIG.yaml] [key=value ...] [--restart] [--until PHASE]
   ff-jax filter --model PATH --noisy FILE --safe FILE [--run-dir DIR] [key=value ...]
   ff-jax report RUN_DIR
+  ff-jax bench [CONFIG.yaml] [key=value ...] [--json FILE]
 
 Errors a user can cause (config, data, checkpoints, run directories) print one line and exit 2.
 """
@@ -38,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
 
   report = sub.add_parser("report", help="(re)write report.md and plots of a run directory")
   report.add_argument("run_dir")
+
+  bench = sub.add_parser("bench", help="throughput and MFU of train, score and decode")
+  bench.add_argument("args", nargs="*", metavar="[CONFIG] key=value",
+                     help="a YAML bench config (default: configs/bench.yaml) and overrides")
+  bench.add_argument("--json", metavar="FILE", help="write the full result as JSON here")
   return parser
 
 
@@ -68,6 +74,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     path = write_report(Path(args.run_dir))
     print(path)
     print(summary_figures(Path(args.run_dir)))
+    return 0
+
+  if args.command == "bench":
+    from ff_jax.bench import BenchConfig
+    from ff_jax.bench import main as bench_main
+
+    path, overrides = _split_config(args.args)
+    bench_main(config_lib.load_dataclass(BenchConfig, path, overrides, "bench.yaml"), args.json)
     return 0
 
   # Multi-host runs must start the distributed runtime before anything touches devices.

@@ -180,14 +180,16 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
   node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
 
 
-def demo_preset_text() -> str:
-  return resources.files("ff_jax").joinpath("configs/demo.yaml").read_text()
+def preset_text(name: str) -> str:
+  """The text of a YAML preset shipped in `ff_jax/configs/`."""
+  return resources.files("ff_jax").joinpath(f"configs/{name}").read_text()
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
-  """A RunConfig from a YAML file (None: the embedded demo preset) plus dotted overrides."""
+def load_dataclass(cls: type, path: str | Path | None, overrides: list[str] = (),
+                   preset: str = "demo.yaml") -> Any:
+  """Build `cls` from a YAML file (None: the embedded `preset`) plus dotted overrides."""
   if path is None:
-    text, origin = demo_preset_text(), "demo.yaml (embedded)"
+    text, origin = preset_text(preset), f"{preset} (embedded)"
   else:
     path = Path(path)
     if not path.exists():
@@ -200,6 +202,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
   for override in overrides:
     apply_override(tree, override)
   try:
-    return _build(RunConfig, tree, "")
+    return _build(cls, tree, "")
   except ConfigError as err:
     raise ConfigError(f"{origin}: {err}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+  """A RunConfig from a YAML file (None: the embedded demo preset) plus dotted overrides."""
+  return load_dataclass(RunConfig, path, overrides, "demo.yaml")

@@ -139,6 +139,12 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
 
   Every process passes only the rows it loaded; on one host this is a plain sharded device_put.
   """
+  sharding = batch_sharding(mesh, rules)
+  ways = math.prod(mesh.shape[a] for a in (sharding.spec[0] or ()))
+  rows = next(iter(local_batch.values())).shape[0] * jax.process_count()
+  if rows % ways:
+    raise ConfigError(f"batch_size {rows} is not divisible by the {ways} data-parallel shards of "
+                      f"mesh {dict(mesh.shape)}; use a multiple of {ways}")
   return {
       key: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, value.ndim), value)
       for key, value in local_batch.items()

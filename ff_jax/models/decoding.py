@@ -85,7 +85,8 @@ def _generate(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, mask: jax.
   total = prompt_len + max_new
   cache = init_cache(graphdef, params, batch, total)
   kv_mask = jnp.zeros((batch, total), jnp.int32).at[:, :prompt_len].set(mask)
-  logits, cache = forward(graphdef, params, tokens, positions_from_mask(mask), kv_mask, cache, 0)
+  logits, cache = forward(graphdef, params, tokens, positions_from_mask(mask), kv_mask, cache, 0,
+                          last_only=True)
   rng, sub = jax.random.split(rng)
   first = _sample(logits[:, -1], sub, temperature, top_p)
   out = jnp.full((batch, max_new), pad_id, jnp.int32).at[:, 0].set(first)

@@ -133,28 +133,32 @@ class Attention(nnx.Module):
       k = apply_rope(k, positions, inv_freq)
 
     batch, length = x.shape[:2]
+    # K/V are kept head-major, [B, K, S, D]: the score and value contractions then batch over
+    # (B, K) without transposing the whole cache at every decode step.
+    k = k.transpose(0, 2, 1, 3)
+    v = v.transpose(0, 2, 1, 3)
     if layer_cache is None:
       q_slots = jnp.arange(length)
     else:
       # Left-padded batches share one write index, so a plain dynamic_update_slice suffices.
       k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype),
-                                       (0, cache_index, 0, 0))
+                                       (0, 0, cache_index, 0))
       v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype),
-                                       (0, cache_index, 0, 0))
+                                       (0, 0, cache_index, 0))
       layer_cache = {"k": k, "v": v}
       q_slots = cache_index + jnp.arange(length)
-    k_slots = jnp.arange(k.shape[1])
+    k_slots = jnp.arange(k.shape[2])
     visible = (k_slots[None, :] <= q_slots[:, None])[None] & kv_mask[:, None, :].astype(bool)
 
     groups = cfg.num_heads // cfg.num_kv_heads
     q = q.reshape(batch, length, cfg.num_kv_heads, groups, cfg.resolved_head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(dt),
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k.astype(dt),
                         preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(cfg.resolved_head_dim)
     # A large finite negative (not -inf) keeps fully-masked padding rows NaN-free.
     scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dt))
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v.astype(dt))
     out = out.reshape(batch, length, cfg.num_heads, cfg.resolved_head_dim)
     out = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dt))
     if cfg.out_bias:
@@ -243,7 +247,7 @@ class Transformer(nnx.Module):
   def init_cache(self, batch: int, length: int) -> Cache:
     """An empty KV cache of `length` slots, in the compute dtype."""
     cfg = self.cfg
-    shape = (batch, length, cfg.num_kv_heads, cfg.resolved_head_dim)
+    shape = (batch, cfg.num_kv_heads, length, cfg.resolved_head_dim)
     dtype = _DTYPES[cfg.dtype]
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
             for _ in range(cfg.num_layers)]
@@ -274,6 +278,8 @@ class Transformer(nnx.Module):
                       preferred_element_type=jnp.float32)
 
   def __call__(self, tokens, positions, kv_mask, cache: Cache | None = None,
-               cache_index: Any = 0):
+               cache_index: Any = 0, last_only: bool = False):
     hidden, new_cache = self.hidden_states(tokens, positions, kv_mask, cache, cache_index)
+    if last_only:  # decoding needs only the next-token logits, not the prompt's [B, P, V]
+      hidden = hidden[:, -1:]
     return self.logits(hidden), new_cache
