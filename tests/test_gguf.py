@@ -229,28 +229,33 @@ def smollm(smollm_path):
 
 
 @pytest.mark.slow
-def test_smollm2_tokenizer_matches_reference(smollm_path, smollm):
+def test_smollm2_tokenizer_matches_reference(smollm):
   _, _, tok = smollm
   assert tok.encode(SENTENCE) == SENTENCE_IDS
   assert tok.decode(SENTENCE_IDS) == SENTENCE
   assert (tok.eos_id, tok.bos_id, tok.pad_id, tok.add_bos) == (2, 1, 0, False)
-  try:  # an independent build of the same file's tokenizer
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
-        convert_gguf_tokenizer,
-        get_gguf_tokenizer,
-    )
-  except ImportError:
-    pytest.skip("this transformers has no GGUF tokenizer converter")
-  arch, tok_dict, _ = get_gguf_tokenizer(str(smollm_path))
-  ref, _ = convert_gguf_tokenizer(arch, tok_dict)
-  for text in [SENTENCE, *TEXTS, "<|im_start|>user\nHi there<|im_end|>\n"]:
-    assert tok.encode(text) == ref.encode(text, add_special_tokens=False).ids, text
-
   rendered = tok.render_chat(QUESTION, add_generation_prompt=True)
   assert rendered == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained "
                       "by Hugging Face<|im_end|>\n<|im_start|>user\nWhat is the capital of "
                       "France?<|im_end|>\n<|im_start|>assistant\n")
   assert tok.encode(rendered)[:1] == [1]  # <|im_start|> is one control token
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_matches_transformers_converter(smollm_path, smollm):
+  """An independent build of the same file's tokenizer (transformers' converter needs torch)."""
+  _, _, tok = smollm
+  try:
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        convert_gguf_tokenizer,
+        get_gguf_tokenizer,
+    )
+    arch, tok_dict, _ = get_gguf_tokenizer(str(smollm_path))
+  except ImportError as err:
+    pytest.skip(f"transformers' GGUF tokenizer converter is unavailable here: {err}")
+  ref, _ = convert_gguf_tokenizer(arch, tok_dict)
+  for text in [SENTENCE, *TEXTS, "<|im_start|>user\nHi there<|im_end|>\n"]:
+    assert tok.encode(text) == ref.encode(text, add_special_tokens=False).ids, text
 
 
 def greedy(cfg, params, prompt: list[int], max_new: int, eos: int) -> list[int]:
