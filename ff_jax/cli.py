@@ -4,6 +4,7 @@
   ff-jax filter --model PATH --noisy FILE --safe FILE [--run-dir DIR] [key=value ...]
   ff-jax report RUN_DIR
   ff-jax bench [CONFIG.yaml] [key=value ...] [--json FILE]
+  ff-jax sweep [CONFIG.yaml] run_dir=DIR [key=value ...] [--restart]
 
 Errors a user can cause (config, data, checkpoints, run directories) print one line and exit 2.
 """
@@ -44,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
   bench.add_argument("args", nargs="*", metavar="[CONFIG] key=value",
                      help="a YAML bench config (default: configs/bench.yaml) and overrides")
   bench.add_argument("--json", metavar="FILE", help="write the full result as JSON here")
+
+  sweep = sub.add_parser("sweep", help="safe-size x steps x seeds ablation as stacked replicas")
+  sweep.add_argument("args", nargs="*", metavar="[CONFIG] key=value",
+                     help="a YAML sweep config (default: configs/sweep.yaml) and overrides")
+  sweep.add_argument("--restart", action="store_true", help="discard saved sweep chunks")
   return parser
 
 
@@ -82,6 +88,15 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     path, overrides = _split_config(args.args)
     bench_main(config_lib.load_dataclass(BenchConfig, path, overrides, "bench.yaml"), args.json)
+    return 0
+
+  if args.command == "sweep":
+    from ff_jax.sweep import SweepConfig, run_sweep
+
+    path, overrides = _split_config(args.args)
+    out = run_sweep(config_lib.load_dataclass(SweepConfig, path, overrides, "sweep.yaml"),
+                    restart=args.restart)
+    print(f"report: {out / 'report.md'}")
     return 0
 
   # Multi-host runs must start the distributed runtime before anything touches devices.

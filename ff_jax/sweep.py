@@ -1,0 +1,346 @@
+"""`ff-jax sweep`: ablations over safe-set size × safety steps t × seeds, as stacked replicas.
+
+A sweep reads a completed run directory (M1, scores_before.json, the tokenizer and the run's config)
+and finetunes M1 once per variant (safe size n, seed) on its own seeded size-n subset of the safe
+set. Variants are trained together, `chunk_size` at a time, as vmapped replicas
+(`ff_jax.replicas`); the noisy set is scored under every replica at every t in `steps`. Forgetting
+r_nll = NLL(after) - NLL(before, under M1) feeds the filter at each fixed ϕ in `phis` and at the
+auto threshold; with labels, precision/recall/F1/AUROC of every (n, seed, t, threshold) go to
+`<out_dir>/results.csv|json`, plots and `report.md`.
+
+Resume: each finished chunk's per-example NLL is written atomically under `<out_dir>/chunks/`; a
+rerun skips chunks already there (a chunk saved by another sweep config is refused).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from ff_jax.checkpoints import restore_params, write_atomic, write_json_atomic
+from ff_jax.config import RunConfig, _build
+from ff_jax.data.templates import EncodedExample, PromptTemplate, encode_examples
+from ff_jax.errors import ConfigError, RunDirError
+from ff_jax.filtering import Threshold, auroc, filter_metrics
+from ff_jax.inputs import load_inputs
+from ff_jax.replicas import (
+  ReplicaMeshConfig,
+  ReplicaTrainer,
+  make_replica_mesh,
+  train_replicas,
+  variant_iterator,
+)
+from ff_jax.rundir import RunDir
+from ff_jax.train import ModelRuntime, OptimConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+  """The grid, the safety finetune every variant runs, and how replicas are chunked/placed."""
+
+  run_dir: str = ""
+  out_dir: str = ""  # default: <run_dir>/sweep
+  safe_sizes: tuple[int, ...] = (8, 16, 32, 48, 72)
+  steps: tuple[int, ...] = (5, 10, 20)  # train to max(steps), score at each
+  seeds: tuple[int, ...] = (0, 1, 2)
+  batch_size: int = 16
+  optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(
+      learning_rate=1e-3, warmup_steps=2, schedule="constant"))
+  chunk_size: int = 8  # replicas trained at once; a multiple of mesh.replica
+  score_batch_size: int = 48
+  phis: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
+  threshold: str = "auto"  # the data-driven threshold reported beside the fixed ϕ
+  mesh: ReplicaMeshConfig = dataclasses.field(default_factory=ReplicaMeshConfig)
+
+  def __post_init__(self):
+    for name in ("safe_sizes", "steps", "seeds"):
+      if not getattr(self, name):
+        raise ConfigError(f"sweep.{name}: must not be empty")
+    if min(self.steps) < 1:
+      raise ConfigError(f"sweep.steps: every t must be >= 1, got {self.steps}")
+    if self.chunk_size < 1 or self.chunk_size % self.mesh.replica:
+      raise ConfigError(f"sweep.chunk_size={self.chunk_size} must be a positive multiple of "
+                        f"mesh.replica={self.mesh.replica}")
+
+  def variants(self) -> list[tuple[int, int]]:
+    return [(int(n), int(s)) for n in self.safe_sizes for s in self.seeds]
+
+  def key(self) -> dict[str, Any]:
+    """What a saved chunk depends on (not the thresholds: those are recomputed every run)."""
+    return {"steps": sorted(set(self.steps)), "batch_size": self.batch_size,
+            "optim": dataclasses.asdict(self.optim), "chunk_size": self.chunk_size}
+
+
+def log(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass
+class SweepInputs:
+  """What a sweep needs from a run: model, M1, encoded safe and noisy sets, scores under M1."""
+
+  runtime: ModelRuntime
+  m1: Any
+  safe: list[EncodedExample]
+  noisy: list[EncodedExample]
+  nll_before: np.ndarray  # [N]
+  is_unsafe: np.ndarray | None  # [N] bool, None without labels
+  buckets: tuple[int, ...]
+  pad_id: int
+
+
+def load_run(run_dir: str | Path, mesh) -> SweepInputs:
+  """The sweep's inputs from a run directory that finished `score_before`."""
+  run = RunDir(run_dir)
+  manifest = run.read_manifest()
+  if manifest is None:
+    raise RunDirError(f"{run.root}: no manifest.json; run `ff-jax run ... --until score_before` "
+                      "first")
+  missing = [p for p in ("noisy", "score_before")
+             if not manifest["phases"].get(p, {}).get("complete")]
+  if missing or not run.model("M1").is_dir() or not run.file("scores_before.json").exists():
+    raise RunDirError(f"{run.root}: the sweep needs M1 and scores_before.json (phases "
+                      f"{missing or ['noisy', 'score_before']} incomplete); run `ff-jax run "
+                      "<config> run_dir=... --until score_before` first")
+  cfg: RunConfig = _build(RunConfig, {**manifest["config"], "run_dir": str(run.root)}, "")
+  inputs = load_inputs(cfg, run)
+  template = PromptTemplate(mode=cfg.data.template)
+  tok = inputs.tokenizer
+  noisy = encode_examples(tok, inputs.noisy, template, cfg.data.max_len, cfg.data.overflow)
+  safe = encode_examples(tok, inputs.safe, template, cfg.data.max_len, cfg.data.overflow)
+  runtime = ModelRuntime.create(inputs.model_config, mesh)
+  m1 = restore_params(run.model("M1"), runtime.abstract_with_shardings())
+  before = json.loads(run.file("scores_before.json").read_text())
+  labelled = all(r.kind is not None for r in inputs.noisy)
+  is_unsafe = np.asarray([r.kind == "unsafe" for r in inputs.noisy]) if labelled else None
+  return SweepInputs(runtime, m1, safe, noisy, np.asarray(before["nll"], np.float64), is_unsafe,
+                     tuple(cfg.data.buckets), tok.pad_id)
+
+
+def _chunks(variants: list[tuple[int, int]], size: int) -> list[list[tuple[int, int]]]:
+  return [variants[i:i + size] for i in range(0, len(variants), size)]
+
+
+def run_chunks(cfg: SweepConfig, inputs: SweepInputs, out_dir: Path) -> dict[tuple[int, int],
+                                                                             np.ndarray]:
+  """Train and score every variant (skipping saved chunks): (n, seed) -> NLL [len(steps), N]."""
+  steps = sorted(set(cfg.steps))
+  folder = out_dir / "chunks"
+  folder.mkdir(parents=True, exist_ok=True)
+  key = cfg.key()
+  for n in cfg.safe_sizes:  # fail before any training, not in the middle of the sweep
+    if not 1 <= n <= len(inputs.safe):
+      raise ConfigError(f"sweep.safe_sizes: {n} is not in [1, {len(inputs.safe)}] (the run's "
+                        "safe set size)")
+  trainer = None
+  results: dict[tuple[int, int], np.ndarray] = {}
+  chunks = _chunks(cfg.variants(), cfg.chunk_size)
+  for i, chunk in enumerate(chunks):
+    path = folder / f"chunk_{i:03d}.json"
+    if path.exists():
+      saved = json.loads(path.read_text())
+      if saved["key"] != key or [tuple(v) for v in saved["variants"]] != chunk:
+        raise RunDirError(f"{path}: saved by a sweep with another config; use another out_dir "
+                          "or pass --restart")
+      log(f"== sweep chunk {i + 1}/{len(chunks)}: complete, skipped")
+    else:
+      log(f"== sweep chunk {i + 1}/{len(chunks)}: {len(chunk)} variants {chunk}")
+      start = time.perf_counter()
+      if trainer is None:  # one compile serves every chunk: the last one is padded to size
+        trainer = ReplicaTrainer(inputs.runtime, cfg.optim, max(steps), cfg.chunk_size)
+      # Padding replicas repeat the last variant; their results are dropped.
+      padded = chunk + [chunk[-1]] * (cfg.chunk_size - len(chunk))
+      its = [variant_iterator(inputs.safe, n, s, cfg.batch_size, inputs.buckets, inputs.pad_id)
+             for n, s in padded]
+      nll = train_replicas(trainer, inputs.m1, its, steps, inputs.noisy, cfg.score_batch_size,
+                           inputs.buckets, inputs.pad_id)
+      saved = {"key": key, "variants": [list(v) for v in chunk],
+               "nll": nll[:len(chunk)].tolist(), "seconds": time.perf_counter() - start}
+      if jax.process_index() == 0:
+        write_json_atomic(path, saved)
+      log(f"== sweep chunk {i + 1}/{len(chunks)}: done in {saved['seconds']:.1f}s")
+    for v, arr in zip(chunk, saved["nll"]):
+      results[v] = np.asarray(arr, np.float64)
+  return results
+
+
+def evaluate(cfg: SweepConfig, inputs: SweepInputs,
+             nll: dict[tuple[int, int], np.ndarray]) -> list[dict[str, Any]]:
+  """One row per (n, seed, t, threshold): ϕ, kept, and P/R/F1/AUROC when labels exist."""
+  steps = sorted(set(cfg.steps))
+  specs = [Threshold.parse(cfg.threshold)] + [Threshold.parse(f"fixed:{p}") for p in cfg.phis]
+  rows = []
+  for (n, seed), table in nll.items():
+    for j, t in enumerate(steps):
+      r = table[j] - inputs.nll_before
+      area = auroc(r, inputs.is_unsafe) if inputs.is_unsafe is not None else None
+      for spec in specs:
+        flags, phi, _ = spec(r)
+        row = {"variant": f"n{n}_s{seed}", "n": n, "t": t, "seed": seed, "threshold": str(spec),
+               "phi": float(phi), "kept": int((~flags).sum()), "flagged": int(flags.sum()),
+               "precision": None, "recall": None, "f1": None, "auroc": area,
+               "mean_r_nll": float(np.nanmean(r))}
+        if inputs.is_unsafe is not None:
+          m = filter_metrics(flags, inputs.is_unsafe)
+          row.update(precision=m["precision"], recall=m["recall"], f1=m["f1"])
+        rows.append(row)
+  return rows
+
+
+COLUMNS = ["variant", "n", "t", "seed", "threshold", "phi", "precision", "recall", "f1", "auroc",
+           "kept", "flagged", "mean_r_nll"]
+
+
+def write_results(rows: list[dict[str, Any]], out_dir: Path) -> None:
+  buffer = io.StringIO()
+  writer = csv.DictWriter(buffer, COLUMNS, lineterminator="\n")
+  writer.writeheader()
+  for row in rows:
+    writer.writerow({k: "" if row[k] is None else row[k] for k in COLUMNS})
+  write_atomic(out_dir / "results.csv", buffer.getvalue())
+  write_json_atomic(out_dir / "results.json", rows)
+
+
+def _mean_spread(rows: list[dict[str, Any]], group: tuple[str, ...],
+                 metric: str = "f1") -> dict[tuple, tuple[float, float, float, float]]:
+  """group values -> (mean, std, min, max) of `metric` over the seeds."""
+  acc: dict[tuple, list[float]] = {}
+  for row in rows:
+    if row[metric] is not None:
+      acc.setdefault(tuple(row[g] for g in group), []).append(row[metric])
+  return {k: (float(np.mean(v)), float(np.std(v)), float(np.min(v)), float(np.max(v)))
+          for k, v in acc.items()}
+
+
+def make_plots(cfg: SweepConfig, rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+  import matplotlib
+
+  matplotlib.use("Agg")  # headless
+  import matplotlib.pyplot as plt
+
+  if not any(r["f1"] is not None for r in rows):
+    return []
+  auto, t_max = str(Threshold.parse(cfg.threshold)), max(cfg.steps)
+  sizes, steps = sorted(set(cfg.safe_sizes)), sorted(set(cfg.steps))
+  stats = _mean_spread([r for r in rows if r["threshold"] == auto], ("n", "t"))
+  paths = []
+
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  for t in steps:
+    pts = [(n, *stats[(n, t)]) for n in sizes if (n, t) in stats]
+    x, mean, _, lo, hi = map(np.asarray, zip(*pts))
+    ax.plot(x, mean, marker="o", label=f"t={t}")
+    ax.fill_between(x, lo, hi, alpha=0.15)  # the spread over seeds (min..max)
+  ax.set(xlabel="safe-set size n", ylabel=f"F1 ({auto})", ylim=(0, 1.02),
+         title="filter F1 vs safe-set size (mean, seed min..max)")
+  ax.legend(fontsize=8)
+  paths.append(_save(fig, out_dir / "f1_vs_safe_size.png"))
+
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  for n in sizes:
+    pts = [(t, *stats[(n, t)]) for t in steps if (n, t) in stats]
+    x, mean, std, _, _ = map(np.asarray, zip(*pts))
+    ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=f"n={n}")
+  ax.set(xlabel="safety steps t", ylabel=f"F1 ({auto})", ylim=(0, 1.02),
+         title="filter F1 vs safety steps (mean ± std over seeds)")
+  ax.legend(fontsize=8)
+  paths.append(_save(fig, out_dir / "f1_vs_steps.png"))
+
+  fixed = [r for r in rows if r["threshold"].startswith("fixed") and r["t"] == t_max]
+  by_phi = _mean_spread(fixed, ("n", "phi"))
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  for n in sizes:
+    pts = sorted((phi, *v) for (nn, phi), v in by_phi.items() if nn == n)
+    x, mean, std, _, _ = map(np.asarray, zip(*pts))
+    ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=f"n={n}")
+  ax.set(xlabel="threshold ϕ on r_nll", ylabel="F1", ylim=(0, 1.02),
+         title=f"filter F1 vs ϕ at t={t_max} (mean ± std over seeds)")
+  ax.legend(fontsize=8)
+  paths.append(_save(fig, out_dir / "f1_vs_phi.png"))
+  return paths
+
+
+def _save(fig, path: Path) -> Path:
+  import matplotlib.pyplot as plt
+
+  fig.tight_layout()
+  tmp = path.with_suffix(".tmp.png")
+  fig.savefig(tmp, dpi=110)
+  plt.close(fig)
+  tmp.replace(path)  # atomic: a reader never sees half a PNG
+  return path
+
+
+def _f(x: Any) -> str:
+  return "–" if x is None else f"{x:.3f}"
+
+
+def write_report(cfg: SweepConfig, rows: list[dict[str, Any]], out_dir: Path,
+                 plots: list[Path], seconds: dict[str, float]) -> Path:
+  auto = str(Threshold.parse(cfg.threshold))
+  sizes, steps = sorted(set(cfg.safe_sizes)), sorted(set(cfg.steps))
+  f1 = _mean_spread([r for r in rows if r["threshold"] == auto], ("n", "t"))
+  area = _mean_spread([r for r in rows if r["threshold"] == auto], ("n", "t"), "auroc")
+  lines = ["# ForgetFilter sweep", "",
+           f"Run: `{cfg.run_dir}`. Variants: safe sizes {list(sizes)} × seeds {list(cfg.seeds)}, "
+           f"scored at t = {steps}; batch {cfg.batch_size}, lr {cfg.optim.learning_rate:g} "
+           f"({cfg.optim.schedule}); {cfg.chunk_size} replicas per chunk, vmapped.", ""]
+  if f1:
+    lines += [f"## F1 with the {auto} threshold (mean ± std over seeds)", "",
+              "| n | " + " | ".join(f"t={t}" for t in steps) + " |",
+              "|---|" + "---|" * len(steps)]
+    for n in sizes:
+      cells = [f"{f1[(n, t)][0]:.3f} ± {f1[(n, t)][1]:.3f}" if (n, t) in f1 else "–"
+               for t in steps]
+      lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    lines += ["", "## AUROC of r_nll (mean over seeds)", "",
+              "| n | " + " | ".join(f"t={t}" for t in steps) + " |",
+              "|---|" + "---|" * len(steps)]
+    for n in sizes:
+      lines.append(f"| {n} | " + " | ".join(_f(area.get((n, t), (None,))[0]) for t in steps)
+                   + " |")
+    best = max((r for r in rows if r["f1"] is not None), key=lambda r: r["f1"])
+    lines += ["", f"Best single setting: n={best['n']}, seed={best['seed']}, t={best['t']}, "
+              f"{best['threshold']} (ϕ={best['phi']:.3f}): F1 {best['f1']:.3f}, "
+              f"kept {best['kept']}.", ""]
+  else:
+    lines += ["The noisy set has no labels: only kept/flagged counts are in results.csv.", ""]
+  lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+  lines += ["", "## Time", "", *(f"- {k}: {v:.1f}s" for k, v in seconds.items()), ""]
+  path = out_dir / "report.md"
+  write_atomic(path, "\n".join(lines))
+  return path
+
+
+def run_sweep(cfg: SweepConfig, inputs: SweepInputs | None = None,
+              restart: bool = False) -> Path:
+  """The whole sweep; returns the output folder. `inputs` default: loaded from `cfg.run_dir`."""
+  if not cfg.run_dir and inputs is None:
+    raise ConfigError("sweep.run_dir: set it to a run directory (ff-jax sweep run_dir=...)")
+  out_dir = Path(cfg.out_dir or Path(cfg.run_dir) / "sweep").absolute()
+  if restart and out_dir.exists():
+    shutil.rmtree(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  start = time.perf_counter()
+  if inputs is None:
+    inputs = load_run(cfg.run_dir, make_replica_mesh(cfg.mesh))
+  nll = run_chunks(cfg, inputs, out_dir)
+  trained = time.perf_counter() - start
+  rows = evaluate(cfg, inputs, nll)
+  if jax.process_index() == 0:
+    write_results(rows, out_dir)
+    plots = make_plots(cfg, rows, out_dir)
+    write_report(cfg, rows, out_dir, plots,
+                 {"train + score (this invocation)": trained,
+                  "total (this invocation)": time.perf_counter() - start})
+  return out_dir

@@ -1,0 +1,152 @@
+"""`ff-jax sweep`: stacked replicas equal separate runs, shard over a replica axis, and resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from ff_jax import parallel
+from ff_jax.data.templates import EncodedExample
+from ff_jax.models import tiny_llama
+from ff_jax.replicas import (
+  ReplicaMeshConfig,
+  ReplicaTrainer,
+  make_replica_mesh,
+  stacked_batch,
+  train_replicas,
+  train_single,
+  variant_iterator,
+)
+from ff_jax.train import ModelRuntime, OptimConfig
+
+BUCKETS = (16, 32)
+PAD = 0
+
+
+def _examples(n, seed, lo=6, hi=30):
+  rng = np.random.default_rng(seed)
+  out = []
+  for i in range(n):
+    length = int(rng.integers(lo, hi))
+    prompt = int(rng.integers(2, length - 2))
+    tokens = rng.integers(3, 256, length).astype(np.int32)
+    loss_mask = np.zeros(length, np.int32)
+    loss_mask[prompt:] = 1
+    out.append(EncodedExample(tokens=tokens, loss_mask=loss_mask, prompt_len=prompt,
+                              truncated=False, id=f"ex{i}"))
+  return out
+
+
+def _cfg():
+  return tiny_llama(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                    num_kv_heads=1)
+
+
+OPTIM = OptimConfig(learning_rate=3e-3, warmup_steps=1, schedule="cosine")
+
+
+def test_vmapped_replicas_match_each_variant_alone():
+  devices = jax.devices()[:1]
+  mesh = parallel.make_mesh(parallel.MeshConfig(1, 1, 1), devices)
+  runtime = ModelRuntime.create(_cfg(), mesh)
+  params = runtime.init_params(seed=0)
+  safe, noisy = _examples(20, 1), _examples(10, 2)
+  # Different sizes (one smaller than the batch: filler rows) and seeds; different bucket
+  # lengths per replica and step exercise the common-length padding.
+  variants = [(3, 0), (12, 0), (20, 1)]
+  steps = [2, 5]
+  its = [variant_iterator(safe, n, s, 4, BUCKETS, PAD) for n, s in variants]
+  rmesh = make_replica_mesh(ReplicaMeshConfig(1, 1, 1, 1), devices)
+  rruntime = ModelRuntime.create(_cfg(), rmesh)
+  trainer = ReplicaTrainer(rruntime, OPTIM, max(steps), len(variants))
+  stacked = train_replicas(trainer, params, its, steps, noisy, 5, BUCKETS, PAD)
+  assert trainer.trace_count == 1
+  for k, (n, s) in enumerate(variants):
+    alone = train_single(runtime, OPTIM, params, variant_iterator(safe, n, s, 4, BUCKETS, PAD),
+                         steps, noisy, 5, BUCKETS, PAD)
+    np.testing.assert_allclose(stacked[k], alone, rtol=1e-4, err_msg=str((n, s)))
+  # The replicas really differ (each trained on its own stream).
+  assert not np.allclose(stacked[0], stacked[2], rtol=1e-3)
+
+
+def test_replica_axis_puts_each_replica_on_its_own_devices():
+  if len(jax.devices()) < 8:
+    pytest.skip("needs 8 devices")
+  mesh = make_replica_mesh(ReplicaMeshConfig(replica=4, data=2, fsdp=1, tensor=1))
+  runtime = ModelRuntime.create(_cfg(), mesh)
+  trainer = ReplicaTrainer(runtime, OPTIM, 3, 4)
+  state = trainer.init_state(runtime.init_params(seed=0))
+  safe = _examples(16, 3)
+  its = [variant_iterator(safe, 8 + 2 * k, k, 4, BUCKETS, PAD) for k in range(4)]
+  batch = stacked_batch([it.next_batch()[0] for it in its], PAD)
+  state, metrics, per_example = trainer.step(state, trainer.put_batch(batch))
+  assert metrics["loss"].shape == (4,) and per_example.shape == (4, 4)
+  devices = np.asarray(mesh.devices)  # [replica, data, fsdp, tensor]
+  for leaf in jax.tree.leaves(state["params"]) + jax.tree.leaves(state["opt_state"]):
+    assert leaf.sharding.spec[0] == "replica"
+    for shard in leaf.addressable_shards:
+      k = shard.index[0].start or 0
+      assert shard.data.shape[0] == 1
+      assert shard.device in set(devices[k].ravel().tolist()), (k, shard.device)
+  # The batch rows of a replica are split over its 2 data devices.
+  tok = trainer.put_batch(batch)["tokens"]
+  assert tok.sharding.spec[:2] == ("replica", ("data", "fsdp")) or tok.sharding.spec[1] in (
+      "data", ("data",), ("data", "fsdp"))
+  assert all(s.data.shape[:2] == (1, 2) for s in tok.addressable_shards)
+
+
+def _inputs(mesh):
+  from ff_jax.sweep import SweepInputs
+
+  runtime = ModelRuntime.create(_cfg(), mesh)
+  noisy = _examples(12, 5)
+  return SweepInputs(runtime=runtime, m1=runtime.init_params(seed=0), safe=_examples(16, 4),
+                     noisy=noisy, nll_before=np.full(len(noisy), 5.0),
+                     is_unsafe=np.arange(len(noisy)) % 2 == 0, buckets=BUCKETS, pad_id=PAD)
+
+
+def test_resume_skips_finished_chunks(tmp_path, monkeypatch):
+  from ff_jax import sweep
+
+  mesh = make_replica_mesh(ReplicaMeshConfig(1, 1, 1, 1), jax.devices()[:1])
+  inputs = _inputs(mesh)
+  cfg = sweep.SweepConfig(out_dir=str(tmp_path / "sw"), safe_sizes=(4, 8), seeds=(0, 1, 2),
+                          steps=(1, 2), batch_size=4, chunk_size=4, score_batch_size=6,
+                          phis=(0.0, 0.5))
+  calls = []
+  real = sweep.train_replicas
+
+  def counting(trainer, init, its, *args, **kwargs):
+    calls.append(len(its))
+    return real(trainer, init, its, *args, **kwargs)
+
+  monkeypatch.setattr(sweep, "train_replicas", counting)
+  out = sweep.run_sweep(cfg, inputs)
+  assert calls == [4, 4]  # 6 variants in 2 chunks of 4 (the last padded)
+  first = (out / "results.csv").read_text()
+  for name in ("results.json", "report.md", "f1_vs_safe_size.png", "f1_vs_steps.png",
+               "f1_vs_phi.png"):
+    assert (out / name).exists(), name
+  rows = json.loads((out / "results.json").read_text())
+  assert len(rows) == 6 * 2 * 3  # variants × t × (auto + 2 fixed ϕ)
+  assert {r["threshold"] for r in rows} == {"auto:gmm", "fixed:0", "fixed:0.5"}
+
+  calls.clear()
+  (out / "chunks" / "chunk_001.json").unlink()  # as if killed during the second chunk
+  sweep.run_sweep(cfg, inputs)
+  assert calls == [4]  # only the missing chunk was trained again
+  assert (out / "results.csv").read_text() == first  # and it reproduced the same numbers
+
+  calls.clear()
+  sweep.run_sweep(cfg, inputs)
+  assert calls == []
+  # A saved chunk from another config is refused, not silently mixed in.
+  from ff_jax.errors import RunDirError
+
+  with pytest.raises(RunDirError, match="another config"):
+    sweep.run_sweep(dataclasses.replace(cfg, batch_size=2), inputs)
+
