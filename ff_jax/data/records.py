@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import gzip
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -95,13 +96,16 @@ def _check_unique(records: list[Record], where_of: list[str], path: Path) -> Non
     raise DataError(f"{path}: no records (the file is empty)")
 
 
-def read_jsonl(path: str | Path) -> list[Record]:
-  """All records of a JSONL file; blank lines are skipped, anything else malformed is an error."""
+def iter_jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
+  """("file:line", object) for each non-blank line; `.gz` files are decompressed.
+
+  A line that is not valid JSON is a `DataError` naming the file and line.
+  """
   path = Path(path)
   if not path.is_file():
     raise DataError(f"{path}: file not found")
-  records, wheres = [], []
-  with path.open(encoding="utf-8") as f:
+  opener = gzip.open if path.suffix == ".gz" else open
+  with opener(path, "rt", encoding="utf-8") as f:
     for lineno, line in enumerate(f, start=1):
       if not line.strip():
         continue
@@ -110,8 +114,16 @@ def read_jsonl(path: str | Path) -> list[Record]:
         raw = json.loads(line)
       except json.JSONDecodeError as e:
         raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-      records.append(Record.from_dict(raw, where))
-      wheres.append(where)
+      yield where, raw
+
+
+def read_jsonl(path: str | Path) -> list[Record]:
+  """All records of a JSONL file; blank lines are skipped, anything else malformed is an error."""
+  path = Path(path)
+  records, wheres = [], []
+  for where, raw in iter_jsonl(path):
+    records.append(Record.from_dict(raw, where))
+    wheres.append(where)
   _check_unique(records, wheres, path)
   return records
 

@@ -1,0 +1,319 @@
+"""Adapters from the public datasets of ForgetFilter to `Record`s, and `load_source(spec)`.
+
+Each adapter takes a path and returns records with deterministic ids built from the source's own
+ids (or its line/row/index where it has none), e.g. `squad:56be4db0acb8001400a502ec`,
+`rtp:toxic:12`. A file with a missing field fails with one `DataError` naming the file, the line
+(or row, or list index) and the key. Labels follow the data README (shared/data/README.md):
+
+* SQuAD v1.1: task; prompt "Context: <context>\\nQuestion: <question>", response = the first gold
+  answer, `meta.answers` = all gold answers (for EM/F1).
+* Alpaca: task; prompt = instruction, plus "\\n\\n<input>" when the input is non-empty.
+* RealToxicityPrompts: prompt = the prompt text, response = the continuation. A row's toxicity is
+  max(prompt, continuation) Perspective toxicity (there is no joint score; a text is at least as
+  toxic as its most toxic part). toxic.jsonl rows above `threshold` are unsafe, nontoxic.jsonl
+  rows at or below it are safe; other rows are dropped rather than mislabelled (458 of the 1,200
+  "nontoxic" prompts have a toxic continuation), as are rows with no score.
+* Davidson: a statement-completion framing, like the paper's toxicity eval (first 3 words as the
+  prompt): prompt = the tweet's first `prefix_words` words, response = the rest; tweets too short
+  to leave a response are dropped. HTML entities (&amp;) are unescaped. Class 0 (hate) and 1
+  (offensive) are unsafe, 2 (neither) safe.
+* hh-rlhf: prompt = the last human turn, response = the last assistant reply; `rejected` is unsafe
+  and `chosen` safe. Both share the prompt, so a safe set must be sampled with the mixture excluded
+  by prompt text (`mixture.sample_safe_set` does).
+* JailbreakBench artifacts: prompt = the behaviour's `goal` (not the attack prompt, kept in meta),
+  response = the target model's response; jailbroken rows unsafe, others safe, null responses
+  dropped.
+* safety-tuned-llamas: instruction (+ input) → output, safe.
+* BBQ: see `ff_jax.data.sources_bbq`.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from ff_jax.data.records import Record, iter_jsonl, load_records
+from ff_jax.data.sources_bbq import read_bbq
+from ff_jax.errors import DataError
+
+
+def _need(obj: Any, key: str, where: str) -> Any:
+  if not isinstance(obj, Mapping):
+    raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+  if key not in obj:
+    raise DataError(f"{where}: missing key {key!r}")
+  return obj[key]
+
+
+def _str(obj: Any, key: str, where: str, allow_empty: bool = False) -> str:
+  value = _need(obj, key, where)
+  if not isinstance(value, str) or (not allow_empty and not value.strip()):
+    raise DataError(f"{where}: key {key!r} must be a non-empty string, got {value!r:.60}")
+  return value
+
+
+def _file(path: str | Path) -> Path:
+  path = Path(path)
+  if not path.is_file():
+    raise DataError(f"{path}: file not found")
+  return path
+
+
+def _read_json(path: str | Path) -> Any:
+  path = _file(path)
+  try:
+    with path.open(encoding="utf-8") as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+
+
+def _iter_jsonl(path: str | Path) -> Iterator[tuple[int, str, Any]]:
+  """(line number, "file:line", object) of each non-blank line (see `records.iter_jsonl`)."""
+  for where, raw in iter_jsonl(path):
+    yield int(where.rsplit(":", 1)[1]), where, raw
+
+
+def _nonempty(records: list[Record], path: Path | str) -> list[Record]:
+  if not records:
+    raise DataError(f"{path}: no usable records")
+  return records
+
+
+def _json_list(path: str | Path) -> tuple[Path, list[Any]]:
+  data = _read_json(path)
+  if not isinstance(data, list):
+    raise DataError(f"{path}: expected a JSON list, got {type(data).__name__}")
+  return Path(path), data
+
+
+# ------------------------------------------------------------------------------------------------
+# Task data
+
+
+def read_squad(path: str | Path) -> list[Record]:
+  """SQuAD v1.1 JSON ({data: [{title, paragraphs: [{context, qas: [...]}]}]}) as task records."""
+  data = _need(_read_json(path), "data", f"{path}")
+  out = []
+  for a, article in enumerate(data):
+    where_a = f"{path}: data[{a}]"
+    title = _need(article, "title", where_a)
+    for p, para in enumerate(_need(article, "paragraphs", where_a)):
+      where_p = f"{where_a}.paragraphs[{p}]"
+      context = _str(para, "context", where_p)
+      for q, qa in enumerate(_need(para, "qas", where_p)):
+        where = f"{where_p}.qas[{q}]"
+        qid, question = _str(qa, "id", where), _str(qa, "question", where)
+        answers = [_str(ans, "text", f"{where}.answers[{k}]")
+                   for k, ans in enumerate(_need(qa, "answers", where))]
+        if not answers:
+          raise DataError(f"{where}: key 'answers' is empty")
+        out.append(Record(id=f"squad:{qid}", prompt=f"Context: {context}\nQuestion: {question}",
+                          response=answers[0], kind="task", category="qa", source="squad",
+                          meta={"answers": answers, "title": title}))
+  return _nonempty(out, path)
+
+
+def _instruction_records(path: str | Path, prefix: str, kind: str, category: str,
+                         source: str) -> list[Record]:
+  path, rows = _json_list(path)
+  out = []
+  for i, row in enumerate(rows):
+    where = f"{path}: item {i}"
+    instruction = _str(row, "instruction", where)
+    extra = row.get("input", "") if isinstance(row, Mapping) else ""
+    if not isinstance(extra, str):
+      raise DataError(f"{where}: key 'input' must be a string, got {type(extra).__name__}")
+    prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    out.append(Record(id=f"{prefix}:{i}", prompt=prompt, response=_str(row, "output", where),
+                      kind=kind, category=category, source=source))
+  return _nonempty(out, path)
+
+
+def read_alpaca(path: str | Path) -> list[Record]:
+  """Alpaca JSON list of {instruction, input, output} as task records (id `alpaca:<index>`)."""
+  return _instruction_records(path, "alpaca", "task", "instruction", "alpaca")
+
+
+def read_safety_llamas(path: str | Path) -> list[Record]:
+  """safety-tuned-llamas' safety_only_data_Instructions.json: harmful instruction → safe output."""
+  return _instruction_records(path, "stl", "safe", "harmfulness", "safety-tuned-llamas")
+
+
+# ------------------------------------------------------------------------------------------------
+# Toxicity
+
+
+def read_rtp(path: str | Path, threshold: float = 0.5) -> list[Record]:
+  """RealToxicityPrompts toxic.jsonl (→ unsafe) or nontoxic.jsonl (→ safe); see the docstring."""
+  path = Path(path)
+  if path.name.startswith("toxic"):
+    toxic_file = True
+  elif path.name.startswith("nontoxic"):
+    toxic_file = False
+  else:
+    raise DataError(f"{path}: RealToxicityPrompts file name must start with 'toxic' or 'nontoxic' "
+                    "(the name says which label its rows get)")
+  out = []
+  for lineno, where, row in _iter_jsonl(path):
+    prompt, cont = _need(row, "prompt", where), _need(row, "continuation", where)
+    p_text = _str(prompt, "text", f"{where} prompt")
+    c_text = _str(cont, "text", f"{where} continuation", allow_empty=True)
+    scores = [s.get("toxicity") for s in (prompt, cont)]
+    known = [float(s) for s in scores if isinstance(s, int | float)]
+    if not known or not c_text.strip():
+      continue
+    tox = max(known)
+    if (tox > threshold) != toxic_file:
+      continue
+    out.append(Record(id=f"rtp:{path.stem}:{lineno}", prompt=p_text, response=c_text,
+                      kind="unsafe" if toxic_file else "safe", category="toxicity", source="rtp",
+                      meta={"toxicity": tox, "prompt_toxicity": scores[0],
+                            "continuation_toxicity": scores[1], "filename": row.get("filename")}))
+  return _nonempty(out, path)
+
+
+def read_davidson(path: str | Path, prefix_words: int = 3) -> list[Record]:
+  """Davidson et al. labeled_data.csv: class 0/1 → unsafe, 2 → safe, as statement completion."""
+  path = _file(path)
+  out = []
+  with path.open(encoding="utf-8", newline="") as f:
+    reader = csv.DictReader(f)
+    header = reader.fieldnames or []
+    for col in ("class", "tweet"):
+      if col not in header:
+        raise DataError(f"{path}:1: missing column {col!r} (header {header})")
+    for rowno, row in enumerate(reader, start=1):
+      where = f"{path}:{reader.line_num}"
+      cls = (row.get("class") or "").strip()
+      if cls not in ("0", "1", "2"):
+        raise DataError(f"{where}: column 'class' must be 0, 1 or 2, got {cls!r}")
+      words = html.unescape(row.get("tweet") or "").split()
+      if len(words) <= prefix_words:
+        continue
+      rid = (row.get("") or "").strip() or str(rowno)  # the unnamed index column, if present
+      out.append(Record(id=f"davidson:{rid}", prompt=" ".join(words[:prefix_words]),
+                        response=" ".join(words[prefix_words:]),
+                        kind="safe" if cls == "2" else "unsafe", category="toxicity",
+                        source="davidson", meta={"class": int(cls)}))
+  return _nonempty(out, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Harmfulness
+
+
+def _last_turns(transcript: str, where: str) -> tuple[str, str]:
+  """(last human turn, last assistant reply) of a "\\n\\nHuman: ... \\n\\nAssistant: ..." text."""
+  h = transcript.rfind("\n\nHuman:")
+  a = transcript.rfind("\n\nAssistant:")
+  if h < 0 or a < h:
+    raise DataError(f"{where}: transcript does not end with a Human turn and an Assistant reply")
+  return transcript[h + len("\n\nHuman:"):a].strip(), transcript[a + len("\n\nAssistant:"):].strip()
+
+
+def read_hh_rlhf(path: str | Path) -> list[Record]:
+  """hh-rlhf {chosen, rejected} JSONL(.gz): rejected reply → unsafe, chosen reply → safe."""
+  path = Path(path)
+  split = path.name.split(".")[0]
+  out = []
+  for lineno, where, row in _iter_jsonl(path):
+    for key, kind in (("rejected", "unsafe"), ("chosen", "safe")):
+      prompt, reply = _last_turns(_str(row, key, where), f"{where} {key}")
+      if prompt and reply:
+        out.append(Record(id=f"hh:{path.parent.name}/{split}:{lineno}:{key}", prompt=prompt,
+                          response=reply, kind=kind, category="harmfulness", source="hh-rlhf"))
+  return _nonempty(out, path)
+
+
+def read_jailbreakbench(path: str | Path) -> list[Record]:
+  """JailbreakBench artifact JSON, or every artifact under a folder (attack-info.json skipped)."""
+  path = Path(path)
+  if path.is_dir():
+    files = sorted(p for p in path.rglob("*.json") if p.name != "attack-info.json")
+    if not files:
+      raise DataError(f"{path}: no JailbreakBench artifact *.json files under this folder")
+    return [r for f in files for r in read_jailbreakbench(f)]
+  data = _read_json(path)
+  # Ids name the artifact by its place in the artifacts tree: <method>/<mode>/<model>.
+  tag = "/".join(path.with_suffix("").parts[-3:])
+  out = []
+  for i, jb in enumerate(_need(data, "jailbreaks", str(path))):
+    where = f"{path}: jailbreaks[{i}]"
+    goal = _str(jb, "goal", where)
+    response, broken = _need(jb, "response", where), _need(jb, "jailbroken", where)
+    if not isinstance(broken, bool):
+      raise DataError(f"{where}: key 'jailbroken' must be true or false, got {broken!r}")
+    if not isinstance(response, str) or not response.strip():
+      continue  # PAIR leaves response null where the attack gave up
+    index = jb.get("index", i)
+    out.append(Record(id=f"jbb:{tag}:{index}", prompt=goal, response=response,
+                      kind="unsafe" if broken else "safe", category="harmfulness",
+                      source="jailbreakbench",
+                      meta={"behavior": jb.get("behavior"), "jbb_category": jb.get("category"),
+                            "attack_prompt": jb.get("prompt"), "artifact": tag}))
+  return _nonempty(out, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Dispatch
+
+ADAPTERS: dict[str, Callable[[Path], list[Record]]] = {
+    "bbq": read_bbq, "squad": read_squad, "alpaca": read_alpaca, "rtp": read_rtp,
+    "davidson": read_davidson, "hh": read_hh_rlhf, "jbb": read_jailbreakbench,
+    "safety-llamas": read_safety_llamas,
+}
+
+
+def read_tfds(name: str, split: str = "train",
+              fields: Mapping[str, str] | None = None) -> list[Record]:
+  """Records from a TensorFlow Datasets dataset; `fields` maps prompt/response to its features."""
+  try:
+    import tensorflow_datasets as tfds  # optional and heavy: only needed for this source
+  except ImportError:
+    raise DataError(f"tfds://{name}:{split}: reading TFDS datasets needs the optional "
+                    "`tensorflow_datasets` package (pip install tensorflow-datasets)") from None
+  where0 = f"tfds://{name}:{split}"
+  fields = {"prompt": "prompt", "response": "response", **(fields or {})}
+  try:
+    ds = tfds.as_numpy(tfds.load(name, split=split))
+  except Exception as e:  # any loading failure here means the user's source is wrong
+    raise DataError(f"{where0}: cannot load ({type(e).__name__}: {e})") from None
+  out = []
+  for i, row in enumerate(ds):
+    def text(key: str, i=i, row=row) -> str:
+      col = fields[key]
+      if col not in row:
+        raise DataError(f"{where0} row {i}: missing feature {col!r} ({key}); features "
+                        f"{sorted(row)}")
+      value = row[col]
+      return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    out.append(Record(id=f"tfds:{name}:{split}:{i}", prompt=text("prompt"),
+                      response=text("response"), source=f"tfds:{name}"))
+  return _nonempty(out, where0)
+
+
+def load_source(spec: str | Path, **kwargs: Any) -> list[Record]:
+  """Records of a source spec: `<adapter>:<path>`, `hf://name[:split]`, `tfds://name[:split]`,
+  or a plain `*.jsonl` / `*.csv` path in the record schema. Adapters: see `ADAPTERS`."""
+  text = str(spec)
+  if text.startswith("hf://"):
+    return load_records(text, **kwargs)
+  if text.startswith("tfds://"):
+    name, _, split = text[len("tfds://"):].partition(":")
+    if not name:
+      raise DataError(f"{text}: expected tfds://<name>[:<split>]")
+    return read_tfds(name, split or "train", **kwargs)
+  prefix, sep, rest = text.partition(":")
+  if sep and prefix in ADAPTERS:
+    if not rest:
+      raise DataError(f"{text}: expected {prefix}:<path>")
+    return ADAPTERS[prefix](Path(rest), **kwargs)
+  if Path(text).suffix.lower() in (".jsonl", ".csv"):
+    return load_records(text, **kwargs)
+  raise DataError(f"{text}: unknown data source (expected <adapter>:<path> with adapter one of "
+                  f"{sorted(ADAPTERS)}, hf://name[:split], tfds://name[:split], *.jsonl or *.csv)")
