@@ -9,15 +9,14 @@ ends with `wait_until_finished()` so nothing half-written is ever taken as compl
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from ff_jax.atomic_io import write_atomic
 
 
 class PhaseCheckpoints:
@@ -75,24 +74,6 @@ def restore_params(directory: str | Path, target: Any) -> Any:
 def is_primary() -> bool:
   """Only one process writes run artifacts (scores, JSONL, reports)."""
   return jax.process_index() == 0
-
-
-def write_atomic(path: str | Path, data: str | bytes) -> None:
-  """Write via a temp file in the same directory and rename: readers never see half a file."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  mode = "wb" if isinstance(data, bytes) else "w"
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, mode) as handle:
-      handle.write(data)
-      handle.flush()
-      os.fsync(handle.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.unlink(tmp)
-    raise
 
 
 def write_json_atomic(path: str | Path, value: Any) -> None:

@@ -56,8 +56,8 @@ def evaluate_models(job: Job) -> dict[str, Any]:
   kept = records_io.read_jsonl(job.run.file("filtered.jsonl"))
   flagged_path = job.run.file("flagged.jsonl")
   flagged = [records_io.Record.from_dict(
-      {k: v for k, v in item.items() if k != "scores"}, f"{flagged_path}:{i + 1}")
-      for i, item in enumerate(_read_plain_jsonl(flagged_path))]
+      {k: v for k, v in item.items() if k != "scores"}, where)
+      for where, item in records_io.iter_jsonl(flagged_path)]
   sets = {
       "safe_set": job.safe,
       "kept": encode_examples(tok, kept, job.template, cfg.data.max_len, cfg.data.overflow),
@@ -74,10 +74,3 @@ def evaluate_models(job: Job) -> dict[str, Any]:
     models[name] = metrics
     del params
   return {"models": models}
-
-
-def _read_plain_jsonl(path) -> list[dict[str, Any]]:
-  import json
-
-  with open(path, encoding="utf-8") as handle:
-    return [json.loads(line) for line in handle if line.strip()]

@@ -13,12 +13,11 @@ import dataclasses
 import gzip
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from ff_jax.atomic_io import write_atomic
 from ff_jax.errors import DataError
 
 KINDS = ("unsafe", "safe", "task")
@@ -227,24 +226,10 @@ def load_records(source: str | Path, **kwargs: Any) -> list[Record]:
 
 
 def write_jsonl_atomic(path: str | Path, items: Iterable[Record | Mapping[str, Any]]) -> None:
-  """Write JSONL so that `path` holds either its old content or the complete new file.
-
-  The temp file lives in the same directory so `os.replace` is a same-filesystem rename.
-  """
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      for item in items:
-        d = item.to_dict() if isinstance(item, Record) else dict(item)
-        f.write(json.dumps(d, ensure_ascii=False) + "\n")
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
+  """Write JSONL so that `path` holds either its old content or the complete new file."""
+  lines = [json.dumps(item.to_dict() if isinstance(item, Record) else dict(item),
+                      ensure_ascii=False) + "\n" for item in items]
+  write_atomic(path, "".join(lines))
 
 
 def fingerprint(records: Iterable[Record | Mapping[str, Any]]) -> str:
