@@ -1,11 +1,11 @@
 """Batched decoding: left padding, the KV cache, stop conditions and sampling."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from decoding_reference import uncached_greedy
 
-from ff_jax.models import abstract_model, forward, init_params, positions_from_mask, tiny_llama
+from ff_jax.models import abstract_model, init_params, tiny_llama
 from ff_jax.models.decoding import SamplingConfig, generate, left_pad, truncate_at_stop_strings
 
 EOS, PAD = 1, 0
@@ -20,28 +20,6 @@ def model():
   return graphdef, params
 
 
-def _uncached_greedy(graphdef, params, prompt, max_new):
-  """Greedy decoding by full forward passes over a fixed-width, right-padded buffer."""
-  width = len(prompt) + max_new
-
-  @jax.jit
-  def next_token(tokens, length):
-    mask = (jnp.arange(width) < length)[None].astype(jnp.int32)
-    logits, _ = forward(graphdef, params, tokens, positions_from_mask(mask), mask)
-    return jnp.argmax(logits[0, length - 1])
-
-  tokens = np.zeros((1, width), np.int32)
-  tokens[0, :len(prompt)] = prompt
-  out = []
-  for length in range(len(prompt), width):
-    token = int(next_token(tokens, length))
-    if token == EOS:
-      break
-    tokens[0, length] = token
-    out.append(token)
-  return out
-
-
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25], [20],
            [30, 31, 32, 33]]
 
@@ -53,7 +31,7 @@ def test_batched_left_padded_greedy_equals_one_at_a_time_and_uncached(model):
   single = [generate(graphdef, params, [p], eos_id=EOS, pad_id=PAD, sampling=sampling)[0]
             for p in PROMPTS]
   assert batched == single
-  assert batched == [_uncached_greedy(graphdef, params, p, 10) for p in PROMPTS]
+  assert batched == [uncached_greedy(graphdef, params, p, 10, EOS) for p in PROMPTS]
   assert any(len(b) >= 5 for b in batched)
 
 

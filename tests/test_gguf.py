@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from decoding_reference import uncached_greedy
 
 from ff_jax import parallel
 from ff_jax.errors import CheckpointError
@@ -259,26 +260,7 @@ def test_smollm2_tokenizer_matches_transformers_converter(smollm_path, smollm):
 
 
 def greedy(cfg, params, prompt: list[int], max_new: int, eos: int) -> list[int]:
-  """Uncached greedy decoding over a fixed-length buffer (one compile for all steps)."""
-  graphdef, _, _ = abstract_model(cfg)
-  length = len(prompt) + max_new
-
-  @jax.jit
-  def next_token(params, tokens, n):
-    mask = (jnp.arange(length) < n)[None].astype(jnp.int32)
-    logits, _ = forward(graphdef, params, tokens, positions_from_mask(mask), mask)
-    return jnp.argmax(logits[0, n - 1])
-
-  tokens = np.zeros((1, length), np.int32)
-  tokens[0, :len(prompt)] = prompt
-  out = []
-  for n in range(len(prompt), length):
-    token = int(next_token(params, tokens, n))
-    if token == eos:
-      break
-    tokens[0, n] = token
-    out.append(token)
-  return out
+  return uncached_greedy(abstract_model(cfg)[0], params, prompt, max_new, eos)
 
 
 @pytest.mark.slow
