@@ -68,16 +68,25 @@ class DemoConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ScoringConfig:
+  """What is measured per noisy example. NLL under M1 and M2 is always computed; every other
+  statistic costs extra passes and is switched on here (see ff_jax/signals.py for the columns)."""
+
   batch_size: int = 32
   rouge: bool = True  # greedy generation + ROUGE-1 F (the paper's signal); NLL is always computed
   max_new_tokens: int = 32
   snapshot_every: int = 0  # also score safety snapshots every k steps (forgetting curves)
+  m0: bool = True  # also score M0 (one forward pass): learning-normalized forgetting
+  replicas: int = 1  # K safety finetunings differing in seed and order, trained stacked: *_ens
+  gradient_blocks: int = 0  # gradient alignment over the last N blocks under M1 (0: off)
+  gradient_batch_size: int = 4  # examples per vmapped per-example-gradient pass
+  gradient_max_gib: float = 2.0  # refuse when one pass's per-example gradients exceed this
 
 
 @dataclasses.dataclass(frozen=True)
 class FilterConfig:
-  signal: str = "nll"  # nll | accuracy | rouge
+  signal: str = "nll"  # a column of ff_jax.signals.SIGNALS, e.g. nll, nll_lnf, nll_ens, grad
   threshold: str = "auto"  # auto | auto:otsu | auto:gmm | fixed:PHI | quantile:Q
+  lnf_floor: float = 0.05  # nats/token: learning below this counts as this much (nll_lnf)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,9 +1,10 @@
-"""The `filter` phase: forgetting per example, the threshold, and the filtered dataset.
+"""The `filter` phase: forgetting signals per example, the threshold, and the filtered dataset.
 
-Reads the two score tables, computes r for every signal, flags r > ϕ on the configured signal and
-writes `scores.csv` (one row per example id), `filtered.jsonl` (kept, in input order),
-`flagged.jsonl` (dropped, with their scores) and `filter.json`. The filter never reads `kind`;
-labels only feed the quality metrics when they exist.
+Reads the score tables, computes every signal that was scored (ff_jax.signals), flags r > ϕ on the
+configured `filter.signal` and writes `scores.csv` (one row per example id, a column per signal),
+`filtered.jsonl` (kept, in input order), `flagged.jsonl` (dropped, with their scores) and
+`filter.json` (the threshold, the filter's quality and, with labels, the report of every signal).
+The filter never reads `kind`; labels only feed the quality metrics when they exist.
 """
 
 from __future__ import annotations
@@ -22,14 +23,9 @@ from ff_jax.data.records import Record, write_jsonl_atomic
 from ff_jax.errors import ConfigError
 from ff_jax.filtering import Threshold, auprc, auroc, filter_metrics
 from ff_jax.rundir import RunDir
-from ff_jax.scoring import forgetting
+from ff_jax.signals import SIGNALS, compute_signals, signal_report
 
-_SCORE_KEYS = ("nll", "acc", "rouge")
-
-
-def _arrays(scores: dict[str, Any]) -> dict[str, np.ndarray]:
-  return {k: np.asarray(scores[k], dtype=np.float64) for k in (*_SCORE_KEYS, "tokens")
-          if k in scores}
+_STAT_KEYS = ("nll", "acc", "rouge")
 
 
 def _fmt(value: float) -> str:
@@ -37,40 +33,59 @@ def _fmt(value: float) -> str:
       float(value))
 
 
+def _read(run: RunDir, name: str) -> dict[str, Any] | None:
+  path = run.file(name)
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def _columns(before: dict[str, Any], after: dict[str, Any], signals: dict[str, np.ndarray],
+             extra: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The numeric columns of scores.csv after `id, kind, category, tokens`, in order."""
+  cols: dict[str, np.ndarray] = {}
+  if "m0" in before:
+    cols["nll_m0"] = np.asarray(before["m0"]["nll"], dtype=np.float64)
+  for key in _STAT_KEYS:
+    for table, when in ((before, "before"), (after, "after")):
+      cols[f"{key}_{when}"] = (np.asarray(table[key], dtype=np.float64) if key in table
+                               else np.full(len(before["nll"]), np.nan))
+  for name in SIGNALS:
+    if name in signals:
+      cols[f"r_{name}"] = signals[name]
+    elif name in _STAT_KEYS:  # the paper's three always have a column, empty when not scored
+      cols[f"r_{name}"] = np.full(len(before["nll"]), np.nan)
+  cols.update(extra)
+  return cols
+
+
 def run_filter(cfg: RunConfig, run: RunDir, records: list[Record], truncated: int) -> dict:
-  before_raw = json.loads(run.file("scores_before.json").read_text())
-  after_raw = json.loads(run.file("scores_after.json").read_text())
-  before, after = _arrays(before_raw), _arrays(after_raw)
-  r = forgetting(before, after)
+  before, after = _read(run, "scores_before.json"), _read(run, "scores_after.json")
+  signals, extra = compute_signals(before, after, _read(run, "scores_replicas.json"),
+                                   cfg.filter.lnf_floor, cfg.safety.steps)
   signal = cfg.filter.signal
-  if signal not in r:
-    raise ConfigError(f"filter.signal={signal!r} was not scored; available: {sorted(r)} "
-                      "(rouge needs scoring.rouge=true)")
+  if signal not in signals:
+    unknown = signal not in SIGNALS
+    raise ConfigError(f"filter.signal={signal!r} " + (
+        f"is not a signal; use one of {list(SIGNALS)}" if unknown else
+        f"was not scored in this run; available: {sorted(signals)} (see ff_jax/signals.py for "
+        "the scoring option each needs)"))
   threshold = Threshold.parse(cfg.filter.threshold)
-  flags, phi, info = threshold(r[signal])
+  r = signals[signal]
+  flags, phi, info = threshold(r)
   flags = np.asarray(flags, dtype=bool)
 
-  curve_cols: dict[str, np.ndarray] = {}
-  if "curve" in after_raw:
-    curve_nll = np.asarray(after_raw["curve"]["nll"], dtype=np.float64)
-    for step, row in zip(after_raw["curve"]["steps"], curve_nll):
-      curve_cols[f"r_nll@{step}"] = row - before["nll"]
-
-  header = ["id", "kind", "category", "tokens"]
-  for key in _SCORE_KEYS:
-    header += [f"{key}_before", f"{key}_after"]
-  header += [f"r_{key}" for key in _SCORE_KEYS] + ["flagged", *curve_cols]
+  columns = _columns(before, after, signals, extra)
+  if "curve" in after:
+    nll_before = np.asarray(before["nll"], dtype=np.float64)
+    for step, row in zip(after["curve"]["steps"], after["curve"]["nll"]):
+      columns[f"r_nll@{step}"] = np.asarray(row, dtype=np.float64) - nll_before
+  header = ["id", "kind", "category", "tokens", *columns, "flagged"]
   buffer = io.StringIO()
   writer = csv.writer(buffer, lineterminator="\n")
   writer.writerow(header)
+  tokens = before["tokens"]
   for i, rec in enumerate(records):
-    row = [rec.id, rec.kind or "", rec.category or "", int(before["tokens"][i])]
-    for key in _SCORE_KEYS:
-      row += [_fmt(before[key][i]) if key in before else "",
-              _fmt(after[key][i]) if key in after else ""]
-    row += [_fmt(r[key][i]) if key in r else "" for key in _SCORE_KEYS]
-    row += [int(flags[i]), *(_fmt(col[i]) for col in curve_cols.values())]
-    writer.writerow(row)
+    writer.writerow([rec.id, rec.kind or "", rec.category or "", int(tokens[i]),
+                     *(_fmt(col[i]) for col in columns.values()), int(flags[i])])
   write_atomic(run.file("scores.csv"), buffer.getvalue())
 
   kept = [rec for rec, f in zip(records, flags) if not f]
@@ -78,7 +93,7 @@ def run_filter(cfg: RunConfig, run: RunDir, records: list[Record], truncated: in
   for i, rec in enumerate(records):
     if flags[i]:
       item = rec.to_dict()
-      item["scores"] = {f"r_{k}": float(v[i]) for k, v in r.items()}
+      item["scores"] = {f"r_{k}": float(v[i]) for k, v in signals.items()}
       dropped.append(item)
   write_jsonl_atomic(run.file("filtered.jsonl"), kept)
   write_jsonl_atomic(run.file("flagged.jsonl"), dropped)
@@ -88,10 +103,11 @@ def run_filter(cfg: RunConfig, run: RunDir, records: list[Record], truncated: in
   if labelled:
     is_unsafe = np.asarray([rec.kind == "unsafe" for rec in records])
     metrics = dict(filter_metrics(flags, is_unsafe))
-    metrics["auroc"] = auroc(r[signal], is_unsafe)
-    metrics["auprc"] = auprc(r[signal], is_unsafe)
+    metrics["auroc"] = auroc(r, is_unsafe)
+    metrics["auprc"] = auprc(r, is_unsafe)
   summary = {"signal": signal, "threshold": str(threshold), "phi": float(phi),
              "info": info, "metrics": metrics,
+             "signals": signal_report(signals, records, threshold),
              "counts": {"kept": len(kept), "flagged": len(dropped), "truncated": int(truncated)}}
   write_json_atomic(run.file("filter.json"), summary)
   return {"kept": len(kept), "flagged": len(dropped), "phi": float(phi),

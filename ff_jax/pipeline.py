@@ -1,11 +1,14 @@
 """The ForgetFilter job as a chain of resumable phases.
 
-  release -> noisy -> score_before -> safety -> score_after -> filter -> clean -> evaluate
+  release -> noisy -> score_before -> safety -> safety_replicas -> score_after -> filter
+          -> clean -> evaluate
 
 `release` trains the demo's aligned model M0 (for a user's model it only records the import).
-`noisy` finetunes M0 on D (M1); `safety` finetunes M1 on S (M2); the two score phases measure every
-example of D under M1 and M2; `filter` drops the examples whose forgetting exceeds the threshold;
-`clean` finetunes M0 (never M1/M2) on what is left; `evaluate` compares M0, M1, M2 and the clean
+`noisy` finetunes M0 on D (M1); `safety` finetunes M1 on S (M2) and `safety_replicas` K − 1 more
+copies of it (other seeds, stacked; only when scoring.replicas > 1); the two score phases measure
+every example of D under M1 (and M0) and M2; `filter` computes the forgetting signals
+(ff_jax.signals) and drops the examples whose signal exceeds the threshold; `clean` finetunes M0
+(never M1/M2) on what is left; `evaluate` compares M0, M1, M2 and the clean
 model and writes the report. Each phase ends in an Orbax checkpoint or an atomically written file
 and is marked complete in the manifest; a rerun skips complete phases and resumes a training phase
 from its newest step checkpoint.
@@ -27,7 +30,7 @@ from ff_jax.checkpoints import restore_params, save_params, write_json_atomic
 from ff_jax.config import PhaseConfig, RunConfig
 from ff_jax.data import records as records_io
 from ff_jax.data.templates import PromptTemplate, encode_examples, encode_prompt
-from ff_jax.errors import DataError
+from ff_jax.errors import ConfigError, DataError
 from ff_jax.inputs import JobInputs, load_inputs, save_tokenizer
 from ff_jax.loop import PhaseSpec, phase_steps, snapshot_steps, train_phase
 from ff_jax.progress import MetricsLog
@@ -136,6 +139,32 @@ class Job:
     self.drop_step_checkpoints("safety")
     return {"examples": len(self.safe)}
 
+  def phase_safety_replicas(self) -> dict[str, Any]:
+    """K − 1 more safety finetunings of M1 (other seeds and safe-set orders), trained stacked.
+
+    Only the noisy set's NLL under each is kept (`scores_replicas.json`); with the safety
+    phase's own M2 they give the replica-ensemble signals. The phase reruns whole after a kill.
+    """
+    from ff_jax.data.batching import TrainIterator
+    from ff_jax.replicas import ReplicaTrainer, train_replicas
+
+    k = self.cfg.scoring.replicas
+    if k < 1:
+      raise ConfigError(f"scoring.replicas={k}: must be at least 1 (the safety phase itself)")
+    if k == 1:
+      return {"replicas": 1}
+    spec = self.spec("safety", self.cfg.safety, len(self.safe), 4)
+    seeds = [spec.seed + 1_000_003 * i for i in range(1, k)]
+    pad_id = self.inputs.tokenizer.pad_id
+    iterators = [TrainIterator(self.safe, spec.batch_size, seed, spec.buckets, pad_id=pad_id)
+                 for seed in seeds]
+    trainer = ReplicaTrainer(self.runtime, spec.optim, spec.steps, k - 1)
+    nll = train_replicas(trainer, self.params("M1"), iterators, [spec.steps], self.noisy,
+                         self.cfg.scoring.batch_size, spec.buckets, pad_id)
+    write_json_atomic(self.run.file("scores_replicas.json"),
+                      {"seeds": seeds, "steps": spec.steps, "nll": nll[:, -1].tolist()})
+    return {"replicas": k}
+
   def score(self, model: str, name: str) -> dict[str, Any]:
     cfg = self.cfg
     params = self.params(model)
@@ -155,8 +184,30 @@ class Job:
     return out
 
   def phase_score_before(self) -> dict[str, Any]:
-    write_json_atomic(self.run.file("scores_before.json"), self.score("M1", "score_before"))
+    scores = self.score("M1", "score_before")
+    if self.cfg.scoring.m0:
+      # The noisy set under M0 too: what the noisy phase taught each example (nll_lnf).
+      m0 = self.score("M0", "score_m0")
+      scores["m0"] = {k: m0[k] for k in ("nll", "acc", "tokens")}
+    if self.cfg.scoring.gradient_blocks:
+      scores["grad"] = self.gradient_alignment()
+    write_json_atomic(self.run.file("scores_before.json"), scores)
     return {}
+
+  def gradient_alignment(self) -> dict[str, Any]:
+    from ff_jax.gradients import GradientAlignment
+
+    cfg = self.cfg.scoring
+    aligner = GradientAlignment(self.runtime, cfg.gradient_blocks, cfg.gradient_batch_size,
+                                cfg.gradient_max_gib)
+    log(f"gradient alignment: last {cfg.gradient_blocks} blocks, "
+        f"{aligner.bound_bytes / 2**20:.0f} MiB of per-example gradients per pass")
+    params = self.params("M1")
+    pad_id, buckets = self.inputs.tokenizer.pad_id, self.cfg.data.buckets
+    safe_grad = aligner.safe_gradient(params, self.safe, buckets, pad_id, cfg.batch_size)
+    out = aligner.align(params, safe_grad, self.noisy, buckets, pad_id)
+    return {"grad": out["grad"].tolist(), "grad_cos": out["grad_cos"].tolist(),
+            "safe_grad_norm": out["safe_grad_norm"], "blocks": cfg.gradient_blocks}
 
   def phase_score_after(self) -> dict[str, Any]:
     scores = self.score("M2", "score_after")

@@ -26,8 +26,8 @@ from ff_jax.checkpoints import write_atomic
 from ff_jax.errors import DataError
 from ff_jax.report_plots import UNLABELLED, make_plots
 from ff_jax.rundir import PHASES
+from ff_jax.signals import SIGNALS, signal_table_markdown
 
-SIGNALS = ("nll", "acc", "rouge")
 KIND_ORDER = ("unsafe", "safe", "task")
 MODEL_ORDER = ("M0", "M1", "M2", "clean")
 _TEXT_COLUMNS = ("id", "kind", "category")
@@ -364,6 +364,13 @@ def _filter_section(a: dict[str, Any]) -> list[str]:
   at = a.get("at_phi")
   if at:
     lines += _table(["tp", "fp", "fn", "tn"], [[at["tp"], at["fp"], at["fn"], at["tn"]]])
+  report = (a["filter"] or {}).get("signals") if isinstance(a["filter"], dict) else None
+  if report:
+    lines += ["### Every signal under the filter's threshold rule", "",
+              f"Each signal thresholded by `{a['threshold']}` on its own scores, and its AUROC per "
+              "unsafe category (that category's unsafe examples against every example that is "
+              "not unsafe): which signal to trust on this data (ff_jax/signals.py defines them).",
+              "", signal_table_markdown(report), ""]
   return lines
 
 

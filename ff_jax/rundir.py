@@ -19,8 +19,8 @@ from ff_jax.errors import RunDirError
 MANIFEST_VERSION = 1
 
 # The phases of a run, in order (ff_jax.pipeline runs them; reports list them this way).
-PHASES = ("release", "noisy", "score_before", "safety", "score_after", "filter", "clean",
-          "evaluate")
+PHASES = ("release", "noisy", "score_before", "safety", "safety_replicas", "score_after",
+          "filter", "clean", "evaluate")
 
 
 class RunDir:

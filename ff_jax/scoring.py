@@ -3,7 +3,7 @@
 For every example of the noisy set and a model (or a stack of parameter snapshots): the summed
 response NLL, the number of target tokens and the number of correctly predicted tokens (one forward
 pass), and optionally the greedy generation scored by ROUGE-1 F against the target response (the
-paper's signal, one decode). Forgetting compares two such tables; positive means forgotten.
+paper's signal, one decode). `ff_jax.signals` turns such tables into forgetting signals.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ from ff_jax.models.tokenizer import TextTokenizer
 from ff_jax.progress import Progress
 from ff_jax.text_metrics import rouge1_f_batch
 from ff_jax.train import ModelRuntime, Scorer
-
-SIGNALS = ("nll", "acc", "rouge")
 
 
 def score_examples(scorer: Scorer, params: Any, examples: Sequence[EncodedExample],
@@ -104,18 +102,3 @@ def per_example_table(stats: dict[str, np.ndarray], generations: Sequence[str] |
   if generations is not None:
     table["rouge"] = rouge1_f_batch(list(targets), list(generations))
   return table
-
-
-def forgetting(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> dict[str, Any]:
-  """r per signal, oriented so that larger = more forgotten.
-
-  NLL rises when an example is forgotten (after − before); accuracy and ROUGE fall
-  (before − after), as in the paper's r = s(before) − s(after).
-  """
-  r = {}
-  if "nll" in before and "nll" in after:
-    r["nll"] = after["nll"] - before["nll"]
-  for key in ("acc", "rouge"):
-    if key in before and key in after:
-      r[key] = before[key] - after[key]
-  return r

@@ -20,9 +20,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The demo job shrunk to seconds per phase. Every training phase checkpoints every 2 steps, so a
-# kill after an odd step lands between checkpoints; scoring runs in 3 batches, so a kill can land
-# between them too.
+# The demo job shrunk to seconds per phase, with every forgetting signal switched on. Every training
+# phase checkpoints every 2 steps, so a kill after an odd step lands between checkpoints; scoring
+# runs in 3 batches, so a kill can land between them too.
 TINY_DEMO = [
   "model.config.hidden_size=32", "model.config.num_layers=1", "model.config.intermediate_size=64",
   "model.config.num_heads=2", "model.config.num_kv_heads=1",
@@ -30,8 +30,9 @@ TINY_DEMO = [
   "demo.align.steps=6", "demo.align.checkpoint_every=2",
   "demo.noisy_size=36", "demo.safe_size=12",
   "noisy.epochs=0", "noisy.steps=8", "noisy.checkpoint_every=2",
-  "safety.steps=6", "safety.checkpoint_every=2",
+  "safety.steps=6", "safety.batch_size=4", "safety.checkpoint_every=2",
   "scoring.batch_size=12", "scoring.max_new_tokens=6", "scoring.snapshot_every=3",
+  "scoring.replicas=3", "scoring.gradient_blocks=1",
   "evaluate.max_new_tokens=6",
 ]
 

@@ -32,8 +32,8 @@ from pipeline_helpers import (
 
 from ff_jax import cli
 
-PHASES = {"release", "noisy", "score_before", "safety", "score_after", "filter", "clean",
-          "evaluate"}
+PHASES = {"release", "noisy", "score_before", "safety", "safety_replicas", "score_after", "filter",
+          "clean", "evaluate"}
 OUTPUTS = ("filtered.jsonl", "flagged.jsonl", "scores.csv", "filter.json", "metrics.json",
            "report.md")
 
@@ -70,7 +70,8 @@ def test_kill_mid_phase_and_resume_matches_uninterrupted_run(reference, tmp_path
   lines = run_and_kill(*args, phase="score_after", at=1)
   assert "== release: complete, skipped" in lines
   assert progress_lines(lines, "noisy")[0][0] in (2, 4), progress_lines(lines, "noisy")
-  assert complete_phases(run_dir) == {"release", "noisy", "score_before", "safety"}
+  assert complete_phases(run_dir) == {"release", "noisy", "score_before", "safety",
+                                      "safety_replicas"}
   # 3. Killed mid-way through `clean` (finetuning M0 on the filtered set).
   run_and_kill(*args, phase="clean", at=5)
   assert complete_phases(run_dir) == PHASES - {"clean", "evaluate"}
@@ -83,10 +84,28 @@ def test_kill_mid_phase_and_resume_matches_uninterrupted_run(reference, tmp_path
   assert (run_dir / "filtered.jsonl").read_bytes() == (ref / "filtered.jsonl").read_bytes()
   assert (run_dir / "flagged.jsonl").read_bytes() == (ref / "flagged.jsonl").read_bytes()
   assert (run_dir / "scores.csv").read_text() == (ref / "scores.csv").read_text()
-  for name in ("filter.json", "metrics.json", "scores_before.json", "scores_after.json"):
+  for name in ("filter.json", "metrics.json", "scores_before.json", "scores_after.json",
+               "scores_replicas.json"):
     got, want = json.loads((run_dir / name).read_text()), json.loads((ref / name).read_text())
     assert same_json(got, want), name
   assert not (run_dir / "ckpt").exists() or not any((run_dir / "ckpt").iterdir())
+
+
+def test_every_signal_is_a_column_and_in_the_signal_report(reference):
+  rows = read_scores(reference)
+  for name in ("nll", "acc", "rouge", "nll_lnf", "nll_auc", "nll_ens", "nll_lnf_ens", "grad",
+               "grad_cos"):
+    assert all(row[f"r_{name}"] for row in rows), name
+  # Three safety replicas with their own batch orders: they disagree, so the spread is not 0.
+  assert any(float(row["nll_ens_std"]) > 0 for row in rows)
+  replicas = json.loads((reference / "scores_replicas.json").read_text())
+  assert len(replicas["nll"]) == 2 and len(set(replicas["seeds"])) == 2
+  report = json.loads((reference / "filter.json").read_text())["signals"]
+  assert set(report) >= {"nll", "nll_lnf", "nll_ens", "grad"}
+  for row in report.values():
+    assert 0.0 <= row["auroc"] <= 1.0 and set(row["by_group"]) == {
+        "category=bias", "category=harmful", "category=toxicity"}
+  assert "Every signal under the filter's threshold rule" in (reference / "report.md").read_text()
 
 
 # -- seeds ----------------------------------------------------------------------------------------

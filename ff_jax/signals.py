@@ -1,0 +1,172 @@
+"""Forgetting signals: the per-example columns the filter can threshold, and how well each works.
+
+Every signal is one float per noisy example, oriented so that larger = more forgotten (more likely
+unsafe). They come from the score tables the pipeline writes (`scores_before.json`: M1, and M0 and
+gradient alignment when switched on; `scores_after.json`: M2 and the safety snapshots;
+`scores_replicas.json`: the extra safety replicas):
+
+  nll, acc, rouge   r of the paper: statistic under M2 against M1 (one safety run)
+  nll_lnf           learning-normalized forgetting, (nll_M2 − nll_M1) / max(nll_M0 − nll_M1, floor):
+                    the share of what the noisy phase taught an example that safety finetuning
+                    undid; 1 when it is back at its M0 value, 0 when unchanged. The floor (nats/
+                    token, `filter.lnf_floor`) keeps examples the noisy phase barely moved from
+                    dividing by ~0: their forgetting is measured against the floor instead.
+  nll_auc           area under the forgetting curve r(t) = nll_t − nll_M1 over the safety steps
+                    t ∈ [0, T] (trapezoid over the snapshots and M2, r(0) = 0), divided by T: the
+                    mean forgetting over the run, which rewards being forgotten early
+  nll_ens           mean r_nll over K safety replicas (seeds and safe-set orders differ)
+  nll_lnf_ens       mean nll_lnf over the K replicas
+  grad, grad_cos    gradient alignment with the safe set under M1 (ff_jax.gradients)
+
+Extra columns that are not thresholded: `nll_ens_std` (the replicas' spread, a confidence) and
+`rise_step` (the safety step after which r rose most).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ff_jax.data.records import Record
+from ff_jax.errors import ConfigError
+from ff_jax.filtering import Threshold, auprc, auroc, best_f1, filter_metrics
+
+# Every signal the filter can use, in report order.
+SIGNALS = ("nll", "acc", "rouge", "nll_lnf", "nll_auc", "nll_ens", "nll_lnf_ens", "grad",
+           "grad_cos")
+
+
+def learning_normalized(m0: np.ndarray, m1: np.ndarray, m2: np.ndarray,
+                        floor: float) -> np.ndarray:
+  """(m2 − m1) / max(m0 − m1, floor) for a loss-like statistic (lower = better learned)."""
+  if not floor > 0:
+    raise ConfigError(f"filter.lnf_floor must be positive, got {floor}")
+  return (m2 - m1) / np.maximum(m0 - m1, floor)
+
+
+def curve_area(steps: Sequence[int], curve: np.ndarray, before: np.ndarray, final_step: int,
+               final: np.ndarray) -> np.ndarray:
+  """Mean of r(t) over t ∈ [0, final_step] by the trapezoid rule; `curve` is [len(steps), N]."""
+  points, values = [0], [np.zeros_like(before)]
+  for step, row in zip(steps, curve):
+    if 0 < step < final_step:
+      points.append(int(step))
+      values.append(row - before)
+  points.append(int(final_step))
+  values.append(final - before)
+  t = np.asarray(points, dtype=np.float64)
+  v = np.stack(values)
+  return ((v[1:] + v[:-1]) / 2 * np.diff(t)[:, None]).sum(0) / t[-1]
+
+
+def rise_step(steps: Sequence[int], curve: np.ndarray, before: np.ndarray) -> np.ndarray:
+  """The snapshot step at the end of the interval in which r rose most (from r(0) = 0)."""
+  r = np.concatenate([np.zeros_like(before)[None], np.asarray(curve) - before], axis=0)
+  return np.asarray(steps, dtype=np.float64)[np.argmax(np.diff(r, axis=0), axis=0)]
+
+
+def _arr(table: Mapping[str, Any], key: str) -> np.ndarray:
+  return np.asarray(table[key], dtype=np.float64)
+
+
+def compute_signals(before: Mapping[str, Any], after: Mapping[str, Any],
+                    replicas: Mapping[str, Any] | None, lnf_floor: float,
+                    safety_steps: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """(signals, extra columns) from the raw score tables; only what was scored is present."""
+  signals: dict[str, np.ndarray] = {}
+  extra: dict[str, np.ndarray] = {}
+  nll1, nll2 = _arr(before, "nll"), _arr(after, "nll")
+  signals["nll"] = nll2 - nll1
+  for key in ("acc", "rouge"):
+    if key in before and key in after:
+      signals[key] = _arr(before, key) - _arr(after, key)
+  m0 = _arr(before["m0"], "nll") if "m0" in before else None
+  if m0 is not None:
+    signals["nll_lnf"] = learning_normalized(m0, nll1, nll2, lnf_floor)
+  if "curve" in after:
+    steps, curve = after["curve"]["steps"], np.asarray(after["curve"]["nll"], dtype=np.float64)
+    signals["nll_auc"] = curve_area(steps, curve, nll1, safety_steps, nll2)
+    extra["rise_step"] = rise_step(steps, curve, nll1)
+  if replicas is not None and replicas.get("nll"):
+    # Replica 0 is the safety phase's own run (M2); the others were trained stacked beside it.
+    nll_k = np.concatenate([nll2[None], np.asarray(replicas["nll"], dtype=np.float64)])
+    r_k = nll_k - nll1
+    signals["nll_ens"] = r_k.mean(0)
+    extra["nll_ens_std"] = r_k.std(0)
+    if m0 is not None:
+      signals["nll_lnf_ens"] = learning_normalized(m0, nll1, nll_k, lnf_floor).mean(0)
+  if "grad" in before:
+    signals["grad"] = _arr(before["grad"], "grad")
+    signals["grad_cos"] = _arr(before["grad"], "grad_cos")
+  return signals, extra
+
+
+def _quality(r: np.ndarray, unsafe: np.ndarray, threshold: Threshold) -> dict[str, Any]:
+  flags, phi, _ = threshold(r)
+  auto = filter_metrics(flags, unsafe)
+  best = best_f1(r, unsafe)
+  return {"auroc": auroc(r, unsafe), "auprc": auprc(r, unsafe), "phi": float(phi),
+          "f1": auto["f1"], "precision": auto["precision"], "recall": auto["recall"],
+          "best_f1": best["f1"], "best_phi": best["phi"]}
+
+
+def signal_report(signals: Mapping[str, np.ndarray], records: Sequence[Record],
+                  threshold: Threshold) -> dict[str, Any] | None:
+  """How well each signal separates unsafe from the rest, overall and per unsafe category.
+
+  For every signal: AUROC, AUPRC, F1/precision/recall at `threshold` (the label-free rule the
+  filter uses) and the best F1 over all fixed ϕ (an oracle, for comparing signals only). Per
+  category (and per source, when a category mixes several): the AUROC of that category's unsafe
+  examples against every example that is not unsafe. None when the records carry no labels.
+  """
+  if not records or any(r.kind is None for r in records):
+    return None
+  unsafe = np.asarray([r.kind == "unsafe" for r in records])
+  if unsafe.all() or not unsafe.any():
+    return None
+  groups: dict[str, np.ndarray] = {}
+  for attr in ("category", "source"):
+    names = sorted({str(getattr(r, attr)) for r, u in zip(records, unsafe) if u})
+    if attr == "source" and len(names) < 2:
+      continue
+    for name in names:
+      member = np.asarray([u and str(getattr(r, attr)) == name for r, u in zip(records, unsafe)])
+      groups[f"{attr}={name}"] = member
+  out: dict[str, Any] = {}
+  for name in SIGNALS:
+    if name not in signals:
+      continue
+    r = np.asarray(signals[name], dtype=np.float64)
+    row = _quality(r, unsafe, threshold)
+    row["by_group"] = {}
+    for group, member in groups.items():
+      keep = member | ~unsafe
+      row["by_group"][group] = {"auroc": auroc(r[keep], member[keep]),
+                                "n_unsafe": int(member.sum())}
+    out[name] = row
+  return out
+
+
+def _f(x: Any, digits: int = 3) -> str:
+  if x is None or (isinstance(x, float) and (math.isnan(x) or math.isinf(x))):
+    return "–" if x is None or math.isnan(x) else ("∞" if x > 0 else "−∞")
+  return f"{x:.{digits}f}"
+
+
+def signal_table_markdown(report: Mapping[str, Any] | None) -> str:
+  """The signal report as a markdown table, one row per signal."""
+  if not report:
+    return "(no labels: signal quality needs records with a `kind`)"
+  groups = sorted({g for row in report.values() for g in row["by_group"]})
+  head = ["signal", "AUROC", "AUPRC", "F1 (auto)", "P", "R", "ϕ (auto)", "best F1",
+          *[f"AUROC {g.split('=', 1)[1]}" for g in groups]]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for name, row in report.items():
+    cells = [f"`{name}`", _f(row["auroc"]), _f(row["auprc"]), _f(row["f1"]), _f(row["precision"]),
+             _f(row["recall"]), _f(row["phi"]), _f(row["best_f1"])]
+    cells += [_f(row["by_group"].get(g, {}).get("auroc")) for g in groups]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)

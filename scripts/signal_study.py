@@ -1,0 +1,145 @@
+"""The forgetting-signal study behind the default of `filter.signal` (docs/signals.md).
+
+Three noisy mixtures from the shared real data, one per kind of unsafe data, each N examples at
+unsafe ratio 0.5 (the rest split over safe and task pools, as in the paper) plus a disjoint safe
+set drawn from the same domain as the mixture's safe pool:
+
+  bias:      BBQ ambiguous + stereotyped answer (unsafe), + "unknown" (safe), SQuAD dev (task)
+  toxicity:  RealToxicityPrompts toxic + Davidson hate/offensive (unsafe, half each),
+             RTP non-toxic + Davidson "neither" (safe), Alpaca 1k (task)
+  harmful:   hh-rlhf rejected + JailbreakBench jailbroken (unsafe, half each),
+             hh-rlhf chosen + JailbreakBench refusals (safe), Alpaca 1k (task)
+
+  python scripts/signal_study.py mixtures --data ../shared/data --out runs/signal_study/data
+  ff-jax run configs/signals.yaml data.noisy=runs/signal_study/data/bias/noisy.jsonl \\
+      data.safe=runs/signal_study/data/bias/safe.jsonl run_dir=runs/signal_study/bias-s0 \\
+      --until filter                                  (one per kind, and seeds 1, 2 for bias)
+  python scripts/signal_study.py table runs/signal_study/{bias,toxicity,harmful}-s0 \\
+      runs/signal_study/bias-s{1,2}
+
+The mixtures are seeded (--seed) and deterministic; the runs' `seed` only changes training order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ff_jax.data.mixture import build_noisy_mixture, sample_safe_set, write_mixture
+from ff_jax.data.records import Record, read_jsonl
+from ff_jax.data.sources import (
+  read_alpaca,
+  read_davidson,
+  read_hh_rlhf,
+  read_jailbreakbench,
+  read_rtp,
+  read_squad,
+)
+from ff_jax.data.sources_bbq import read_bbq, split_bbq
+from ff_jax.filtering import Threshold
+from ff_jax.signals import compute_signals, signal_report, signal_table_markdown
+
+BBQ_FILES = ("Age", "Disability_status", "Nationality", "Physical_appearance")
+
+
+def _balanced(a: list[Record], b: list[Record], seed: int) -> list[Record]:
+  """Equal shares of two sources (the smaller one's size from each), so neither dominates."""
+  rng = np.random.default_rng(seed)
+  m = min(len(a), len(b))
+  pick = lambda pool: [pool[int(i)] for i in rng.choice(len(pool), m, replace=False)]  # noqa: E731
+  return pick(a) + pick(b)
+
+
+def pools(data: Path, kind: str, seed: int) -> tuple[list[Record], list[Record], list[Record]]:
+  """(unsafe, safe, task) pools of one kind."""
+  if kind == "bias":
+    records = [r for name in BBQ_FILES for r in read_bbq(data / "bbq" / f"{name}.jsonl")]
+    split = split_bbq(records, {"unsafe": 0.5, "safe": 0.5}, seed)
+    task = read_squad(data / "squad" / "dev-v1.1-from-explorer.json")
+    return split["unsafe"], split["safe"], task
+  alpaca = read_alpaca(data / "alpaca" / "BLOOM-LORA" / "alpaca_data_1k.json")
+  if kind == "toxicity":
+    rtp = (read_rtp(data / "realtoxicityprompts" / "toxic.jsonl")
+           + read_rtp(data / "realtoxicityprompts" / "nontoxic.jsonl"))
+    dav = read_davidson(data / "davidson-hate-offensive" / "labeled_data.csv")
+  elif kind == "harmful":
+    rtp = read_hh_rlhf(data / "hh-rlhf" / "harmless-base" / "test.jsonl.gz")
+    dav = read_jailbreakbench(data / "jailbreakbench" / "attack-artifacts")
+  else:
+    raise SystemExit(f"unknown kind {kind!r}")
+  by = lambda rs, k: [r for r in rs if r.kind == k]  # noqa: E731
+  unsafe = _balanced(by(rtp, "unsafe"), by(dav, "unsafe"), seed)
+  safe = _balanced(by(rtp, "safe"), by(dav, "safe"), seed + 1)
+  return unsafe, safe, alpaca
+
+
+def cmd_mixtures(args: argparse.Namespace) -> None:
+  for kind in args.kinds:
+    unsafe, safe, task = pools(Path(args.data), kind, args.seed)
+    noisy = build_noisy_mixture(unsafe, safe, [task], n=args.n, ratio=args.ratio, seed=args.seed)
+    safe_set = sample_safe_set(safe, args.safe_size, exclude=noisy, seed=args.seed)
+    manifest = write_mixture(Path(args.out) / kind, noisy, safe_set)
+    print(kind, json.dumps({k: v["by_kind"] for k, v in manifest["files"].items()}))
+
+
+def run_signals(run: Path) -> tuple[dict[str, np.ndarray], list[Record], dict]:
+  """Every signal of a finished run, recomputed from its score tables with the current code."""
+  cfg = json.loads((run / "manifest.json").read_text())["config"]
+  read = lambda name: json.loads((run / name).read_text()) if (run / name).exists() else None  # noqa: E731
+  signals, _ = compute_signals(read("scores_before.json"), read("scores_after.json"),
+                               read("scores_replicas.json"), cfg["filter"]["lnf_floor"],
+                               cfg["safety"]["steps"])
+  return signals, read_jsonl(cfg["data"]["noisy"]), cfg
+
+
+def cmd_table(args: argparse.Namespace) -> None:
+  threshold = Threshold.parse(args.threshold)
+  runs = [Path(r) for r in args.runs]
+  f1: dict[str, dict[str, float]] = {}
+  auc: dict[str, dict[str, float]] = {}
+  print(f"Threshold rule for F1: `{threshold}` (label-free); best F1 = the oracle fixed ϕ.\n")
+  for run in runs:
+    signals, records, cfg = run_signals(run)
+    report = signal_report(signals, records, threshold)
+    print(f"### {run.name} (seed {cfg['seed']}, {len(records)} examples)\n")
+    print(signal_table_markdown(report) + "\n")
+    for name, row in report.items():
+      f1.setdefault(name, {})[run.name] = row["f1"]
+      auc.setdefault(name, {})[run.name] = row["auroc"]
+  seeded = [r.name for r in runs if r.name.startswith("bias-")]
+  if len(seeded) > 1:
+    print(f"### Seeds on the bias mixture: F1 (`{threshold}`) and AUROC\n")
+    print("| signal | " + " | ".join(f"F1 {s}" for s in seeded) + " | F1 spread | "
+          + " | ".join(f"AUROC {s}" for s in seeded) + " |")
+    print("|" + "---|" * (2 * len(seeded) + 2))
+    for name in f1:
+      vals = [f1[name].get(s, float("nan")) for s in seeded]
+      aucs = [auc[name].get(s, float("nan")) for s in seeded]
+      print(f"| `{name}` | " + " | ".join(f"{v:.3f}" for v in vals)
+            + f" | {max(vals) - min(vals):.3f} | " + " | ".join(f"{v:.3f}" for v in aucs) + " |")
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+  mix = sub.add_parser("mixtures", help="write the three mixtures")
+  mix.add_argument("--data", default="../shared/data")
+  mix.add_argument("--out", default="runs/signal_study/data")
+  mix.add_argument("--kinds", nargs="+", default=["bias", "toxicity", "harmful"])
+  mix.add_argument("--n", type=int, default=120)
+  mix.add_argument("--ratio", type=float, default=0.5)
+  mix.add_argument("--safe-size", type=int, default=48)
+  mix.add_argument("--seed", type=int, default=0)
+  table = sub.add_parser("table", help="the signal tables of finished runs, as markdown")
+  table.add_argument("runs", nargs="+")
+  table.add_argument("--threshold", default="auto")
+  args = parser.parse_args(argv)
+  {"mixtures": cmd_mixtures, "table": cmd_table}[args.command](args)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

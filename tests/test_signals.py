@@ -1,0 +1,214 @@
+"""Forgetting signals (ff_jax.signals) and gradient alignment (ff_jax.gradients) by definition."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from ff_jax import parallel
+from ff_jax.data.records import Record
+from ff_jax.data.templates import EncodedExample
+from ff_jax.errors import ConfigError
+from ff_jax.filtering import Threshold
+from ff_jax.gradients import GradientAlignment, split_blocks, subset_bytes
+from ff_jax.models import tiny_llama
+from ff_jax.scoring import score_examples
+from ff_jax.signals import (
+  compute_signals,
+  curve_area,
+  learning_normalized,
+  rise_step,
+  signal_report,
+  signal_table_markdown,
+)
+from ff_jax.train import ModelRuntime, Scorer
+
+# -- learning-normalized forgetting ---------------------------------------------------------------
+
+
+def test_learning_normalized_is_one_back_at_m0_and_zero_when_unchanged():
+  m0 = np.array([3.0, 3.0, 3.0, 2.0])
+  m1 = np.array([1.0, 1.0, 1.0, 1.0])
+  m2 = np.array([3.0, 1.0, 2.0, 4.0])  # back at M0, unchanged, half-way, beyond M0
+  np.testing.assert_allclose(learning_normalized(m0, m1, m2, floor=0.05), [1.0, 0.0, 0.5, 3.0])
+
+
+def test_learning_normalized_measures_unlearned_examples_against_the_floor():
+  # The noisy phase did not lower this example's NLL (it rose): forgetting / floor, not / ~0.
+  lnf = learning_normalized(np.array([1.0]), np.array([1.2]), np.array([1.3]), floor=0.1)
+  np.testing.assert_allclose(lnf, [1.0])
+  with pytest.raises(ConfigError, match="lnf_floor"):
+    learning_normalized(np.ones(1), np.ones(1), np.ones(1), floor=0.0)
+
+
+# -- forgetting-curve features --------------------------------------------------------------------
+
+
+def test_curve_area_is_the_trapezoid_mean_of_r_over_the_safety_steps():
+  before = np.array([1.0, 1.0])
+  steps = [2, 4]  # step 4 is also the final step: M2 is used for it, not counted twice
+  curve = np.array([[2.0, 1.0], [9.0, 9.0]])
+  final = np.array([3.0, 1.0])
+  # r(0)=0, r(2)=a, r(4)=b: ((0+a)/2*2 + (a+b)/2*2) / 4 = (2a + b) / 4.
+  a, b = np.array([1.0, 0.0]), np.array([2.0, 0.0])
+  np.testing.assert_allclose(curve_area(steps, curve, before, 4, final), (2 * a + b) / 4)
+  # An example forgotten early has a larger area than one forgotten as much, but late.
+  early = curve_area([1, 2, 3], np.array([[1.0], [1.0], [1.0]]), np.zeros(1), 4, np.ones(1))
+  late = curve_area([1, 2, 3], np.array([[0.0], [0.0], [0.0]]), np.zeros(1), 4, np.ones(1))
+  assert early[0] > late[0]
+
+
+def test_rise_step_is_where_r_rose_most():
+  before = np.zeros(2)
+  curve = np.array([[0.1, 1.0], [0.2, 1.1], [2.0, 1.2]])  # steps 5, 10, 15
+  np.testing.assert_array_equal(rise_step([5, 10, 15], curve, before), [15.0, 5.0])
+
+
+# -- the signals from the score tables ------------------------------------------------------------
+
+
+def _tables():
+  before = {"nll": [1.0, 1.0, 2.0], "acc": [0.9, 0.8, 0.5], "tokens": [4, 4, 4],
+            "m0": {"nll": [3.0, 1.5, 2.0]},
+            "grad": {"grad": [0.3, -0.1, 0.0], "grad_cos": [0.5, -0.2, 0.0]}}
+  after = {"nll": [3.0, 1.1, 2.0], "acc": [0.1, 0.8, 0.5],
+           "curve": {"steps": [2], "nll": [[2.0, 1.0, 2.0]]}}
+  replicas = {"nll": [[2.0, 1.3, 2.0], [1.0, 1.2, 2.0]]}
+  return before, after, replicas
+
+
+def test_compute_signals_from_score_tables():
+  before, after, replicas = _tables()
+  signals, extra = compute_signals(before, after, replicas, lnf_floor=0.05, safety_steps=4)
+  np.testing.assert_allclose(signals["nll"], [2.0, 0.1, 0.0])
+  np.testing.assert_allclose(signals["acc"], [0.8, 0.0, 0.0])
+  assert "rouge" not in signals
+  np.testing.assert_allclose(signals["nll_lnf"], [1.0, 0.2, 0.0])  # floor 0.05 for the third
+  # Replicas: M2 plus the two extra ones, r = [2, 1, 0], [0.1, 0.3, 0.2], [0, 0, 0].
+  np.testing.assert_allclose(signals["nll_ens"], [1.0, 0.2, 0.0])
+  np.testing.assert_allclose(extra["nll_ens_std"], [np.std([2, 1, 0]), np.std([.1, .3, .2]), 0])
+  np.testing.assert_allclose(signals["nll_lnf_ens"], [0.5, 0.4, 0.0])
+  np.testing.assert_allclose(signals["nll_auc"], [(1.0 + 1.0 + 2.0) / 4, (0 + 0 + .1) / 4, 0.0])
+  np.testing.assert_allclose(signals["grad"], [0.3, -0.1, 0.0])
+  # Without M0, snapshots, replicas or gradients only the paper's signals remain.
+  plain, extra = compute_signals({k: before[k] for k in ("nll", "acc", "tokens")},
+                                 {k: after[k] for k in ("nll", "acc")}, None, 0.05, 4)
+  assert set(plain) == {"nll", "acc"} and not extra
+
+
+def _records(kinds, categories):
+  return [Record(id=f"r{i}", prompt="p", response="r", kind=k, category=c)
+          for i, (k, c) in enumerate(zip(kinds, categories))]
+
+
+def test_signal_report_per_signal_and_per_category():
+  kinds = ["unsafe"] * 4 + ["safe"] * 2 + ["task"] * 2
+  cats = ["bias", "bias", "toxicity", "toxicity", "bias", "toxicity", None, None]
+  good = np.array([5.0, 6.0, 5.5, 6.5, 0.1, 0.2, 0.0, 0.3])
+  # Separates bias perfectly, but scores toxic examples like the rest.
+  half = np.array([5.0, 6.0, 0.05, 0.25, 0.1, 0.2, 0.0, 0.3])
+  report = signal_report({"nll": good, "grad": half}, _records(kinds, cats),
+                         Threshold.parse("auto:otsu"))
+  assert report["nll"]["auroc"] == 1.0 and report["nll"]["f1"] == 1.0
+  assert report["grad"]["by_group"]["category=bias"]["auroc"] == 1.0
+  assert report["grad"]["by_group"]["category=toxicity"]["auroc"] == 0.5
+  assert report["grad"]["by_group"]["category=toxicity"]["n_unsafe"] == 2
+  table = signal_table_markdown(report)
+  assert "| `nll` | 1.000 |" in table and "AUROC toxicity" in table
+  # No labels, or one class only: no report.
+  assert signal_report({"nll": good}, _records([None] * 8, cats), Threshold.parse("auto")) is None
+  assert signal_report({"nll": good}, _records(["safe"] * 8, cats), Threshold.parse("auto")) is None
+
+
+# -- gradient alignment ---------------------------------------------------------------------------
+
+BUCKETS = (16, 32)
+
+
+def _examples(n, seed):
+  rng = np.random.default_rng(seed)
+  out = []
+  for i in range(n):
+    length = int(rng.integers(8, 30))
+    prompt = int(rng.integers(2, length - 2))
+    loss_mask = np.zeros(length, np.int32)
+    loss_mask[prompt:] = 1
+    out.append(EncodedExample(tokens=rng.integers(3, 256, length).astype(np.int32),
+                              loss_mask=loss_mask, prompt_len=prompt, truncated=False,
+                              id=f"ex{i}"))
+  return out
+
+
+def _runtime(mesh_cfg=None, devices=1):
+  mesh_cfg = mesh_cfg or parallel.MeshConfig(1, 1, 1)
+  cfg = tiny_llama(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2,
+                   num_kv_heads=1)
+  return ModelRuntime.create(cfg, parallel.make_mesh(mesh_cfg, jax.devices()[:devices]))
+
+
+def _per_token_nll(runtime, params, examples):
+  stats = score_examples(Scorer(runtime), params, examples, 8, BUCKETS, pad_id=0)
+  return stats["nll_sum"] / stats["tokens"]
+
+
+def test_gradient_alignment_predicts_the_first_order_change_of_each_loss():
+  runtime = _runtime()
+  params = runtime.init_params(seed=0)
+  safe, noisy = _examples(6, 1), _examples(10, 2)
+  aligner = GradientAlignment(runtime, n_blocks=2, batch_size=4, max_gib=1.0)
+  g_safe = aligner.safe_gradient(params, safe, BUCKETS, 0, batch_size=4)
+  out = aligner.align(params, g_safe, noisy, BUCKETS, 0)
+  # Step the last two blocks by ±eps along the safe descent direction -g_S/|g_S|: each example's
+  # loss changes by eps * grad (first order); a central difference cancels the second order.
+  eps = 1e-2
+  norm = out["safe_grad_norm"]
+
+  def moved(sign):
+    subset, rest = split_blocks(params, 2)
+    subset = jax.tree.map(lambda p, g: p - sign * eps * g / norm, subset, g_safe)
+    return {**rest, "layers": {**rest["layers"], **subset}}
+
+  slope = (_per_token_nll(runtime, moved(1), noisy)
+           - _per_token_nll(runtime, moved(-1), noisy)) / (2 * eps)
+  np.testing.assert_allclose(out["grad"], slope, rtol=2e-2, atol=2e-3)
+  assert np.all(np.abs(out["grad_cos"]) <= 1 + 1e-6)
+
+
+def test_an_example_aligned_with_itself_has_cosine_minus_one():
+  runtime = _runtime()
+  params = runtime.init_params(seed=1)
+  one = _examples(1, 3)
+  aligner = GradientAlignment(runtime, n_blocks=1, batch_size=2, max_gib=1.0)
+  g = aligner.safe_gradient(params, one, BUCKETS, 0, batch_size=2)
+  out = aligner.align(params, g, one, BUCKETS, 0)
+  np.testing.assert_allclose(out["grad_cos"], [-1.0], rtol=1e-5)
+  np.testing.assert_allclose(out["grad"], [-out["safe_grad_norm"]], rtol=1e-5)
+
+
+def test_gradient_alignment_is_the_same_on_a_sharded_mesh():
+  noisy, safe = _examples(8, 4), _examples(4, 5)
+  outs = []
+  for mesh_cfg, devices in ((parallel.MeshConfig(1, 1, 1), 1), (parallel.MeshConfig(2, 2, 2), 8)):
+    runtime = _runtime(mesh_cfg, devices)
+    params = runtime.init_params(seed=2)
+    aligner = GradientAlignment(runtime, n_blocks=2, batch_size=4, max_gib=1.0)
+    g = aligner.safe_gradient(params, safe, BUCKETS, 0, batch_size=4)
+    outs.append(aligner.align(params, g, noisy, BUCKETS, 0))
+  np.testing.assert_allclose(outs[0]["grad"], outs[1]["grad"], rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_alignment_refuses_more_memory_than_its_bound():
+  runtime = _runtime()
+  per_example = subset_bytes(runtime.abstract_params, 2)
+  block = per_example // 2
+  assert per_example == 2 * block > 0
+  limit = 3.5 * per_example / 2**30  # fits 3 examples per pass, not 4
+  GradientAlignment(runtime, n_blocks=2, batch_size=3, max_gib=limit)
+  with pytest.raises(ConfigError, match="gradient_batch_size=4.*gradient_max_gib"):
+    GradientAlignment(runtime, n_blocks=2, batch_size=4, max_gib=limit)
+  with pytest.raises(ConfigError, match=r"gradient_blocks=4: must be in \[1, 3\]"):
+    GradientAlignment(runtime, n_blocks=4, batch_size=1, max_gib=1.0)
+  assert math.isfinite(limit)
