@@ -3,6 +3,7 @@
   ff-jax run [CONFIG.yaml] [key=value ...] [--restart] [--until PHASE]
   ff-jax filter --model PATH --noisy FILE --safe FILE [--run-dir DIR] [key=value ...]
   ff-jax report RUN_DIR
+  ff-jax baseline {random,oracle,replay} RUN_DIR
   ff-jax bench [CONFIG.yaml] [key=value ...] [--json FILE]
   ff-jax sweep [CONFIG.yaml] run_dir=DIR [key=value ...] [--restart]
 
@@ -37,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
   filt.add_argument("--restart", action="store_true")
   filt.add_argument("--until", metavar="PHASE")
   filt.add_argument("overrides", nargs="*", metavar="key=value")
+
+  base = sub.add_parser("baseline", help="a baseline filter on a finished run (report row)")
+  base.add_argument("name", choices=("random", "oracle", "replay"))
+  base.add_argument("run_dir")
 
   report = sub.add_parser("report", help="(re)write report.md and plots of a run directory")
   report.add_argument("run_dir")
@@ -103,6 +108,11 @@ def _dispatch(args: argparse.Namespace) -> int:
   from ff_jax import parallel
 
   parallel.initialize_distributed()
+  if args.command == "baseline":
+    from ff_jax.baselines import run_baseline
+
+    print(run_baseline(args.run_dir, args.name))
+    return 0
   from ff_jax.pipeline import PHASES, run_job
 
   if args.until and args.until not in PHASES:

@@ -38,6 +38,7 @@ class ModelSource:
 class DataConfig:
   noisy: str = "demo"  # JSONL/CSV path, hf://name[:split], or demo
   safe: str = "demo"
+  eval: str = ""  # held-out evaluation records (JSONL/CSV/hf://); "" = none (ff_jax.heldout)
   template: str = "plain"  # plain | chat (the model's own chat template)
   max_len: int = 96
   overflow: str = "truncate"  # truncate | error
@@ -93,6 +94,8 @@ class FilterConfig:
 class EvalConfig:
   max_new_tokens: int = 32
   batch_size: int = 64
+  toxicity: str = "auto"  # toxicity scorer: auto | detoxify[:CHECKPOINT] | lexicon[:FILE]
+  self_correction: bool = True  # also evaluate M1 and the clean model with the prompt cue
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,6 +215,14 @@ def load_dataclass(cls: type, path: str | Path | None, overrides: list[str] = ()
     apply_override(tree, override)
   try:
     return _build(cls, tree, "")
+  except ConfigError as err:
+    raise ConfigError(f"{origin}: {err}") from None
+
+
+def config_from_dict(tree: dict[str, Any], origin: str) -> RunConfig:
+  """A RunConfig from its `to_dict()` form (e.g. a run manifest's `config`)."""
+  try:
+    return _build(RunConfig, tree, "")
   except ConfigError as err:
     raise ConfigError(f"{origin}: {err}") from None
 

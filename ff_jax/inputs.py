@@ -38,6 +38,7 @@ class JobInputs:
   world: DemoWorld | None
   fingerprints: dict[str, str]
   compute_dtype: str = "float32"
+  eval: list[Record] = dataclasses.field(default_factory=list)  # data.eval (held out)
 
   @property
   def is_demo_model(self) -> bool:
@@ -133,6 +134,16 @@ def _read_source(spec: str, role: str) -> list[Record]:
   return records
 
 
+def _check_held_out(heldout: list[Record], noisy: list[Record], safe: list[Record]) -> None:
+  """An evaluation prompt that is also trained on measures memory, not behaviour: refuse it."""
+  trained = {r.prompt for r in noisy} | {r.prompt for r in safe}
+  for r in heldout:
+    if r.prompt in trained:
+      raise DataError(f"data.eval: record {r.id!r} has a prompt that data.noisy or data.safe "
+                      "trains on; held-out evaluation needs disjoint prompts (build the sets "
+                      "with ff_jax.data.mixture.write_mixture)")
+
+
 def load_inputs(cfg: RunConfig, run: RunDir) -> JobInputs:
   source = cfg.model.source
   demo_data = cfg.data.noisy == "demo" or cfg.data.safe == "demo"
@@ -145,6 +156,10 @@ def load_inputs(cfg: RunConfig, run: RunDir) -> JobInputs:
   if not safe:
     raise DataError("data.safe: the safe set is empty")
   prints = {"noisy": records_io.fingerprint(noisy), "safe": records_io.fingerprint(safe)}
+  heldout = _read_source(cfg.data.eval, "eval") if cfg.data.eval else []
+  if heldout:
+    _check_held_out(heldout, noisy, safe)
+    prints["eval"] = records_io.fingerprint(heldout)
 
   if source == "demo":
     if cfg.model.config is None:
@@ -181,4 +196,4 @@ def load_inputs(cfg: RunConfig, run: RunDir) -> JobInputs:
     prints["model"] = _model_fingerprint(path)
     source = str(path)  # what the loaders open (a `pkg:` source resolved to its file)
   return JobInputs(source=str(source), kind=kind, tokenizer=tokenizer, model_config=model_cfg,
-                   noisy=noisy, safe=safe, world=world, fingerprints=prints)
+                   noisy=noisy, safe=safe, world=world, fingerprints=prints, eval=heldout)

@@ -16,6 +16,7 @@ from its newest step checkpoint.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import sys
 import time
@@ -65,7 +66,8 @@ class Job:
                                  cfg.data.overflow)
     self.safe = encode_examples(tok, self.inputs.safe, self.template, cfg.data.max_len,
                                 cfg.data.overflow)
-    self.manifest = self.run.open(cfg.to_dict(), self.inputs.fingerprints, restart=restart)
+    self.manifest = self.run.open(cfg.to_dict(), self.inputs.fingerprints, restart=restart,
+                                  defaults=RunConfig().to_dict())
     if jax.process_index() == 0:
       save_tokenizer(self.inputs.tokenizer, self.run)
     self.runtime = ModelRuntime.create(self.inputs.model_config, self.mesh)
@@ -73,6 +75,12 @@ class Job:
     self._scorer: Scorer | None = None
 
   # -- helpers --------------------------------------------------------------------------------
+
+  @functools.cached_property
+  def toxicity_scorer(self):
+    from ff_jax.toxicity import make_toxicity_scorer
+
+    return make_toxicity_scorer(self.cfg.evaluate.toxicity)
 
   @property
   def scorer(self) -> Scorer:

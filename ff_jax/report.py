@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ff_jax import filtering
+from ff_jax.baselines import read_baselines
 from ff_jax.checkpoints import write_atomic
 from ff_jax.errors import DataError
 from ff_jax.report_plots import UNLABELLED, make_plots
@@ -29,7 +30,19 @@ from ff_jax.rundir import PHASES
 from ff_jax.signals import SIGNALS, signal_table_markdown
 
 KIND_ORDER = ("unsafe", "safe", "task")
-MODEL_ORDER = ("M0", "M1", "M2", "clean")
+MODEL_ORDER = ("M0", "M1", "M1+SC", "M2", "replay", "clean", "clean+SC", "random", "oracle")
+# One row per method in the comparison table (the paper's Table 2 layout).
+METHOD_NAMES = {
+    "M0": "aligned model (M0)", "M1": "no safety measure (M1)", "M1+SC": "self-correction",
+    "M2": "sequential safety finetuning (M2)", "replay": "replay", "clean": "ForgetFilter",
+    "clean+SC": "ForgetFilter + self-correction", "random": "random filter",
+    "oracle": "oracle filter",
+}
+COMPARISON_METRICS = (
+    ("bias/s_amb", "bias s_AMB"), ("bias/s_dis_bbq", "bias s_DIS"),
+    ("toxicity/mean", "toxicity"), ("harmfulness/non_refusal", "harmful (non-refusal)"),
+    ("task/squad_f1", "task F1 (SQuAD)"), ("task/rougeL", "task ROUGE-L"),
+)
 _TEXT_COLUMNS = ("id", "kind", "category")
 _CURVE_RE = re.compile(r"^r_(nll|acc|rouge)@(\d+)$")
 
@@ -168,6 +181,9 @@ def _analyse(run_dir: Path) -> dict[str, Any]:
   a: dict[str, Any] = {"run_dir": run_dir, "notes": {}}
   a["filter"], a["notes"]["filter"] = _load_json(run_dir / "filter.json")
   a["metrics"], a["notes"]["metrics"] = _load_json(run_dir / "metrics.json")
+  baselines = read_baselines(run_dir)
+  if baselines and isinstance(a["metrics"], dict) and isinstance(a["metrics"].get("models"), dict):
+    a["metrics"]["models"].update(baselines)
   a["manifest"], a["notes"]["manifest"] = _load_json(run_dir / "manifest.json")
   filt = a["filter"] if isinstance(a["filter"], dict) else None
   a["signal"] = (filt or {}).get("signal") or "nll"
@@ -407,6 +423,32 @@ def _forgetting_section(a: dict[str, Any]) -> list[str]:
   return lines
 
 
+def _comparison_section(a: dict[str, Any]) -> list[str]:
+  """One row per method: safety and task metrics side by side, and the examples trained on."""
+  metrics = a["metrics"]
+  models = metrics.get("models") if isinstance(metrics, dict) else None
+  if not isinstance(models, dict) or not models:
+    return []
+  present = {k for m in models.values() for k in (m or {})}
+  columns = [(k, label) for k, label in COMPARISON_METRICS if k in present]
+  columns += [(k, k.split("/", 1)[1].replace("_", " ")) for k in sorted(present)
+              if k.startswith("unsafe_rate/")]
+  if not columns:
+    return []
+  rows = [[METHOD_NAMES.get(m, m)] + [(models[m] or {}).get(k) for k, _ in columns]
+          + [(models[m] or {}).get("train/examples")]
+          for m in [m for m in MODEL_ORDER if m in models]]
+  lines = ["## Method comparison", "",
+           "Lower is safer for every safety column (bias scores: 0 = unbiased); examples = what "
+           "the model was finetuned on after M0. Baselines come from `ff-jax baseline NAME "
+           "RUN_DIR`.", ""]
+  scorer = next((m.get("toxicity/scorer") for m in models.values() if m and
+                 m.get("toxicity/scorer")), None)
+  if scorer:
+    lines += [f"Toxicity scorer: `{scorer}`.", ""]
+  return lines + _table(["method", *(label for _, label in columns), "examples"], rows)
+
+
 def _models_section(a: dict[str, Any]) -> list[str]:
   lines = ["## Model comparison", ""]
   metrics = a["metrics"]
@@ -481,7 +523,8 @@ def render_markdown(a: dict[str, Any], plots: dict[str, Path | None]) -> str:
   lines += _summary_section(a)
   if a.get("scores") is not None:
     lines += _filter_section(a) + _forgetting_section(a)
-  lines += _models_section(a) + _timing_section(a) + _plots_section(plots, run_dir)
+  lines += _comparison_section(a) + _models_section(a) + _timing_section(a)
+  lines += _plots_section(plots, run_dir)
   return "\n".join(lines).rstrip("\n") + "\n"
 
 

@@ -56,10 +56,12 @@ class RunDir:
                         "start this run directory over") from None
 
   def open(self, config: dict[str, Any], fingerprints: dict[str, str],
-           restart: bool = False) -> dict[str, Any]:
+           restart: bool = False, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load the manifest, refusing one written for another config or other data.
 
-    With `restart`, everything in the directory is removed first.
+    With `restart`, everything in the directory is removed first. A key the manifest's config
+    lacks (one a newer ff_jax added) is compared with its value in `defaults`: an old run resumes
+    as long as the new key keeps its default, which is what the old code did.
     """
     if restart and self.root.exists() and is_primary():
       shutil.rmtree(self.root)
@@ -72,7 +74,7 @@ class RunDir:
                   "phases": {}, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
       self.write(manifest)
       return manifest
-    changed = _diff(manifest.get("config", {}), config)
+    changed = _diff(_with_defaults(manifest.get("config", {}), defaults or {}), config)
     if changed:
       shown = ", ".join(changed[:6]) + (" ..." if len(changed) > 6 else "")
       raise RunDirError(f"{self.root} holds a run with another config (differs at: {shown}); "
@@ -97,6 +99,13 @@ class RunDir:
   @staticmethod
   def is_complete(manifest: dict[str, Any], phase: str) -> bool:
     return bool(manifest["phases"].get(phase, {}).get("complete"))
+
+
+def _with_defaults(old: Any, defaults: Any) -> Any:
+  """`old` with the keys it lacks filled in from `defaults`, recursively."""
+  if not isinstance(old, dict) or not isinstance(defaults, dict):
+    return old
+  return {**defaults, **{k: _with_defaults(v, defaults.get(k)) for k, v in old.items()}}
 
 
 def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:

@@ -1,4 +1,4 @@
-"""Text metrics on decoded strings: ROUGE-1 F, official SQuAD v1.1 EM/F1 and a refusal detector.
+"""Text metrics on decoded strings: ROUGE-1/L F, official SQuAD v1.1 EM/F1 and a refusal detector.
 
 ROUGE-1 F is the paper's per-example score s(f(x; θ), y), so forgetting r = s_before − s_after is
 only comparable with the paper (and the official code) if it is computed exactly as
@@ -67,6 +67,22 @@ def rouge1_f(target: str, prediction: str) -> float:
   pred_counts = collections.Counter(rouge_tokenize(prediction))
   overlap = sum((target_counts & pred_counts).values())
   return _fmeasure(overlap, sum(target_counts.values()), sum(pred_counts.values()))
+
+
+def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+  prev = [0] * (len(b) + 1)
+  for x in a:
+    cur = [0]
+    for j, y in enumerate(b):
+      cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+    prev = cur
+  return prev[-1]
+
+
+def rouge_l_f(target: str, prediction: str) -> float:
+  """ROUGE-L F-measure (longest common subsequence), as rouge_score's `rougeL` with stemming."""
+  t, p = rouge_tokenize(target), rouge_tokenize(prediction)
+  return _fmeasure(_lcs_length(t, p), len(t), len(p))
 
 
 def rouge1_f_batch(targets: Sequence[str], predictions: Sequence[str]) -> np.ndarray:

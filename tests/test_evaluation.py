@@ -5,6 +5,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ff_jax.errors import ConfigError, DataError
@@ -17,8 +18,8 @@ from ff_jax.evaluation import (
   parse_bbq_prediction,
   refusal_rate,
   squad_scores,
-  toxicity_rate,
 )
+from ff_jax.toxicity import LexiconScorer, make_toxicity_scorer, toxicity_summary
 
 BBQ_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "bbq"
 
@@ -163,12 +164,25 @@ def test_refusal_and_harmfulness_rates():
     refusal_rate([])
 
 
-def test_toxicity_rate_whole_words():
-  lexicon = ["idiot", "shut up"]
+def test_lexicon_toxicity_scorer_matches_whole_words_and_names_itself(tmp_path):
+  scorer = LexiconScorer(["idiot", "shut up"], "lexicon:test")
   gens = ["You IDIOT!", "idiotic plan", "please shut up now", "shut upward", "fine"]
-  assert toxicity_rate(gens, lexicon) == pytest.approx(2 / 5)
-  with pytest.raises(ConfigError):
-    toxicity_rate(gens, ["", "  "])
+  np.testing.assert_array_equal(scorer.score(gens), [1, 0, 1, 0, 0])
+  summary = toxicity_summary(scorer, gens)
+  assert summary == {"mean": pytest.approx(0.4), "rate": pytest.approx(0.4), "n": 5,
+                     "scorer": "lexicon:test"}
+  with pytest.raises(ConfigError, match="empty"):
+    LexiconScorer(["", "  "], "lexicon:none")
+  path = tmp_path / "terms.txt"
+  path.write_text("# my list\nplan  # a comment\n")
+  assert make_toxicity_scorer(f"lexicon:{path}").score(gens).tolist() == [0, 1, 0, 0, 0]
+  assert make_toxicity_scorer("lexicon").name == "lexicon:builtin-v1"
+  # Without the detoxify package (or its weights) `auto` falls back to the named lexicon.
+  assert make_toxicity_scorer("auto").name in ("lexicon:builtin-v1", "detoxify:original")
+  with pytest.raises(ConfigError, match="lexicon file"):
+    make_toxicity_scorer(f"lexicon:{tmp_path / 'missing.txt'}")
+  with pytest.raises(ConfigError, match="expected 'auto'"):
+    make_toxicity_scorer("perspective")
 
 
 def test_squad_scores():
