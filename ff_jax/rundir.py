@@ -1,8 +1,10 @@
 """The run directory: where each phase writes, and the manifest that makes a run resumable.
 
 `manifest.json` records the run's config, the fingerprints of its data and model, and which phases
-are complete. It is rewritten atomically after each phase, so a phase is complete exactly when the
-manifest says so; anything a killed phase left behind is ignored or overwritten on the rerun.
+are complete. A run resumes only with the same config and data, except for the settings of phases
+that have not run yet (`LATE_KEYS`). It is rewritten atomically after each phase, so a phase is
+complete exactly when the manifest says so; anything a killed phase left behind is ignored or
+overwritten on the rerun.
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ MANIFEST_VERSION = 1
 # The phases of a run, in order (ff_jax.pipeline runs them; reports list them this way).
 PHASES = ("release", "noisy", "score_before", "safety", "safety_replicas", "score_after",
           "filter", "clean", "evaluate")
+
+# Config keys (dotted prefixes) that matter only from a given phase on. They may change while that
+# phase has not completed, e.g. a new held-out set for `evaluate` or another threshold before
+# `filter` runs; every other key is fixed for the life of a run directory.
+LATE_KEYS = {"filter": "filter", "clean": "clean", "evaluate": "evaluate", "data.eval": "evaluate"}
 
 
 class RunDir:
@@ -75,17 +82,29 @@ class RunDir:
       self.write(manifest)
       return manifest
     changed = _diff(_with_defaults(manifest.get("config", {}), defaults or {}), config)
-    if changed:
-      shown = ", ".join(changed[:6]) + (" ..." if len(changed) > 6 else "")
+    blocking = [k for k in changed if not self._still_open(manifest, k)]
+    if blocking:
+      shown = ", ".join(blocking[:6]) + (" ..." if len(blocking) > 6 else "")
       raise RunDirError(f"{self.root} holds a run with another config (differs at: {shown}); "
                         "use another run_dir, or pass --restart to start over")
     old_prints = manifest.get("fingerprints", {})
     moved = sorted(k for k in set(old_prints) | set(fingerprints)
                    if old_prints.get(k) != fingerprints.get(k))
-    if moved:
+    blocking = [k for k in moved if not self._still_open(manifest, f"data.{k}")]
+    if blocking:
       raise RunDirError(f"{self.root} was run on other data or another model (fingerprint of "
-                        f"{', '.join(moved)} changed); use another run_dir, or pass --restart")
+                        f"{', '.join(blocking)} changed); use another run_dir, or pass --restart")
+    if changed or moved:
+      # Only settings of phases that have not run yet changed: the run goes on with them.
+      manifest.update(config=config, fingerprints=fingerprints)
+      self.write(manifest)
     return manifest
+
+  @classmethod
+  def _still_open(cls, manifest: dict[str, Any], key: str) -> bool:
+    """Whether config key `key` only matters to a phase that has not completed yet."""
+    matches = [p for p in LATE_KEYS if key == p or key.startswith(p + ".")]
+    return bool(matches) and not cls.is_complete(manifest, LATE_KEYS[max(matches, key=len)])
 
   def write(self, manifest: dict[str, Any]) -> None:
     if is_primary():

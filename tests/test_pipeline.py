@@ -299,6 +299,23 @@ def test_a_config_key_added_later_keeps_old_runs_resumable_at_its_default(tmp_pa
              defaults=defaults)
 
 
+def test_settings_of_phases_not_yet_run_may_change(tmp_path):
+  run = RunDir(tmp_path / "run")
+  cfg = {"seed": 0, "filter": {"threshold": "auto"}, "data": {"noisy": "n.jsonl", "eval": ""}}
+  manifest = run.open(cfg, {"noisy": "abc"})
+  run.mark_complete(manifest, "noisy", 1.0)
+  # Before `filter` runs its threshold may change, and a held-out set may come before `evaluate`.
+  later = {**cfg, "filter": {"threshold": "fixed:0.5"}, "data": {**cfg["data"], "eval": "e.jsonl"}}
+  manifest = run.open(later, {"noisy": "abc", "eval": "def"})
+  assert run.read_manifest()["config"] == later
+  assert run.read_manifest()["fingerprints"] == {"noisy": "abc", "eval": "def"}
+  run.mark_complete(manifest, "filter", 1.0)
+  with pytest.raises(RunDirError, match="filter.threshold"):
+    run.open({**later, "filter": {"threshold": "auto"}}, {"noisy": "abc", "eval": "def"})
+  with pytest.raises(RunDirError, match="fingerprint of noisy"):
+    run.open(later, {"noisy": "xyz", "eval": "def"})
+
+
 def test_every_example_flagged_stops_before_clean_with_a_clear_error(tiny_model, tmp_path):
   noisy = write_jsonl(tmp_path / "noisy.jsonl", NOISY)
   safe = write_jsonl(tmp_path / "safe.jsonl", SAFE)
