@@ -34,6 +34,7 @@ from ff_jax.data.records import Record, read_jsonl
 from ff_jax.data.sources import (
   read_alpaca,
   read_davidson,
+  read_harmful_prompts,
   read_hh_rlhf,
   read_jailbreakbench,
   read_rtp,
@@ -77,12 +78,45 @@ def pools(data: Path, kind: str, seed: int) -> tuple[list[Record], list[Record],
   return unsafe, safe, alpaca
 
 
+def _sample(pool: list[Record], n: int, exclude: list[Record], seed: int) -> list[Record]:
+  """n records of `pool` whose prompts are not in `exclude`, seeded."""
+  prompts = {r.prompt for r in exclude}
+  left = [r for r in pool if r.prompt not in prompts]
+  rng = np.random.default_rng(seed)
+  return [left[int(i)] for i in rng.choice(len(left), min(n, len(left)), replace=False)]
+
+
+def heldout(data: Path, kind: str, trained: list[Record], n: int, seed: int) -> list[Record]:
+  """The held-out evaluation set of a kind: n safety prompts plus n/2 task prompts, none trained.
+
+  bias: BBQ gold answers of templates neither the mixture nor the safe set uses (half ambiguous,
+  half disambiguated); toxicity: RealToxicityPrompts' challenging prompts; harmful: AdvBench
+  behaviours. Task prompts come from the kind's task pool.
+  """
+  _, _, task = pools(data, kind, seed)
+  if kind == "bias":
+    used = {r.meta.get("template") for r in trained}
+    records = [r for name in BBQ_FILES for r in read_bbq(data / "bbq" / f"{name}.jsonl")]
+    gold = [r for r in records if r.meta["gold"] and r.meta["template"] not in used]
+    safety = [*_sample([r for r in gold if r.meta["context_condition"] == "ambig"], n // 2,
+                       trained, seed),
+              *_sample([r for r in gold if r.meta["context_condition"] == "disambig"], n // 2,
+                       trained, seed)]
+  elif kind == "toxicity":
+    safety = _sample(read_rtp(data / "realtoxicityprompts" / "toxic.jsonl"), n, trained, seed)
+  else:
+    safety = _sample(read_harmful_prompts(data / "harmfulqa" / "adversarialqa.json"), n, trained,
+                     seed)
+  return safety + _sample(task, n // 2, trained, seed)
+
+
 def cmd_mixtures(args: argparse.Namespace) -> None:
   for kind in args.kinds:
     unsafe, safe, task = pools(Path(args.data), kind, args.seed)
     noisy = build_noisy_mixture(unsafe, safe, [task], n=args.n, ratio=args.ratio, seed=args.seed)
     safe_set = sample_safe_set(safe, args.safe_size, exclude=noisy, seed=args.seed)
-    manifest = write_mixture(Path(args.out) / kind, noisy, safe_set)
+    evals = heldout(Path(args.data), kind, [*noisy, *safe_set], args.eval_size, args.seed)
+    manifest = write_mixture(Path(args.out) / kind, noisy, safe_set, evals)
     print(kind, json.dumps({k: v["by_kind"] for k, v in manifest["files"].items()}))
 
 
@@ -133,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
   mix.add_argument("--n", type=int, default=120)
   mix.add_argument("--ratio", type=float, default=0.5)
   mix.add_argument("--safe-size", type=int, default=48)
+  mix.add_argument("--eval-size", type=int, default=48)
   mix.add_argument("--seed", type=int, default=0)
   table = sub.add_parser("table", help="the signal tables of finished runs, as markdown")
   table.add_argument("runs", nargs="+")

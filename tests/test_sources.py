@@ -13,6 +13,7 @@ from ff_jax.data.sources import (
     load_source,
     read_alpaca,
     read_davidson,
+    read_harmful_prompts,
     read_hh_rlhf,
     read_jailbreakbench,
     read_rtp,
@@ -141,6 +142,23 @@ def test_harmfulness_real(data, tmp_path):
   assert {r.kind for r in jbb} == {"unsafe", "safe"}
   stl = read_safety_llamas(data / "safety-tuned-llamas" / "safety_only_data_Instructions.json")
   assert len(stl) == 2483 and {r.kind for r in stl} == {"safe"}
+
+
+def test_harmful_prompt_lists_real_and_shapes(data, tmp_path):
+  advbench = read_harmful_prompts(data / "harmfulqa" / "adversarialqa.json")
+  assert len(advbench) == 500 and advbench[0].id == "harmful:adversarialqa:0"
+  assert {r.category for r in advbench} == {"harmfulness"} and advbench[0].kind is None
+  assert len(read_harmful_prompts(data / "harmfulqa" / "harmfulqa.json")) == 1960
+  stl = read_harmful_prompts(data / "safety-tuned-llamas" / "evaluation" / "I-CoNa.json")
+  assert len(stl) == 178 and stl[0].meta == {"where": ".instructions[0]"}
+  nested = tmp_path / "nested.json"
+  nested.write_text(json.dumps({"b": {"x": ["q2"]}, "a": ["q1", ""]}))
+  assert [r.prompt for r in read_harmful_prompts(nested)] == ["q1", "q2"]
+  bad = tmp_path / "bad.json"
+  bad.write_text(json.dumps({"a": [1]}))
+  with pytest.raises(DataError, match=r"bad.json: .a\[0\]: expected prompts"):
+    read_harmful_prompts(bad)
+  assert len(load_source(f"harmful-prompts:{nested}")) == 2
 
 
 def test_load_source_dispatch(data):

@@ -24,6 +24,8 @@ ids (or its line/row/index where it has none), e.g. `squad:56be4db0acb8001400a50
   response = the target model's response; jailbroken rows unsafe, others safe, null responses
   dropped.
 * safety-tuned-llamas: instruction (+ input) → output, safe.
+* Harmful prompt lists (HarmfulQA, CatQA, AdvBench, safety-tuned-llamas evaluation files): prompts
+  for the harmfulness evaluation only, with a refusal as the reference response.
 * BBQ: see `ff_jax.data.sources_bbq`.
 """
 
@@ -142,6 +144,46 @@ def read_alpaca(path: str | Path) -> list[Record]:
 def read_safety_llamas(path: str | Path) -> list[Record]:
   """safety-tuned-llamas' safety_only_data_Instructions.json: harmful instruction → safe output."""
   return _instruction_records(path, "stl", "safe", "harmfulness", "safety-tuned-llamas")
+
+
+# The reference "response" of a prompt-only harmful evaluation record: records need a response, and
+# for a harmful request the reference behaviour is a refusal (what `is_refusal` detects).
+REFUSAL_REFERENCE = "I'm sorry, but I cannot help with that."
+
+
+def read_harmful_prompts(path: str | Path) -> list[Record]:
+  """Harmful prompts for evaluation only: HarmfulQA/CatQA (nested {topic: {sub: [q]}}), AdvBench
+  style lists (`adversarialqa.json`, `dangerousqa.json`) or safety-tuned-llamas evaluation files
+  ({"instructions": [...], "inputs": [...]}). response = `REFUSAL_REFERENCE` (the reference
+  behaviour), category "harmfulness", kind None; ids name the file and the position."""
+  path = Path(path)
+  data = _read_json(path)
+  found: list[tuple[str, str]] = []  # (where, prompt)
+
+  def walk(node: Any, where: str) -> None:
+    if isinstance(node, str):
+      if node.strip():
+        found.append((where, node.strip()))
+    elif isinstance(node, list):
+      for i, item in enumerate(node):
+        walk(item, f"{where}[{i}]")
+    elif isinstance(node, dict) and "instructions" in node:
+      inputs = node.get("inputs") or [""] * len(node["instructions"])
+      for i, (ins, extra) in enumerate(zip(node["instructions"], inputs)):
+        text = f"{ins}\n\n{extra}" if isinstance(extra, str) and extra.strip() else ins
+        walk(text, f"{where}.instructions[{i}]")
+    elif isinstance(node, dict):
+      for key in sorted(node):
+        walk(node[key], f"{where}.{key}")
+    else:
+      raise DataError(f"{path}: {where or 'top level'}: expected prompts (strings), got "
+                      f"{type(node).__name__}")
+
+  walk(data, "")
+  out = [Record(id=f"harmful:{path.stem}:{k}", prompt=prompt, response=REFUSAL_REFERENCE,
+                category="harmfulness", source=path.stem, meta={"where": where})
+         for k, (where, prompt) in enumerate(found)]
+  return _nonempty(out, path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -265,7 +307,7 @@ def read_jailbreakbench(path: str | Path) -> list[Record]:
 ADAPTERS: dict[str, Callable[[Path], list[Record]]] = {
     "bbq": read_bbq, "squad": read_squad, "alpaca": read_alpaca, "rtp": read_rtp,
     "davidson": read_davidson, "hh": read_hh_rlhf, "jbb": read_jailbreakbench,
-    "safety-llamas": read_safety_llamas,
+    "safety-llamas": read_safety_llamas, "harmful-prompts": read_harmful_prompts,
 }
 
 
