@@ -1,6 +1,6 @@
 """`ff-jax` command line: run, filter, report.
 
-  ff-jax run [CONFIG.yaml] [key=value ...] [--restart] [--until PHASE]
+  ff-jax run [CONFIG.yaml] [key=value ...] [--restart] [--until PHASE] [--from PHASE]
   ff-jax filter --model PATH --noisy FILE --safe FILE [--run-dir DIR] [key=value ...]
   ff-jax report RUN_DIR
   ff-jax baseline {random,oracle,replay} RUN_DIR
@@ -29,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
   run.add_argument("--restart", action="store_true",
                    help="clear the run directory and start over")
   run.add_argument("--until", metavar="PHASE", help="stop after this phase")
+  run.add_argument("--from", dest="redo_from", metavar="PHASE",
+                   help="run this phase and every later one again (e.g. filter, with another "
+                        "filter.signal)")
 
   filt = sub.add_parser("filter", help="ForgetFilter on your own model and data")
   filt.add_argument("--model", required=True, help="HF folder or .gguf file of the aligned model")
@@ -37,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
   filt.add_argument("--run-dir", default="runs/filter")
   filt.add_argument("--restart", action="store_true")
   filt.add_argument("--until", metavar="PHASE")
+  filt.add_argument("--from", dest="redo_from", metavar="PHASE")
   filt.add_argument("overrides", nargs="*", metavar="key=value")
 
   base = sub.add_parser("baseline", help="a baseline filter on a finished run (report row)")
@@ -125,7 +129,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     cfg = config_lib.load_config(preset, [
         f"model.source={args.model}", f"data.noisy={args.noisy}", f"data.safe={args.safe}",
         f"run_dir={args.run_dir}", *args.overrides])
-  root = run_job(cfg, restart=args.restart, until=args.until)
+  root = run_job(cfg, restart=args.restart, until=args.until, redo_from=args.redo_from)
   if not args.until or args.until == PHASES[-1]:
     from ff_jax.report import summary_figures
 

@@ -53,7 +53,7 @@ def log(message: str) -> None:
 class Job:
   """One run of the pipeline over a run directory."""
 
-  def __init__(self, cfg: RunConfig, restart: bool = False):
+  def __init__(self, cfg: RunConfig, restart: bool = False, redo_from: str | None = None):
     self.cfg = cfg
     self.run = RunDir(cfg.run_dir)
     self.mesh = parallel.make_mesh(cfg.mesh)
@@ -67,7 +67,7 @@ class Job:
     self.safe = encode_examples(tok, self.inputs.safe, self.template, cfg.data.max_len,
                                 cfg.data.overflow)
     self.manifest = self.run.open(cfg.to_dict(), self.inputs.fingerprints, restart=restart,
-                                  defaults=RunConfig().to_dict())
+                                  defaults=RunConfig().to_dict(), redo_from=redo_from)
     if jax.process_index() == 0:
       save_tokenizer(self.inputs.tokenizer, self.run)
     self.runtime = ModelRuntime.create(self.inputs.model_config, self.mesh)
@@ -288,7 +288,8 @@ class Job:
     return self.manifest
 
 
-def run_job(cfg: RunConfig, restart: bool = False, until: str | None = None) -> Path:
-  job = Job(cfg, restart=restart)
+def run_job(cfg: RunConfig, restart: bool = False, until: str | None = None,
+            redo_from: str | None = None) -> Path:
+  job = Job(cfg, restart=restart, redo_from=redo_from)
   job.execute(until)
   return job.run.root

@@ -63,16 +63,24 @@ class RunDir:
                         "start this run directory over") from None
 
   def open(self, config: dict[str, Any], fingerprints: dict[str, str],
-           restart: bool = False, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+           restart: bool = False, defaults: dict[str, Any] | None = None,
+           redo_from: str | None = None) -> dict[str, Any]:
     """Load the manifest, refusing one written for another config or other data.
 
-    With `restart`, everything in the directory is removed first. A key the manifest's config
-    lacks (one a newer ff_jax added) is compared with its value in `defaults`: an old run resumes
-    as long as the new key keeps its default, which is what the old code did.
+    With `restart`, everything in the directory is removed first; with `redo_from`, that phase
+    and every later one count as not run (their outputs are rewritten), so e.g. the filter can
+    run again with another `filter.signal` on the scores it already has. A key the manifest's
+    config lacks (one a newer ff_jax added) is compared with its value in `defaults`: an old run
+    resumes as long as the new key keeps its default, which is what the old code did.
     """
     if restart and self.root.exists() and is_primary():
       shutil.rmtree(self.root)
     manifest = self.read_manifest()
+    if manifest is not None and redo_from is not None:
+      if redo_from not in PHASES:
+        raise RunDirError(f"--from {redo_from}: not a phase; phases are {', '.join(PHASES)}")
+      for phase in PHASES[PHASES.index(redo_from):]:
+        manifest["phases"].pop(phase, None)
     if manifest is None:
       if self.root.exists() and any(self.root.iterdir()):
         raise RunDirError(f"{self.root}: exists, is not empty and has no manifest.json; choose "
@@ -94,7 +102,7 @@ class RunDir:
     if blocking:
       raise RunDirError(f"{self.root} was run on other data or another model (fingerprint of "
                         f"{', '.join(blocking)} changed); use another run_dir, or pass --restart")
-    if changed or moved:
+    if changed or moved or redo_from:
       # Only settings of phases that have not run yet changed: the run goes on with them.
       manifest.update(config=config, fingerprints=fingerprints)
       self.write(manifest)

@@ -314,6 +314,12 @@ def test_settings_of_phases_not_yet_run_may_change(tmp_path):
     run.open({**later, "filter": {"threshold": "auto"}}, {"noisy": "abc", "eval": "def"})
   with pytest.raises(RunDirError, match="fingerprint of noisy"):
     run.open(later, {"noisy": "xyz", "eval": "def"})
+  # --from filter: the filter (and what follows) runs again, so its settings may change again.
+  again = {**later, "filter": {"threshold": "auto"}}
+  manifest = run.open(again, {"noisy": "abc", "eval": "def"}, redo_from="filter")
+  assert set(manifest["phases"]) == {"noisy"} and set(run.read_manifest()["phases"]) == {"noisy"}
+  with pytest.raises(RunDirError, match="not a phase"):
+    run.open(again, {"noisy": "abc", "eval": "def"}, redo_from="filtering")
 
 
 def test_every_example_flagged_stops_before_clean_with_a_clear_error(tiny_model, tmp_path):
