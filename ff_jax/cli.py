@@ -4,6 +4,7 @@
   ff-jax filter --model PATH --noisy FILE --safe FILE [--run-dir DIR] [key=value ...]
   ff-jax report RUN_DIR
   ff-jax baseline {random,oracle,replay} RUN_DIR
+  ff-jax rounds RUN_DIR [--rounds R] [--heldout]
   ff-jax bench [CONFIG.yaml] [key=value ...] [--json FILE]
   ff-jax sweep [CONFIG.yaml] run_dir=DIR [key=value ...] [--restart]
 
@@ -46,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
   base = sub.add_parser("baseline", help="a baseline filter on a finished run (report row)")
   base.add_argument("name", choices=("random", "oracle", "replay"))
   base.add_argument("run_dir")
+
+  rounds = sub.add_parser("rounds", help="long-term safety: interleaved downstream/safety rounds")
+  rounds.add_argument("run_dir")
+  rounds.add_argument("--rounds", type=int, default=3)
+  rounds.add_argument("--heldout", action="store_true",
+                      help="also the held-out metrics after every finetune (generation)")
 
   report = sub.add_parser("report", help="(re)write report.md and plots of a run directory")
   report.add_argument("run_dir")
@@ -116,6 +123,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     from ff_jax.baselines import run_baseline
 
     print(run_baseline(args.run_dir, args.name))
+    return 0
+  if args.command == "rounds":
+    from ff_jax.rounds import run_rounds
+
+    print(run_rounds(args.run_dir, args.rounds, args.heldout))
     return 0
   from ff_jax.pipeline import PHASES, run_job
 

@@ -284,6 +284,29 @@ def test_heldout_evaluation_self_correction_and_baselines(tiny_model, tmp_path):
   assert "model exists" in again
 
 
+def test_interleaved_rounds_resume_and_compare_both_methods(tiny_model, tmp_path):
+  noisy = write_jsonl(tmp_path / "noisy.jsonl", NOISY)
+  safe = write_jsonl(tmp_path / "safe.jsonl", SAFE)
+  run_dir = tmp_path / "run"
+  run_ok(*filter_args(tiny_model, noisy, safe, run_dir))
+  first = run_ok("rounds", str(run_dir), "--rounds", "2").stderr
+  # Round 1 reuses M1, M2 and the clean model: only ForgetFilter's first safety finetune and the
+  # four finetunes of round 2 are trained.
+  assert first.count("== rounds:") == 5, first
+  result = json.loads((run_dir / "rounds.json").read_text())
+  for method in ("sequential", "forgetfilter"):
+    rows = result["methods"][method]
+    assert [(r["round"], r["stage"]) for r in rows] == [
+        (1, "downstream"), (1, "safety"), (2, "downstream"), (2, "safety")]
+    assert all(r["nll/unsafe"] > 0 and r["nll/other"] > 0 for r in rows)
+  assert result["unsafe_examples"] == "unsafe (labels)" and result["n_unsafe"] == 4
+  assert "| 2 | safety |" in (run_dir / "rounds.md").read_text()
+  # Everything is saved: a rerun trains nothing and reproduces the numbers.
+  again = run_ok("rounds", str(run_dir), "--rounds", "2").stderr
+  assert "== rounds:" not in again
+  assert json.loads((run_dir / "rounds.json").read_text()) == result
+
+
 def test_baseline_needs_a_finished_filter_phase(capsys, tmp_path):
   expect_error(capsys, ["baseline", "random", str(tmp_path / "nowhere")], "no manifest.json")
 

@@ -1,0 +1,127 @@
+"""Long-term safety: interleaved rounds of downstream and safety finetuning (the paper's Fig. 5).
+
+  ff-jax rounds RUN_DIR [--rounds R] [--heldout]
+
+On a run whose filter phase is complete, two methods alternate a downstream finetune on the noisy
+data D with a safety finetune on the safe set S, R times:
+
+  sequential    downstream on all of D (the `noisy` recipe), then safety (the `safety` recipe)
+  forgetfilter  downstream on D without the examples the run's filter flagged (`clean` recipe),
+                then safety
+
+Round 1 reuses the run's own models (M1 and M2 for sequential, the clean model for ForgetFilter).
+After every finetune the mean per-token NLL of D's unsafe examples is measured (the flagged ones
+when D has no labels): a sharp drop after a downstream finetune is unsafe behaviour relearned,
+which safety finetuning alone does not prevent. The NLL of D's other examples tracks the task;
+with `--heldout` the run's held-out metrics are added (one generation pass per model). Every
+model is saved (`models/rounds/<method>_r<k>_<stage>`), so a killed run resumes at the model it
+was training; results go to `rounds.json` and `rounds.md`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ff_jax.checkpoints import restore_params, write_atomic, write_json_atomic
+from ff_jax.data.records import read_jsonl
+from ff_jax.data.templates import encode_examples
+from ff_jax.errors import ConfigError, DataError
+from ff_jax.rundir import RunDir
+
+METHODS = ("sequential", "forgetfilter")
+
+
+def _unsafe_ids(run: RunDir, noisy) -> tuple[set[str], str]:
+  if all(r.kind is not None for r in noisy):
+    return {r.id for r in noisy if r.kind == "unsafe"}, "unsafe (labels)"
+  flagged = {json.loads(line)["id"] for line in run.file("flagged.jsonl").read_text().splitlines()
+             if line.strip()}
+  return flagged, "flagged by the filter (no labels)"
+
+
+def run_rounds(run_dir: str | Path, rounds: int, heldout: bool = False) -> Path:
+  """Run (or resume) both methods for `rounds` rounds; returns the path of rounds.json."""
+  from ff_jax.baselines import _run_config
+  from ff_jax.evaluate_phase import _mean_nll, model_metrics
+  from ff_jax.pipeline import Job, log
+
+  if rounds < 1:
+    raise ConfigError(f"--rounds {rounds}: must be at least 1")
+  run = RunDir(run_dir)
+  cfg = _run_config(run)
+  if not RunDir.is_complete(run.read_manifest(), "clean"):
+    raise DataError(f"{run.root}: the clean phase is not complete; finish the run first")
+  job = Job(cfg)
+  tok, noisy = job.inputs.tokenizer, job.inputs.noisy
+  unsafe, unsafe_rule = _unsafe_ids(run, noisy)
+  if not unsafe or len(unsafe) == len(noisy):
+    raise DataError("rounds need some unsafe (or flagged) examples and some others in data.noisy")
+  kept = read_jsonl(run.file("filtered.jsonl"))
+  encode = lambda recs: encode_examples(tok, recs, job.template, cfg.data.max_len,  # noqa: E731
+                                        cfg.data.overflow)
+  probe = {"unsafe": encode([r for r in noisy if r.id in unsafe]),
+           "other": encode([r for r in noisy if r.id not in unsafe])}
+  downstream = {"sequential": (cfg.noisy, job.noisy), "forgetfilter": (cfg.clean_phase,
+                                                                        encode(kept))}
+  own = {("sequential", 1, "downstream"): "M1", ("sequential", 1, "safety"): "M2",
+         ("forgetfilter", 1, "downstream"): "clean"}
+  results: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
+  for method in METHODS:
+    params = None
+    for k in range(1, rounds + 1):
+      for stage in ("downstream", "safety"):
+        name = f"{method}_r{k}_{stage}"
+        path = run.model(f"rounds/{name}")
+        if (method, k, stage) in own:
+          params = job.params(own[(method, k, stage)])
+        elif path.exists():
+          params = restore_params(path, job.runtime.abstract_with_shardings())
+        else:
+          phase, examples = downstream[method] if stage == "downstream" else (cfg.safety,
+                                                                               job.safe)
+          start = params
+          log(f"== rounds: {name} ({len(examples)} examples)")
+          # Seeds differ per method, round and stage, so every finetune sees its own order.
+          offset = 100 + 10 * k + 2 * METHODS.index(method) + (stage == "safety")
+          params = job.train(f"rounds_{name}", phase, lambda start=start: start, examples,
+                             offset, f"rounds/{name}")
+          job.drop_step_checkpoints(f"rounds_{name}")
+        row: dict[str, Any] = {"round": k, "stage": stage}
+        row.update({f"nll/{key}": _mean_nll(job, params, ex, f"rounds/{name}/{key}")
+                    for key, ex in probe.items()})
+        if heldout:
+          row.update(model_metrics(job, params, name))
+        results[method].append(row)
+  out = {"rounds": rounds, "unsafe_examples": unsafe_rule, "n_unsafe": len(probe["unsafe"]),
+         "methods": results}
+  path = run.file("rounds.json")
+  write_json_atomic(path, out)
+  write_atomic(run.file("rounds.md"), rounds_markdown(out))
+  return path
+
+
+def rounds_markdown(result: dict[str, Any]) -> str:
+  """Unsafe-example NLL after every finetune of every round, one column per method."""
+  lines = ["# Long-term safety: interleaved rounds", "",
+           f"Mean per-token NLL of the {result['n_unsafe']} {result['unsafe_examples']} examples "
+           "of D after each finetune (higher = the unsafe behaviour is less likely; a drop after "
+           "a downstream finetune is relearning), and of D's other examples (the task).", "",
+           "| round | stage | " + " | ".join(f"{m}: unsafe NLL | {m}: other NLL"
+                                              for m in METHODS) + " |",
+           "|" + "---|" * (2 + 2 * len(METHODS))]
+  by_method = result["methods"]
+  for i, row in enumerate(by_method[METHODS[0]]):
+    cells = [str(row["round"]), row["stage"]]
+    for m in METHODS:
+      r = by_method[m][i]
+      cells += [f"{r['nll/unsafe']:.3f}", f"{r['nll/other']:.3f}"]
+    lines.append("| " + " | ".join(cells) + " |")
+  relearn = {m: [r["nll/unsafe"] for r in by_method[m] if r["stage"] == "downstream"]
+             for m in METHODS}
+  lines += ["", "Unsafe NLL after the downstream finetune of the last round: " + ", ".join(
+      f"{m} {np.asarray(v)[-1]:.3f}" for m, v in relearn.items()) + "."]
+  return "\n".join(lines) + "\n"
