@@ -164,13 +164,21 @@ class Job:
     spec = self.spec("safety", self.cfg.safety, len(self.safe), 4)
     seeds = [spec.seed + 1_000_003 * i for i in range(1, k)]
     pad_id = self.inputs.tokenizer.pad_id
-    iterators = [TrainIterator(self.safe, spec.batch_size, seed, spec.buckets, pad_id=pad_id)
-                 for seed in seeds]
-    trainer = ReplicaTrainer(self.runtime, spec.optim, spec.steps, k - 1)
-    nll = train_replicas(trainer, self.params("M1"), iterators, [spec.steps], self.noisy,
-                         self.cfg.scoring.batch_size, spec.buckets, pad_id)
+    # Memory grows with the stack (K − 1 copies of params, moments and activations); passes of
+    # `replicas_per_pass` bound it and give the same replicas (each has its own batch stream).
+    per_pass = self.cfg.scoring.replicas_per_pass or len(seeds)
+    rows = []
+    for start in range(0, len(seeds), per_pass):
+      chunk = seeds[start:start + per_pass]
+      iterators = [TrainIterator(self.safe, spec.batch_size, seed, spec.buckets, pad_id=pad_id)
+                   for seed in chunk]
+      trainer = ReplicaTrainer(self.runtime, spec.optim, spec.steps, len(chunk))
+      nll = train_replicas(trainer, self.params("M1"), iterators, [spec.steps], self.noisy,
+                           self.cfg.scoring.batch_size, spec.buckets, pad_id)
+      rows += nll[:, -1].tolist()
+      log(f"safety replicas: {start + len(chunk)}/{len(seeds)} trained")
     write_json_atomic(self.run.file("scores_replicas.json"),
-                      {"seeds": seeds, "steps": spec.steps, "nll": nll[:, -1].tolist()})
+                      {"seeds": seeds, "steps": spec.steps, "nll": rows})
     return {"replicas": k}
 
   def score(self, model: str, name: str) -> dict[str, Any]:

@@ -28,6 +28,10 @@ PHASES = ("release", "noisy", "score_before", "safety", "safety_replicas", "scor
 # phase has not completed, e.g. a new held-out set for `evaluate` or another threshold before
 # `filter` runs; every other key is fixed for the life of a run directory.
 LATE_KEYS = {"filter": "filter", "clean": "clean", "evaluate": "evaluate", "data.eval": "evaluate"}
+# Memory and batching knobs: they may change at any time, since they change results only in float
+# rounding (how rows are grouped into padded batches, how many replicas share a compiled step).
+FREE_KEYS = ("scoring.batch_size", "scoring.gradient_batch_size", "scoring.replicas_per_pass",
+             "scoring.gradient_max_gib", "evaluate.batch_size")
 
 
 class RunDir:
@@ -110,7 +114,10 @@ class RunDir:
 
   @classmethod
   def _still_open(cls, manifest: dict[str, Any], key: str) -> bool:
-    """Whether config key `key` only matters to a phase that has not completed yet."""
+    """Whether config key `key` may change: a knob of `FREE_KEYS`, or a setting that only
+    matters to a phase that has not completed yet."""
+    if key in FREE_KEYS:
+      return True
     matches = [p for p in LATE_KEYS if key == p or key.startswith(p + ".")]
     return bool(matches) and not cls.is_complete(manifest, LATE_KEYS[max(matches, key=len)])
 

@@ -12,6 +12,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pipeline_helpers import (
   NOISY,
@@ -108,6 +109,15 @@ def test_every_signal_is_a_column_and_in_the_signal_report(reference):
     assert 0.0 <= row["auroc"] <= 1.0 and set(row["by_group"]) == {
         "category=bias", "category=harmful", "category=toxicity"}
   assert "Every signal under the filter's threshold rule" in (reference / "report.md").read_text()
+
+
+def test_replicas_trained_one_per_pass_match_the_stacked_ones(reference, tmp_path):
+  run_ok(*demo_args(tmp_path / "run", "scoring.replicas_per_pass=1"), "--until",
+         "safety_replicas")
+  one = json.loads((tmp_path / "run" / "scores_replicas.json").read_text())
+  stacked = json.loads((reference / "scores_replicas.json").read_text())
+  assert one["seeds"] == stacked["seeds"]
+  np.testing.assert_allclose(one["nll"], stacked["nll"], rtol=1e-4, atol=1e-5)
 
 
 # -- seeds ----------------------------------------------------------------------------------------
@@ -337,6 +347,10 @@ def test_settings_of_phases_not_yet_run_may_change(tmp_path):
     run.open({**later, "filter": {"threshold": "auto"}}, {"noisy": "abc", "eval": "def"})
   with pytest.raises(RunDirError, match="fingerprint of noisy"):
     run.open(later, {"noisy": "xyz", "eval": "def"})
+  # Batching and memory knobs may always change (they move results by float rounding only).
+  manifest = run.open({**later, "scoring": {"batch_size": 7}}, {"noisy": "abc", "eval": "def"},
+                      defaults={"scoring": {"batch_size": 32}})
+  later = {**later, "scoring": {"batch_size": 7}}
   # --from filter: the filter (and what follows) runs again, so its settings may change again.
   again = {**later, "filter": {"threshold": "auto"}}
   manifest = run.open(again, {"noisy": "abc", "eval": "def"}, redo_from="filter")
