@@ -17,6 +17,7 @@ from its newest step checkpoint.
 from __future__ import annotations
 
 import functools
+import json
 import shutil
 import sys
 import time
@@ -42,7 +43,7 @@ from ff_jax.scoring import (
   score_examples,
   score_snapshots,
 )
-from ff_jax.train import ModelRuntime, Scorer
+from ff_jax.train import ModelRuntime, Scorer, Trainer
 
 
 def log(message: str) -> None:
@@ -154,7 +155,7 @@ class Job:
     phase's own M2 they give the replica-ensemble signals. The phase reruns whole after a kill.
     """
     from ff_jax.data.batching import TrainIterator
-    from ff_jax.replicas import ReplicaTrainer, train_replicas
+    from ff_jax.replicas import ReplicaTrainer, train_replicas, train_single
 
     k = self.cfg.scoring.replicas
     if k < 1:
@@ -166,15 +167,29 @@ class Job:
     pad_id = self.inputs.tokenizer.pad_id
     # Memory grows with the stack (K − 1 copies of params, moments and activations); passes of
     # `replicas_per_pass` bound it and give the same replicas (each has its own batch stream).
+    # Each pass's scores are kept, so a killed phase resumes at the next pass.
     per_pass = self.cfg.scoring.replicas_per_pass or len(seeds)
+    single = None
     rows = []
     for start in range(0, len(seeds), per_pass):
       chunk = seeds[start:start + per_pass]
+      done = self.run.file("replicas") / f"pass_{start}.json"
+      if done.exists() and json.loads(done.read_text())["seeds"] == chunk:
+        rows += json.loads(done.read_text())["nll"]
+        continue
       iterators = [TrainIterator(self.safe, spec.batch_size, seed, spec.buckets, pad_id=pad_id)
                    for seed in chunk]
-      trainer = ReplicaTrainer(self.runtime, spec.optim, spec.steps, len(chunk))
-      nll = train_replicas(trainer, self.params("M1"), iterators, [spec.steps], self.noisy,
-                           self.cfg.scoring.batch_size, spec.buckets, pad_id)
+      if len(chunk) == 1:
+        # One replica: the ordinary (unvmapped) steps, compiled once for every pass.
+        single = single or (Trainer(self.runtime, spec.optim, spec.steps), self.scorer)
+        nll = train_single(self.runtime, spec.optim, self.params("M1"), iterators[0],
+                           [spec.steps], self.noisy, self.cfg.scoring.batch_size, spec.buckets,
+                           pad_id, trainer=single[0], scorer=single[1])[None]
+      else:
+        trainer = ReplicaTrainer(self.runtime, spec.optim, spec.steps, len(chunk))
+        nll = train_replicas(trainer, self.params("M1"), iterators, [spec.steps], self.noisy,
+                             self.cfg.scoring.batch_size, spec.buckets, pad_id)
+      write_json_atomic(done, {"seeds": chunk, "nll": nll[:, -1].tolist()})
       rows += nll[:, -1].tolist()
       log(f"safety replicas: {start + len(chunk)}/{len(seeds)} trained")
     write_json_atomic(self.run.file("scores_replicas.json"),
