@@ -27,7 +27,12 @@ PHASES = ("release", "noisy", "score_before", "safety", "safety_replicas", "scor
 # Config keys (dotted prefixes) that matter only from a given phase on. They may change while that
 # phase has not completed, e.g. a new held-out set for `evaluate` or another threshold before
 # `filter` runs; every other key is fixed for the life of a run directory.
-LATE_KEYS = {"filter": "filter", "clean": "clean", "evaluate": "evaluate", "data.eval": "evaluate"}
+LATE_KEYS = {
+    "scoring.rouge": "score_before", "scoring.max_new_tokens": "score_before",
+    "scoring.m0": "score_before", "scoring.gradient_blocks": "score_before",
+    "scoring.snapshot_every": "safety", "scoring.replicas": "safety_replicas",
+    "filter": "filter", "clean": "clean", "evaluate": "evaluate", "data.eval": "evaluate",
+}
 # Memory and batching knobs: they may change at any time, since they change results only in float
 # rounding (how rows are grouped into padded batches, how many replicas share a compiled step).
 FREE_KEYS = ("scoring.batch_size", "scoring.gradient_batch_size", "scoring.replicas_per_pass",

@@ -347,6 +347,13 @@ def test_settings_of_phases_not_yet_run_may_change(tmp_path):
     run.open({**later, "filter": {"threshold": "auto"}}, {"noisy": "abc", "eval": "def"})
   with pytest.raises(RunDirError, match="fingerprint of noisy"):
     run.open(later, {"noisy": "xyz", "eval": "def"})
+  # Scoring options of phases still to come may change too; those of finished ones may not.
+  run.open({**later, "scoring": {"replicas": 4}}, {"noisy": "abc", "eval": "def"},
+           defaults={"scoring": {"replicas": 1}})
+  run.mark_complete(manifest, "score_before", 1.0)
+  with pytest.raises(RunDirError, match="scoring.m0"):
+    run.open({**later, "scoring": {"replicas": 4, "m0": False}}, {"noisy": "abc", "eval": "def"},
+             defaults={"scoring": {"replicas": 1, "m0": True}})
   # Batching and memory knobs may always change (they move results by float rounding only).
   manifest = run.open({**later, "scoring": {"batch_size": 7}}, {"noisy": "abc", "eval": "def"},
                       defaults={"scoring": {"batch_size": 32}})
@@ -354,7 +361,8 @@ def test_settings_of_phases_not_yet_run_may_change(tmp_path):
   # --from filter: the filter (and what follows) runs again, so its settings may change again.
   again = {**later, "filter": {"threshold": "auto"}}
   manifest = run.open(again, {"noisy": "abc", "eval": "def"}, redo_from="filter")
-  assert set(manifest["phases"]) == {"noisy"} and set(run.read_manifest()["phases"]) == {"noisy"}
+  assert set(manifest["phases"]) == set(run.read_manifest()["phases"]) == {"noisy",
+                                                                           "score_before"}
   with pytest.raises(RunDirError, match="not a phase"):
     run.open(again, {"noisy": "abc", "eval": "def"}, redo_from="filtering")
 
