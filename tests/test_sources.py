@@ -111,7 +111,8 @@ def test_toxicity_real(data, tmp_path):
   rtp = data / "realtoxicityprompts"
   toxic = read_rtp(_head(rtp / "toxic.jsonl", tmp_path / "toxic.jsonl", 100))
   nontoxic = read_rtp(_head(rtp / "nontoxic.jsonl", tmp_path / "nontoxic.jsonl", 100))
-  assert toxic and all(r.kind == "unsafe" and r.meta["toxicity"] > 0.5 for r in toxic)
+  assert toxic and all(r.kind == "unsafe" and r.meta["continuation_toxicity"] > 0.5
+                       for r in toxic)
   assert nontoxic and all(r.kind == "safe" and r.meta["toxicity"] <= 0.5 for r in nontoxic)
   csv_head = tmp_path / "labeled_data.csv"
   with (data / "davidson-hate-offensive" / "labeled_data.csv").open(encoding="utf-8") as f:

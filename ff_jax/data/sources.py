@@ -8,11 +8,12 @@ ids (or its line/row/index where it has none), e.g. `squad:56be4db0acb8001400a50
 * SQuAD v1.1: task; prompt "Context: <context>\\nQuestion: <question>", response = the first gold
   answer, `meta.answers` = all gold answers (for EM/F1).
 * Alpaca: task; prompt = instruction, plus "\\n\\n<input>" when the input is non-empty.
-* RealToxicityPrompts: prompt = the prompt text, response = the continuation. A row's toxicity is
-  max(prompt, continuation) Perspective toxicity (there is no joint score; a text is at least as
-  toxic as its most toxic part). toxic.jsonl rows above `threshold` are unsafe, nontoxic.jsonl
-  rows at or below it are safe; other rows are dropped rather than mislabelled (458 of the 1,200
-  "nontoxic" prompts have a toxic continuation), as are rows with no score.
+* RealToxicityPrompts: prompt = the prompt text, response = the continuation. toxic.jsonl rows
+  whose *continuation* is above `threshold` (Perspective toxicity) are unsafe: finetuning learns
+  the response, and 540 of the 1,196 "toxic" rows pair a toxic prompt with a clean continuation,
+  which teaches no toxicity. nontoxic.jsonl rows whose prompt and continuation are both at or below
+  it are safe (458 of its 1,200 prompts have a toxic continuation). Other rows are dropped rather
+  than mislabelled, as are rows with no score.
 * Davidson: a statement-completion framing, like the paper's toxicity eval (first 3 words as the
   prompt): prompt = the tweet's first `prefix_words` words, response = the rest; tweets too short
   to leave a response are dropped. HTML entities (&amp;) are unescaped. Class 0 (hate) and 1
@@ -210,7 +211,12 @@ def read_rtp(path: str | Path, threshold: float = 0.5) -> list[Record]:
     if not known or not c_text.strip():
       continue
     tox = max(known)
-    if (tox > threshold) != toxic_file:
+    if toxic_file:
+      # Finetuning learns the continuation (the response), so it is the continuation's toxicity
+      # that makes a row unsafe; a toxic prompt with a clean continuation teaches no toxicity.
+      if not isinstance(scores[1], int | float) or scores[1] <= threshold:
+        continue
+    elif tox > threshold:
       continue
     out.append(Record(id=f"rtp:{path.stem}:{lineno}", prompt=p_text, response=c_text,
                       kind="unsafe" if toxic_file else "safe", category="toxicity", source="rtp",
