@@ -77,7 +77,7 @@ class ScoringConfig:
   max_new_tokens: int = 32
   snapshot_every: int = 0  # also score safety snapshots every k steps (forgetting curves)
   m0: bool = True  # also score M0 (one forward pass): learning-normalized forgetting
-  replicas: int = 1  # K safety finetunings differing in seed and order, trained stacked: *_ens
+  replicas: int = 3  # K safety finetunings differing in seed and order, trained stacked: *_ens
   replicas_per_pass: int = 0  # stack at most this many of the K − 1 extra replicas (0: all)
   gradient_blocks: int = 0  # gradient alignment over the last N blocks under M1 (0: off)
   gradient_batch_size: int = 4  # examples per vmapped per-example-gradient pass
@@ -86,7 +86,9 @@ class ScoringConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FilterConfig:
-  signal: str = "nll"  # a column of ff_jax.signals.SIGNALS, e.g. nll, nll_lnf, nll_ens, grad
+  # A column of ff_jax.signals.SIGNALS. nll_ens (the paper's NLL forgetting averaged over the K
+  # safety replicas) was the best on average over bias, toxicity and harmfulness (docs/signals.md).
+  signal: str = "nll_ens"
   threshold: str = "auto"  # auto | auto:otsu | auto:gmm | fixed:PHI | quantile:Q
   lnf_floor: float = 0.05  # nats/token: learning below this counts as this much (nll_lnf)
 

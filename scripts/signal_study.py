@@ -120,13 +120,19 @@ def cmd_mixtures(args: argparse.Namespace) -> None:
     print(kind, json.dumps({k: v["by_kind"] for k, v in manifest["files"].items()}))
 
 
-def run_signals(run: Path) -> tuple[dict[str, np.ndarray], list[Record], dict]:
-  """Every signal of a finished run, recomputed from its score tables with the current code."""
+def run_signals(run: Path, replicas: int = 0) -> tuple[dict[str, np.ndarray], list[Record], dict]:
+  """Every signal of a finished run, recomputed from its score tables with the current code.
+
+  `replicas` > 0 keeps only the first that many safety replicas (M2 included) in the ensembles,
+  so runs with more replicas compare fairly with runs with fewer.
+  """
   cfg = json.loads((run / "manifest.json").read_text())["config"]
   read = lambda name: json.loads((run / name).read_text()) if (run / name).exists() else None  # noqa: E731
-  signals, _ = compute_signals(read("scores_before.json"), read("scores_after.json"),
-                               read("scores_replicas.json"), cfg["filter"]["lnf_floor"],
-                               cfg["safety"]["steps"])
+  extra = read("scores_replicas.json")
+  if extra is not None and replicas:
+    extra = {**extra, "nll": extra["nll"][:replicas - 1]}
+  signals, _ = compute_signals(read("scores_before.json"), read("scores_after.json"), extra,
+                               cfg["filter"]["lnf_floor"], cfg["safety"]["steps"])
   return signals, read_jsonl(cfg["data"]["noisy"]), cfg
 
 
@@ -137,7 +143,7 @@ def cmd_table(args: argparse.Namespace) -> None:
   auc: dict[str, dict[str, float]] = {}
   print(f"Threshold rule for F1: `{threshold}` (label-free); best F1 = the oracle fixed ϕ.\n")
   for run in runs:
-    signals, records, cfg = run_signals(run)
+    signals, records, cfg = run_signals(run, args.replicas)
     report = signal_report(signals, records, threshold)
     print(f"### {run.name} (seed {cfg['seed']}, {len(records)} examples)\n")
     print(signal_table_markdown(report) + "\n")
@@ -172,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
   table = sub.add_parser("table", help="the signal tables of finished runs, as markdown")
   table.add_argument("runs", nargs="+")
   table.add_argument("--threshold", default="auto")
+  table.add_argument("--replicas", type=int, default=0,
+                     help="use only the first K safety replicas in the ensembles (0: all)")
   args = parser.parse_args(argv)
   {"mixtures": cmd_mixtures, "table": cmd_table}[args.command](args)
 
