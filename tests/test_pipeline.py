@@ -323,12 +323,12 @@ def test_baseline_needs_a_finished_filter_phase(capsys, tmp_path):
 
 def test_a_config_key_added_later_keeps_old_runs_resumable_at_its_default(tmp_path):
   run = RunDir(tmp_path / "run")
-  run.open({"seed": 0, "scoring": {"m0": True}}, {"noisy": "abc"})
-  defaults = {"seed": 0, "scoring": {"m0": True, "replicas": 1}}
-  run.open({"seed": 0, "scoring": {"m0": True, "replicas": 1}}, {"noisy": "abc"},
+  run.open({"seed": 0, "model": {"dtype": "float32"}}, {"noisy": "abc"})
+  defaults = {"seed": 0, "model": {"dtype": "float32", "remat": False}}
+  run.open({"seed": 0, "model": {"dtype": "float32", "remat": False}}, {"noisy": "abc"},
            defaults=defaults)
-  with pytest.raises(RunDirError, match="scoring.replicas"):
-    run.open({"seed": 0, "scoring": {"m0": True, "replicas": 4}}, {"noisy": "abc"},
+  with pytest.raises(RunDirError, match="model.remat"):
+    run.open({"seed": 0, "model": {"dtype": "float32", "remat": True}}, {"noisy": "abc"},
              defaults=defaults)
 
 
