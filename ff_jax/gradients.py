@@ -32,13 +32,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
 from ff_jax import parallel
 from ff_jax.data.batching import eval_batches
 from ff_jax.data.templates import EncodedExample
 from ff_jax.errors import ConfigError
-from ff_jax.progress import Progress
+from ff_jax.scoring import per_example
 from ff_jax.train import ModelRuntime, token_nll
 
 GIB = 2**30
@@ -143,23 +142,10 @@ class GradientAlignment:
   def align(self, params: Any, safe_grad: Any, examples: Sequence[EncodedExample],
             buckets: Sequence[int], pad_id: int) -> dict[str, np.ndarray]:
     """{grad, grad_cos}: float arrays [N] in dataset order (see the module docstring)."""
-    n = len(examples)
-    dots, norms = np.full(n, np.nan), np.full(n, np.nan)
     safe_norm = float(jnp.sqrt(_dot(safe_grad, safe_grad)))
-    progress = Progress("gradient_alignment", n, unit="examples")
-    done = 0
-    for local in eval_batches(examples, self.batch_size, buckets, pad_id=pad_id,
-                              process_index=jax.process_index(),
-                              process_count=jax.process_count()):
-      batch = parallel.global_batch(local, self.runtime.mesh, self.runtime.rules)
-      out = multihost_utils.process_allgather(self._align_step(params, safe_grad, batch),
-                                              tiled=True)
-      ids = np.asarray(multihost_utils.process_allgather(batch["example_id"], tiled=True))
-      real = ids >= 0
-      dots[ids[real]] = np.asarray(out["dot"])[real]
-      norms[ids[real]] = np.asarray(out["norm"])[real]
-      done += int(real.sum())
-      progress.update(done)
+    out = per_example(lambda p, batch: self._align_step(p, safe_grad, batch), self.runtime,
+                      params, examples, self.batch_size, buckets, pad_id, "gradient_alignment")
+    dots, norms = out["dot"], out["norm"]
     scale = max(safe_norm, 1e-30)
     with np.errstate(invalid="ignore", divide="ignore"):
       cos = np.where(norms > 0, -dots / (norms * scale), 0.0)

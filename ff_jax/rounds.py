@@ -20,14 +20,13 @@ was training; results go to `rounds.json` and `rounds.md`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ff_jax.checkpoints import restore_params, write_atomic, write_json_atomic
-from ff_jax.data.records import read_jsonl
+from ff_jax.data.records import iter_jsonl, read_jsonl
 from ff_jax.data.templates import encode_examples
 from ff_jax.errors import ConfigError, DataError
 from ff_jax.rundir import RunDir
@@ -38,8 +37,7 @@ METHODS = ("sequential", "forgetfilter")
 def _unsafe_ids(run: RunDir, noisy) -> tuple[set[str], str]:
   if all(r.kind is not None for r in noisy):
     return {r.id for r in noisy if r.kind == "unsafe"}, "unsafe (labels)"
-  flagged = {json.loads(line)["id"] for line in run.file("flagged.jsonl").read_text().splitlines()
-             if line.strip()}
+  flagged = {item["id"] for _, item in iter_jsonl(run.file("flagged.jsonl"))}
   return flagged, "flagged by the filter (no labels)"
 
 

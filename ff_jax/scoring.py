@@ -8,7 +8,7 @@ paper's signal, one decode). `ff_jax.signals` turns such tables into forgetting 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -25,28 +25,35 @@ from ff_jax.text_metrics import rouge1_f_batch
 from ff_jax.train import ModelRuntime, Scorer
 
 
-def score_examples(scorer: Scorer, params: Any, examples: Sequence[EncodedExample],
-                   batch_size: int, buckets: Sequence[int], pad_id: int,
-                   name: str = "score") -> dict[str, np.ndarray]:
-  """{nll_sum, tokens, correct}: float arrays [N] in dataset order."""
-  runtime = scorer.runtime
+def per_example(step: Callable[[Any, dict[str, Any]], dict[str, Any]], runtime: ModelRuntime,
+                params: Any, examples: Sequence[EncodedExample], batch_size: int,
+                buckets: Sequence[int], pad_id: int, name: str) -> dict[str, np.ndarray]:
+  """`step(params, global_batch)` over every example: each output key as a float array [N] in
+  dataset order, gathered by example id on every host (each loads only its own rows)."""
   n = len(examples)
-  out = {key: np.full(n, np.nan) for key in ("nll_sum", "tokens", "correct")}
+  out: dict[str, np.ndarray] = {}
   batches = eval_batches(examples, batch_size, buckets, pad_id=pad_id,
                          process_index=jax.process_index(), process_count=jax.process_count())
   progress = Progress(name, n, unit="examples")
   done = 0
   for local in batches:
     batch = parallel.global_batch(local, runtime.mesh, runtime.rules)
-    # Every host gets every row's statistics (each loaded only its own rows).
-    stats = multihost_utils.process_allgather(scorer.step(params, batch), tiled=True)
+    stats = multihost_utils.process_allgather(step(params, batch), tiled=True)
     ids = np.asarray(multihost_utils.process_allgather(batch["example_id"], tiled=True))
     real = ids >= 0
-    for key in out:
-      out[key][ids[real]] = np.asarray(stats[key])[real]
+    for key, value in stats.items():
+      out.setdefault(key, np.full(n, np.nan))[ids[real]] = np.asarray(value)[real]
     done += int(real.sum())
     progress.update(done)
   return out
+
+
+def score_examples(scorer: Scorer, params: Any, examples: Sequence[EncodedExample],
+                   batch_size: int, buckets: Sequence[int], pad_id: int,
+                   name: str = "score") -> dict[str, np.ndarray]:
+  """{nll_sum, tokens, correct}: float arrays [N] in dataset order."""
+  return per_example(scorer.step, scorer.runtime, params, examples, batch_size, buckets, pad_id,
+                     name)
 
 
 def score_snapshots(scorer: Scorer, stacked_params: Any, examples: Sequence[EncodedExample],
