@@ -173,6 +173,10 @@ def initialize_distributed(coordinator_address: str | None = None,
   on_tpu_pod = "TPU_WORKER_HOSTNAMES" in os.environ or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
   if coordinator_address is None and not on_tpu_pod:
     return False
+  if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
+    # CPU processes need a cross-process collectives backend (multi-host tests, CPU clusters);
+    # gloo ships with jaxlib.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes, process_id=process_id)
   log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ff_jax import parallel
@@ -246,9 +247,9 @@ class Job:
     if steps:
       # Forgetting curves: every snapshot scored in one vmapped pass over the data.
       target = self.runtime.abstract_with_shardings()
-      stacked = jax.tree.map(lambda *xs: np.stack(xs), *[
-          jax.device_get(restore_params(self.run.snapshots("safety") / f"step_{s}", target))
-          for s in steps])
+      # Stacked on device (never fetched to one host: on a pod no host holds every shard).
+      stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[
+          restore_params(self.run.snapshots("safety") / f"step_{s}", target) for s in steps])
       stats = score_snapshots(self.scorer, stacked, self.noisy, self.cfg.scoring.batch_size,
                               self.cfg.data.buckets, self.inputs.tokenizer.pad_id)
       tokens = np.maximum(stats["tokens"], 1.0)

@@ -128,7 +128,6 @@ class ReplicaTrainer:
     # Scoring: each replica scores the same (shared, row-sharded) batch with its own params.
     score_batch = {"tokens": runtime.batch_sharding, "mask": runtime.batch_sharding,
                    "loss_mask": runtime.batch_sharding, "example_id": runtime.row_sharding}
-    self._score_batch_sh = score_batch
     self._score = jax.jit(jax.vmap(make_score_fn(runtime.graphdef), in_axes=(0, None)),
                           in_shardings=(self.param_shardings, score_batch),
                           out_shardings={"nll_sum": rows_sh, "tokens": rows_sh,
@@ -140,9 +139,10 @@ class ReplicaTrainer:
   def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     return jax.tree.map(jax.device_put, batch, self.batch_shardings)
 
-  def stacked_step(self, stacked_params: Any, local: dict[str, np.ndarray]) -> dict[str, Any]:
-    """The `Scorer.stacked_step` contract, so `scoring.score_snapshots` drives it."""
-    return self._score(stacked_params, jax.tree.map(jax.device_put, local, self._score_batch_sh))
+  def stacked_step(self, stacked_params: Any, batch: dict[str, jax.Array]) -> dict[str, Any]:
+    """The `Scorer.stacked_step` contract (a global batch), so `scoring.score_snapshots` drives
+    it."""
+    return self._score(stacked_params, batch)
 
 
 def variant_subset(num_safe: int, n: int, seed: int) -> np.ndarray:

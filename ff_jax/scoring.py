@@ -28,8 +28,9 @@ from ff_jax.train import ModelRuntime, Scorer
 def per_example(step: Callable[[Any, dict[str, Any]], dict[str, Any]], runtime: ModelRuntime,
                 params: Any, examples: Sequence[EncodedExample], batch_size: int,
                 buckets: Sequence[int], pad_id: int, name: str) -> dict[str, np.ndarray]:
-  """`step(params, global_batch)` over every example: each output key as a float array [N] in
-  dataset order, gathered by example id on every host (each loads only its own rows)."""
+  """`step(params, global_batch)` over every example: each output key as a float array [N, ...]
+  in dataset order (rows first), gathered by example id on every host (each loads only its own
+  rows)."""
   n = len(examples)
   out: dict[str, np.ndarray] = {}
   batches = eval_batches(examples, batch_size, buckets, pad_id=pad_id,
@@ -42,7 +43,8 @@ def per_example(step: Callable[[Any, dict[str, Any]], dict[str, Any]], runtime: 
     ids = np.asarray(multihost_utils.process_allgather(batch["example_id"], tiled=True))
     real = ids >= 0
     for key, value in stats.items():
-      out.setdefault(key, np.full(n, np.nan))[ids[real]] = np.asarray(value)[real]
+      value = np.asarray(value)
+      out.setdefault(key, np.full((n, *value.shape[1:]), np.nan))[ids[real]] = value[real]
     done += int(real.sum())
     progress.update(done)
   return out
@@ -62,22 +64,15 @@ def score_snapshots(scorer: Scorer, stacked_params: Any, examples: Sequence[Enco
   """Like `score_examples` for K snapshots stacked on a leading axis: arrays [K, N], one pass.
 
   The snapshot axis is vmapped, so K forgetting-curve points cost one compiled program and one
-  sweep over the data.
+  sweep over the data. `scorer.stacked_step(stacked, global_batch)` gives [K, B] arrays; rows go
+  first for the gather by example id.
   """
-  k = jax.tree.leaves(stacked_params)[0].shape[0]
-  n = len(examples)
-  out = {key: np.full((k, n), np.nan) for key in ("nll_sum", "tokens", "correct")}
-  progress = Progress(name, n, unit="examples")
-  done = 0
-  for local in eval_batches(examples, batch_size, buckets, pad_id=pad_id):
-    stats = jax.device_get(scorer.stacked_step(stacked_params, local))
-    ids = local["example_id"]
-    real = ids >= 0
-    for key in out:
-      out[key][:, ids[real]] = np.asarray(stats[key])[:, real]
-    done += int(real.sum())
-    progress.update(done)
-  return out
+  def rows_first(params, batch):
+    return {key: value.T for key, value in scorer.stacked_step(params, batch).items()}
+
+  stats = per_example(rows_first, scorer.runtime, stacked_params, examples, batch_size, buckets,
+                      pad_id, name)
+  return {key: value.T for key, value in stats.items()}
 
 
 def generate_texts(runtime: ModelRuntime, params: Any, tokenizer: TextTokenizer,
