@@ -7,6 +7,7 @@
   ff-jax rounds RUN_DIR [--rounds R] [--heldout]
   ff-jax bench [CONFIG.yaml] [key=value ...] [--json FILE]
   ff-jax sweep [CONFIG.yaml] run_dir=DIR [key=value ...] [--restart]
+  ff-jax plan [CONFIG.yaml] [key=value ...] [--hbm-gib G] [--topology SLICE] [--json FILE]
 
 Errors a user can cause (config, data, checkpoints, run directories) print one line and exit 2.
 """
@@ -66,6 +67,16 @@ def _parser() -> argparse.ArgumentParser:
   sweep.add_argument("args", nargs="*", metavar="[CONFIG] key=value",
                      help="a YAML sweep config (default: configs/sweep.yaml) and overrides")
   sweep.add_argument("--restart", action="store_true", help="discard saved sweep chunks")
+
+  plan = sub.add_parser("plan", help="memory per device of a run's compiled steps, no allocation")
+  plan.add_argument("args", nargs="*", metavar="[CONFIG] key=value",
+                    help="a run config (default: the embedded demo) and dotted overrides")
+  plan.add_argument("--hbm-gib", type=float, help="device memory to fit (default: what the "
+                    "device reports, or the TPU slice's HBM)")
+  plan.add_argument("--topology", metavar="SLICE",
+                    help="compile for a Cloud TPU slice such as v4-32 without TPU hardware "
+                         "(needs libtpu)")
+  plan.add_argument("--json", metavar="FILE", help="write the plan as JSON here")
   return parser
 
 
@@ -113,6 +124,21 @@ def _dispatch(args: argparse.Namespace) -> int:
     out = run_sweep(config_lib.load_dataclass(SweepConfig, path, overrides, "sweep.yaml"),
                     restart=args.restart)
     print(f"report: {out / 'report.md'}")
+    return 0
+
+  if args.command == "plan":
+    from ff_jax.plan import plan_run, refusal, table
+
+    path, overrides = _split_config(args.args)
+    result = plan_run(config_lib.load_config(path, overrides), args.hbm_gib, args.topology)
+    print(table(result))
+    if args.json:
+      from ff_jax.checkpoints import write_json_atomic
+
+      write_json_atomic(args.json, result)
+    message = refusal(result)
+    if message:
+      raise config_lib.ConfigError(message)
     return 0
 
   # Multi-host runs must start the distributed runtime before anything touches devices.

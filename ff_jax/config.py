@@ -28,9 +28,12 @@ class ModelSource:
 
   source: str = "demo"
   # The demo model's shape (ModelConfig fields; vocab_size and special ids come from the demo
-  # tokenizer). Imported models take their shape from their own files.
+  # tokenizer). Imported models take their shape from their own files; a preset's config names
+  # the architecture it was planned for (`ff-jax plan` uses it before the weights are here, and a
+  # run refuses files that disagree).
   config: dict | None = None
   dtype: str = "float32"  # compute dtype for imported models
+  param_dtype: str = "float32"  # stored parameters of imported models (bfloat16 halves them)
   remat: bool = False
 
 

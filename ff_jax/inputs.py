@@ -144,6 +144,75 @@ def _check_held_out(heldout: list[Record], noisy: list[Record], safe: list[Recor
                       "with ff_jax.data.mixture.write_mixture)")
 
 
+def _demo_model_config(cfg: RunConfig, tokenizer: TextTokenizer) -> ModelConfig:
+  if cfg.model.config is None:
+    raise ConfigError("model.config: the demo model needs its shape (see configs/demo.yaml)")
+  try:
+    return ModelConfig.from_dict({
+        **cfg.model.config, "vocab_size": tokenizer.vocab_size, "eos_token_id": tokenizer.eos_id,
+        "pad_token_id": tokenizer.pad_id, "bos_token_id": tokenizer.bos_id})
+  except TypeError as err:
+    raise ConfigError(f"model.config: {err}") from None
+
+
+def _imported_model(path: Path, source: str) -> tuple[ModelConfig, TextTokenizer, str]:
+  """(config, tokenizer, kind) of a GGUF file or an HF folder, without reading any weight."""
+  if path.is_file() and path.suffix == ".gguf":
+    from ff_jax.models.gguf import load_gguf_metadata
+
+    model_cfg, tokenizer = load_gguf_metadata(path)
+    return model_cfg, tokenizer, "gguf"
+  if path.is_dir() and (path / "config.json").exists():
+    from ff_jax.models.hf import config_from_hf
+
+    model_cfg = config_from_hf(json.loads((path / "config.json").read_text()),
+                               str(path / "config.json"))
+    return model_cfg, TextTokenizer.from_folder(path), "hf"
+  raise ConfigError(f"model.source: {source}: expected 'demo', an HF folder with config.json, "
+                    "or a .gguf file")
+
+
+def _check_architecture(model_cfg: ModelConfig, expected: dict[str, Any], source: str) -> None:
+  """A preset's `model.config` (the architecture it was planned for) must match the files."""
+  actual = model_cfg.to_dict()
+  for key, want in expected.items():
+    if key not in actual:
+      raise ConfigError(f"model.config.{key}: not a model setting; known: {sorted(actual)}")
+    got = actual[key]
+    if key == "rope_scaling":
+      got = {k: v for k, v in got.items() if k in want}
+    if got != want:
+      raise ConfigError(f"model.config.{key}: the preset says {want!r} but {source} has {got!r}; "
+                        "the preset was planned for another model")
+
+
+def planned_model_config(cfg: RunConfig) -> ModelConfig:
+  """The model's shape for `ff-jax plan`: from the source's files where they are on this machine,
+  else from `model.config` (a preset's architecture: a 7B model is planned before it is
+  downloaded)."""
+  source = cfg.model.source
+  if source == "demo":
+    world = build_demo_world(seed=cfg.seed, n_noisy=cfg.demo.noisy_size,
+                             unsafe_ratio=cfg.demo.unsafe_ratio, n_safe_set=cfg.demo.safe_size)
+    return _demo_model_config(cfg, _demo_tokenizer(world, RunDir(cfg.run_dir)))
+  path = resolve_model_source(source)
+  if path.exists():
+    model_cfg = _imported_model(path, source)[0]
+    if cfg.model.config:
+      _check_architecture(model_cfg, cfg.model.config, source)
+  elif cfg.model.config:
+    try:
+      model_cfg = ModelConfig.from_dict(dict(cfg.model.config))
+    except TypeError as err:
+      raise ConfigError(f"model.config: {err} (planning {source} from its architecture needs "
+                        "every shape field)") from None
+  else:
+    raise ConfigError(f"model.source: {source}: not on this machine, and model.config does not "
+                      "give its architecture; plan where the model is, or add model.config")
+  return model_cfg.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
+                           remat=cfg.model.remat)
+
+
 def load_inputs(cfg: RunConfig, run: RunDir) -> JobInputs:
   source = cfg.model.source
   demo_data = cfg.data.noisy == "demo" or cfg.data.safe == "demo"
@@ -162,37 +231,18 @@ def load_inputs(cfg: RunConfig, run: RunDir) -> JobInputs:
     prints["eval"] = records_io.fingerprint(heldout)
 
   if source == "demo":
-    if cfg.model.config is None:
-      raise ConfigError("model.config: the demo model needs its shape (see configs/demo.yaml)")
     tokenizer = _demo_tokenizer(world, run)
-    try:
-      model_cfg = ModelConfig.from_dict({
-          **cfg.model.config, "vocab_size": tokenizer.vocab_size,
-          "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id,
-          "bos_token_id": tokenizer.bos_id})
-    except TypeError as err:
-      raise ConfigError(f"model.config: {err}") from None
+    model_cfg = _demo_model_config(cfg, tokenizer)
     kind = "demo"
   else:
     path = resolve_model_source(source)
     if not path.exists():
       raise ConfigError(f"model.source: {source}: no such file or folder")
-    if path.is_file() and path.suffix == ".gguf":
-      from ff_jax.models.gguf import load_gguf_metadata
-
-      model_cfg, tokenizer = load_gguf_metadata(path)
-      kind = "gguf"
-    elif path.is_dir() and (path / "config.json").exists():
-      from ff_jax.models.hf import config_from_hf
-
-      model_cfg = config_from_hf(json.loads((path / "config.json").read_text()),
-                                 str(path / "config.json"))
-      tokenizer = TextTokenizer.from_folder(path)
-      kind = "hf"
-    else:
-      raise ConfigError(f"model.source: {source}: expected 'demo', an HF folder with "
-                        "config.json, or a .gguf file")
-    model_cfg = model_cfg.replace(dtype=cfg.model.dtype, remat=cfg.model.remat)
+    model_cfg, tokenizer, kind = _imported_model(path, source)
+    if cfg.model.config:
+      _check_architecture(model_cfg, cfg.model.config, source)
+    model_cfg = model_cfg.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
+                                  remat=cfg.model.remat)
     prints["model"] = _model_fingerprint(path)
     source = str(path)  # what the loaders open (a `pkg:` source resolved to its file)
   return JobInputs(source=str(source), kind=kind, tokenizer=tokenizer, model_config=model_cfg,
