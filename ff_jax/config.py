@@ -203,6 +203,10 @@ def preset_text(name: str) -> str:
   return resources.files("ff_jax").joinpath(f"configs/{name}").read_text()
 
 
+def _is_preset(name: str) -> bool:
+  return resources.files("ff_jax").joinpath(f"configs/{name}").is_file()
+
+
 def load_dataclass(cls: type, path: str | Path | None, overrides: list[str] = (),
                    preset: str = "demo.yaml") -> Any:
   """Build `cls` from a YAML file (None: the embedded `preset`) plus dotted overrides."""
@@ -210,9 +214,13 @@ def load_dataclass(cls: type, path: str | Path | None, overrides: list[str] = ()
     text, origin = preset_text(preset), f"{preset} (embedded)"
   else:
     path = Path(path)
-    if not path.exists():
+    if path.exists():
+      text, origin = path.read_text(), str(path)
+    elif path.parent.name == "configs" and _is_preset(path.name):
+      # `configs/NAME.yaml` works outside a checkout too (a pod's workers, a pip install).
+      text, origin = preset_text(path.name), f"{path.name} (embedded)"
+    else:
       raise ConfigError(f"{path}: config file not found")
-    text, origin = path.read_text(), str(path)
   try:
     tree = yaml.safe_load(text) or {}
   except yaml.YAMLError as err:

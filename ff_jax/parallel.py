@@ -162,8 +162,9 @@ def initialize_distributed(coordinator_address: str | None = None,
   """Start JAX's multi-controller runtime when running on several hosts.
 
   Must run before anything queries devices. On Cloud TPU every argument is discovered from the
-  environment; elsewhere pass them or set FF_JAX_COORDINATOR / FF_JAX_NUM_PROCESSES /
-  FF_JAX_PROCESS_ID. Returns whether distributed mode was started.
+  environment (or with FF_JAX_DISTRIBUTED=1, as launch/tpu.py sets); elsewhere pass them or set
+  FF_JAX_COORDINATOR / FF_JAX_NUM_PROCESSES / FF_JAX_PROCESS_ID. Returns whether distributed mode
+  was started.
   """
   coordinator_address = coordinator_address or os.environ.get("FF_JAX_COORDINATOR")
   if num_processes is None and "FF_JAX_NUM_PROCESSES" in os.environ:
@@ -171,7 +172,9 @@ def initialize_distributed(coordinator_address: str | None = None,
   if process_id is None and "FF_JAX_PROCESS_ID" in os.environ:
     process_id = int(os.environ["FF_JAX_PROCESS_ID"])
   on_tpu_pod = "TPU_WORKER_HOSTNAMES" in os.environ or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
-  if coordinator_address is None and not on_tpu_pod:
+  # FF_JAX_DISTRIBUTED=1 (set by launch/tpu.py on every worker): let JAX discover the cluster.
+  asked = os.environ.get("FF_JAX_DISTRIBUTED") == "1"
+  if coordinator_address is None and not on_tpu_pod and not asked:
     return False
   if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
     # CPU processes need a cross-process collectives backend (multi-host tests, CPU clusters);
