@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from ff_jax.errors import ConfigError
+from ff_jax.models.config import LoraConfig
 from ff_jax.parallel import MeshConfig
 from ff_jax.train import OptimConfig
 
@@ -118,6 +119,8 @@ class RunConfig:
   filter: FilterConfig = dataclasses.field(default_factory=FilterConfig)
   evaluate: EvalConfig = dataclasses.field(default_factory=EvalConfig)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  # LoRA adapters on M0 for every finetune (noisy, safety, clean); rank 0 = full finetuning.
+  lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
 
   @property
   def clean_phase(self) -> PhaseConfig:

@@ -22,6 +22,7 @@ from ff_jax.checkpoints import PhaseCheckpoints, save_params
 from ff_jax.data.batching import TrainIterator
 from ff_jax.data.templates import EncodedExample
 from ff_jax.errors import ConfigError
+from ff_jax.models import lora
 from ff_jax.progress import MetricsLog, Progress
 from ff_jax.train import ModelRuntime, OptimConfig, Trainer
 
@@ -38,6 +39,9 @@ class PhaseSpec:
   buckets: Sequence[int]
   checkpoint_every: int = 50
   snapshot_every: int = 0  # also keep the params every k steps (forgetting curves)
+  # LoRA: step checkpoints keep the adapters (and their optimizer state) only; the frozen base
+  # comes back from `init_params()` on resume.
+  adapter_checkpoints: bool = False
 
 
 def phase_steps(steps: int, epochs: float, num_examples: int, batch_size: int, name: str) -> int:
@@ -68,10 +72,19 @@ def train_phase(spec: PhaseSpec, runtime: ModelRuntime, init_params: Callable[[]
                            process_index=jax.process_index(),
                            process_count=jax.process_count())
   ckpts = PhaseCheckpoints(ckpt_dir)
-  restored = ckpts.restore_latest(trainer.abstract_state())
+  adapters_only = spec.adapter_checkpoints and runtime.cfg.lora.rank > 0
+
+  def saved(state):  # what a step checkpoint holds
+    if not adapters_only:
+      return state
+    return {**state, "params": lora.split(state["params"])[0]}
+
+  restored = ckpts.restore_latest(saved(trainer.abstract_state()))
   if restored is not None:
     step, state, meta = restored
     iterator.restore(meta["iterator"])
+    if adapters_only:
+      state["params"] = lora.combine(state["params"], lora.split(init_params())[1])
   else:
     step = 0
     state = trainer.init_state(init_params())
@@ -91,7 +104,7 @@ def train_phase(spec: PhaseSpec, runtime: ModelRuntime, init_params: Callable[[]
         metrics.write(phase=spec.name, step=step, loss=loss,
                       grad_norm=float(step_metrics["grad_norm"]),
                       lr=trainer.learning_rate(step - 1))
-      ckpts.save(step, state, {"iterator": iterator.state()})
+      ckpts.save(step, saved(state), {"iterator": iterator.state()})
     progress.update(step, extra=f"loss {loss:.3f}" if np.isfinite(loss) else "")
   ckpts.close()
   return state["params"]

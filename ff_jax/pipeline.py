@@ -36,6 +36,7 @@ from ff_jax.data.templates import PromptTemplate, encode_examples, encode_prompt
 from ff_jax.errors import ConfigError, DataError
 from ff_jax.inputs import JobInputs, load_inputs, save_tokenizer
 from ff_jax.loop import PhaseSpec, phase_steps, snapshot_steps, train_phase
+from ff_jax.models import lora
 from ff_jax.progress import MetricsLog
 from ff_jax.rundir import PHASES, RunDir
 from ff_jax.scoring import (
@@ -72,7 +73,12 @@ class Job:
                                   defaults=RunConfig().to_dict(), redo_from=redo_from)
     if jax.process_index() == 0:
       save_tokenizer(self.inputs.tokenizer, self.run)
-    self.runtime = ModelRuntime.create(self.inputs.model_config, self.mesh)
+    # With LoRA the run's model is M0's architecture plus adapters; the released model itself
+    # (demo release phase, M0's files) has none.
+    base_cfg = self.inputs.model_config
+    self.runtime = ModelRuntime.create(base_cfg.replace(lora=cfg.lora), self.mesh)
+    self.base_runtime = (ModelRuntime.create(base_cfg, self.mesh) if cfg.lora.rank
+                         else self.runtime)
     self.metrics = MetricsLog(self.run.file("metrics.jsonl"))
     self._scorer: Scorer | None = None
 
@@ -91,26 +97,39 @@ class Job:
     return self._scorer
 
   def params(self, name: str) -> Any:
-    """A phase's output model, restored onto this mesh (M0 of a user model: from its files)."""
+    """A phase's output model, restored onto this mesh (M0 of a user model: from its files).
+
+    With LoRA, M0 gets fresh adapters (seeded by the run, so every finetune of M0 starts from
+    the same ones) and every later model carries its trained adapters.
+    """
+    if name not in ("base", "M0"):
+      return restore_params(self.run.model(name), self.runtime.abstract_with_shardings())
     if name == "M0" and not self.inputs.is_demo_model:
-      return self.inputs.load_m0(self.mesh, self.runtime.rules)
-    return restore_params(self.run.model(name), self.runtime.abstract_with_shardings())
+      params = self.inputs.load_m0(self.mesh, self.runtime.rules)
+    else:
+      params = restore_params(self.run.model(name), self.base_runtime.abstract_with_shardings())
+    if name == "base" or not self.cfg.lora.rank:
+      return params
+    return lora.add_adapters(params, self.runtime.abstract_params, self.runtime.param_shardings,
+                             self.cfg.seed)
 
   def spec(self, name: str, phase: PhaseConfig, num_examples: int, seed_offset: int,
            snapshot_every: int = 0) -> PhaseSpec:
     steps = phase_steps(phase.steps, phase.epochs, num_examples, phase.batch_size, name)
     return PhaseSpec(name=name, steps=steps, batch_size=phase.batch_size, optim=phase.optim,
                      seed=self.cfg.seed * 1000 + seed_offset, buckets=self.cfg.data.buckets,
-                     checkpoint_every=phase.checkpoint_every, snapshot_every=snapshot_every)
+                     checkpoint_every=phase.checkpoint_every, snapshot_every=snapshot_every,
+                     adapter_checkpoints=self.cfg.lora.adapter_checkpoints)
 
   def train(self, name: str, phase: PhaseConfig, init, examples, seed_offset: int,
-            output: str, snapshot_every: int = 0) -> Any:
+            output: str, snapshot_every: int = 0, runtime: ModelRuntime | None = None) -> Any:
     if not examples:
       raise DataError(f"phase {name}: no examples to train on")
     spec = self.spec(name, phase, len(examples), seed_offset, snapshot_every)
     snapshot_dir = self.run.snapshots(name) if snapshot_every else None
-    params = train_phase(spec, self.runtime, init, examples, self.inputs.tokenizer.pad_id,
-                         self.run.ckpt(name), self.metrics, snapshot_dir)
+    params = train_phase(spec, runtime or self.runtime, init, examples,
+                         self.inputs.tokenizer.pad_id, self.run.ckpt(name), self.metrics,
+                         snapshot_dir)
     save_params(self.run.model(output), params)
     return params
 
@@ -129,9 +148,12 @@ class Job:
     corpus = encode_examples(tok, world.corpus, self.template, self.cfg.data.max_len)
     align = encode_examples(tok, world.alignment, self.template, self.cfg.data.max_len)
     seed = self.cfg.seed
-    self.train("release_pretrain", demo.pretrain, lambda: self.runtime.init_params(seed),
-               corpus, 1, "base")
-    self.train("release_align", demo.align, lambda: self.params("base"), align, 2, "M0")
+    # The released model is trained in full, without adapters, whatever the run finetunes.
+    base = self.base_runtime
+    self.train("release_pretrain", demo.pretrain, lambda: base.init_params(seed), corpus, 1,
+               "base", runtime=base)
+    self.train("release_align", demo.align, lambda: self.params("base"), align, 2, "M0",
+               runtime=base)
     for name in ("release_pretrain", "release_align"):
       self.drop_step_checkpoints(name)
     return {"pretrain_examples": len(corpus), "align_examples": len(align)}
@@ -170,6 +192,8 @@ class Job:
     # `replicas_per_pass` bound it and give the same replicas (each has its own batch stream).
     # Each pass's scores are kept, so a killed phase resumes at the next pass.
     per_pass = self.cfg.scoring.replicas_per_pass or len(seeds)
+    if self.cfg.lora.rank:
+      per_pass = 1  # the stacked replica step trains every parameter; adapters go one by one
     single = None
     rows = []
     for start in range(0, len(seeds), per_pass):
@@ -274,6 +298,8 @@ class Job:
     params = self.train("clean", self.cfg.clean_phase, lambda: self.params("M0"), examples, 5,
                         "clean")
     self.drop_step_checkpoints("clean")
+    if self.cfg.lora.rank:  # the export is a plain model: adapters folded into the weights
+      params = lora.merge(params, self.runtime.cfg)
     export = self.inputs.export_hf(self.run.file("clean_hf"), self.runtime, params)
     return {"examples": len(examples), "hf_export": str(export) if export else None}
 

@@ -192,7 +192,7 @@ def plan_run(cfg: RunConfig, hbm_gib: float | None = None,
   """Compile and measure every step of `cfg`'s run; raises ConfigError when one does not fit."""
   from ff_jax.inputs import planned_model_config
 
-  model_cfg = planned_model_config(cfg)
+  model_cfg = planned_model_config(cfg).replace(lora=cfg.lora)
   devices, slice_hbm = topology_devices(topology) if topology else (jax.devices(), None)
   limit_gib = hbm_gib or device_memory_gib(devices) or slice_hbm
   mesh = parallel.make_mesh(cfg.mesh, devices)

@@ -24,7 +24,14 @@ from jax.sharding import Mesh, NamedSharding
 
 from ff_jax import parallel
 from ff_jax.errors import ConfigError
-from ff_jax.models import ModelConfig, abstract_model, forward, init_params, positions_from_mask
+from ff_jax.models import (
+  ModelConfig,
+  abstract_model,
+  forward,
+  init_params,
+  lora,
+  positions_from_mask,
+)
 
 Batch = dict[str, jax.Array]
 TrainState = dict[str, Any]  # {"params", "opt_state", "step"}
@@ -89,10 +96,23 @@ def _target_weights(batch: Batch, loss_on: str) -> tuple[jax.Array, jax.Array]:
   return targets, weights.astype(jnp.float32)
 
 
+def trainable_params(params: Any) -> tuple[Any, Any]:
+  """(what the optimizer trains, what stays frozen): the LoRA adapters and the base weights of
+  an adapted model, else every parameter and nothing."""
+  adapters, base = lora.split(params)
+  if not adapters:
+    return params, {}
+  return adapters, base
+
+
 def token_nll(graphdef: nnx.GraphDef, params: Any, batch: Batch, loss_on: str = "response"):
   """Per-token NLL and correctness [B, T-1], and the target weights."""
   mask = batch["mask"]
   logits, _ = forward(graphdef, params, batch["tokens"], positions_from_mask(mask), mask)
+  return _token_nll_from_logits(logits, batch, loss_on)
+
+
+def _token_nll_from_logits(logits: jax.Array, batch: Batch, loss_on: str):
   logits = logits[:, :-1]
   targets, weights = _target_weights(batch, loss_on)
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
@@ -110,12 +130,22 @@ def make_score_fn(graphdef: nnx.GraphDef) -> Callable[[Any, Batch], dict[str, ja
   return score
 
 
-def make_train_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: OptimConfig):
-  """Unjitted train step with gradient accumulation over `cfg.grad_accum_steps` micro-batches."""
+def make_train_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: OptimConfig,
+                  lora_dropout: bool = False):
+  """Unjitted train step with gradient accumulation over `cfg.grad_accum_steps` micro-batches.
+
+  The optimizer state covers `trainable_params(params)`: every parameter, or only the LoRA
+  adapters of an adapted model (the base weights then get no gradient, moments or update).
+  `lora_dropout`: draw LoRA dropout masks, from the step number (deterministic per step).
+  """
   accum = cfg.grad_accum_steps
 
-  def micro_loss(params, micro, total_tokens):
-    nll, _, weights = token_nll(graphdef, params, micro, cfg.loss_on)
+  def micro_loss(trainable, frozen, micro, total_tokens, rng):
+    params = lora.combine(trainable, frozen) if frozen else trainable
+    mask = micro["mask"]
+    logits, _ = forward(graphdef, params, micro["tokens"], positions_from_mask(mask), mask,
+                        dropout_rng=rng)
+    nll, _, weights = _token_nll_from_logits(logits, micro, cfg.loss_on)
     per_example = nll.sum(-1) / jnp.maximum(weights.sum(-1), 1.0)
     # Dividing by the whole batch's token count makes the accumulated gradient equal the
     # full-batch token-mean gradient, however the rows are split into micro-batches.
@@ -124,30 +154,38 @@ def make_train_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg:
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
   def step(state: TrainState, batch: Batch):
-    params = state["params"]
+    params, frozen = trainable_params(state["params"])
+    rng = None
+    if lora_dropout:
+      rng = jax.random.fold_in(jax.random.key(0), state["step"])
     _, weights = _target_weights(batch, cfg.loss_on)
     total_tokens = jnp.maximum(weights.sum(), 1.0)
     rows = batch["tokens"].shape[0]
     if rows % accum:
       raise ConfigError(f"batch_size {rows} is not divisible by grad_accum_steps {accum}")
     if accum == 1:
-      (loss, per_example), grads = grad_fn(params, batch, total_tokens)
+      (loss, per_example), grads = grad_fn(params, frozen, batch, total_tokens, rng)
     else:
       # Interleave rows into micro-batches (row i goes to micro-batch i % accum) so that each
       # micro-batch stays spread over every data-parallel shard instead of living on a few.
       micro = jax.tree.map(
           lambda x: x.reshape(rows // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
-      def body(carry, mb):
-        (loss_mb, per_mb), grads_mb = grad_fn(params, mb, total_tokens)
+      def body(carry, xs):
+        mb, index = xs
+        micro_rng = None if rng is None else jax.random.fold_in(rng, index)
+        (loss_mb, per_mb), grads_mb = grad_fn(params, frozen, mb, total_tokens, micro_rng)
         loss_acc, grads_acc = carry
         return (loss_acc + loss_mb, jax.tree.map(jnp.add, grads_acc, grads_mb)), per_mb
 
       zeros = jax.tree.map(jnp.zeros_like, params)
-      (loss, grads), per_example = jax.lax.scan(body, (jnp.zeros(()), zeros), micro)
+      (loss, grads), per_example = jax.lax.scan(body, (jnp.zeros(()), zeros),
+                                                (micro, jnp.arange(accum)))
       per_example = per_example.swapaxes(0, 1).reshape(rows)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     params = optax.apply_updates(params, updates)
+    if frozen:
+      params = lora.combine(params, frozen)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": weights.sum()}
     new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
     return new_state, metrics, per_example
@@ -224,12 +262,14 @@ class Trainer:
     self.tx, self.schedule = make_optimizer(cfg, total_steps)
     mesh = runtime.mesh
     repl = parallel.replicated(mesh)
-    opt_shardings = optimizer_shardings(self.tx, runtime.abstract_params,
-                                        runtime.param_shardings, repl)
+    trainable, _ = trainable_params(runtime.abstract_params)
+    opt_shardings = optimizer_shardings(self.tx, trainable, trainable_params(
+        runtime.param_shardings)[0], repl)
     self.state_shardings = {"params": runtime.param_shardings, "opt_state": opt_shardings,
                             "step": repl}
     self.trace_count = 0
-    step_fn = make_train_fn(runtime.graphdef, self.tx, cfg)
+    step_fn = make_train_fn(runtime.graphdef, self.tx, cfg,
+                            lora_dropout=runtime.cfg.lora.rank > 0 and runtime.cfg.lora.dropout > 0)
 
     def counted(state, batch):
       self.trace_count += 1  # runs at trace time only: counts compilations
@@ -241,7 +281,8 @@ class Trainer:
     self.step = jax.jit(counted, in_shardings=(self.state_shardings, batch_shardings),
                         out_shardings=(self.state_shardings, repl, runtime.row_sharding),
                         donate_argnums=(0,))
-    self._init_opt = jax.jit(self.tx.init, out_shardings=opt_shardings)
+    self._init_opt = jax.jit(lambda p: self.tx.init(trainable_params(p)[0]),
+                             out_shardings=opt_shardings)
 
   def init_state(self, params: Any) -> TrainState:
     step = jax.device_put(jnp.zeros((), jnp.int32), parallel.replicated(self.runtime.mesh))

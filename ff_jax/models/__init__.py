@@ -77,13 +77,15 @@ def init_params(cfg: ModelConfig, seed: int, shardings: Params | None = None) ->
 
 
 def forward(graphdef: nnx.GraphDef, params: Params, tokens, positions, kv_mask,
-            cache: Cache | None = None, cache_index: Any = 0, last_only: bool = False):
+            cache: Cache | None = None, cache_index: Any = 0, last_only: bool = False,
+            dropout_rng: Any = None):
   """Pure forward pass: `(logits [B,T,V] fp32, new_cache)`; see `Transformer` for the contract.
 
-  `last_only` returns the logits of the last position alone ([B, 1, V]).
+  `last_only` returns the logits of the last position alone ([B, 1, V]); `dropout_rng` turns on
+  LoRA dropout (training).
   """
   model = nnx.merge(graphdef, params)
-  return model(tokens, positions, kv_mask, cache, cache_index, last_only)
+  return model(tokens, positions, kv_mask, cache, cache_index, last_only, dropout_rng)
 
 
 def init_cache(graphdef: nnx.GraphDef, params: Params, batch: int, length: int) -> Cache:

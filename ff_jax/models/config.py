@@ -15,6 +15,37 @@ Norm = Literal["rms", "layer"]
 Positions = Literal["rope", "learned"]
 Mlp = Literal["swiglu", "gelu"]
 
+# Projections LoRA can adapt: attention q/k/v/o and the MLP's gate/up/down.
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Low-rank adapters (Hu et al., 2021): W x + (alpha / rank) B A dropout(x) on `targets`.
+
+  rank 0 means full finetuning. With adapters, only they are trained and kept in the optimizer;
+  `adapter_checkpoints` also keeps only them (and their optimizer state) in step checkpoints.
+  """
+
+  rank: int = 0
+  alpha: float = 16.0
+  dropout: float = 0.0
+  targets: tuple[str, ...] = ("q", "k", "v", "o")
+  adapter_checkpoints: bool = True
+
+  def __post_init__(self):
+    if self.rank < 0:
+      raise ConfigError(f"lora.rank: must be >= 0, got {self.rank}")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ConfigError(f"lora.dropout: must be in [0, 1), got {self.dropout}")
+    unknown = sorted(set(self.targets) - set(LORA_TARGETS))
+    if unknown or (self.rank and not self.targets):
+      raise ConfigError(f"lora.targets: {list(self.targets)}; choose from {list(LORA_TARGETS)}")
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank if self.rank else 0.0
+
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
@@ -54,6 +85,7 @@ class ModelConfig:
   dtype: Literal["float32", "bfloat16"] = "float32"
   param_dtype: Literal["float32", "bfloat16"] = "float32"
   remat: bool = False  # recompute each block's activations in the backward pass
+  lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)  # rank 0: no adapters
   initializer_range: float = 0.02
   # Token ids the tokenizer uses; kept here so decoding and batching agree with the checkpoint.
   bos_token_id: int | None = None
@@ -101,6 +133,11 @@ class ModelConfig:
     unknown = sorted(set(values) - known)
     if unknown:
       raise ConfigError(f"model: unknown key(s) {unknown}; known keys are {sorted(known)}")
+    if isinstance(values.get("lora"), dict):
+      lora = dict(values["lora"])
+      if "targets" in lora:
+        lora["targets"] = tuple(lora["targets"])
+      values["lora"] = LoraConfig(**lora)
     scaling = values.get("rope_scaling")
     if isinstance(scaling, dict):
       values["rope_scaling"] = RopeScaling(**scaling)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ff_jax.models.config import ModelConfig
+from ff_jax.models.config import LORA_TARGETS, ModelConfig
 
 Cache = list[dict[str, jax.Array]]
 
@@ -40,6 +40,38 @@ def _param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: tuple[str | None,
   # Never shard eagerly: ff_jax.parallel places parameters through jit out_shardings, so building
   # a model needs no mesh context (and works under nnx.eval_shape).
   return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
+
+
+def _add_adapter(module: nnx.Module, cfg: ModelConfig, rngs: nnx.Rngs, name: str,
+                 in_shape: tuple[int, ...], in_axes: tuple[str | None, ...],
+                 out_shape: tuple[int, ...], out_axes: tuple[str | None, ...]) -> None:
+  """LoRA factors of projection `name` when it is a target: A [*in, r] and B [r, *out] (B = 0,
+  so an adapted model starts exactly as the base model)."""
+  if not (cfg.lora.rank and name in cfg.lora.targets):
+    return
+  pdt = _DTYPES[cfg.param_dtype]
+  rank = cfg.lora.rank
+  init_a = nnx.initializers.normal(1.0 / math.sqrt(math.prod(in_shape)))
+  setattr(module, f"{name}_lora_a", _param(rngs, init_a, (*in_shape, rank), (*in_axes, None), pdt))
+  setattr(module, f"{name}_lora_b", _param(rngs, nnx.initializers.zeros, (rank, *out_shape),
+                                           (None, *out_axes), pdt))
+
+
+def _adapter_delta(module: nnx.Module, cfg: ModelConfig, name: str, x: jax.Array,
+                   rng: jax.Array | None) -> jax.Array | float:
+  """(alpha / r) · B A dropout(x) for an adapted projection (0 otherwise); x's trailing dims are
+  the projection's input dims."""
+  if not (cfg.lora.rank and name in cfg.lora.targets):
+    return 0.0
+  dt = x.dtype
+  a = getattr(module, f"{name}_lora_a")[...].astype(dt)
+  b = getattr(module, f"{name}_lora_b")[...].astype(dt)
+  if rng is not None and cfg.lora.dropout:
+    keep = jax.random.bernoulli(jax.random.fold_in(rng, LORA_TARGETS.index(name)),
+                                1.0 - cfg.lora.dropout, x.shape)
+    x = jnp.where(keep, x / (1.0 - cfg.lora.dropout), 0).astype(dt)
+  low = jnp.tensordot(x, a, axes=a.ndim - 1)  # [..., r]: the rank-r bottleneck
+  return jnp.tensordot(low, b, axes=1) * jnp.asarray(cfg.lora.scale, dt)
 
 
 class Norm(nnx.Module):
@@ -116,13 +148,21 @@ class Attention(nnx.Module):
       self.v_bias = _param(rngs, zeros, (kv, hd), ("kv_heads", "head_dim"), pdt)
     if cfg.out_bias:
       self.o_bias = _param(rngs, zeros, (d,), ("norm",), pdt)
+    _add_adapter(self, cfg, rngs, "q", (d,), ("embed",), (h, hd), ("heads", "head_dim"))
+    _add_adapter(self, cfg, rngs, "k", (d,), ("embed",), (kv, hd), ("kv_heads", "head_dim"))
+    _add_adapter(self, cfg, rngs, "v", (d,), ("embed",), (kv, hd), ("kv_heads", "head_dim"))
+    _add_adapter(self, cfg, rngs, "o", (h, hd), ("heads", "head_dim"), (d,), ("embed",))
 
-  def __call__(self, x, positions, kv_mask, layer_cache, cache_index):
+  def __call__(self, x, positions, kv_mask, layer_cache, cache_index, rng=None):
     cfg = self.cfg
     dt = x.dtype
     q = jnp.einsum("btd,dhk->bthk", x, self.q[...].astype(dt))
     k = jnp.einsum("btd,dhk->bthk", x, self.k[...].astype(dt))
     v = jnp.einsum("btd,dhk->bthk", x, self.v[...].astype(dt))
+    if cfg.lora.rank:
+      q = q + _adapter_delta(self, cfg, "q", x, rng)
+      k = k + _adapter_delta(self, cfg, "k", x, rng)
+      v = v + _adapter_delta(self, cfg, "v", x, rng)
     if cfg.qkv_bias:
       q = q + self.q_bias[...].astype(dt)
       k = k + self.k_bias[...].astype(dt)
@@ -160,7 +200,8 @@ class Attention(nnx.Module):
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     out = jnp.einsum("bkgts,bksd->btkgd", probs, v.astype(dt))
     out = out.reshape(batch, length, cfg.num_heads, cfg.resolved_head_dim)
-    out = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dt))
+    adapted = _adapter_delta(self, cfg, "o", out, rng)
+    out = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dt)) + adapted
     if cfg.out_bias:
       out = out + self.o_bias[...].astype(dt)
     return out, layer_cache
@@ -183,17 +224,24 @@ class Mlp(nnx.Module):
     if cfg.mlp_bias:
       self.up_bias = _param(rngs, zeros, (f,), ("mlp",), pdt)
       self.down_bias = _param(rngs, zeros, (d,), ("norm",), pdt)
+    self.cfg = cfg
+    if cfg.mlp == "swiglu":
+      _add_adapter(self, cfg, rngs, "gate", (d,), ("embed",), (f,), ("mlp",))
+    _add_adapter(self, cfg, rngs, "up", (d,), ("embed",), (f,), ("mlp",))
+    _add_adapter(self, cfg, rngs, "down", (f,), ("mlp",), (d,), ("embed",))
 
-  def __call__(self, x):
+  def __call__(self, x, rng=None):
     dt = x.dtype
-    up = x @ self.up[...].astype(dt)
+    cfg = self.cfg
+    up = x @ self.up[...].astype(dt) + _adapter_delta(self, cfg, "up", x, rng)
     if self.bias:
       up = up + self.up_bias[...].astype(dt)
     if self.kind == "swiglu":
-      hidden = jax.nn.silu(x @ self.gate[...].astype(dt)) * up
+      gate = x @ self.gate[...].astype(dt) + _adapter_delta(self, cfg, "gate", x, rng)
+      hidden = jax.nn.silu(gate) * up
     else:
       hidden = jax.nn.gelu(up, approximate=True)
-    out = hidden @ self.down[...].astype(dt)
+    out = hidden @ self.down[...].astype(dt) + _adapter_delta(self, cfg, "down", hidden, rng)
     if self.bias:
       out = out + self.down_bias[...].astype(dt)
     return out
@@ -208,16 +256,17 @@ class Block(nnx.Module):
     self.mlp_norm = Norm(cfg, rngs)
     self.mlp = Mlp(cfg, rngs)
 
-  def __call__(self, x, positions, kv_mask, layer_cache, cache_index):
+  def __call__(self, x, positions, kv_mask, layer_cache, cache_index, rng=None):
+    attn_rng, mlp_rng = (None, None) if rng is None else jax.random.split(rng)
     attn_out, layer_cache = self.attn(self.attn_norm(x), positions, kv_mask, layer_cache,
-                                      cache_index)
+                                      cache_index, attn_rng)
     x = x + attn_out
-    x = x + self.mlp(self.mlp_norm(x))
+    x = x + self.mlp(self.mlp_norm(x), mlp_rng)
     return x, layer_cache
 
 
-def _block_forward(block, x, positions, kv_mask, layer_cache, cache_index):
-  return block(x, positions, kv_mask, layer_cache, cache_index)
+def _block_forward(block, x, positions, kv_mask, layer_cache, cache_index, rng):
+  return block(x, positions, kv_mask, layer_cache, cache_index, rng)
 
 
 # Recomputes each block's activations in the backward pass: memory for FLOPs.
@@ -253,7 +302,7 @@ class Transformer(nnx.Module):
             for _ in range(cfg.num_layers)]
 
   def hidden_states(self, tokens, positions, kv_mask, cache: Cache | None = None,
-                    cache_index: Any = 0):
+                    cache_index: Any = 0, dropout_rng: jax.Array | None = None):
     cfg = self.cfg
     dt = _DTYPES[cfg.dtype]
     x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
@@ -263,7 +312,8 @@ class Transformer(nnx.Module):
     new_cache = None if cache is None else []
     for i, block in enumerate(self.layers):
       layer_cache = None if cache is None else cache[i]
-      x, layer_cache = forward(block, x, positions, kv_mask, layer_cache, cache_index)
+      rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
+      x, layer_cache = forward(block, x, positions, kv_mask, layer_cache, cache_index, rng)
       if cache is not None:
         new_cache.append(layer_cache)
     return self.final_norm(x), new_cache
@@ -278,8 +328,11 @@ class Transformer(nnx.Module):
                       preferred_element_type=jnp.float32)
 
   def __call__(self, tokens, positions, kv_mask, cache: Cache | None = None,
-               cache_index: Any = 0, last_only: bool = False):
-    hidden, new_cache = self.hidden_states(tokens, positions, kv_mask, cache, cache_index)
+               cache_index: Any = 0, last_only: bool = False,
+               dropout_rng: jax.Array | None = None):
+    # `dropout_rng` (training only) drives LoRA dropout; None is the deterministic forward.
+    hidden, new_cache = self.hidden_states(tokens, positions, kv_mask, cache, cache_index,
+                                           dropout_rng)
     if last_only:  # decoding needs only the next-token logits, not the prompt's [B, P, V]
       hidden = hidden[:, -1:]
     return self.logits(hidden), new_cache
