@@ -129,6 +129,8 @@ def _read_source(spec: str, role: str) -> list[Record]:
     records = records_io.load_records(spec)
   except FileNotFoundError:
     raise DataError(f"data.{role}: {spec}: file not found") from None
+  except DataError as err:  # name the setting too: a run reads several sources
+    raise DataError(f"data.{role}: {err}") from None
   if not records:
     raise DataError(f"data.{role}: {spec} holds no records")
   return records

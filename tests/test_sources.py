@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -235,3 +236,25 @@ def test_hf_and_tfds_unavailable(monkeypatch):
     load_source("hf://nobody/nothing:train")
   with pytest.raises(DataError, match=r"tfds://nothing:test.*tensorflow_datasets"):
     load_source("tfds://nothing:test")
+
+
+def test_hf_datasets_from_a_local_folder_and_an_unreachable_hub(tmp_path):
+  """`hf://` through the real `datasets` package: a `save_to_disk` folder reads; a hub name
+  that cannot be reached (no network here; offline mode so it fails at once) is one DataError."""
+  datasets = pytest.importorskip("datasets")
+  folder = tmp_path / "ds"
+  datasets.Dataset.from_dict({"prompt": ["q1", "q2"], "response": ["a1", "a2"],
+                              "kind": ["unsafe", "task"]}).save_to_disk(str(folder))
+  recs = load_source(f"hf://{folder}:train")
+  assert [(r.prompt, r.response, r.kind) for r in recs] == [("q1", "a1", "unsafe"),
+                                                            ("q2", "a2", "task")]
+  import subprocess
+
+  env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+  proc = subprocess.run(
+      [sys.executable, "-m", "ff_jax.cli", "run", "data.noisy=hf://nobody/nothing:train",
+       f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True, env=env, timeout=300)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1].startswith(
+      "ff-jax: error: data.noisy: hf://nobody/nothing:train: cannot load (ConnectionError")
+  assert not (tmp_path / "run").exists()  # nothing half-written
