@@ -76,6 +76,14 @@ def is_primary() -> bool:
   return jax.process_index() == 0
 
 
+def barrier(name: str) -> None:
+  """Every process waits here until all arrive: what process 0 wrote before is visible after."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(f"ff_jax:{name}")
+
+
 def write_json_atomic(path: str | Path, value: Any) -> None:
   write_atomic(path, json.dumps(value, indent=2, sort_keys=True, default=_json_default) + "\n")
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ff_jax.checkpoints import is_primary, write_json_atomic
+from ff_jax.checkpoints import barrier, is_primary, write_json_atomic
 from ff_jax.errors import RunDirError
 
 MANIFEST_VERSION = 1
@@ -84,6 +84,7 @@ class RunDir:
     """
     if restart and self.root.exists() and is_primary():
       shutil.rmtree(self.root)
+    barrier("run directory cleared")
     manifest = self.read_manifest()
     if manifest is not None and redo_from is not None:
       if redo_from not in PHASES:
@@ -134,6 +135,7 @@ class RunDir:
                     **info: Any) -> None:
     manifest["phases"][phase] = {"complete": True, "seconds": round(seconds, 2), **info}
     self.write(manifest)
+    barrier(f"{phase} complete")  # the phase's artifacts (written by process 0) are now final
 
   @staticmethod
   def is_complete(manifest: dict[str, Any], phase: str) -> bool:
