@@ -105,14 +105,13 @@ def trainable_params(params: Any) -> tuple[Any, Any]:
   return adapters, base
 
 
-def token_nll(graphdef: nnx.GraphDef, params: Any, batch: Batch, loss_on: str = "response"):
-  """Per-token NLL and correctness [B, T-1], and the target weights."""
+def token_nll(graphdef: nnx.GraphDef, params: Any, batch: Batch, loss_on: str = "response",
+              dropout_rng: jax.Array | None = None):
+  """Per-token NLL and correctness [B, T-1], and the target weights (`dropout_rng`: LoRA dropout
+  while training)."""
   mask = batch["mask"]
-  logits, _ = forward(graphdef, params, batch["tokens"], positions_from_mask(mask), mask)
-  return _token_nll_from_logits(logits, batch, loss_on)
-
-
-def _token_nll_from_logits(logits: jax.Array, batch: Batch, loss_on: str):
+  logits, _ = forward(graphdef, params, batch["tokens"], positions_from_mask(mask), mask,
+                      dropout_rng=dropout_rng)
   logits = logits[:, :-1]
   targets, weights = _target_weights(batch, loss_on)
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
@@ -142,10 +141,7 @@ def make_train_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg:
 
   def micro_loss(trainable, frozen, micro, total_tokens, rng):
     params = lora.combine(trainable, frozen) if frozen else trainable
-    mask = micro["mask"]
-    logits, _ = forward(graphdef, params, micro["tokens"], positions_from_mask(mask), mask,
-                        dropout_rng=rng)
-    nll, _, weights = _token_nll_from_logits(logits, micro, cfg.loss_on)
+    nll, _, weights = token_nll(graphdef, params, micro, cfg.loss_on, dropout_rng=rng)
     per_example = nll.sum(-1) / jnp.maximum(weights.sum(-1), 1.0)
     # Dividing by the whole batch's token count makes the accumulated gradient equal the
     # full-batch token-mean gradient, however the rows are split into micro-batches.
