@@ -157,21 +157,29 @@ def _demo_model_config(cfg: RunConfig, tokenizer: TextTokenizer) -> ModelConfig:
     raise ConfigError(f"model.config: {err}") from None
 
 
-def _imported_model(path: Path, source: str) -> tuple[ModelConfig, TextTokenizer, str]:
-  """(config, tokenizer, kind) of a GGUF file or an HF folder, without reading any weight."""
+def _imported_model(cfg: RunConfig, path: Path) -> tuple[ModelConfig, TextTokenizer, str]:
+  """(config, tokenizer, kind) of a GGUF file or an HF folder, without reading any weight: the
+  architecture checked against a preset's `model.config`, the run's dtypes and remat applied."""
+  source = cfg.model.source
   if path.is_file() and path.suffix == ".gguf":
     from ff_jax.models.gguf import load_gguf_metadata
 
     model_cfg, tokenizer = load_gguf_metadata(path)
-    return model_cfg, tokenizer, "gguf"
-  if path.is_dir() and (path / "config.json").exists():
+    kind = "gguf"
+  elif path.is_dir() and (path / "config.json").exists():
     from ff_jax.models.hf import config_from_hf
 
     model_cfg = config_from_hf(json.loads((path / "config.json").read_text()),
                                str(path / "config.json"))
-    return model_cfg, TextTokenizer.from_folder(path), "hf"
-  raise ConfigError(f"model.source: {source}: expected 'demo', an HF folder with config.json, "
-                    "or a .gguf file")
+    tokenizer, kind = TextTokenizer.from_folder(path), "hf"
+  else:
+    raise ConfigError(f"model.source: {source}: expected 'demo', an HF folder with config.json, "
+                      "or a .gguf file")
+  if cfg.model.config:
+    _check_architecture(model_cfg, cfg.model.config, source)
+  model_cfg = model_cfg.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
+                                remat=cfg.model.remat)
+  return model_cfg, tokenizer, kind
 
 
 def _check_architecture(model_cfg: ModelConfig, expected: dict[str, Any], source: str) -> None:
@@ -199,10 +207,8 @@ def planned_model_config(cfg: RunConfig) -> ModelConfig:
     return _demo_model_config(cfg, _demo_tokenizer(world, RunDir(cfg.run_dir)))
   path = resolve_model_source(source)
   if path.exists():
-    model_cfg = _imported_model(path, source)[0]
-    if cfg.model.config:
-      _check_architecture(model_cfg, cfg.model.config, source)
-  elif cfg.model.config:
+    return _imported_model(cfg, path)[0]
+  if cfg.model.config:
     try:
       model_cfg = ModelConfig.from_dict(dict(cfg.model.config))
     except TypeError as err:
@@ -240,11 +246,7 @@ def load_inputs(cfg: RunConfig, run: RunDir) -> JobInputs:
     path = resolve_model_source(source)
     if not path.exists():
       raise ConfigError(f"model.source: {source}: no such file or folder")
-    model_cfg, tokenizer, kind = _imported_model(path, source)
-    if cfg.model.config:
-      _check_architecture(model_cfg, cfg.model.config, source)
-    model_cfg = model_cfg.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-                                  remat=cfg.model.remat)
+    model_cfg, tokenizer, kind = _imported_model(cfg, path)
     prints["model"] = _model_fingerprint(path)
     source = str(path)  # what the loaders open (a `pkg:` source resolved to its file)
   return JobInputs(source=str(source), kind=kind, tokenizer=tokenizer, model_config=model_cfg,

@@ -237,9 +237,12 @@ def refusal(result: dict[str, Any]) -> str | None:
   if limit is None:
     return None
   lines: list[str] = []
+  reported: set[tuple[int, int]] = set()
   for step in result["steps"]:
-    if step["total"] <= limit * GIB:
+    program = (step["batch"], step["total"])  # noisy and safety steps of one shape: one program
+    if step["total"] <= limit * GIB or program in reported:
       continue
+    reported.add(program)
     need = f"{step['name']} at batch {step['batch']} needs {step['total'] / GIB:.2f} GiB per device"
     if step["largest_batch"]:
       advice = (f"the largest batch found to fit (compiled and checked) is "
@@ -251,9 +254,7 @@ def refusal(result: dict[str, Any]) -> str | None:
     else:
       advice = (f"{step['smallest_total'] / GIB:.2f} GiB at the smallest batch the mesh allows: "
                 "no batch fits (shard over more devices with mesh.fsdp, model.remat, LoRA)")
-    line = f"{need}; {advice}"
-    if line.split(" at batch", 1)[1] not in "".join(lines):  # noisy and safety share a program
-      lines.append(line)
+    lines.append(f"{need}; {advice}")
   if not lines:
     return None
   return f"plan does not fit {limit:g} GiB per device: " + "; ".join(lines)
