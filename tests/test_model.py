@@ -16,6 +16,7 @@ from ff_jax.models import (
   positions_from_mask,
   tiny_llama,
 )
+from ff_jax.models.transformer import dense
 
 FAMILIES = {
     "llama": tiny_llama(),
@@ -95,6 +96,43 @@ def test_bf16_compute_is_close_to_fp32_and_remat_is_exact():
   g_remat = jax.grad(lambda p: loss(remat_graph, p))(params)
   for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_remat)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("form", ["up", "down", "heads_in", "tied_head", "bf16_head"])
+def test_dense_value_and_gradients_equal_the_einsum(form):
+  # (x shape, w shape, dense kwargs, the einsum it stands for); "up"/"down" exercise both
+  # orientations of the weight gradient (x narrower than the output, and wider).
+  cases = {
+      "up": ((2, 5, 8), (8, 4, 6), {}, "btd,dhk->bthk"),
+      "down": ((2, 5, 24), (24, 8), {}, "btf,fd->btd"),
+      "heads_in": ((2, 5, 4, 6), (4, 6, 8), {"contract": 2}, "bthk,hkd->btd"),
+      "tied_head": ((2, 5, 8), (40, 8), {"transpose_w": True}, "btd,vd->btv"),
+      "bf16_head": ((2, 5, 8), (8, 40), {"out_dtype": jnp.float32}, "btd,dv->btv"),
+  }
+  x_shape, w_shape, kwargs, spec = cases[form]
+  dtype = jnp.bfloat16 if form.startswith("bf16") else jnp.float32
+  x = jax.random.normal(jax.random.key(0), x_shape).astype(dtype)
+  w = jax.random.normal(jax.random.key(1), w_shape).astype(dtype)
+  cot = jax.random.normal(jax.random.key(2), jnp.einsum(spec, x, w).shape)
+  out_dtype = kwargs.get("out_dtype")
+
+  def ours(x, w):
+    return jnp.sum(dense(x, w, **kwargs).astype(jnp.float32) * cot)
+
+  def reference(x, w):
+    y = jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
+    return jnp.sum(y.astype(jnp.float32) * cot)
+
+  y = dense(x, w, **kwargs)
+  assert y.dtype == (out_dtype or dtype)
+  tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == jnp.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
+  np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(
+      jnp.einsum(spec, x, w, preferred_element_type=out_dtype), np.float32), **tol)
+  ours_grads = jax.jit(jax.grad(ours, argnums=(0, 1)))(x, w)
+  ref_grads = jax.grad(reference, argnums=(0, 1))(x, w)
+  for got, want in zip(ours_grads, ref_grads):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), **tol)
 
 
 def test_every_parameter_has_logical_axes():

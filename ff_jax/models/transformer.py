@@ -15,6 +15,7 @@ the inputs occupy slots `cache_index .. cache_index+T-1`.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -32,6 +33,61 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def positions_from_mask(mask: jax.Array) -> jax.Array:
   """Position ids that ignore padding: 0 for the first real token of each row."""
   return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def dense(x: jax.Array, w: jax.Array, contract: int = 1, transpose_w: bool = False,
+          out_dtype: Any = None) -> jax.Array:
+  """A projection: x's last `contract` dims against w's first ones ([..., *in] · [*in, *out]).
+
+  `transpose_w` takes w as [out, in] (a tied embedding used as the LM head); `out_dtype` is the
+  matmul's accumulation/output dtype (fp32 logits from bf16 inputs). The value equals the einsum;
+  the custom gradient only orients the weight gradient's matmul (see `_dense_bwd`).
+  """
+  return _dense_fwd(x, w, contract, transpose_w, out_dtype)[0]
+
+
+def _flat(x: jax.Array, w: jax.Array, contract: int, transpose_w: bool):
+  """(x as [tokens, in], w as [in, out] or [out, in], the output's shape)."""
+  if transpose_w:
+    fan_out, fan_in = w.shape[:w.ndim - contract], w.shape[w.ndim - contract:]
+  else:
+    fan_in, fan_out = w.shape[:contract], w.shape[contract:]
+  k, n = math.prod(fan_in), math.prod(fan_out)
+  w2 = w.reshape((n, k) if transpose_w else (k, n))
+  return x.reshape(-1, k), w2, (*x.shape[:x.ndim - contract], *fan_out)
+
+
+def _dense_fwd(x, w, contract, transpose_w, out_dtype):
+  x2, w2, shape = _flat(x, w, contract, transpose_w)
+  y = jax.lax.dot_general(x2, w2, (((1,), (1 if transpose_w else 0,)), ((), ())),
+                          preferred_element_type=out_dtype)
+  return y.reshape(shape), (x, w)
+
+
+def _dense_bwd(contract, transpose_w, out_dtype, residuals, g):
+  x, w = residuals
+  x2, w2, _ = _flat(x, w, contract, transpose_w)
+  g2 = g.reshape(x2.shape[0], -1)
+  dims = (((1,), (0 if transpose_w else 1,)), ((), ()))
+  dx = jax.lax.dot_general(g2, w2, dims, preferred_element_type=out_dtype)
+  # The weight gradient contracts over tokens. XLA:CPU's dot wants its right operand with the
+  # contracted dim minor, so it physically transposes that operand first, and a transpose fused
+  # into the backward's elementwise ops (SwiGLU') runs ~20x slower than the matmul wants. Putting
+  # the narrower of x and g on the right keeps that copy small: x for up-projections, g for
+  # down-projections and the LM head, whose [tokens, vocab] gradient is the widest array of the
+  # step. Same value either way; GPU/TPU compilers fold the orientation into the matmul.
+  tokens = (((0,), (0,)), ((), ()))
+  if x2.shape[1] <= g2.shape[1]:
+    dw = jax.lax.dot_general(g2, x2, tokens, preferred_element_type=out_dtype)  # [out, in]
+    dw = dw if transpose_w else dw.T
+  else:
+    dw = jax.lax.dot_general(x2, g2, tokens, preferred_element_type=out_dtype)  # [in, out]
+    dw = dw.T if transpose_w else dw
+  return dx.reshape(x.shape).astype(x.dtype), dw.reshape(w.shape).astype(w.dtype)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 def _param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: tuple[str | None, ...],
@@ -156,9 +212,9 @@ class Attention(nnx.Module):
   def __call__(self, x, positions, kv_mask, layer_cache, cache_index, rng=None):
     cfg = self.cfg
     dt = x.dtype
-    q = jnp.einsum("btd,dhk->bthk", x, self.q[...].astype(dt))
-    k = jnp.einsum("btd,dhk->bthk", x, self.k[...].astype(dt))
-    v = jnp.einsum("btd,dhk->bthk", x, self.v[...].astype(dt))
+    q = dense(x, self.q[...].astype(dt))
+    k = dense(x, self.k[...].astype(dt))
+    v = dense(x, self.v[...].astype(dt))
     if cfg.lora.rank:
       q = q + _adapter_delta(self, cfg, "q", x, rng)
       k = k + _adapter_delta(self, cfg, "k", x, rng)
@@ -201,7 +257,7 @@ class Attention(nnx.Module):
     out = jnp.einsum("bkgts,bksd->btkgd", probs, v.astype(dt))
     out = out.reshape(batch, length, cfg.num_heads, cfg.resolved_head_dim)
     adapted = _adapter_delta(self, cfg, "o", out, rng)
-    out = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dt)) + adapted
+    out = dense(out, self.o[...].astype(dt), 2) + adapted
     if cfg.out_bias:
       out = out + self.o_bias[...].astype(dt)
     return out, layer_cache
@@ -233,15 +289,15 @@ class Mlp(nnx.Module):
   def __call__(self, x, rng=None):
     dt = x.dtype
     cfg = self.cfg
-    up = x @ self.up[...].astype(dt) + _adapter_delta(self, cfg, "up", x, rng)
+    up = dense(x, self.up[...].astype(dt)) + _adapter_delta(self, cfg, "up", x, rng)
     if self.bias:
       up = up + self.up_bias[...].astype(dt)
     if self.kind == "swiglu":
-      gate = x @ self.gate[...].astype(dt) + _adapter_delta(self, cfg, "gate", x, rng)
+      gate = dense(x, self.gate[...].astype(dt)) + _adapter_delta(self, cfg, "gate", x, rng)
       hidden = jax.nn.silu(gate) * up
     else:
       hidden = jax.nn.gelu(up, approximate=True)
-    out = hidden @ self.down[...].astype(dt) + _adapter_delta(self, cfg, "down", hidden, rng)
+    out = dense(hidden, self.down[...].astype(dt)) + _adapter_delta(self, cfg, "down", hidden, rng)
     if self.bias:
       out = out + self.down_bias[...].astype(dt)
     return out
@@ -322,10 +378,8 @@ class Transformer(nnx.Module):
     """Vocabulary logits in fp32 (the loss and sampling need the precision)."""
     dt = hidden.dtype
     if self.cfg.tie_embeddings:
-      return jnp.einsum("btd,vd->btv", hidden, self.embed[...].astype(dt),
-                        preferred_element_type=jnp.float32)
-    return jnp.einsum("btd,dv->btv", hidden, self.lm_head[...].astype(dt),
-                      preferred_element_type=jnp.float32)
+      return dense(hidden, self.embed[...].astype(dt), transpose_w=True, out_dtype=jnp.float32)
+    return dense(hidden, self.lm_head[...].astype(dt), out_dtype=jnp.float32)
 
   def __call__(self, tokens, positions, kv_mask, cache: Cache | None = None,
                cache_index: Any = 0, last_only: bool = False,
