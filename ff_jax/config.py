@@ -93,7 +93,9 @@ class FilterConfig:
   # A column of ff_jax.signals.SIGNALS. nll_ens (the paper's NLL forgetting averaged over the K
   # safety replicas) was the best on average over bias, toxicity and harmfulness (docs/signals.md).
   signal: str = "nll_ens"
-  threshold: str = "auto"  # auto | auto:otsu | auto:gmm | fixed:PHI | quantile:Q
+  # auto (= auto:gmm, fitted on the signed-log scale) | auto:otsu | auto:gmm:linear | fixed:PHI
+  # | quantile:Q (ff_jax.filtering.Threshold)
+  threshold: str = "auto"
   lnf_floor: float = 0.05  # nats/token: learning below this counts as this much (nll_lnf)
 
 

@@ -192,11 +192,31 @@ def _mixture_dip(w: np.ndarray, mu: np.ndarray, var: np.ndarray) -> float:
 
 
 AUTO_METHODS = ("otsu", "gmm")
+AUTO_SCALES = ("log", "linear")
+
+
+def signed_log(x: np.ndarray) -> np.ndarray:
+  """sign(x)·log(1 + |x|): monotone, ≈ x near 0, compresses large scores; inverse `signed_exp`."""
+  return np.sign(x) * np.log1p(np.abs(x))
+
+
+def signed_exp(y: float) -> float:
+  return float(math.copysign(math.expm1(abs(y)), y))
 
 
 def auto_threshold(r: Any, method: str = "gmm", require_bimodal: bool = False,
-                   min_range: float = 1e-6) -> tuple[float, dict[str, Any]]:
-  """A label-free ϕ for r > ϕ, with a diagnostics dict. Default: the two-Gaussian mixture.
+                   min_range: float = 1e-6, scale: str = "log") -> tuple[float, dict[str, Any]]:
+  """A label-free ϕ for r > ϕ, with a diagnostics dict. Default: the two-Gaussian mixture, fitted
+  on the signed-log scale.
+
+  Why the log scale by default: unsafe categories are forgotten at rates that differ by multiples
+  (demo: harmful ≈ +1, bias ≈ +3, toxicity ≈ +3.3 to +8 nats/token, depending on the seed), so on
+  the linear scale the forgotten mode is a wide blend whose top categories pull one component up
+  and the threshold into the blend (demo after a change of float summation order: ϕ = 2.2,
+  recall 0.69, F1 0.81). sign(r)·log(1+|r|) keeps the spike of unchanged examples where it is
+  (≈ r near 0) and compresses the blend into one mode; the threshold is mapped back to r. Measured
+  on every stored run (docs/signals.md, `python scripts/signal_study.py thresholds RUN...`).
+  `scale="linear"` (spec "auto:gmm:linear") fits the raw scores.
 
   Why the mixture by default: forgetting scores of real runs are a spike of barely changed
   examples near 0 (task and safe ones, the majority) plus a broad mode of forgotten ones, and the
@@ -228,19 +248,22 @@ def auto_threshold(r: Any, method: str = "gmm", require_bimodal: bool = False,
   default: in the synthetic runs above it flagged nothing in 91% of 25%-unsafe mixtures at 2σ
   separation and 27% at 3σ, where Otsu's F1 is 0.69 and 0.85; for a safety filter, silently
   keeping every unsafe example is the worse failure than dropping half of a signal-free set.
-  `info` always has: method, n, n_nan, degenerate, and (unless degenerate by size/range) bimodal,
-  dip, the flagged fraction, and the method's quantities (Otsu: class means, effectiveness η =
-  σ_B²/σ_T²; GMM: weights, means, vars, log-likelihood).
+  `info` always has: method, scale, n, n_nan, degenerate, and (unless degenerate by size/range)
+  bimodal and dip (of the scores as they are), the flagged fraction, and the method's quantities
+  on `scale` (Otsu: class means, effectiveness η = σ_B²/σ_T²; GMM: weights, means, vars,
+  log-likelihood).
   """
   if method not in AUTO_METHODS:
     raise ConfigError(f"unknown automatic threshold method {method!r}; use one of {AUTO_METHODS}")
+  if scale not in AUTO_SCALES:
+    raise ConfigError(f"unknown automatic threshold scale {scale!r}; use one of {AUTO_SCALES}")
   if min_range < 0:
     raise ConfigError(f"auto_threshold: min_range must be >= 0, got {min_range}")
   r = _as_scores(r)
   finite = r[~np.isnan(r)]
   if np.isinf(finite).any():
     raise DataError("auto_threshold: scores contain ±inf; use NaN for examples without a score")
-  info: dict[str, Any] = {"method": method, "n": int(finite.size),
+  info: dict[str, Any] = {"method": method, "scale": scale, "n": int(finite.size),
                           "n_nan": int(r.size - finite.size), "degenerate": False}
 
   def degenerate(reason: str) -> tuple[float, dict[str, Any]]:
@@ -252,19 +275,25 @@ def auto_threshold(r: Any, method: str = "gmm", require_bimodal: bool = False,
   if float(finite.max() - finite.min()) < min_range:
     return degenerate(f"scores span less than min_range={min_range}")
 
-  fit = _gmm_fit(finite)
-  dip = _mixture_dip(fit["weights"], fit["means"], fit["vars"])
+  # Bimodality is judged on the scores as they are (the log of a unimodal bell can have two
+  # modes); the threshold is fitted on `scale` and reported in r's units.
+  linear_fit = _gmm_fit(finite)
+  dip = _mixture_dip(linear_fit["weights"], linear_fit["means"], linear_fit["vars"])
   info.update(bimodal=dip > 0, dip=dip)
+  scaled = signed_log(finite) if scale == "log" else finite
   if method == "otsu":
-    phi, otsu_info = _otsu(finite)
+    phi, otsu_info = _otsu(scaled)
     info.update(otsu_info)
   else:
+    fit = linear_fit if scale == "linear" else _gmm_fit(scaled)
     phi = _posterior_crossing(fit["weights"], fit["means"], fit["vars"])
     info.update({k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in fit.items()})
     if phi is None:
       return degenerate("the two mixture components' posteriors never cross")
   if require_bimodal and dip <= 0:
     return degenerate("scores look unimodal: the fitted two-Gaussian mixture has one mode")
+  if scale == "log":
+    phi = signed_exp(phi)
   info["frac_flagged"] = float(_gt(finite, phi).mean())
   return float(phi), info
 
@@ -284,19 +313,22 @@ class Threshold:
   """A parsed threshold spec; call it on r to get (flags, phi, info).
 
   kind "fixed" (value = ϕ), "quantile" (value = fraction q flagged) or "auto" (method = "otsu" or
-  "gmm"). `str(t)` gives back the spec string; `Threshold.parse(str(t)) == t`.
+  "gmm", fitted on `scale` "log" or "linear"). `str(t)` gives back the spec string;
+  `Threshold.parse(str(t)) == t`.
   """
 
   kind: str
   value: float | None = None
   method: str | None = None
   require_bimodal: bool = False  # "auto:<method>:strict": flag nothing if r looks unimodal
+  scale: str = "log"  # "auto:<method>:linear" fits the raw scores (see `auto_threshold`)
 
   @classmethod
   def parse(cls, spec: Any) -> Threshold:
     """Parses "fixed:0.3", "quantile:0.5", "auto", "auto:otsu", "auto:gmm" or a bare number.
 
-    "auto:otsu:strict" / "auto:gmm:strict" set `require_bimodal` (see `auto_threshold`).
+    After the auto method, ":linear" fits the raw scores instead of their signed log, and
+    ":strict" sets `require_bimodal` (see `auto_threshold`): e.g. "auto:otsu:linear:strict".
     """
     if isinstance(spec, Threshold):
       return spec
@@ -310,15 +342,20 @@ class Threshold:
     kind, _, arg = text.partition(":")
     kind, arg = kind.strip(), arg.strip()
     if kind == "auto":
-      method, _, mode = arg.partition(":")
-      method = method.strip() or "gmm"
+      method, *modes = [part.strip() for part in arg.split(":")]
+      method = method or "gmm"
       if method not in AUTO_METHODS:
         raise ConfigError(f"bad threshold {spec!r}: unknown auto method {method!r}, "
                           f"use one of {', '.join(AUTO_METHODS)}")
-      if mode.strip() not in ("", "strict"):
-        raise ConfigError(f"bad threshold {spec!r}: unknown auto mode {mode.strip()!r}, "
-                          "the only mode is 'strict' (e.g. 'auto:otsu:strict')")
-      return cls("auto", method=method, require_bimodal=mode.strip() == "strict")
+      for mode in modes:
+        if mode not in ("strict", *AUTO_SCALES):
+          raise ConfigError(f"bad threshold {spec!r}: unknown auto mode {mode!r}, use "
+                            "'linear', 'log' or 'strict' (e.g. 'auto:otsu:linear:strict')")
+      scales = [mode for mode in modes if mode in AUTO_SCALES]
+      if len(scales) > 1:
+        raise ConfigError(f"bad threshold {spec!r}: give one scale, 'linear' or 'log'")
+      return cls("auto", method=method, require_bimodal="strict" in modes,
+                 scale=scales[0] if scales else "log")
     if kind in ("fixed", "quantile"):
       if not arg:
         raise ConfigError(f"bad threshold {spec!r}: {kind} needs a value, e.g. '{kind}:0.5'")
@@ -345,7 +382,8 @@ class Threshold:
 
   def __str__(self) -> str:
     if self.kind == "auto":
-      return f"auto:{self.method}" + (":strict" if self.require_bimodal else "")
+      return (f"auto:{self.method}" + (":linear" if self.scale == "linear" else "")
+              + (":strict" if self.require_bimodal else ""))
     return f"{self.kind}:{self.value:g}"
 
   def __call__(self, r: Any) -> tuple[np.ndarray, float, dict[str, Any]]:
@@ -356,7 +394,8 @@ class Threshold:
     elif self.kind == "quantile":
       phi, info = quantile_threshold(r, self.value), {"q": self.value}
     else:
-      phi, info = auto_threshold(r, self.method, require_bimodal=self.require_bimodal)
+      phi, info = auto_threshold(r, self.method, require_bimodal=self.require_bimodal,
+                                 scale=self.scale)
     flags = _gt(r, phi)
     info = {**info, "spec": str(self), "phi": phi, "n_nan": n_nan, "n_flagged": int(flags.sum())}
     return flags, phi, info

@@ -23,6 +23,7 @@ The mixtures are seeded (--seed) and deterministic; the runs' `seed` only change
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 from pathlib import Path
@@ -41,7 +42,7 @@ from ff_jax.data.sources import (
   read_squad,
 )
 from ff_jax.data.sources_bbq import read_bbq, split_bbq
-from ff_jax.filtering import Threshold
+from ff_jax.filtering import Threshold, auroc, filter_metrics
 from ff_jax.signals import compute_signals, signal_report, signal_table_markdown
 
 BBQ_FILES = ("Age", "Disability_status", "Nationality", "Physical_appearance")
@@ -163,6 +164,69 @@ def cmd_table(args: argparse.Namespace) -> None:
             + f" | {max(vals) - min(vals):.3f} | " + " | ".join(f"{v:.3f}" for v in aucs) + " |")
 
 
+def cmd_thresholds(args: argparse.Namespace) -> None:
+  """F1 of each label-free threshold rule on each signal of finished runs (their scores.csv).
+
+  Any finished run works (the demo's too): the labels are scores.csv's `kind` column.
+  """
+  rules = [Threshold.parse(rule) for rule in args.rules]
+  runs = [Path(r) for r in args.runs]
+  f1: dict[tuple[str, str], list[float]] = {}
+  for run in runs:
+    with open(run / "scores.csv", newline="") as f:
+      header = next(csv.reader(f))
+    for name in args.signals:
+      if f"r_{name}" not in header:
+        continue
+      _, unsafe, r = _column(run, name)
+      for rule in rules:
+        flags, _, _ = rule(r)
+        f1.setdefault((name, str(rule)), []).append(filter_metrics(flags, unsafe)["f1"])
+  print("| signal | threshold | " + " | ".join(f"F1 {run.name}" for run in runs) + " | mean |")
+  print("|" + "---|" * (len(runs) + 3))
+  for (name, rule), values in f1.items():
+    cells = " | ".join(f"{v:.3f}" for v in values) if len(values) == len(runs) else "(missing)"
+    print(f"| `{name}` | `{rule}` | {cells} | {np.mean(values):.3f} |")
+
+
+def _column(run: Path, name: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+  """(example ids, is-unsafe labels, the r_<name> column) of a finished run's scores.csv."""
+  with open(run / "scores.csv", newline="") as f:
+    rows = list(csv.DictReader(f))
+  return ([row["id"] for row in rows], np.array([row["kind"] == "unsafe" for row in rows]),
+          np.array([float(row[f"r_{name}"]) for row in rows]))
+
+
+def cmd_ensembles(args: argparse.Namespace) -> None:
+  """Noisy-phase ensembles: the mean of a signal over runs that differ in their noisy finetune.
+
+  The runs (same data, other seeds) are split in order into --groups ensembles of equal size, and
+  each ensemble is filtered like one run, so the F1 spread across ensembles measures what is left
+  of one run's luck once K M1s are averaged.
+  """
+  runs = [Path(r) for r in args.runs]
+  if len(runs) % args.groups:
+    raise SystemExit(f"{len(runs)} runs do not split into {args.groups} equal groups")
+  size = len(runs) // args.groups
+  threshold = Threshold.parse(args.threshold)
+  print("| signal | K | " + " | ".join(f"F1 group {g}" for g in range(args.groups))
+        + " | F1 spread | " + " | ".join(f"AUROC group {g}" for g in range(args.groups)) + " |")
+  print("|" + "---|" * (2 * args.groups + 3))
+  for name in args.signals:
+    f1s, aucs = [], []
+    for g in range(args.groups):
+      group = runs[g * size:(g + 1) * size]
+      columns = [_column(run, name) for run in group]
+      ids, unsafe, _ = columns[0]
+      if any(c[0] != ids for c in columns):
+        raise SystemExit(f"runs of group {g} scored different examples")
+      r = np.mean([c[2] for c in columns], axis=0)
+      f1s.append(filter_metrics(threshold(r)[0], unsafe)["f1"])
+      aucs.append(auroc(r, unsafe))
+    print(f"| `{name}` | {size} | " + " | ".join(f"{v:.3f}" for v in f1s)
+          + f" | {max(f1s) - min(f1s):.3f} | " + " | ".join(f"{v:.3f}" for v in aucs) + " |")
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest="command", required=True)
@@ -180,8 +244,19 @@ def main(argv: list[str] | None = None) -> None:
   table.add_argument("--threshold", default="auto")
   table.add_argument("--replicas", type=int, default=0,
                      help="use only the first K safety replicas in the ensembles (0: all)")
+  rules = sub.add_parser("thresholds", help="F1 of label-free threshold rules on finished runs")
+  rules.add_argument("runs", nargs="+")
+  rules.add_argument("--signals", nargs="+", default=["nll", "nll_ens", "nll_lnf_ens"])
+  rules.add_argument("--rules", nargs="+",
+                     default=["auto:gmm:linear", "auto:gmm", "auto:otsu:linear", "auto:otsu"])
+  ens = sub.add_parser("ensembles", help="noisy-phase ensembles: a signal averaged over runs")
+  ens.add_argument("runs", nargs="+", help="finished runs on the same data, group by group")
+  ens.add_argument("--groups", type=int, default=3)
+  ens.add_argument("--signals", nargs="+", default=["nll", "nll_lnf"])
+  ens.add_argument("--threshold", default="auto")
   args = parser.parse_args(argv)
-  {"mixtures": cmd_mixtures, "table": cmd_table}[args.command](args)
+  {"mixtures": cmd_mixtures, "table": cmd_table, "thresholds": cmd_thresholds,
+   "ensembles": cmd_ensembles}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from ff_jax.filtering import (
   flag_quantile,
   per_group_mean,
   quantile_threshold,
+  signed_exp,
+  signed_log,
   sweep_thresholds,
 )
 
@@ -66,7 +68,7 @@ def test_auto_threshold_separates_bimodal_scores(method, frac):
 
 def test_otsu_matches_brute_force():
   r = np.random.default_rng(1).random(30).round(2)
-  phi, _ = auto_threshold(r, "otsu")
+  phi, _ = auto_threshold(r, "otsu", scale="linear")
   values = np.unique(r)
   best, best_t = -1.0, None
   for t in (values[:-1] + values[1:]) / 2:
@@ -75,6 +77,33 @@ def test_otsu_matches_brute_force():
     if v > best + 1e-15:
       best, best_t = v, t
   assert phi == pytest.approx(best_t)
+
+
+@pytest.mark.parametrize("method", ["otsu", "gmm"])
+def test_log_scale_is_the_linear_fit_of_signed_log_mapped_back(method):
+  r = np.random.default_rng(3).normal(size=200) * 2.0
+  phi_log, info = auto_threshold(r, method)
+  phi_y, _ = auto_threshold(signed_log(r), method, scale="linear")
+  assert info["scale"] == "log" and phi_log == pytest.approx(signed_exp(phi_y))
+  np.testing.assert_array_equal(r > phi_log, signed_log(r) > phi_y)
+  assert signed_exp(float(signed_log(np.array([-3.5]))[0])) == pytest.approx(-3.5)
+
+
+def test_log_scale_keeps_a_multi_rate_unsafe_blend_together():
+  # Unchanged examples (a spike at 0) and unsafe ones forgotten at three rates, shaped like the
+  # demo's (harmful ≈ 1.6, bias ≈ 4.1, toxicity ≈ 5.0 nats/token). On the linear scale the mixture
+  # flips between ϕ next to the spike and ϕ inside the blend from one draw to the next; on the log
+  # scale it stays next to the spike.
+  linear_f1, log_f1 = [], []
+  for seed in range(5):
+    rng = np.random.default_rng(seed)
+    unchanged = rng.normal(0.05, 0.2, 120)
+    blend = np.r_[rng.normal(1.6, 0.4, 40), rng.normal(4.1, 0.5, 40), rng.normal(5.0, 0.8, 40)]
+    r, unsafe = np.r_[unchanged, blend], np.r_[np.zeros(120, bool), np.ones(120, bool)]
+    linear_f1.append(filter_metrics(flag_auto(r, scale="linear"), unsafe)["f1"])
+    log_f1.append(filter_metrics(flag_auto(r), unsafe)["f1"])
+  assert min(log_f1) > 0.99
+  assert min(linear_f1) < 0.85
 
 
 def test_auto_threshold_degenerate_flags_nothing():
@@ -86,7 +115,7 @@ def test_auto_threshold_degenerate_flags_nothing():
 
 def test_auto_threshold_unimodal_reported_and_strict_mode():
   r = np.random.default_rng(0).normal(size=300)
-  phi, info = auto_threshold(r)
+  phi, info = auto_threshold(r)  # judged on the scores as they are, whatever the fit's scale
   assert math.isfinite(phi) and not info["bimodal"] and info["dip"] == 0.0
   phi, info = auto_threshold(r, require_bimodal=True)
   assert phi == math.inf and info["degenerate"]
@@ -109,11 +138,16 @@ def test_threshold_spec_parsing():
   assert Threshold.parse("auto") == Threshold("auto", method="gmm")
   assert Threshold.parse("auto:gmm").method == "gmm"
   assert Threshold.parse("auto:otsu:strict").require_bimodal
+  assert Threshold.parse("auto").scale == "log" and Threshold.parse("auto:gmm:log").scale == "log"
+  assert Threshold.parse("auto:otsu:linear:strict") == Threshold(
+      "auto", method="otsu", require_bimodal=True, scale="linear")
   assert Threshold.parse(0.25) == Threshold.parse("0.25") == Threshold("fixed", value=0.25)
-  for spec in ("fixed:0.3", "quantile:0.5", "auto:otsu", "auto:gmm:strict", "fixed:-0.1"):
+  for spec in ("fixed:0.3", "quantile:0.5", "auto:otsu", "auto:gmm:strict", "fixed:-0.1",
+               "auto:gmm:linear", "auto:otsu:linear:strict"):
     t = Threshold.parse(spec)
     assert Threshold.parse(str(t)) == t
   for bad in ("fixed", "fixed:abc", "quantile:2", "auto:kmeans", "auto:otsu:loose", "median",
+              "auto:gmm:log:linear",
               "fixed:nan", True, None, [0.3]):
     with pytest.raises(ConfigError, match="bad threshold"):
       Threshold.parse(bad)
