@@ -83,6 +83,9 @@ class ScoringConfig:
   m0: bool = True  # also score M0 (one forward pass): learning-normalized forgetting
   replicas: int = 3  # K safety finetunings differing in seed and order, trained stacked: *_ens
   replicas_per_pass: int = 0  # stack at most this many of the K − 1 extra replicas (0: all)
+  # K M1s: the noisy finetune repeated with other seeds (data orders), each with its own safety
+  # finetune: *_nens. Costs K − 1 more noisy and safety finetunes.
+  noisy_replicas: int = 1
   gradient_blocks: int = 0  # gradient alignment over the last N blocks under M1 (0: off)
   gradient_batch_size: int = 4  # examples per vmapped per-example-gradient pass
   gradient_max_gib: float = 2.0  # refuse when one pass's per-example gradients exceed this

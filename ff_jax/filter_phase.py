@@ -60,7 +60,8 @@ def _columns(before: dict[str, Any], after: dict[str, Any], signals: dict[str, n
 def run_filter(cfg: RunConfig, run: RunDir, records: list[Record], truncated: int) -> dict:
   before, after = _read(run, "scores_before.json"), _read(run, "scores_after.json")
   signals, extra = compute_signals(before, after, _read(run, "scores_replicas.json"),
-                                   cfg.filter.lnf_floor, cfg.safety.steps)
+                                   cfg.filter.lnf_floor, cfg.safety.steps,
+                                   _read(run, "scores_noisy_replicas.json"))
   signal = cfg.filter.signal
   if signal not in signals:
     unknown = signal not in SIGNALS

@@ -1,11 +1,12 @@
 """The ForgetFilter job as a chain of resumable phases.
 
-  release -> noisy -> score_before -> safety -> safety_replicas -> score_after -> filter
-          -> clean -> evaluate
+  release -> noisy -> score_before -> safety -> safety_replicas -> noisy_replicas
+          -> score_after -> filter -> clean -> evaluate
 
 `release` trains the demo's aligned model M0 (for a user's model it only records the import).
 `noisy` finetunes M0 on D (M1); `safety` finetunes M1 on S (M2) and `safety_replicas` K − 1 more
-copies of it (other seeds, stacked; only when scoring.replicas > 1); the two score phases measure
+copies of it (other seeds, stacked; only when scoring.replicas > 1); `noisy_replicas` repeats
+noisy + safety with other seeds (only when scoring.noisy_replicas > 1); the two score phases measure
 every example of D under M1 (and M0) and M2; `filter` computes the forgetting signals
 (ff_jax.signals) and drops the examples whose signal exceeds the threshold; `clean` finetunes M0
 (never M1/M2) on what is left; `evaluate` compares M0, M1, M2 and the clean
@@ -16,6 +17,7 @@ from its newest step checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import shutil
@@ -220,6 +222,56 @@ class Job:
     write_json_atomic(self.run.file("scores_replicas.json"),
                       {"seeds": seeds, "steps": spec.steps, "nll": rows})
     return {"replicas": k}
+
+  def phase_noisy_replicas(self) -> dict[str, Any]:
+    """K − 1 more noisy finetunes of M0 (other seeds, so other data orders), each followed by its
+    own safety finetune: the `*_nens` signals average forgetting over K M1s, which removes the
+    luck of one noisy run that safety replicas of a single M1 cannot (docs/signals.md).
+
+    Per replica only the noisy set's NLL under its M1 and its M2 is kept
+    (`replicas/noisy_<i>.json`); a killed phase resumes at the replica it was training, from
+    that replica's step checkpoints. The cost is K − 1 more noisy and safety finetunes.
+    """
+    k = self.cfg.scoring.noisy_replicas
+    if k < 1:
+      raise ConfigError(f"scoring.noisy_replicas={k}: must be at least 1 (the noisy phase itself)")
+    if k == 1:
+      return {"noisy_replicas": 1}
+    noisy = self.spec("noisy", self.cfg.noisy, len(self.noisy), 3)
+    safety = self.spec("safety", self.cfg.safety, len(self.safe), 4)
+    pad_id = self.inputs.tokenizer.pad_id
+    rows = []
+    for i in range(1, k):
+      seeds = [noisy.seed + 1_000_003 * i, safety.seed + 1_000_003 * i]
+      done = self.run.file("replicas") / f"noisy_{i}.json"
+      if done.exists() and json.loads(done.read_text())["seeds"] == seeds:
+        rows.append(json.loads(done.read_text()))
+        continue
+      names = (f"noisy_{i}", f"safety_{i}")
+      m1 = train_phase(dataclasses.replace(noisy, name=names[0], seed=seeds[0]), self.runtime,
+                       lambda: self.params("M0"), self.noisy, pad_id, self.run.ckpt(names[0]),
+                       self.metrics)
+      nll_before = self.noisy_nll(m1, f"{names[0]}/score")
+      m2 = train_phase(dataclasses.replace(safety, name=names[1], seed=seeds[1]), self.runtime,
+                       lambda m1=m1: m1, self.safe, pad_id, self.run.ckpt(names[1]), self.metrics)
+      row = {"seeds": seeds, "nll_before": nll_before,
+             "nll_after": self.noisy_nll(m2, f"{names[1]}/score")}
+      write_json_atomic(done, row)
+      rows.append(row)
+      for name in names:
+        self.drop_step_checkpoints(name)
+      log(f"noisy replicas: {i}/{k - 1} trained")
+    write_json_atomic(self.run.file("scores_noisy_replicas.json"),
+                      {"seeds": [row["seeds"] for row in rows],
+                       "nll_before": [row["nll_before"] for row in rows],
+                       "nll_after": [row["nll_after"] for row in rows]})
+    return {"noisy_replicas": k}
+
+  def noisy_nll(self, params: Any, name: str) -> list[float]:
+    """Per-token NLL of every noisy example under `params`."""
+    stats = score_examples(self.scorer, params, self.noisy, self.cfg.scoring.batch_size,
+                           self.cfg.data.buckets, self.inputs.tokenizer.pad_id, name)
+    return per_example_table(stats, None, ())["nll"].tolist()
 
   def score(self, model: str, name: str) -> dict[str, Any]:
     cfg = self.cfg

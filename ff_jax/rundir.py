@@ -21,8 +21,8 @@ from ff_jax.errors import RunDirError
 MANIFEST_VERSION = 1
 
 # The phases of a run, in order (ff_jax.pipeline runs them; reports list them this way).
-PHASES = ("release", "noisy", "score_before", "safety", "safety_replicas", "score_after",
-          "filter", "clean", "evaluate")
+PHASES = ("release", "noisy", "score_before", "safety", "safety_replicas", "noisy_replicas",
+          "score_after", "filter", "clean", "evaluate")
 
 # Config keys (dotted prefixes) that matter only from a given phase on. They may change while that
 # phase has not completed, e.g. a new held-out set for `evaluate` or another threshold before
@@ -31,6 +31,7 @@ LATE_KEYS = {
     "scoring.rouge": "score_before", "scoring.max_new_tokens": "score_before",
     "scoring.m0": "score_before", "scoring.gradient_blocks": "score_before",
     "scoring.snapshot_every": "safety", "scoring.replicas": "safety_replicas",
+    "scoring.noisy_replicas": "noisy_replicas",
     "filter": "filter", "clean": "clean", "evaluate": "evaluate", "data.eval": "evaluate",
 }
 # Memory and batching knobs: they may change at any time, since they change results only in float

@@ -3,7 +3,8 @@
 Every signal is one float per noisy example, oriented so that larger = more forgotten (more likely
 unsafe). They come from the score tables the pipeline writes (`scores_before.json`: M1, and M0 and
 gradient alignment when switched on; `scores_after.json`: M2 and the safety snapshots;
-`scores_replicas.json`: the extra safety replicas):
+`scores_replicas.json`: the extra safety replicas; `scores_noisy_replicas.json`: the extra noisy
+replicas, each an M1 and M2 of their own):
 
   nll, acc, rouge   r of the paper: statistic under M2 against M1 (one safety run)
   nll_lnf           learning-normalized forgetting, (nll_M2 − nll_M1) / max(nll_M0 − nll_M1, floor):
@@ -16,10 +17,13 @@ gradient alignment when switched on; `scores_after.json`: M2 and the safety snap
                     mean forgetting over the run, which rewards being forgotten early
   nll_ens           mean r_nll over K safety replicas (seeds and safe-set orders differ)
   nll_lnf_ens       mean nll_lnf over the K replicas
+  nll_nens          mean r_nll over K noisy replicas: M1s finetuned with other seeds (data orders),
+                    each followed by its own safety finetune; the run's own M1 → M2 is the first
+  nll_lnf_nens      mean nll_lnf over the K noisy replicas (each against its own M1)
   grad, grad_cos    gradient alignment with the safe set under M1 (ff_jax.gradients)
 
-Extra columns that are not thresholded: `nll_ens_std` (the replicas' spread, a confidence) and
-`rise_step` (the safety step after which r rose most).
+Extra columns that are not thresholded: `nll_ens_std` and `nll_nens_std` (the replicas' spread,
+a confidence) and `rise_step` (the safety step after which r rose most).
 """
 
 from __future__ import annotations
@@ -35,8 +39,8 @@ from ff_jax.errors import ConfigError
 from ff_jax.filtering import Threshold, auprc, auroc, best_f1, filter_metrics
 
 # Every signal the filter can use, in report order.
-SIGNALS = ("nll", "acc", "rouge", "nll_lnf", "nll_auc", "nll_ens", "nll_lnf_ens", "grad",
-           "grad_cos")
+SIGNALS = ("nll", "acc", "rouge", "nll_lnf", "nll_auc", "nll_ens", "nll_lnf_ens", "nll_nens",
+           "nll_lnf_nens", "grad", "grad_cos")
 
 
 def learning_normalized(m0: np.ndarray, m1: np.ndarray, m2: np.ndarray,
@@ -74,7 +78,8 @@ def _arr(table: Mapping[str, Any], key: str) -> np.ndarray:
 
 def compute_signals(before: Mapping[str, Any], after: Mapping[str, Any],
                     replicas: Mapping[str, Any] | None, lnf_floor: float,
-                    safety_steps: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+                    safety_steps: int, noisy_replicas: Mapping[str, Any] | None = None,
+                    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
   """(signals, extra columns) from the raw score tables; only what was scored is present."""
   signals: dict[str, np.ndarray] = {}
   extra: dict[str, np.ndarray] = {}
@@ -98,6 +103,14 @@ def compute_signals(before: Mapping[str, Any], after: Mapping[str, Any],
     extra["nll_ens_std"] = r_k.std(0)
     if m0 is not None:
       signals["nll_lnf_ens"] = learning_normalized(m0, nll1, nll_k, lnf_floor).mean(0)
+  if noisy_replicas is not None and noisy_replicas.get("nll_before"):
+    # Replica 0 is the run's own M1 → M2; every other one is against its own M1.
+    m1_k = np.concatenate([nll1[None], np.asarray(noisy_replicas["nll_before"], np.float64)])
+    m2_k = np.concatenate([nll2[None], np.asarray(noisy_replicas["nll_after"], np.float64)])
+    signals["nll_nens"] = (m2_k - m1_k).mean(0)
+    extra["nll_nens_std"] = (m2_k - m1_k).std(0)
+    if m0 is not None:
+      signals["nll_lnf_nens"] = learning_normalized(m0, m1_k, m2_k, lnf_floor).mean(0)
   if "grad" in before:
     signals["grad"] = _arr(before["grad"], "grad")
     signals["grad_cos"] = _arr(before["grad"], "grad_cos")

@@ -133,7 +133,8 @@ def run_signals(run: Path, replicas: int = 0) -> tuple[dict[str, np.ndarray], li
   if extra is not None and replicas:
     extra = {**extra, "nll": extra["nll"][:replicas - 1]}
   signals, _ = compute_signals(read("scores_before.json"), read("scores_after.json"), extra,
-                               cfg["filter"]["lnf_floor"], cfg["safety"]["steps"])
+                               cfg["filter"]["lnf_floor"], cfg["safety"]["steps"],
+                               read("scores_noisy_replicas.json"))
   return signals, read_jsonl(cfg["data"]["noisy"]), cfg
 
 

@@ -35,8 +35,8 @@ from ff_jax import cli
 from ff_jax.errors import RunDirError
 from ff_jax.rundir import RunDir
 
-PHASES = {"release", "noisy", "score_before", "safety", "safety_replicas", "score_after", "filter",
-          "clean", "evaluate"}
+PHASES = {"release", "noisy", "score_before", "safety", "safety_replicas", "noisy_replicas",
+          "score_after", "filter", "clean", "evaluate"}
 OUTPUTS = ("filtered.jsonl", "flagged.jsonl", "scores.csv", "filter.json", "metrics.json",
            "report.md")
 
@@ -69,12 +69,18 @@ def test_kill_mid_phase_and_resume_matches_uninterrupted_run(reference, tmp_path
   lines = run_and_kill(*args, phase="noisy", at=5)
   assert progress_lines(lines, "release_pretrain") == [(20, 20)]  # restored, not retrained
   assert complete_phases(run_dir) == {"release"}
-  # 2. The rerun resumes `noisy` from its last checkpoint, not from step 0; killed mid-scoring.
-  lines = run_and_kill(*args, phase="score_after", at=1)
+  # 2. The rerun resumes `noisy` from its last checkpoint, not from step 0; killed in the noisy
+  #    replica's own noisy finetune.
+  lines = run_and_kill(*args, phase="noisy_1", at=5)
   assert "== release: complete, skipped" in lines
   assert progress_lines(lines, "noisy")[0][0] in (2, 4), progress_lines(lines, "noisy")
   assert complete_phases(run_dir) == {"release", "noisy", "score_before", "safety",
                                       "safety_replicas"}
+  # 2b. The replica resumes from its checkpoint too; killed mid-scoring.
+  lines = run_and_kill(*args, phase="score_after", at=1)
+  assert progress_lines(lines, "noisy_1")[0][0] in (2, 4), progress_lines(lines, "noisy_1")
+  assert complete_phases(run_dir) == {"release", "noisy", "score_before", "safety",
+                                      "safety_replicas", "noisy_replicas"}
   # 3. Killed mid-way through `clean` (finetuning M0 on the filtered set).
   run_and_kill(*args, phase="clean", at=5)
   assert complete_phases(run_dir) == PHASES - {"clean", "evaluate"}
@@ -88,7 +94,7 @@ def test_kill_mid_phase_and_resume_matches_uninterrupted_run(reference, tmp_path
   assert (run_dir / "flagged.jsonl").read_bytes() == (ref / "flagged.jsonl").read_bytes()
   assert (run_dir / "scores.csv").read_text() == (ref / "scores.csv").read_text()
   for name in ("filter.json", "metrics.json", "scores_before.json", "scores_after.json",
-               "scores_replicas.json"):
+               "scores_replicas.json", "scores_noisy_replicas.json"):
     got, want = json.loads((run_dir / name).read_text()), json.loads((ref / name).read_text())
     assert same_json(got, want), name
   assert not (run_dir / "ckpt").exists() or not any((run_dir / "ckpt").iterdir())
@@ -96,11 +102,20 @@ def test_kill_mid_phase_and_resume_matches_uninterrupted_run(reference, tmp_path
 
 def test_every_signal_is_a_column_and_in_the_signal_report(reference):
   rows = read_scores(reference)
-  for name in ("nll", "acc", "rouge", "nll_lnf", "nll_auc", "nll_ens", "nll_lnf_ens", "grad",
-               "grad_cos"):
+  for name in ("nll", "acc", "rouge", "nll_lnf", "nll_auc", "nll_ens", "nll_lnf_ens", "nll_nens",
+               "nll_lnf_nens", "grad", "grad_cos"):
     assert all(row[f"r_{name}"] for row in rows), name
   # Three safety replicas with their own batch orders: they disagree, so the spread is not 0.
   assert any(float(row["nll_ens_std"]) > 0 for row in rows)
+  # The noisy replica is an M1 of its own (another data order), then an M2 of its own: the
+  # ensemble column is the mean of the two runs' forgetting.
+  noisy = json.loads((reference / "scores_noisy_replicas.json").read_text())
+  assert len(noisy["nll_before"]) == 1 and len(noisy["seeds"][0]) == 2
+  own_m1 = np.array([float(row["nll_before"]) for row in rows])
+  assert np.max(np.abs(np.array(noisy["nll_before"][0]) - own_m1)) > 1e-3
+  r_nens = (np.array([float(row["r_nll"]) for row in rows])
+            + np.array(noisy["nll_after"][0]) - np.array(noisy["nll_before"][0])) / 2
+  np.testing.assert_allclose([float(row["r_nll_nens"]) for row in rows], r_nens, atol=1e-5)
   replicas = json.loads((reference / "scores_replicas.json").read_text())
   assert len(replicas["nll"]) == 2 and len(set(replicas["seeds"])) == 2
   report = json.loads((reference / "filter.json").read_text())["signals"]

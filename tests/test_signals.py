@@ -93,6 +93,14 @@ def test_compute_signals_from_score_tables():
   np.testing.assert_allclose(signals["nll_lnf_ens"], [0.5, 0.4, 0.0])
   np.testing.assert_allclose(signals["nll_auc"], [(1.0 + 1.0 + 2.0) / 4, (0 + 0 + .1) / 4, 0.0])
   np.testing.assert_allclose(signals["grad"], [0.3, -0.1, 0.0])
+  # A noisy replica: its own M1 (2.0, 1.0, 1.5) and M2 (2.5, 1.5, 1.5), r = [0.5, 0.5, 0]; the
+  # run's own r = [2, 0.1, 0]. LNF against M0 (3, 1.5, 2): [0.5, 1.0, 0] and [1.0, 0.2, 0].
+  noisy = {"seeds": [[1, 2]], "nll_before": [[2.0, 1.0, 1.5]], "nll_after": [[2.5, 1.5, 1.5]]}
+  signals, extra = compute_signals(before, after, None, 0.05, 4, noisy)
+  np.testing.assert_allclose(signals["nll_nens"], [1.25, 0.3, 0.0])
+  np.testing.assert_allclose(extra["nll_nens_std"], [0.75, 0.2, 0.0])
+  np.testing.assert_allclose(signals["nll_lnf_nens"], [0.75, 0.6, 0.0])
+  assert "nll_ens" not in signals
   # Without M0, snapshots, replicas or gradients only the paper's signals remain.
   plain, extra = compute_signals({k: before[k] for k in ("nll", "acc", "tokens")},
                                  {k: after[k] for k in ("nll", "acc")}, None, 0.05, 4)
