@@ -87,13 +87,17 @@ class RunDir:
       shutil.rmtree(self.root)
     barrier("run directory cleared")
     manifest = self.read_manifest()
+    occupied = self.root.exists() and any(self.root.iterdir())
+    # Every process decides from the same view: process 0 writes the manifest only after all have
+    # looked (else a slower process finds it half-way and refuses a "non-empty" directory).
+    barrier("run directory read")
     if manifest is not None and redo_from is not None:
       if redo_from not in PHASES:
         raise RunDirError(f"--from {redo_from}: not a phase; phases are {', '.join(PHASES)}")
       for phase in PHASES[PHASES.index(redo_from):]:
         manifest["phases"].pop(phase, None)
     if manifest is None:
-      if self.root.exists() and any(self.root.iterdir()):
+      if occupied:
         raise RunDirError(f"{self.root}: exists, is not empty and has no manifest.json; choose "
                           "another run_dir or pass --restart to clear it")
       manifest = {"version": MANIFEST_VERSION, "config": config, "fingerprints": fingerprints,
