@@ -217,11 +217,15 @@ def cmd_ensembles(args: argparse.Namespace) -> None:
     f1s, aucs = [], []
     for g in range(args.groups):
       group = runs[g * size:(g + 1) * size]
-      columns = [_column(run, name) for run in group]
-      ids, unsafe, _ = columns[0]
+      columns = []
+      for run in group:  # recomputed from the score files: the runs need not have a filter
+        signals, records, _ = run_signals(run)
+        columns.append(([rec.id for rec in records], signals[name]))
+      ids = columns[0][0]
       if any(c[0] != ids for c in columns):
         raise SystemExit(f"runs of group {g} scored different examples")
-      r = np.mean([c[2] for c in columns], axis=0)
+      unsafe = np.array([rec.kind == "unsafe" for rec in records])
+      r = np.mean([c[1] for c in columns], axis=0)
       f1s.append(filter_metrics(threshold(r)[0], unsafe)["f1"])
       aucs.append(auroc(r, unsafe))
     print(f"| `{name}` | {size} | " + " | ".join(f"{v:.3f}" for v in f1s)
