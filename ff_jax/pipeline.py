@@ -244,8 +244,9 @@ class Job:
     for i in range(1, k):
       seeds = [noisy.seed + 1_000_003 * i, safety.seed + 1_000_003 * i]
       done = self.run.file("replicas") / f"noisy_{i}.json"
-      if done.exists() and json.loads(done.read_text())["seeds"] == seeds:
-        rows.append(json.loads(done.read_text()))
+      saved = json.loads(done.read_text()) if done.exists() else None
+      if saved is not None and saved["seeds"] == seeds:
+        rows.append(saved)
         continue
       names = (f"noisy_{i}", f"safety_{i}")
       m1 = train_phase(dataclasses.replace(noisy, name=names[0], seed=seeds[0]), self.runtime,

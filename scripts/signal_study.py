@@ -175,11 +175,12 @@ def cmd_thresholds(args: argparse.Namespace) -> None:
   f1: dict[tuple[str, str], list[float]] = {}
   for run in runs:
     with open(run / "scores.csv", newline="") as f:
-      header = next(csv.reader(f))
+      rows = list(csv.DictReader(f))
+    unsafe = np.array([row["kind"] == "unsafe" for row in rows])
     for name in args.signals:
-      if f"r_{name}" not in header:
+      if f"r_{name}" not in rows[0]:
         continue
-      _, unsafe, r = _column(run, name)
+      r = np.array([float(row[f"r_{name}"]) for row in rows])
       for rule in rules:
         flags, _, _ = rule(r)
         f1.setdefault((name, str(rule)), []).append(filter_metrics(flags, unsafe)["f1"])
@@ -188,14 +189,6 @@ def cmd_thresholds(args: argparse.Namespace) -> None:
   for (name, rule), values in f1.items():
     cells = " | ".join(f"{v:.3f}" for v in values) if len(values) == len(runs) else "(missing)"
     print(f"| `{name}` | `{rule}` | {cells} | {np.mean(values):.3f} |")
-
-
-def _column(run: Path, name: str) -> tuple[list[str], np.ndarray, np.ndarray]:
-  """(example ids, is-unsafe labels, the r_<name> column) of a finished run's scores.csv."""
-  with open(run / "scores.csv", newline="") as f:
-    rows = list(csv.DictReader(f))
-  return ([row["id"] for row in rows], np.array([row["kind"] == "unsafe" for row in rows]),
-          np.array([float(row[f"r_{name}"]) for row in rows]))
 
 
 def cmd_ensembles(args: argparse.Namespace) -> None:
@@ -210,22 +203,19 @@ def cmd_ensembles(args: argparse.Namespace) -> None:
     raise SystemExit(f"{len(runs)} runs do not split into {args.groups} equal groups")
   size = len(runs) // args.groups
   threshold = Threshold.parse(args.threshold)
+  # Recomputed from the score files (the runs need not have a filter phase), once per run.
+  loaded = [run_signals(run)[:2] for run in runs]
+  ids = [rec.id for rec in loaded[0][1]]
+  if any([rec.id for rec in records] != ids for _, records in loaded):
+    raise SystemExit("the runs scored different examples")
+  unsafe = np.array([rec.kind == "unsafe" for rec in loaded[0][1]])
   print("| signal | K | " + " | ".join(f"F1 group {g}" for g in range(args.groups))
         + " | F1 spread | " + " | ".join(f"AUROC group {g}" for g in range(args.groups)) + " |")
   print("|" + "---|" * (2 * args.groups + 3))
   for name in args.signals:
     f1s, aucs = [], []
     for g in range(args.groups):
-      group = runs[g * size:(g + 1) * size]
-      columns = []
-      for run in group:  # recomputed from the score files: the runs need not have a filter
-        signals, records, _ = run_signals(run)
-        columns.append(([rec.id for rec in records], signals[name]))
-      ids = columns[0][0]
-      if any(c[0] != ids for c in columns):
-        raise SystemExit(f"runs of group {g} scored different examples")
-      unsafe = np.array([rec.kind == "unsafe" for rec in records])
-      r = np.mean([c[1] for c in columns], axis=0)
+      r = np.mean([signals[name] for signals, _ in loaded[g * size:(g + 1) * size]], axis=0)
       f1s.append(filter_metrics(threshold(r)[0], unsafe)["f1"])
       aucs.append(auroc(r, unsafe))
     print(f"| `{name}` | {size} | " + " | ".join(f"{v:.3f}" for v in f1s)
