@@ -5,10 +5,17 @@ optimizer state, step) and a JSON item (data-iterator position, phase metadata) 
 restored step always resumes with the batch that follows it. Restores pass target shardings, so a
 run can resume on another mesh. Every process calls save/restore (Orbax picks the writer); a phase
 ends with `wait_until_finished()` so nothing half-written is ever taken as complete.
+
+Orbax's managers sync processes with barriers whose names are fixed strings; two managers alive in
+one process at once (a phase's async save still finalizing while a snapshot is written) would wait
+on the same name from two threads, which the coordination service refuses ("Barrier ... is already
+ongoing"). Each manager's barriers are therefore prefixed with a name derived from its directory,
+the same on every process.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -24,8 +31,11 @@ class PhaseCheckpoints:
 
   def __init__(self, directory: str | Path, max_to_keep: int = 2):
     self.directory = Path(directory).absolute()
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=True)
+    barrier_prefix = "ff_" + hashlib.sha1(str(self.directory).encode()).hexdigest()[:12]
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True,
+      multiprocessing_options=ocp.options.MultiprocessingOptions(
+        barrier_sync_key_prefix=barrier_prefix))
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:

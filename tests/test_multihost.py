@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -134,3 +135,19 @@ def test_two_processes_match_one_and_resume_after_a_kill(tmp_path):
       continue
     # Sums cross processes through gloo instead of in-process: float reassociation only.
     np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-3, equal_nan=True, err_msg=key)
+
+
+def test_overlapping_saves_of_two_managers(tmp_path):
+  """A phase's async save still finalizing while a snapshot is saved (regression: both managers
+  waited on Orbax's fixed barrier name from two threads, and the coordination service refused with
+  "Barrier ... is already ongoing")."""
+  port = _free_port()
+  procs = []
+  for pid in (0, 1):
+    handle = (tmp_path / f"p{pid}.log").open("w")
+    procs.append(subprocess.Popen(
+      [sys.executable, "-m", "tests.overlapping_saves_worker", str(tmp_path / "ckpt"), "25"],
+      cwd=REPO, env=_env(2, pid, port), stdout=handle, stderr=subprocess.STDOUT, text=True,
+      start_new_session=True))
+    handle.close()
+  _finish(procs, tmp_path)
