@@ -159,6 +159,54 @@ def test_model_gradients_equal_plain_autodiff(name, monkeypatch):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
 
 
+def _fused_vs_einsum(name: str, kernel: str, dtype: str):
+  """Logits and loss gradients of the model with attention=`kernel` and with the einsum path, on
+  right-padded rows of three lengths and a filler row (length 0, zero weight)."""
+  cfg = FAMILIES[name].replace(dtype=dtype)
+  fused_cfg = cfg.replace(attention=kernel)
+  graphdef, params = _model(cfg)
+  fused_graph, _, _ = abstract_model(fused_cfg)
+  tokens = jnp.asarray([[3, 4, 5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 0, 0, 0],
+                        [16, 17, 0, 0, 0, 0, 0, 0], [0] * 8])
+  mask = (jnp.arange(8)[None] < jnp.asarray([8, 5, 2, 0])[:, None]).astype(jnp.int32)
+
+  def loss(graph, p):
+    logits, _ = forward(graph, p, tokens, positions_from_mask(mask), mask)
+    return jnp.sum(jax.nn.log_softmax(logits)[..., 0] * mask) / mask.sum(), logits
+
+  (_, want), g_want = jax.value_and_grad(lambda p: loss(graphdef, p), has_aux=True)(params)
+  (_, got), g_got = jax.value_and_grad(lambda p: loss(fused_graph, p), has_aux=True)(params)
+  rows = np.asarray(mask.sum(-1)) > 0  # the filler row's outputs differ and carry no weight
+  return (np.asarray(want)[rows], np.asarray(got)[rows],
+          jax.tree_util.tree_leaves_with_path(g_want), jax.tree.leaves(g_got))
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_fused_attention_equals_the_einsum_path(name):
+  # The call cuDNN gets on a GPU, with JAX's reference implementation: row lengths and the causal
+  # flag must select the same keys as the einsum path's slot mask, padded query slots included.
+  want, got, g_want, g_got = _fused_vs_einsum(name, "xla", "float32")
+  assert np.isfinite(got).all()
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  for (path, a), b in zip(g_want, g_got):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_attention_kernel_choice():
+  from ff_jax.models.transformer import attention_kernel
+
+  cfg = tiny_llama(dtype="bfloat16")
+  assert attention_kernel(cfg, jnp.bfloat16, cached=False) == (
+      "cudnn" if jax.default_backend() == "gpu" else "einsum")
+  assert attention_kernel(cfg, jnp.float32, cached=False) == "einsum"
+  assert attention_kernel(cfg.replace(attention="cudnn"), jnp.bfloat16, cached=True) == "einsum"
+  assert attention_kernel(cfg.replace(attention="xla"), jnp.bfloat16, cached=False) == "xla"
+  with pytest.raises(ConfigError, match="model.attention: cuDNN's fused attention needs"):
+    tiny_llama(attention="cudnn")
+  with pytest.raises(ConfigError, match="model.attention: must be"):
+    tiny_llama(attention="flash")
+
+
 def test_every_parameter_has_logical_axes():
   for cfg in FAMILIES.values():
     _, abstract, axes = abstract_model(cfg)

@@ -85,6 +85,11 @@ class ModelConfig:
   dtype: Literal["float32", "bfloat16"] = "float32"
   param_dtype: Literal["float32", "bfloat16"] = "float32"
   remat: bool = False  # recompute each block's activations in the backward pass
+  # Attention kernel of uncached calls (training, scoring): "auto" takes cuDNN's fused kernel
+  # (`jax.nn.dot_product_attention`) on a GPU in bfloat16 and the einsum path elsewhere; "xla" is
+  # the same call with JAX's reference implementation (to check the fused path where cuDNN is
+  # absent). Decoding with a KV cache always uses the einsum path.
+  attention: Literal["auto", "einsum", "cudnn", "xla"] = "auto"
   lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)  # rank 0: no adapters
   initializer_range: float = 0.02
   # Token ids the tokenizer uses; kept here so decoding and batching agree with the checkpoint.
@@ -113,6 +118,11 @@ class ModelConfig:
     need(self.dtype in ("float32", "bfloat16"), "dtype", f"unsupported dtype {self.dtype!r}")
     need(self.param_dtype in ("float32", "bfloat16"), "param_dtype",
          f"unsupported dtype {self.param_dtype!r}")
+    need(self.attention in ("auto", "einsum", "cudnn", "xla"), "attention",
+         f"must be 'auto', 'einsum', 'cudnn' or 'xla', got {self.attention!r}")
+    if self.attention == "cudnn":
+      need(self.dtype == "bfloat16", "attention",
+           f"cuDNN's fused attention needs dtype bfloat16, got {self.dtype!r}")
     if self.positions == "rope":
       need(self.resolved_head_dim % 2 == 0, "head_dim", "RoPE needs an even head dimension")
 

@@ -11,6 +11,10 @@ caller (`positions_from_mask`), so left- and right-padded rows see the same posi
 row. Attention visibility is by *slot*: slot j is visible from slot i iff j <= i and `kv_mask[j]`.
 Without a cache the slots are the T input columns; with a cache they are the cache's S columns and
 the inputs occupy slots `cache_index .. cache_index+T-1`.
+
+Uncached calls (training, scoring) get right-padded rows, `kv_mask` a prefix of ones per row (what
+`ff_jax.data.batching` builds); the fused attention kernels (`ModelConfig.attention`) rely on it
+and take each row's length instead of a [T, S] mask.
 """
 
 from __future__ import annotations
@@ -228,7 +232,22 @@ class Attention(nnx.Module):
       q = apply_rope(q, positions, inv_freq)
       k = apply_rope(k, positions, inv_freq)
 
-    batch, length = x.shape[:2]
+    kernel = attention_kernel(cfg, dt, cached=layer_cache is not None)
+    if kernel != "einsum":
+      out = fused_attention(q, k, v, kv_mask, kernel)
+    else:
+      out, layer_cache = self._einsum_attention(q, k, v, kv_mask, layer_cache, cache_index)
+    adapted = _adapter_delta(self, cfg, "o", out, rng)
+    out = dense(out, self.o[...].astype(dt), 2) + adapted
+    if cfg.out_bias:
+      out = out + self.o_bias[...].astype(dt)
+    return out, layer_cache
+
+  def _einsum_attention(self, q, k, v, kv_mask, layer_cache, cache_index):
+    """Attention by slot visibility (any padding, with or without a KV cache): [B, T, H, D]."""
+    cfg = self.cfg
+    dt = q.dtype
+    batch, length = q.shape[:2]
     # K/V are kept head-major, [B, K, S, D]: the score and value contractions then batch over
     # (B, K) without transposing the whole cache at every decode step.
     k = k.transpose(0, 2, 1, 3)
@@ -255,12 +274,34 @@ class Attention(nnx.Module):
     scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     out = jnp.einsum("bkgts,bksd->btkgd", probs, v.astype(dt))
-    out = out.reshape(batch, length, cfg.num_heads, cfg.resolved_head_dim)
-    adapted = _adapter_delta(self, cfg, "o", out, rng)
-    out = dense(out, self.o[...].astype(dt), 2) + adapted
-    if cfg.out_bias:
-      out = out + self.o_bias[...].astype(dt)
-    return out, layer_cache
+    return out.reshape(batch, length, cfg.num_heads, cfg.resolved_head_dim), layer_cache
+
+
+def attention_kernel(cfg: ModelConfig, dtype, cached: bool) -> str:
+  """'einsum', 'cudnn' or 'xla': which attention one call runs (see `ModelConfig.attention`)."""
+  if cached or cfg.attention == "einsum":
+    return "einsum"
+  if cfg.attention != "auto":
+    return cfg.attention
+  # cuDNN's flash kernels take fp16/bf16 and head dims that are multiples of 8 up to 128.
+  hd = cfg.resolved_head_dim
+  on_gpu = jax.default_backend() == "gpu"
+  return "cudnn" if on_gpu and dtype == jnp.bfloat16 and hd % 8 == 0 and hd <= 128 else "einsum"
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_mask: jax.Array,
+                    implementation: str) -> jax.Array:
+  """Causal grouped-query attention through `jax.nn.dot_product_attention`.
+
+  q [B, T, H, D], k/v [B, T, K, D], right-padded rows. Each row's visible keys are its first n
+  slots, so the kernel gets lengths (cuDNN's padding-causal mask) and never builds a [T, S] mask;
+  query slots past n see the same keys as in the einsum path. A filler row (n = 0, zero loss
+  weight) keeps one key so its softmax is not 0/0.
+  """
+  lengths = jnp.maximum(kv_mask.sum(-1), 1).astype(jnp.int32)
+  return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), is_causal=True,
+                                      key_value_seq_lengths=lengths,
+                                      implementation=implementation)
 
 
 class Mlp(nnx.Module):
