@@ -34,3 +34,13 @@ def test_bench_reports_every_path(tmp_path, capsys):
                    "peak_matmul_size=64", "--json", str(out)]) == 0
   assert "train step" in capsys.readouterr().out
   assert json.loads(out.read_text())["seq_len"] == 16
+
+
+def test_accelerator_preset_loads():
+  from ff_jax.config import load_dataclass
+  from ff_jax.models import ModelConfig
+
+  bench = load_dataclass(BenchConfig, "configs/bench-gpu.yaml", ["model.attention=cudnn"])
+  cfg = ModelConfig.from_dict(bench.model)
+  assert (cfg.dtype, cfg.attention, bench.seq_len) == ("bfloat16", "cudnn", 1024)
+  assert round(matmul_params(cfg) / 1e6) == 1034  # the figure the README's GPU table quotes
