@@ -36,6 +36,7 @@ class ModelSource:
   dtype: str = "float32"  # compute dtype for imported models
   param_dtype: str = "float32"  # stored parameters of imported models (bfloat16 halves them)
   remat: bool = False
+  attention: str = "auto"  # attention kernel of imported models (ModelConfig.attention)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -159,7 +159,7 @@ def _demo_model_config(cfg: RunConfig, tokenizer: TextTokenizer) -> ModelConfig:
 
 def _imported_model(cfg: RunConfig, path: Path) -> tuple[ModelConfig, TextTokenizer, str]:
   """(config, tokenizer, kind) of a GGUF file or an HF folder, without reading any weight: the
-  architecture checked against a preset's `model.config`, the run's dtypes and remat applied."""
+  architecture checked against a preset's `model.config`, the run's settings applied."""
   source = cfg.model.source
   if path.is_file() and path.suffix == ".gguf":
     from ff_jax.models.gguf import load_gguf_metadata
@@ -177,9 +177,7 @@ def _imported_model(cfg: RunConfig, path: Path) -> tuple[ModelConfig, TextTokeni
                       "or a .gguf file")
   if cfg.model.config:
     _check_architecture(model_cfg, cfg.model.config, source)
-  model_cfg = model_cfg.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-                                remat=cfg.model.remat)
-  return model_cfg, tokenizer, kind
+  return _run_settings(cfg, model_cfg), tokenizer, kind
 
 
 def _check_architecture(model_cfg: ModelConfig, expected: dict[str, Any], source: str) -> None:
@@ -217,8 +215,13 @@ def planned_model_config(cfg: RunConfig) -> ModelConfig:
   else:
     raise ConfigError(f"model.source: {source}: not on this machine, and model.config does not "
                       "give its architecture; plan where the model is, or add model.config")
+  return _run_settings(cfg, model_cfg)
+
+
+def _run_settings(cfg: RunConfig, model_cfg: ModelConfig) -> ModelConfig:
+  """An imported architecture with the run's dtypes, remat and attention kernel (validated)."""
   return model_cfg.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-                           remat=cfg.model.remat)
+                           remat=cfg.model.remat, attention=cfg.model.attention)
 
 
 def load_inputs(cfg: RunConfig, run: RunDir) -> JobInputs:

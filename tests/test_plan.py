@@ -96,6 +96,14 @@ def test_preset_architecture_is_checked_against_the_files(tmp_path):
   folder = make_tiny_hf_model(tmp_path / "hf", ["a small model", "for a test"])
   cfg = load_config(None, [f"model.source={folder}", "model.config={hidden_size: 32}"])
   assert planned_model_config(cfg).hidden_size == 32  # the files decide; they agree
+  tuned = load_config(None, [f"model.source={folder}", "model.config={hidden_size: 32}",
+                             "model.dtype=bfloat16", "model.remat=true", "model.attention=cudnn"])
+  got = planned_model_config(tuned)
+  assert (got.dtype, got.remat, got.attention) == ("bfloat16", True, "cudnn")
+  fp32_cudnn = load_config(None, [f"model.source={folder}", "model.config=null",
+                                  "model.attention=cudnn"])
+  with pytest.raises(ConfigError, match="model.attention: cuDNN's fused attention needs"):
+    planned_model_config(fp32_cudnn)
   wrong = load_config(None, [f"model.source={folder}", "model.config={hidden_size: 4096}"])
   with pytest.raises(ConfigError, match=r"model.config.hidden_size: the preset says 4096 but"):
     planned_model_config(wrong)
