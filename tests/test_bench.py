@@ -3,7 +3,7 @@
 import json
 
 from ff_jax import cli
-from ff_jax.bench import BenchConfig, flops_per_token, matmul_params, run_bench
+from ff_jax.bench import BenchConfig, decode_flops, flops_per_token, matmul_params, run_bench
 from ff_jax.models import tiny_llama
 
 TINY = {"vocab_size": 256, "hidden_size": 64, "num_layers": 2, "num_heads": 4,
@@ -17,6 +17,9 @@ def test_flop_accounting_matches_hand_count():
   attn = 2 * 4 * 16 * 32
   assert flops_per_token(cfg, 32, train=True) == 6 * matmul_params(cfg) + 12 * attn
   assert flops_per_token(cfg, 32, train=False) == 2 * matmul_params(cfg) + 4 * attn
+  # 3 prompts of 5 tokens, 4 new: 8 passes through the blocks against 9 cache slots, 4 LM heads.
+  body = 2 * (2 * per_layer) + 4 * 2 * 4 * 16 * 9
+  assert decode_flops(cfg, 3, 5, 4) == 3 * (8 * body + 4 * 2 * 64 * 256)
 
 
 def test_bench_reports_every_path(tmp_path, capsys):
@@ -26,7 +29,11 @@ def test_bench_reports_every_path(tmp_path, capsys):
   assert result["train"]["traces"] == 1  # no recompiles across repeated steps
   for path in ("train", "score"):
     assert 0 < result[path]["mfu"] < 5 and result[path]["min_s"] <= result[path]["median_s"]
-  assert result["decode"]["batched"]["tokens_per_s"] > 0 and result["decode"]["speedup"] > 0
+  decode = result["decode"]
+  assert decode["batched"]["tokens_per_s"] > 0 and decode["speedup"] > 0
+  # Same FLOPs on both sides: the MFU ratio is the speed-up, and the peak bounds both.
+  assert abs(decode["batched"]["mfu"] / decode["one_at_a_time"]["mfu"] - decode["speedup"]) < 1e-6
+  assert abs(decode["speedup_at_peak"] * decode["batched"]["mfu"] / decode["speedup"] - 1) < 1e-9
   out = tmp_path / "bench.json"
   assert cli.main(["bench", "model.hidden_size=32", "model.intermediate_size=64",
                    "model.vocab_size=128", "model.num_layers=1", "seq_len=16", "batch_size=8",
