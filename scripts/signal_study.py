@@ -222,6 +222,29 @@ def cmd_ensembles(args: argparse.Namespace) -> None:
           + f" | {max(f1s) - min(f1s):.3f} | " + " | ".join(f"{v:.3f}" for v in aucs) + " |")
 
 
+def cmd_levels(args: argparse.Namespace) -> None:
+  """AUROC of the per-example NLL under each model and of its changes, forgetting or not.
+
+  Asks whether what separates unsafe examples is forgetting (M1 → M2) at all, or how unlikely
+  the text is under a model (the aligned M0, the safety-finetuned M2).
+  """
+  print("| run | NLL M0 | NLL M1 | NLL M2 | learned M0 − M1 | forgot M2 − M1 | M2 − M0 | "
+        "log(M2 / M1) |")
+  print("|" + "---|" * 8)
+  for run in map(Path, args.runs):
+    before = json.loads((run / "scores_before.json").read_text())
+    after = json.loads((run / "scores_after.json").read_text())
+    if "m0" not in before:
+      raise SystemExit(f"{run}: no M0 scores (scoring.lnf off)")
+    unsafe = np.array([rec.kind == "unsafe" for rec in run_signals(run)[1]])
+    m0, m1 = np.asarray(before["m0"]["nll"]), np.asarray(before["nll"])
+    m2 = np.asarray(after["nll"])
+    # NLLs are per-token means of positive numbers; the floor keeps the ratio finite.
+    columns = [m0, m1, m2, m0 - m1, m2 - m1, m2 - m0,
+               np.log(np.maximum(m2, 1e-3) / np.maximum(m1, 1e-3))]
+    print(f"| {run.name} | " + " | ".join(f"{auroc(c, unsafe):.3f}" for c in columns) + " |")
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest="command", required=True)
@@ -249,9 +272,11 @@ def main(argv: list[str] | None = None) -> None:
   ens.add_argument("--groups", type=int, default=3)
   ens.add_argument("--signals", nargs="+", default=["nll", "nll_lnf"])
   ens.add_argument("--threshold", default="auto")
+  levels = sub.add_parser("levels", help="AUROC of each model's NLL and of its changes")
+  levels.add_argument("runs", nargs="+")
   args = parser.parse_args(argv)
   {"mixtures": cmd_mixtures, "table": cmd_table, "thresholds": cmd_thresholds,
-   "ensembles": cmd_ensembles}[args.command](args)
+   "ensembles": cmd_ensembles, "levels": cmd_levels}[args.command](args)
 
 
 if __name__ == "__main__":
