@@ -21,6 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from ff_jax import parallel  # noqa: E402
+from ff_jax.bench import flops_per_token, matmul_peak  # noqa: E402
+from ff_jax.data.batching import eval_batches  # noqa: E402
 from ff_jax.data.templates import EncodedExample  # noqa: E402
 from ff_jax.models import ModelConfig  # noqa: E402
 from ff_jax.replicas import (  # noqa: E402
@@ -48,6 +50,21 @@ def examples(n: int, seed: int, vocab: int) -> list[EncodedExample]:
     out.append(EncodedExample(tokens=rng.integers(3, vocab, length).astype(np.int32),
                               loss_mask=mask, prompt_len=prompt, truncated=False, id=str(i)))
   return out
+
+
+def executed_flops(cfg: ModelConfig, iterators, train_steps: int, score_times: int,
+                   noisy: list[EncodedExample], score_batch: int) -> float:
+  """FLOPs the sequential sweep executes (padded batch shapes, as run): every variant's train
+  batches, and `score_times` passes over the noisy set per variant."""
+  total = 0.0
+  for it in iterators:
+    for _ in range(train_steps):
+      rows, length = it.next_batch()[0]["tokens"].shape
+      total += rows * length * flops_per_token(cfg, length, train=True)
+  for batch in eval_batches(noisy, score_batch, BUCKETS, pad_id=0):
+    rows, length = batch["tokens"].shape
+    total += len(iterators) * score_times * rows * length * flops_per_token(cfg, length, False)
+  return total
 
 
 def main() -> None:
@@ -99,6 +116,14 @@ def main() -> None:
     print(f"{phase:5s} (compile {'incl.' if phase == 'cold' else 'excl.'}): sequential "
           f"{seq:7.2f}s  vmapped {vm:7.2f}s  ratio {vm / seq:.3f}")
   print(f"max relative difference of the per-example NLLs: {diff:.2e}")
+  # Both sides execute at least the sequential side's FLOPs, so the measured matmul peak bounds
+  # how fast any schedule of this work can be.
+  peak, _ = matmul_peak(2048, np.float32, 5)
+  at_peak = executed_flops(cfg, its(), max(steps), len(steps), noisy, 48) / peak
+  seq = times[("sequential", "warm")]
+  print(f"at the fp32 matmul peak ({peak / 1e9:.0f} GFLOP/s, measured now) this work takes "
+        f"{at_peak:.2f}s: the warm sequential sweep runs at {100 * at_peak / seq:.0f}% of it, and "
+        f"a vmapped sweep at 0.5x would need {200 * at_peak / seq:.0f}%")
 
 
 if __name__ == "__main__":
