@@ -31,9 +31,10 @@ def _batch(rows=8, length=16, seed=0):
           "example_id": np.arange(rows, dtype=np.int32)}
 
 
-def _run(mesh_cfg, devices, steps=3, accum=1):
+def _run(mesh_cfg, devices, steps=3, accum=1, attention="auto"):
   # Enough heads and width that tensor=2 really shards every weight kind.
-  cfg = tiny_llama(num_heads=4, num_kv_heads=2, hidden_size=64, intermediate_size=128)
+  cfg = tiny_llama(num_heads=4, num_kv_heads=2, hidden_size=64, intermediate_size=128,
+                   attention=attention)
   mesh = parallel.make_mesh(mesh_cfg, devices)
   runtime = ModelRuntime.create(cfg, mesh)
   trainer = Trainer(runtime, OptimConfig(learning_rate=1e-3, grad_accum_steps=accum), steps)
@@ -58,6 +59,17 @@ def test_same_losses_on_one_device_and_on_sharded_meshes():
     np.testing.assert_allclose(pe, ref_pe, atol=1e-5, err_msg=str(shape))
     for key in ref_scores:
       np.testing.assert_allclose(scores[key], ref_scores[key], rtol=2e-5, err_msg=key)
+
+
+def test_fused_attention_on_a_sharded_mesh():
+  # jax.nn.dot_product_attention (the call cuDNN gets on a GPU) under data, FSDP and tensor
+  # sharding, against the einsum path on one device.
+  _need_devices(8)
+  devices = jax.devices()
+  _, _, _, ref_loss, ref_pe, _ = _run(parallel.MeshConfig(1, 1, 1), devices[:1])
+  _, _, _, loss, pe, _ = _run(parallel.MeshConfig(2, 2, 2), devices, attention="xla")
+  np.testing.assert_allclose(loss, ref_loss, atol=1e-5)
+  np.testing.assert_allclose(pe, ref_pe, atol=1e-5)
 
 
 def test_gradient_accumulation_matches_the_full_batch():
