@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from ff_jax.errors import ConfigError
+from ff_jax.filtering import Threshold
 from ff_jax.models.config import LoraConfig
 from ff_jax.parallel import MeshConfig
 from ff_jax.train import OptimConfig
@@ -105,9 +106,13 @@ class FilterConfig:
   # safety replicas) was the best on average over bias, toxicity and harmfulness (docs/signals.md).
   signal: str = "nll_ens"
   # auto (= auto:gmm, fitted on the signed-log scale) | auto:otsu | auto:gmm:linear | fixed:PHI
-  # | quantile:Q (ff_jax.filtering.Threshold)
-  threshold: str = "auto"
+  # | PHI (a bare number, the paper's ϕ) | quantile:Q (ff_jax.filtering.Threshold)
+  threshold: str | float = "auto"
   lnf_floor: float = 0.05  # nats/token: learning below this counts as this much (nll_lnf)
+
+  def __post_init__(self):
+    # A bad spec is refused when the config loads, not when the filter phase reaches it.
+    Threshold.parse(self.threshold)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +184,15 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     options = [a for a in typing.get_args(hint) if a is not type(None)]
     if value is None:
       return None
-    return _coerce(options[0], value, key)
+    # The first option that takes the value, in the order written ("str | float": a string
+    # stays a string, a number becomes a float); when none does, the first option's error.
+    errors = []
+    for option in options:
+      try:
+        return _coerce(option, value, key)
+      except ConfigError as err:
+        errors.append(err)
+    raise errors[0]
   if dataclasses.is_dataclass(hint):
     return _build(hint, value, key)
   if origin is tuple:
@@ -189,8 +202,14 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     return tuple(_coerce(inner, v, key) for v in value)
   if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
     return float(value)
-  if hint in (int, str, bool) and not isinstance(value, hint) or (
-      hint is int and isinstance(value, bool)):
+  if hint is float and isinstance(value, str):
+    # YAML 1.1 reads `1e-5` (no dot) as a string; it is the number the user wrote.
+    try:
+      return float(value)
+    except ValueError:
+      pass
+  if hint in (int, float, str, bool) and not isinstance(value, hint) or (
+      hint in (int, float) and isinstance(value, bool)):
     raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
   return value
 

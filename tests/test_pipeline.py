@@ -455,3 +455,36 @@ def test_replica_counts_are_checked_when_the_config_loads():
   with pytest.raises(ConfigError, match=r"scoring.noisy_replicas=0: must be at least 1 \(the no"):
     load_config(None, ["scoring.noisy_replicas=0"])
   assert load_config(None, ["scoring.noisy_replicas=3"]).scoring.noisy_replicas == 3
+
+
+def test_filter_threshold_takes_the_papers_bare_number_and_refuses_bad_specs_on_load(tmp_path):
+  """`filter.threshold: 0.3` (the paper's ϕ, in YAML or on the command line) is a fixed ϕ; a spec
+  the filter could not parse is refused when the config loads, naming it."""
+  from ff_jax.config import load_config
+  from ff_jax.errors import ConfigError
+  from ff_jax.filtering import Threshold
+
+  cfg = load_config(None, ["filter.threshold=0.1"])
+  assert cfg.filter.threshold == 0.1
+  assert Threshold.parse(cfg.filter.threshold) == Threshold("fixed", value=0.1)
+  path = tmp_path / "run.yaml"
+  path.write_text("filter: {threshold: 2}\n")
+  assert Threshold.parse(load_config(path).filter.threshold) == Threshold("fixed", value=2.0)
+  assert load_config(None, ["filter.threshold=auto:otsu"]).filter.threshold == "auto:otsu"
+  with pytest.raises(ConfigError, match="bad threshold 'auto:kmeans'"):
+    load_config(None, ["filter.threshold=auto:kmeans"])
+  with pytest.raises(ConfigError, match=r"filter.threshold: expected str, got \[0.1\]"):
+    load_config(None, ["filter.threshold=[0.1]"])
+
+
+def test_a_float_setting_refuses_a_string_or_a_bool_when_the_config_loads():
+  from ff_jax.config import load_config
+  from ff_jax.errors import ConfigError
+
+  with pytest.raises(ConfigError, match="noisy.optim.learning_rate: expected float, got 'abc'"):
+    load_config(None, ["noisy.optim.learning_rate=abc"])
+  with pytest.raises(ConfigError, match="filter.lnf_floor: expected float, got True"):
+    load_config(None, ["filter.lnf_floor=true"])
+  assert load_config(None, ["filter.lnf_floor=1"]).filter.lnf_floor == 1.0
+  # YAML reads 1e-5 (no dot) as a string; it is still the number.
+  assert load_config(None, ["noisy.optim.learning_rate=1e-5"]).noisy.optim.learning_rate == 1e-5
