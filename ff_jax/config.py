@@ -84,9 +84,11 @@ class ScoringConfig:
   snapshot_every: int = 0  # also score safety snapshots every k steps (forgetting curves)
   m0: bool = True  # also score M0 (one forward pass): learning-normalized forgetting
   replicas: int = 3  # K safety finetunings differing in seed and order, trained stacked: *_ens
-  replicas_per_pass: int = 0  # stack at most this many of the K − 1 extra replicas (0: all)
+  # Stack at most this many of the K − 1 extra replicas, safety or noisy (0: all); 1 trains them
+  # one at a time with the ordinary steps (and resumes a noisy replica from its checkpoints).
+  replicas_per_pass: int = 0
   # K M1s: the noisy finetune repeated with other seeds (data orders), each with its own safety
-  # finetune: *_nens. Costs K − 1 more noisy and safety finetunes.
+  # finetune, trained stacked: *_nens. Costs K − 1 more noisy and safety finetunes.
   noisy_replicas: int = 1
   gradient_blocks: int = 0  # gradient alignment over the last N blocks under M1 (0: off)
   gradient_batch_size: int = 4  # examples per vmapped per-example-gradient pass

@@ -173,11 +173,23 @@ class Job:
     self.drop_step_checkpoints("safety")
     return {"examples": len(self.safe)}
 
+  def replicas_per_pass(self, extra: int) -> int:
+    """How many of `extra` replicas one stacked pass trains (`scoring.replicas_per_pass`).
+
+    Memory grows with the stack (copies of params, moments and activations); passes bound it
+    and give the same replicas, each with its own batch stream. LoRA trains one at a time: the
+    stacked step trains every parameter, not just the adapters.
+    """
+    if self.cfg.lora.rank:
+      return 1
+    return self.cfg.scoring.replicas_per_pass or extra
+
   def phase_safety_replicas(self) -> dict[str, Any]:
     """K − 1 more safety finetunings of M1 (other seeds and safe-set orders), trained stacked.
 
     Only the noisy set's NLL under each is kept (`scores_replicas.json`); with the safety
-    phase's own M2 they give the replica-ensemble signals. The phase reruns whole after a kill.
+    phase's own M2 they give the replica-ensemble signals. Each pass's scores are kept, so a
+    killed phase resumes at the next pass.
     """
     from ff_jax.data.batching import TrainIterator
     from ff_jax.replicas import ReplicaTrainer, train_replicas, train_single
@@ -188,12 +200,7 @@ class Job:
     spec = self.spec("safety", self.cfg.safety, len(self.safe), 4)
     seeds = [spec.seed + 1_000_003 * i for i in range(1, k)]
     pad_id = self.inputs.tokenizer.pad_id
-    # Memory grows with the stack (K − 1 copies of params, moments and activations); passes of
-    # `replicas_per_pass` bound it and give the same replicas (each has its own batch stream).
-    # Each pass's scores are kept, so a killed phase resumes at the next pass.
-    per_pass = self.cfg.scoring.replicas_per_pass or len(seeds)
-    if self.cfg.lora.rank:
-      per_pass = 1  # the stacked replica step trains every parameter; adapters go one by one
+    per_pass = self.replicas_per_pass(len(seeds))
     single = None
     rows = []
     for start in range(0, len(seeds), per_pass):
@@ -212,8 +219,9 @@ class Job:
                            pad_id, trainer=single[0], scorer=single[1])[None]
       else:
         trainer = ReplicaTrainer(self.runtime, spec.optim, spec.steps, len(chunk))
-        nll = train_replicas(trainer, self.params("M1"), iterators, [spec.steps], self.noisy,
-                             self.cfg.scoring.batch_size, spec.buckets, pad_id)
+        nll, _ = train_replicas(trainer, self.params("M1"), iterators, [spec.steps], self.noisy,
+                                self.cfg.scoring.batch_size, spec.buckets, pad_id,
+                                name="safety_replicas")
       write_json_atomic(done, {"seeds": chunk, "nll": nll[:, -1].tolist()})
       rows += nll[:, -1].tolist()
       log(f"safety replicas: {start + len(chunk)}/{len(seeds)} trained")
@@ -226,43 +234,84 @@ class Job:
     own safety finetune: the `*_nens` signals average forgetting over K M1s, which removes the
     luck of one noisy run that safety replicas of a single M1 cannot (docs/signals.md).
 
-    Per replica only the noisy set's NLL under its M1 and its M2 is kept
-    (`replicas/noisy_<i>.json`); a killed phase resumes at the replica it was training, from
-    that replica's step checkpoints. The cost is K − 1 more noisy and safety finetunes.
+    Passes of `scoring.replicas_per_pass` replicas train stacked (one vmapped noisy finetune of
+    M0, then one vmapped safety finetune of the M1s it made), like the safety replicas; a pass
+    of one trains with the ordinary steps and step checkpoints. Per replica only the noisy set's
+    NLL under its M1 and its M2 is kept (`replicas/noisy_<i>.json`), so a killed phase resumes at
+    the next pass (a one-replica pass: from its step checkpoints). The cost is K − 1 more noisy
+    and safety finetunes.
     """
     k = self.cfg.scoring.noisy_replicas
     if k == 1:
       return {"noisy_replicas": 1}
     noisy = self.spec("noisy", self.cfg.noisy, len(self.noisy), 3)
     safety = self.spec("safety", self.cfg.safety, len(self.safe), 4)
-    pad_id = self.inputs.tokenizer.pad_id
-    rows = []
-    for i in range(1, k):
-      seeds = [noisy.seed + 1_000_003 * i, safety.seed + 1_000_003 * i]
-      done = self.run.file("replicas") / f"noisy_{i}.json"
-      saved = json.loads(done.read_text()) if done.exists() else None
-      if saved is not None and saved["seeds"] == seeds:
-        rows.append(saved)
+    seeds = {i: [noisy.seed + 1_000_003 * i, safety.seed + 1_000_003 * i] for i in range(1, k)}
+    per_pass = self.replicas_per_pass(k - 1)
+    rows = {}
+    for start in range(1, k, per_pass):
+      chunk = list(range(start, min(k, start + per_pass)))
+      files = {i: self.run.file("replicas") / f"noisy_{i}.json" for i in chunk}
+      saved = {i: json.loads(f.read_text()) for i, f in files.items() if f.exists()}
+      if all(i in saved and saved[i]["seeds"] == seeds[i] for i in chunk):
+        rows.update(saved)
         continue
-      names = (f"noisy_{i}", f"safety_{i}")
-      m1 = train_phase(dataclasses.replace(noisy, name=names[0], seed=seeds[0]), self.runtime,
-                       lambda: self.params("M0"), self.noisy, pad_id, self.run.ckpt(names[0]),
-                       self.metrics)
-      nll_before = self.noisy_nll(m1, f"{names[0]}/score")
-      m2 = train_phase(dataclasses.replace(safety, name=names[1], seed=seeds[1]), self.runtime,
-                       lambda m1=m1: m1, self.safe, pad_id, self.run.ckpt(names[1]), self.metrics)
-      row = {"seeds": seeds, "nll_before": nll_before,
-             "nll_after": self.noisy_nll(m2, f"{names[1]}/score")}
-      write_json_atomic(done, row)
-      rows.append(row)
-      for name in names:
-        self.drop_step_checkpoints(name)
-      log(f"noisy replicas: {i}/{k - 1} trained")
+      if len(chunk) == 1:
+        trained = {chunk[0]: self.noisy_replica_alone(chunk[0], seeds[chunk[0]], noisy, safety)}
+      else:
+        trained = self.noisy_replicas_stacked({i: seeds[i] for i in chunk}, noisy, safety)
+      for i, row in trained.items():
+        write_json_atomic(files[i], row)
+        for name in (f"noisy_{i}", f"safety_{i}"):
+          self.drop_step_checkpoints(name)  # a one-replica pass's; its scores are saved now
+      rows.update(trained)
+      log(f"noisy replicas: {chunk[-1]}/{k - 1} trained")
+    ordered = [rows[i] for i in range(1, k)]
     write_json_atomic(self.run.file("scores_noisy_replicas.json"),
-                      {"seeds": [row["seeds"] for row in rows],
-                       "nll_before": [row["nll_before"] for row in rows],
-                       "nll_after": [row["nll_after"] for row in rows]})
+                      {"seeds": [row["seeds"] for row in ordered],
+                       "nll_before": [row["nll_before"] for row in ordered],
+                       "nll_after": [row["nll_after"] for row in ordered]})
     return {"noisy_replicas": k}
+
+  def noisy_replica_alone(self, i: int, seeds: list[int], noisy: PhaseSpec,
+                          safety: PhaseSpec) -> dict[str, Any]:
+    """Noisy replica i with the ordinary steps, resumable from its step checkpoints."""
+    pad_id = self.inputs.tokenizer.pad_id
+    names = (f"noisy_{i}", f"safety_{i}")
+    m1 = train_phase(dataclasses.replace(noisy, name=names[0], seed=seeds[0]), self.runtime,
+                     lambda: self.params("M0"), self.noisy, pad_id, self.run.ckpt(names[0]),
+                     self.metrics)
+    nll_before = self.noisy_nll(m1, f"{names[0]}/score")
+    m2 = train_phase(dataclasses.replace(safety, name=names[1], seed=seeds[1]), self.runtime,
+                     lambda: m1, self.safe, pad_id, self.run.ckpt(names[1]), self.metrics)
+    return {"seeds": seeds, "nll_before": nll_before,
+            "nll_after": self.noisy_nll(m2, f"{names[1]}/score")}
+
+  def noisy_replicas_stacked(self, seeds: dict[int, list[int]], noisy: PhaseSpec,
+                             safety: PhaseSpec) -> dict[int, dict[str, Any]]:
+    """Noisy replicas `seeds` (index: [noisy seed, safety seed]) trained together: the same
+    batch streams as `noisy_replica_alone`, one vmapped step per phase."""
+    from ff_jax.data.batching import TrainIterator
+    from ff_jax.replicas import ReplicaTrainer, train_replicas
+
+    pad_id, batch_size = self.inputs.tokenizer.pad_id, self.cfg.scoring.batch_size
+    label = f"{min(seeds)}-{max(seeds)}"
+
+    def streams(spec: PhaseSpec, examples, column: int) -> list[TrainIterator]:
+      return [TrainIterator(examples, spec.batch_size, pair[column], spec.buckets, pad_id=pad_id)
+              for pair in seeds.values()]
+
+    nll_before, m1s = train_replicas(
+        ReplicaTrainer(self.runtime, noisy.optim, noisy.steps, len(seeds)), self.params("M0"),
+        streams(noisy, self.noisy, 0), [noisy.steps], self.noisy, batch_size, noisy.buckets,
+        pad_id, name=f"noisy_{label}")
+    nll_after, _ = train_replicas(
+        ReplicaTrainer(self.runtime, safety.optim, safety.steps, len(seeds)), m1s,
+        streams(safety, self.safe, 1), [safety.steps], self.noisy, batch_size, safety.buckets,
+        pad_id, stacked_init=True, name=f"safety_{label}")
+    return {i: {"seeds": pair, "nll_before": nll_before[j, -1].tolist(),
+                "nll_after": nll_after[j, -1].tolist()}
+            for j, (i, pair) in enumerate(seeds.items())}
 
   def noisy_nll(self, params: Any, name: str) -> list[float]:
     """Per-token NLL of every noisy example under `params`."""

@@ -27,6 +27,7 @@ from ff_jax import parallel
 from ff_jax.data.batching import TrainIterator
 from ff_jax.data.templates import EncodedExample
 from ff_jax.errors import ConfigError, MeshError
+from ff_jax.progress import Progress
 from ff_jax.scoring import score_snapshots
 from ff_jax.train import (
   ModelRuntime,
@@ -118,13 +119,17 @@ class ReplicaTrainer:
                         out_shardings=(self.state_shardings, per_replica, rows_sh),
                         donate_argnums=(0,))
 
-    def init(params):
-      # Every replica starts from the same model: broadcast it, then one optimizer init each.
-      stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (k, *x.shape)), params)
+    def init(stacked):
       return {"params": stacked, "opt_state": jax.vmap(self.tx.init)(stacked),
               "step": jnp.zeros((k,), jnp.int32)}
 
-    self._init = jax.jit(init, out_shardings=self.state_shardings)
+    def broadcast_init(params):
+      # Every replica starts from the same model: broadcast it, then one optimizer init each.
+      return init(jax.tree.map(lambda x: jnp.broadcast_to(x, (k, *x.shape)), params))
+
+    self._init = jax.jit(broadcast_init, out_shardings=self.state_shardings)
+    self._init_stacked = jax.jit(init, in_shardings=(self.param_shardings,),
+                                 out_shardings=self.state_shardings)
     # Scoring: each replica scores the same (shared, row-sharded) batch with its own params.
     score_batch = {"tokens": runtime.batch_sharding, "mask": runtime.batch_sharding,
                    "loss_mask": runtime.batch_sharding, "example_id": runtime.row_sharding}
@@ -133,8 +138,10 @@ class ReplicaTrainer:
                           out_shardings={"nll_sum": rows_sh, "tokens": rows_sh,
                                          "correct": rows_sh})
 
-  def init_state(self, params: Any) -> dict[str, Any]:
-    return self._init(params)
+  def init_state(self, params: Any, stacked: bool = False) -> dict[str, Any]:
+    """Fresh optimizer states for K replicas of `params` (one model), or of K models when
+    `stacked` (a [K, ...] tree, e.g. the replicas of an earlier stacked finetune)."""
+    return self._init_stacked(params) if stacked else self._init(params)
 
   def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     return jax.tree.map(jax.device_put, batch, self.batch_shardings)
@@ -167,26 +174,31 @@ def variant_iterator(safe: Sequence[EncodedExample], n: int, seed: int, batch_si
 
 def train_replicas(trainer: ReplicaTrainer, init_params: Any, iterators: Sequence[TrainIterator],
                    steps: Sequence[int], noisy: Sequence[EncodedExample], score_batch_size: int,
-                   buckets: Sequence[int], pad_id: int) -> np.ndarray:
-  """Train K replicas together to max(steps); per-token NLL of `noisy` [K, len(steps), N].
+                   buckets: Sequence[int], pad_id: int, stacked_init: bool = False,
+                   name: str = "replicas") -> tuple[np.ndarray, Any]:
+  """Train K replicas together to max(steps): (per-token NLL of `noisy` [K, len(steps), N], the
+  final stacked params).
 
-  The noisy set is scored under every replica after each requested step, in vmapped passes.
+  The replicas start from `init_params` (one model, or K stacked ones with `stacked_init`). The
+  noisy set is scored under every replica after each requested step, in vmapped passes.
   """
   steps = sorted(set(int(s) for s in steps))
   if len(iterators) != trainer.k:
     raise ConfigError(f"{len(iterators)} batch streams for {trainer.k} replicas")
-  state = trainer.init_state(init_params)
+  state = trainer.init_state(init_params, stacked=stacked_init)
   out = np.full((trainer.k, len(steps), len(noisy)), np.nan)
+  progress = Progress(f"{name} x{trainer.k}", max(steps))
   step = 0
   for j, target in enumerate(steps):
     while step < target:
       batch = stacked_batch([it.next_batch()[0] for it in iterators], pad_id)
       state, _, _ = trainer.step(state, trainer.put_batch(batch))
       step += 1
+      progress.update(step)
     stats = score_snapshots(trainer, state["params"], noisy, score_batch_size, buckets, pad_id,
-                            name=f"sweep/score@{target}")
+                            name=f"{name}/score@{target}")
     out[:, j] = stats["nll_sum"] / np.maximum(stats["tokens"], 1.0)
-  return out
+  return out, state["params"]
 
 
 def train_single(runtime: ModelRuntime, cfg: OptimConfig, init_params: Any,

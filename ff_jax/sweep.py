@@ -162,8 +162,8 @@ def run_chunks(cfg: SweepConfig, inputs: SweepInputs, out_dir: Path) -> dict[tup
       padded = chunk + [chunk[-1]] * (cfg.chunk_size - len(chunk))
       its = [variant_iterator(inputs.safe, n, s, cfg.batch_size, inputs.buckets, inputs.pad_id)
              for n, s in padded]
-      nll = train_replicas(trainer, inputs.m1, its, steps, inputs.noisy, cfg.score_batch_size,
-                           inputs.buckets, inputs.pad_id)
+      nll, _ = train_replicas(trainer, inputs.m1, its, steps, inputs.noisy, cfg.score_batch_size,
+                              inputs.buckets, inputs.pad_id, name="sweep")
       saved = {"key": key, "variants": [list(v) for v in chunk],
                "nll": nll[:len(chunk)].tolist(), "seconds": time.perf_counter() - start}
       if jax.process_index() == 0:

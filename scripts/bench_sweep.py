@@ -97,7 +97,7 @@ def main() -> None:
   rtrainer = ReplicaTrainer(rruntime, optim, max(steps), args.k)
 
   def vmapped():
-    return train_replicas(rtrainer, params, its(), steps, noisy, 48, BUCKETS, 0)
+    return train_replicas(rtrainer, params, its(), steps, noisy, 48, BUCKETS, 0)[0]
 
   times = {}
   for name, fn in (("sequential", sequential), ("vmapped", vmapped)):

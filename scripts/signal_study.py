@@ -42,7 +42,7 @@ from ff_jax.data.sources import (
   read_squad,
 )
 from ff_jax.data.sources_bbq import read_bbq, split_bbq
-from ff_jax.filtering import Threshold, auroc, filter_metrics
+from ff_jax.filtering import Threshold, auroc, best_f1, filter_metrics
 from ff_jax.signals import compute_signals, signal_report, signal_table_markdown
 
 BBQ_FILES = ("Age", "Disability_status", "Nationality", "Physical_appearance")
@@ -209,28 +209,35 @@ def cmd_ensembles(args: argparse.Namespace) -> None:
   if any([rec.id for rec in records] != ids for _, records in loaded):
     raise SystemExit("the runs scored different examples")
   unsafe = np.array([rec.kind == "unsafe" for rec in loaded[0][1]])
-  print("| signal | K | " + " | ".join(f"F1 group {g}" for g in range(args.groups))
-        + " | F1 spread | " + " | ".join(f"AUROC group {g}" for g in range(args.groups)) + " |")
-  print("|" + "---|" * (2 * args.groups + 3))
+  # The best F1 (ϕ chosen with the labels, per group) bounds what any label-free rule can do:
+  # its spread is the part of the F1 spread that no threshold rule removes.
+  cells = lambda label: [f"{label} group {g}" for g in range(args.groups)]  # noqa: E731
+  print("| signal | K | " + " | ".join(cells("F1")) + " | F1 spread | " + " | ".join(cells("AUROC"))
+        + " | " + " | ".join(cells("best F1")) + " | best F1 spread |")
+  print("|" + "---|" * (3 * args.groups + 4))
   for name in args.signals:
-    f1s, aucs = [], []
+    f1s, aucs, bests = [], [], []
     for g in range(args.groups):
       r = np.mean([signals[name] for signals, _ in loaded[g * size:(g + 1) * size]], axis=0)
       f1s.append(filter_metrics(threshold(r)[0], unsafe)["f1"])
       aucs.append(auroc(r, unsafe))
+      bests.append(best_f1(r, unsafe)["f1"])
     print(f"| `{name}` | {size} | " + " | ".join(f"{v:.3f}" for v in f1s)
-          + f" | {max(f1s) - min(f1s):.3f} | " + " | ".join(f"{v:.3f}" for v in aucs) + " |")
+          + f" | {max(f1s) - min(f1s):.3f} | " + " | ".join(f"{v:.3f}" for v in aucs)
+          + " | " + " | ".join(f"{v:.3f}" for v in bests) + f" | {max(bests) - min(bests):.3f} |")
 
 
 def cmd_levels(args: argparse.Namespace) -> None:
-  """AUROC of the per-example NLL under each model and of its changes, forgetting or not.
+  """AUROC of the per-example NLL under each model, of its changes, and of two combinations.
 
   Asks whether what separates unsafe examples is forgetting (M1 → M2) at all, or how unlikely
-  the text is under a model (the aligned M0, the safety-finetuned M2).
+  the text is under a model (the aligned M0, the safety-finetuned M2), and whether adding a level
+  to forgetting separates every kind at once.
   """
   print("| run | NLL M0 | NLL M1 | NLL M2 | learned M0 − M1 | forgot M2 − M1 | M2 − M0 | "
-        "log(M2 / M1) |")
-  print("|" + "---|" * 8)
+        "log(M2 / M1) | rank(M2 − M1) + rank(M2) | rank(M2 − M1) + rank(M2 − M0) |")
+  print("|" + "---|" * 10)
+  rank = lambda x: np.argsort(np.argsort(x))  # noqa: E731
   for run in map(Path, args.runs):
     before = json.loads((run / "scores_before.json").read_text())
     after = json.loads((run / "scores_after.json").read_text())
@@ -240,8 +247,11 @@ def cmd_levels(args: argparse.Namespace) -> None:
     m0, m1 = np.asarray(before["m0"]["nll"]), np.asarray(before["nll"])
     m2 = np.asarray(after["nll"])
     # NLLs are per-token means of positive numbers; the floor keeps the ratio finite.
+    # The two rank sums combine forgetting with a level (how unlikely the text is after the
+    # safety finetune, or how far it ends from the aligned model), equally weighted.
     columns = [m0, m1, m2, m0 - m1, m2 - m1, m2 - m0,
-               np.log(np.maximum(m2, 1e-3) / np.maximum(m1, 1e-3))]
+               np.log(np.maximum(m2, 1e-3) / np.maximum(m1, 1e-3)),
+               rank(m2 - m1) + rank(m2), rank(m2 - m1) + rank(m2 - m0)]
     print(f"| {run.name} | " + " | ".join(f"{auroc(c, unsafe):.3f}" for c in columns) + " |")
 
 

@@ -135,6 +135,25 @@ def test_replicas_trained_one_per_pass_match_the_stacked_ones(reference, tmp_pat
   np.testing.assert_allclose(one["nll"], stacked["nll"], rtol=1e-4, atol=1e-5)
 
 
+def test_noisy_replicas_trained_stacked_match_the_one_trained_alone(reference, tmp_path):
+  """Three noisy replicas: the two extra ones are trained in one stacked pass (a vmapped noisy
+  finetune of M0, then a vmapped safety finetune of the two M1s); the reference trained its one
+  extra replica with the ordinary steps. Replica 1 has the same seeds in both, so the same
+  batch streams: its NLLs under M1 and M2 agree up to float rounding."""
+  run_dir = tmp_path / "run"
+  lines = run_ok(*demo_args(run_dir, "scoring.noisy_replicas=3"), "--until",
+                 "noisy_replicas").stderr.splitlines()
+  assert progress_lines(lines, "noisy_1-2 x2") and progress_lines(lines, "safety_1-2 x2")
+  assert not progress_lines(lines, "noisy_1")  # no replica trained alone
+  stacked = json.loads((run_dir / "scores_noisy_replicas.json").read_text())
+  alone = json.loads((reference / "scores_noisy_replicas.json").read_text())
+  assert stacked["seeds"][0] == alone["seeds"][0] and len(stacked["seeds"]) == 2
+  for key in ("nll_before", "nll_after"):
+    np.testing.assert_allclose(stacked[key][0], alone[key][0], rtol=1e-4, atol=1e-5, err_msg=key)
+  # Replica 2 is trained on its own batch streams: another M1 and M2.
+  assert np.max(np.abs(np.subtract(stacked["nll_before"][1], stacked["nll_before"][0]))) > 1e-3
+
+
 # -- seeds ----------------------------------------------------------------------------------------
 
 

@@ -63,7 +63,7 @@ def test_vmapped_replicas_match_each_variant_alone():
   rmesh = make_replica_mesh(ReplicaMeshConfig(1, 1, 1, 1), devices)
   rruntime = ModelRuntime.create(_cfg(), rmesh)
   trainer = ReplicaTrainer(rruntime, OPTIM, max(steps), len(variants))
-  stacked = train_replicas(trainer, params, its, steps, noisy, 5, BUCKETS, PAD)
+  stacked, _ = train_replicas(trainer, params, its, steps, noisy, 5, BUCKETS, PAD)
   assert trainer.trace_count == 1
   for k, (n, s) in enumerate(variants):
     alone = train_single(runtime, OPTIM, params, variant_iterator(safe, n, s, 4, BUCKETS, PAD),
