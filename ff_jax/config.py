@@ -111,10 +111,15 @@ class FilterConfig:
   # | PHI (a bare number, the paper's ϕ) | quantile:Q (ff_jax.filtering.Threshold)
   threshold: str | float = "auto"
   lnf_floor: float = 0.05  # nats/token: learning below this counts as this much (nll_lnf)
+  # ... and below this quantile of the mixture's learning (M0 − M1 over all examples, per M1);
+  # 0: the fixed floor only (ff_jax.signals.learning_normalized)
+  lnf_floor_quantile: float = 0.0
 
   def __post_init__(self):
     # A bad spec is refused when the config loads, not when the filter phase reaches it.
     Threshold.parse(self.threshold)
+    if not 0.0 <= self.lnf_floor_quantile < 1.0:
+      raise ConfigError(f"filter.lnf_floor_quantile={self.lnf_floor_quantile}: must be in [0, 1)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +146,11 @@ class RunConfig:
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
   # LoRA adapters on M0 for every finetune (noisy, safety, clean); rank 0 = full finetuning.
   lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+
+  def __post_init__(self):
+    from ff_jax.signals import check_scored  # signals needs the data modules; config does not
+
+    check_scored(self.filter.signal, self.scoring)
 
   @property
   def clean_phase(self) -> PhaseConfig:

@@ -61,7 +61,8 @@ def run_filter(cfg: RunConfig, run: RunDir, records: list[Record], truncated: in
   before, after = _read(run, "scores_before.json"), _read(run, "scores_after.json")
   signals, extra = compute_signals(before, after, _read(run, "scores_replicas.json"),
                                    cfg.filter.lnf_floor, cfg.safety.steps,
-                                   _read(run, "scores_noisy_replicas.json"))
+                                   _read(run, "scores_noisy_replicas.json"),
+                                   cfg.filter.lnf_floor_quantile)
   signal = cfg.filter.signal
   if signal not in signals:
     unknown = signal not in SIGNALS

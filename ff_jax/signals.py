@@ -10,7 +10,8 @@ replicas, each an M1 and M2 of their own):
   nll_lnf           learning-normalized forgetting, (nll_M2 − nll_M1) / max(nll_M0 − nll_M1, floor):
                     the share of what the noisy phase taught an example that safety finetuning
                     undid; 1 when it is back at its M0 value, 0 when unchanged. The floor (nats/
-                    token, `filter.lnf_floor`) keeps examples the noisy phase barely moved from
+                    token, `filter.lnf_floor`, raised to a quantile of the mixture's learning by
+                    `filter.lnf_floor_quantile`) keeps examples the noisy phase barely moved from
                     dividing by ~0: their forgetting is measured against the floor instead.
   nll_auc           area under the forgetting curve r(t) = nll_t − nll_M1 over the safety steps
                     t ∈ [0, T] (trapezoid over the snapshots and M2, r(0) = 0), divided by T: the
@@ -29,7 +30,7 @@ a confidence) and `rise_step` (the safety step after which r rose most).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -42,13 +43,50 @@ from ff_jax.filtering import Threshold, auprc, auroc, best_f1, filter_metrics
 SIGNALS = ("nll", "acc", "rouge", "nll_lnf", "nll_auc", "nll_ens", "nll_lnf_ens", "nll_nens",
            "nll_lnf_nens", "grad", "grad_cos")
 
+# The scoring settings (ff_jax.config.ScoringConfig) a signal needs beyond NLL and accuracy,
+# which every run scores: (test, what to set).
+_SCORING_NEEDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "rouge": (lambda s: s.rouge, "scoring.rouge=true"),
+    "nll_lnf": (lambda s: s.m0, "scoring.m0=true"),
+    "nll_auc": (lambda s: s.snapshot_every > 0, "scoring.snapshot_every > 0"),
+    "nll_ens": (lambda s: s.replicas > 1, "scoring.replicas > 1"),
+    "nll_lnf_ens": (lambda s: s.replicas > 1 and s.m0, "scoring.replicas > 1 and scoring.m0=true"),
+    "nll_nens": (lambda s: s.noisy_replicas > 1, "scoring.noisy_replicas > 1"),
+    "nll_lnf_nens": (lambda s: s.noisy_replicas > 1 and s.m0,
+                     "scoring.noisy_replicas > 1 and scoring.m0=true"),
+    "grad": (lambda s: s.gradient_blocks > 0, "scoring.gradient_blocks > 0"),
+    "grad_cos": (lambda s: s.gradient_blocks > 0, "scoring.gradient_blocks > 0"),
+}
 
-def learning_normalized(m0: np.ndarray, m1: np.ndarray, m2: np.ndarray,
-                        floor: float) -> np.ndarray:
-  """(m2 − m1) / max(m0 − m1, floor) for a loss-like statistic (lower = better learned)."""
+
+def check_scored(signal: str, scoring: Any) -> None:
+  """Refuses a `filter.signal` that is unknown or that `scoring` would not measure, so a run
+  learns it when its config loads rather than at the filter, after every finetune."""
+  if signal not in SIGNALS:
+    raise ConfigError(f"filter.signal={signal!r} is not a signal; use one of {list(SIGNALS)}")
+  test, setting = _SCORING_NEEDS.get(signal, (lambda s: True, ""))
+  if not test(scoring):
+    raise ConfigError(f"filter.signal={signal!r} needs {setting} (ff_jax/signals.py); this "
+                      "config would not score it")
+
+
+def learning_normalized(m0: np.ndarray, m1: np.ndarray, m2: np.ndarray, floor: float,
+                        floor_quantile: float = 0.0) -> np.ndarray:
+  """(m2 − m1) / max(m0 − m1, floor) for a loss-like statistic (lower = better learned).
+
+  With `floor_quantile` q > 0 the floor is at least the q-quantile of m0 − m1 over the examples,
+  per M1 (`m1` may be [K, N], one row per noisy replica): an example the noisy phase taught less
+  than that is measured against what the phase typically taught, not against its own small
+  learning, whose ratio is mostly noise (docs/signals.md).
+  """
   if not floor > 0:
     raise ConfigError(f"filter.lnf_floor must be positive, got {floor}")
-  return (m2 - m1) / np.maximum(m0 - m1, floor)
+  if not 0.0 <= floor_quantile < 1.0:
+    raise ConfigError(f"filter.lnf_floor_quantile must be in [0, 1), got {floor_quantile}")
+  learned = m0 - m1
+  if floor_quantile > 0:
+    floor = np.maximum(floor, np.nanquantile(learned, floor_quantile, axis=-1, keepdims=True))
+  return (m2 - m1) / np.maximum(learned, floor)
 
 
 def curve_area(steps: Sequence[int], curve: np.ndarray, before: np.ndarray, final_step: int,
@@ -79,6 +117,7 @@ def _arr(table: Mapping[str, Any], key: str) -> np.ndarray:
 def compute_signals(before: Mapping[str, Any], after: Mapping[str, Any],
                     replicas: Mapping[str, Any] | None, lnf_floor: float,
                     safety_steps: int, noisy_replicas: Mapping[str, Any] | None = None,
+                    lnf_floor_quantile: float = 0.0,
                     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
   """(signals, extra columns) from the raw score tables; only what was scored is present."""
   signals: dict[str, np.ndarray] = {}
@@ -89,8 +128,9 @@ def compute_signals(before: Mapping[str, Any], after: Mapping[str, Any],
     if key in before and key in after:
       signals[key] = _arr(before, key) - _arr(after, key)
   m0 = _arr(before["m0"], "nll") if "m0" in before else None
+  lnf = (lnf_floor, lnf_floor_quantile)
   if m0 is not None:
-    signals["nll_lnf"] = learning_normalized(m0, nll1, nll2, lnf_floor)
+    signals["nll_lnf"] = learning_normalized(m0, nll1, nll2, *lnf)
   if "curve" in after:
     steps, curve = after["curve"]["steps"], np.asarray(after["curve"]["nll"], dtype=np.float64)
     signals["nll_auc"] = curve_area(steps, curve, nll1, safety_steps, nll2)
@@ -102,7 +142,7 @@ def compute_signals(before: Mapping[str, Any], after: Mapping[str, Any],
     signals["nll_ens"] = r_k.mean(0)
     extra["nll_ens_std"] = r_k.std(0)
     if m0 is not None:
-      signals["nll_lnf_ens"] = learning_normalized(m0, nll1, nll_k, lnf_floor).mean(0)
+      signals["nll_lnf_ens"] = learning_normalized(m0, nll1, nll_k, *lnf).mean(0)
   if noisy_replicas is not None and noisy_replicas.get("nll_before"):
     # Replica 0 is the run's own M1 → M2; every other one is against its own M1.
     m1_k = np.concatenate([nll1[None], np.asarray(noisy_replicas["nll_before"], np.float64)])
@@ -110,7 +150,7 @@ def compute_signals(before: Mapping[str, Any], after: Mapping[str, Any],
     signals["nll_nens"] = (m2_k - m1_k).mean(0)
     extra["nll_nens_std"] = (m2_k - m1_k).std(0)
     if m0 is not None:
-      signals["nll_lnf_nens"] = learning_normalized(m0, m1_k, m2_k, lnf_floor).mean(0)
+      signals["nll_lnf_nens"] = learning_normalized(m0, m1_k, m2_k, *lnf).mean(0)
   if "grad" in before:
     signals["grad"] = _arr(before["grad"], "grad")
     signals["grad_cos"] = _arr(before["grad"], "grad_cos")

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ff_jax.config import FilterConfig
 from ff_jax.data.mixture import build_noisy_mixture, sample_safe_set, write_mixture
 from ff_jax.data.records import Record, read_jsonl
 from ff_jax.data.sources import (
@@ -121,20 +122,32 @@ def cmd_mixtures(args: argparse.Namespace) -> None:
     print(kind, json.dumps({k: v["by_kind"] for k, v in manifest["files"].items()}))
 
 
-def run_signals(run: Path, replicas: int = 0) -> tuple[dict[str, np.ndarray], list[Record], dict]:
-  """Every signal of a finished run, recomputed from its score tables with the current code.
+def run_scores(run: Path, replicas: int = 0, lnf_quantile: float | None = None,
+               ) -> tuple[dict[str, np.ndarray], dict]:
+  """(every signal, config) of a finished run, recomputed from its score tables with the
+  current code.
 
   `replicas` > 0 keeps only the first that many safety replicas (M2 included) in the ensembles,
-  so runs with more replicas compare fairly with runs with fewer.
+  so runs with more replicas compare fairly with runs with fewer. `lnf_quantile` replaces the
+  run's `filter.lnf_floor_quantile` (None: the run's, or the current default for older runs).
   """
   cfg = json.loads((run / "manifest.json").read_text())["config"]
+  if lnf_quantile is None:
+    lnf_quantile = cfg["filter"].get("lnf_floor_quantile", FilterConfig.lnf_floor_quantile)
   read = lambda name: json.loads((run / name).read_text()) if (run / name).exists() else None  # noqa: E731
   extra = read("scores_replicas.json")
   if extra is not None and replicas:
     extra = {**extra, "nll": extra["nll"][:replicas - 1]}
   signals, _ = compute_signals(read("scores_before.json"), read("scores_after.json"), extra,
                                cfg["filter"]["lnf_floor"], cfg["safety"]["steps"],
-                               read("scores_noisy_replicas.json"))
+                               read("scores_noisy_replicas.json"), lnf_quantile)
+  return signals, cfg
+
+
+def run_signals(run: Path, replicas: int = 0, lnf_quantile: float | None = None,
+                ) -> tuple[dict[str, np.ndarray], list[Record], dict]:
+  """`run_scores` plus the run's noisy records (from its data.noisy file)."""
+  signals, cfg = run_scores(run, replicas, lnf_quantile)
   return signals, read_jsonl(cfg["data"]["noisy"]), cfg
 
 
@@ -145,7 +158,7 @@ def cmd_table(args: argparse.Namespace) -> None:
   auc: dict[str, dict[str, float]] = {}
   print(f"Threshold rule for F1: `{threshold}` (label-free); best F1 = the oracle fixed ϕ.\n")
   for run in runs:
-    signals, records, cfg = run_signals(run, args.replicas)
+    signals, records, cfg = run_signals(run, args.replicas, args.lnf_quantile)
     report = signal_report(signals, records, threshold)
     print(f"### {run.name} (seed {cfg['seed']}, {len(records)} examples)\n")
     print(signal_table_markdown(report) + "\n")
@@ -166,21 +179,22 @@ def cmd_table(args: argparse.Namespace) -> None:
 
 
 def cmd_thresholds(args: argparse.Namespace) -> None:
-  """F1 of each label-free threshold rule on each signal of finished runs (their scores.csv).
+  """F1 of each label-free threshold rule on each signal of finished runs.
 
-  Any finished run works (the demo's too): the labels are scores.csv's `kind` column.
+  Any run with a filter phase works (the demo's too): the signals are recomputed from its score
+  tables, the labels are its scores.csv's `kind` column.
   """
   rules = [Threshold.parse(rule) for rule in args.rules]
   runs = [Path(r) for r in args.runs]
   f1: dict[tuple[str, str], list[float]] = {}
   for run in runs:
     with open(run / "scores.csv", newline="") as f:
-      rows = list(csv.DictReader(f))
-    unsafe = np.array([row["kind"] == "unsafe" for row in rows])
+      unsafe = np.array([row["kind"] == "unsafe" for row in csv.DictReader(f)])
+    signals, _ = run_scores(run, lnf_quantile=args.lnf_quantile)
     for name in args.signals:
-      if f"r_{name}" not in rows[0]:
+      if name not in signals:
         continue
-      r = np.array([float(row[f"r_{name}"]) for row in rows])
+      r = signals[name]
       for rule in rules:
         flags, _, _ = rule(r)
         f1.setdefault((name, str(rule)), []).append(filter_metrics(flags, unsafe)["f1"])
@@ -204,7 +218,7 @@ def cmd_ensembles(args: argparse.Namespace) -> None:
   size = len(runs) // args.groups
   threshold = Threshold.parse(args.threshold)
   # Recomputed from the score files (the runs need not have a filter phase), once per run.
-  loaded = [run_signals(run)[:2] for run in runs]
+  loaded = [run_signals(run, lnf_quantile=args.lnf_quantile)[:2] for run in runs]
   ids = [rec.id for rec in loaded[0][1]]
   if any([rec.id for rec in records] != ids for _, records in loaded):
     raise SystemExit("the runs scored different examples")
@@ -284,6 +298,9 @@ def main(argv: list[str] | None = None) -> None:
   ens.add_argument("--threshold", default="auto")
   levels = sub.add_parser("levels", help="AUROC of each model's NLL and of its changes")
   levels.add_argument("runs", nargs="+")
+  for command in (table, rules, ens):
+    command.add_argument("--lnf-quantile", type=float, default=None,
+                         help="filter.lnf_floor_quantile for the lnf signals (default: each run's)")
   args = parser.parse_args(argv)
   {"mixtures": cmd_mixtures, "table": cmd_table, "thresholds": cmd_thresholds,
    "ensembles": cmd_ensembles, "levels": cmd_levels}[args.command](args)

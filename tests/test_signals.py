@@ -44,6 +44,24 @@ def test_learning_normalized_measures_unlearned_examples_against_the_floor():
     learning_normalized(np.ones(1), np.ones(1), np.ones(1), floor=0.0)
 
 
+def test_learning_normalized_floor_quantile_uses_what_the_noisy_phase_typically_taught():
+  # Learning M0 − M1 = [4, 0.01, 1, 3]: its median is 2, so the two examples learned less are
+  # measured against 2 and the two learned more against their own learning (1 back at M0).
+  m0, m1 = np.array([5.0, 1.01, 2.0, 4.0]), np.ones(4)
+  m2 = np.array([5.0, 2.0, 2.0, 2.5])
+  np.testing.assert_allclose(learning_normalized(m0, m1, m2, 0.05, floor_quantile=0.5),
+                             [1.0, 0.5, 0.5, 0.5])
+  # One quantile per M1: rows of m1 (noisy replicas) get their own floors.
+  m1_k = np.stack([m1, m1 + 0.5])
+  got = learning_normalized(m0, m1_k, m1_k + 1.0, 0.05, floor_quantile=0.5)
+  np.testing.assert_allclose(got, 1 / np.array([[4, 2, 2, 3], [3.5, 1.5, 1.5, 2.5]]))
+  # q = 0 is the fixed floor alone; a floor above the quantile still wins.
+  np.testing.assert_allclose(learning_normalized(m0, m1, m2, 3.0, floor_quantile=0.5),
+                             [1.0, 1 / 3, 1 / 3, 1.5 / 3])
+  with pytest.raises(ConfigError, match="lnf_floor_quantile"):
+    learning_normalized(m0, m1, m2, 0.05, floor_quantile=1.0)
+
+
 # -- forgetting-curve features --------------------------------------------------------------------
 
 
@@ -220,3 +238,17 @@ def test_gradient_alignment_refuses_more_memory_than_its_bound():
   with pytest.raises(ConfigError, match=r"gradient_blocks=4: must be in \[1, 3\]"):
     GradientAlignment(runtime, n_blocks=4, batch_size=1, max_gib=1.0)
   assert math.isfinite(limit)
+
+
+def test_a_signal_the_config_would_not_score_is_refused_when_the_config_loads():
+  from ff_jax.config import load_config
+
+  with pytest.raises(ConfigError, match=r"'nll_nens' needs scoring.noisy_replicas > 1"):
+    load_config(None, ["filter.signal=nll_nens", "scoring.noisy_replicas=1"])
+  with pytest.raises(ConfigError, match=r"'nll_lnf_ens' needs scoring.replicas > 1 and scoring.m0"):
+    load_config(None, ["filter.signal=nll_lnf_ens", "scoring.m0=false"])
+  with pytest.raises(ConfigError, match=r"'grad' needs scoring.gradient_blocks > 0"):
+    load_config(None, ["filter.signal=grad", "scoring.gradient_blocks=0"])
+  with pytest.raises(ConfigError, match=r"'nll_mean' is not a signal"):
+    load_config(None, ["filter.signal=nll_mean"])
+  assert load_config(None, ["filter.signal=nll", "scoring.replicas=1"]).filter.signal == "nll"
