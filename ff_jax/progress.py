@@ -57,6 +57,12 @@ class Progress:
       print(f"[{self.name}] {done}/{self.total} {self.unit} ({rate:.2f} {self.unit}/s, {eta_text})"
             f"{' ' + extra if extra else ''}", file=self.stream, flush=True)
 
+  def due(self, done: int) -> bool:
+    """Whether `update(done)` would print. A loop that dispatches device work asynchronously
+    waits for the device only then, so the printed rate is the device's, not the dispatcher's."""
+    return (self.first is None or done >= self.total
+            or time.perf_counter() - self.last_print >= self.interval)
+
   def elapsed(self) -> float:
     return time.perf_counter() - self.start
 

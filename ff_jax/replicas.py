@@ -194,6 +194,8 @@ def train_replicas(trainer: ReplicaTrainer, init_params: Any, iterators: Sequenc
       batch = stacked_batch([it.next_batch()[0] for it in iterators], pad_id)
       state, _, _ = trainer.step(state, trainer.put_batch(batch))
       step += 1
+      if progress.due(step):
+        jax.block_until_ready(state["step"])
       progress.update(step)
     stats = score_snapshots(trainer, state["params"], noisy, score_batch_size, buckets, pad_id,
                             name=f"{name}/score@{target}")

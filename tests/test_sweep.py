@@ -150,3 +150,19 @@ def test_resume_skips_finished_chunks(tmp_path, monkeypatch):
   with pytest.raises(RunDirError, match="another config"):
     sweep.run_sweep(dataclasses.replace(cfg, batch_size=2), inputs)
 
+
+
+def test_progress_is_due_at_the_first_update_each_interval_and_the_end():
+  """`due` tells an asynchronous loop when to wait for the device before `update` prints."""
+  import io
+
+  from ff_jax.progress import Progress
+
+  out = io.StringIO()
+  progress = Progress("stacked", 10, interval=3600, stream=out)
+  assert progress.due(1)
+  progress.update(1)
+  assert not progress.due(2) and not progress.due(9)
+  assert progress.due(10)
+  progress.update(10)
+  assert out.getvalue().splitlines()[-1].startswith("[stacked] 10/10 steps")
