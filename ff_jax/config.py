@@ -83,13 +83,14 @@ class ScoringConfig:
   max_new_tokens: int = 32
   snapshot_every: int = 0  # also score safety snapshots every k steps (forgetting curves)
   m0: bool = True  # also score M0 (one forward pass): learning-normalized forgetting
-  replicas: int = 3  # K safety finetunings differing in seed and order, trained stacked: *_ens
+  replicas: int = 1  # K safety finetunings of M1 differing in seed and order, stacked: *_ens
   # Stack at most this many of the K − 1 extra replicas, safety or noisy (0: all); 1 trains them
   # one at a time with the ordinary steps (and resumes a noisy replica from its checkpoints).
   replicas_per_pass: int = 0
   # K M1s: the noisy finetune repeated with other seeds (data orders), each with its own safety
-  # finetune, trained stacked: *_nens. Costs K − 1 more noisy and safety finetunes.
-  noisy_replicas: int = 1
+  # finetune, trained stacked: *_nens (the default signal). Costs K − 1 more noisy and safety
+  # finetunes.
+  noisy_replicas: int = 3
   gradient_blocks: int = 0  # gradient alignment over the last N blocks under M1 (0: off)
   gradient_batch_size: int = 4  # examples per vmapped per-example-gradient pass
   gradient_max_gib: float = 2.0  # refuse when one pass's per-example gradients exceed this
@@ -104,16 +105,18 @@ class ScoringConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FilterConfig:
-  # A column of ff_jax.signals.SIGNALS. nll_ens (the paper's NLL forgetting averaged over the K
-  # safety replicas) was the best on average over bias, toxicity and harmfulness (docs/signals.md).
-  signal: str = "nll_ens"
+  # A column of ff_jax.signals.SIGNALS. The default, learning-normalized NLL forgetting averaged
+  # over the noisy replicas at a fixed ϕ = 0.1 with the floor at the upper quartile of learning,
+  # was the only rule measured to keep bias F1 within 0.03 across seeds while matching the
+  # best on the demo; no signal separates toxicity or harmfulness with SmolLM2 (docs/signals.md).
+  signal: str = "nll_lnf_nens"
   # auto (= auto:gmm, fitted on the signed-log scale) | auto:otsu | auto:gmm:linear | fixed:PHI
   # | PHI (a bare number, the paper's ϕ) | quantile:Q (ff_jax.filtering.Threshold)
-  threshold: str | float = "auto"
+  threshold: str | float = "fixed:0.1"
   lnf_floor: float = 0.05  # nats/token: learning below this counts as this much (nll_lnf)
   # ... and below this quantile of the mixture's learning (M0 − M1 over all examples, per M1);
   # 0: the fixed floor only (ff_jax.signals.learning_normalized)
-  lnf_floor_quantile: float = 0.0
+  lnf_floor_quantile: float = 0.75
 
   def __post_init__(self):
     # A bad spec is refused when the config loads, not when the filter phase reaches it.

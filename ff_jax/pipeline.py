@@ -178,9 +178,10 @@ class Job:
 
     Memory grows with the stack (copies of params, moments and activations); passes bound it
     and give the same replicas, each with its own batch stream. LoRA trains one at a time: the
-    stacked step trains every parameter, not just the adapters.
+    stacked step trains every parameter, not just the adapters; so do several processes (a
+    pod): stacked batches are built whole on one host.
     """
-    if self.cfg.lora.rank:
+    if self.cfg.lora.rank or jax.process_count() > 1:
       return 1
     return self.cfg.scoring.replicas_per_pass or extra
 

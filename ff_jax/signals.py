@@ -214,7 +214,9 @@ def signal_table_markdown(report: Mapping[str, Any] | None) -> str:
   if not report:
     return "(no labels: signal quality needs records with a `kind`)"
   groups = sorted({g for row in report.values() for g in row["by_group"]})
-  head = ["signal", "AUROC", "AUPRC", "F1 (auto)", "P", "R", "ϕ (auto)", "best F1",
+  # F1, P, R and ϕ are at the threshold rule the report was made with (the filter's, label-free);
+  # best F1 picks ϕ with the labels.
+  head = ["signal", "AUROC", "AUPRC", "F1", "P", "R", "ϕ", "best F1",
           *[f"AUROC {g.split('=', 1)[1]}" for g in groups]]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name, row in report.items():

@@ -15,14 +15,17 @@ DATA=$RUNS/data
 ROUNDS=${ROUNDS:-2}
 stamp() { echo "== $(date -u +%H:%M:%S) $*"; }
 
-# kind:replicas (the study's K: 4 on bias, 2 on the others, for CPU time)
+# kind:replicas (the study's K: 4 on bias, 2 on the others, for CPU time). The filter of
+# docs/experiments.md, the default then: nll_ens with the automatic threshold, one M1.
+PINNED="scoring.noisy_replicas=1 filter.signal=nll_ens filter.threshold=auto"
 for spec in bias:4 toxicity:2 harmful:2; do
   IFS=: read -r kind replicas <<< "$spec"
   run=$RUNS/$kind-s0
   stamp "$kind: run (filter, clean, evaluate)"
   ff-jax run configs/signals.yaml data.noisy="$DATA/$kind/noisy.jsonl" \
     data.safe="$DATA/$kind/safe.jsonl" data.eval="$DATA/$kind/eval.jsonl" run_dir="$run" \
-    seed=0 scoring.replicas="$replicas" scoring.replicas_per_pass=1 evaluate.toxicity=lexicon ${FROM:+--from "$FROM"}
+    seed=0 scoring.replicas="$replicas" scoring.replicas_per_pass=1 evaluate.toxicity=lexicon \
+    $PINNED ${FROM:+--from "$FROM"}
   for baseline in random oracle replay; do
     stamp "$kind: baseline $baseline"
     ff-jax baseline "$baseline" "$run"

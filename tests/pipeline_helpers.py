@@ -42,6 +42,7 @@ TINY_FILTER = [
   "noisy.epochs=0", "noisy.steps=4", "noisy.batch_size=4", "noisy.checkpoint_every=2",
   "safety.steps=3", "safety.batch_size=4", "safety.checkpoint_every=2",
   "scoring.batch_size=8", "evaluate.batch_size=8",
+  "scoring.noisy_replicas=2",  # the default signal's ensemble, at its smallest (test time)
 ]
 
 PROGRESS = re.compile(r"^\[(?P<name>[^\]]+)\] (?P<done>\d+)/(?P<total>\d+) ")
