@@ -21,6 +21,7 @@ from ff_jax.errors import ConfigError
 from ff_jax.filtering import Threshold
 from ff_jax.models.config import LoraConfig
 from ff_jax.parallel import MeshConfig
+from ff_jax.signals import check_scored
 from ff_jax.train import OptimConfig
 
 
@@ -151,8 +152,6 @@ class RunConfig:
   lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
 
   def __post_init__(self):
-    from ff_jax.signals import check_scored  # signals needs the data modules; config does not
-
     check_scored(self.filter.signal, self.scoring)
 
   @property

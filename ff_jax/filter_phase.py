@@ -65,11 +65,10 @@ def run_filter(cfg: RunConfig, run: RunDir, records: list[Record], truncated: in
                                    cfg.filter.lnf_floor_quantile)
   signal = cfg.filter.signal
   if signal not in signals:
-    unknown = signal not in SIGNALS
-    raise ConfigError(f"filter.signal={signal!r} " + (
-        f"is not a signal; use one of {list(SIGNALS)}" if unknown else
-        f"was not scored in this run; available: {sorted(signals)} (see ff_jax/signals.py for "
-        "the scoring option each needs)"))
+    # The config's settings score it (signals.check_scored, at load), but this run's score files
+    # were written with others.
+    raise ConfigError(f"filter.signal={signal!r} was not scored in this run; available: "
+                      f"{sorted(signals)} (ff_jax/signals.py names the scoring option each needs)")
   threshold = Threshold.parse(cfg.filter.threshold)
   r = signals[signal]
   flags, phi, info = threshold(r)

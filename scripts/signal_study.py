@@ -122,6 +122,11 @@ def cmd_mixtures(args: argparse.Namespace) -> None:
     print(kind, json.dumps({k: v["by_kind"] for k, v in manifest["files"].items()}))
 
 
+def run_config(run: Path) -> dict:
+  """The config a run was made with (its manifest's)."""
+  return json.loads((run / "manifest.json").read_text())["config"]
+
+
 def run_scores(run: Path, replicas: int = 0, lnf_quantile: float | None = None,
                ) -> tuple[dict[str, np.ndarray], dict]:
   """(every signal, config) of a finished run, recomputed from its score tables with the
@@ -131,7 +136,7 @@ def run_scores(run: Path, replicas: int = 0, lnf_quantile: float | None = None,
   so runs with more replicas compare fairly with runs with fewer. `lnf_quantile` replaces the
   run's `filter.lnf_floor_quantile` (None: the run's, or the current default for older runs).
   """
-  cfg = json.loads((run / "manifest.json").read_text())["config"]
+  cfg = run_config(run)
   if lnf_quantile is None:
     lnf_quantile = cfg["filter"].get("lnf_floor_quantile", FilterConfig.lnf_floor_quantile)
   read = lambda name: json.loads((run / name).read_text()) if (run / name).exists() else None  # noqa: E731
@@ -256,8 +261,9 @@ def cmd_levels(args: argparse.Namespace) -> None:
     before = json.loads((run / "scores_before.json").read_text())
     after = json.loads((run / "scores_after.json").read_text())
     if "m0" not in before:
-      raise SystemExit(f"{run}: no M0 scores (scoring.lnf off)")
-    unsafe = np.array([rec.kind == "unsafe" for rec in run_signals(run)[1]])
+      raise SystemExit(f"{run}: no M0 scores (scoring.m0 off)")
+    records = read_jsonl(run_config(run)["data"]["noisy"])
+    unsafe = np.array([rec.kind == "unsafe" for rec in records])
     m0, m1 = np.asarray(before["m0"]["nll"]), np.asarray(before["nll"])
     m2 = np.asarray(after["nll"])
     # NLLs are per-token means of positive numbers; the floor keeps the ratio finite.
