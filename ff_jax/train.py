@@ -39,15 +39,20 @@ TrainState = dict[str, Any]  # {"params", "opt_state", "step"}
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-  """AdamW with warmup then decay, global-norm clipping and gradient accumulation."""
+  """AdamW with optional warmup and decay, global-norm clipping and gradient accumulation.
+
+  The defaults are the paper's finetune (PyTorch's AdamW at a constant rate, β2 0.999, no weight
+  decay, clipping at 1.0): β2 0.95 with warmup and linear decay made the safety finetune erase
+  short task answers that the paper's setup keeps (docs/fidelity.md).
+  """
 
   learning_rate: float = 1e-3
   warmup_steps: int = 0
-  schedule: Literal["cosine", "linear", "constant"] = "cosine"
+  schedule: Literal["cosine", "linear", "constant"] = "constant"
   end_lr_fraction: float = 0.1
   weight_decay: float = 0.0
   b1: float = 0.9
-  b2: float = 0.95
+  b2: float = 0.999
   eps: float = 1e-8
   max_grad_norm: float = 1.0
   grad_accum_steps: int = 1
