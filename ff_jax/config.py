@@ -46,7 +46,9 @@ class DataConfig:
   noisy: str = "demo"  # JSONL/CSV path, hf://name[:split], or demo
   safe: str = "demo"
   eval: str = ""  # held-out evaluation records (JSONL/CSV/hf://); "" = none (ff_jax.heldout)
-  template: str = "plain"  # plain | chat (the model's own chat template)
+  # raw (the prompt as written, the paper's) | plain ("### Instruction/### Response" around it) |
+  # chat (the model's own chat template)
+  template: str = "plain"
   max_len: int = 96
   overflow: str = "truncate"  # truncate | error
   buckets: tuple[int, ...] = (32, 64, 96)
@@ -84,6 +86,9 @@ class ScoringConfig:
   max_new_tokens: int = 32
   snapshot_every: int = 0  # also score safety snapshots every k steps (forgetting curves)
   m0: bool = True  # also score M0 (one forward pass): learning-normalized forgetting
+  # also score each response after an empty prompt under M1 and M2 (two passes over the
+  # responses alone): nll_pmi, forgetting of what the prompt adds, net of the response's style
+  pmi: bool = True
   replicas: int = 1  # K safety finetunings of M1 differing in seed and order, stacked: *_ens
   # Stack at most this many of the K − 1 extra replicas, safety or noisy (0: all); 1 trains them
   # one at a time with the ordinary steps (and resumes a noisy replica from its checkpoints).
@@ -118,12 +123,24 @@ class FilterConfig:
   # ... and below this quantile of the mixture's learning (M0 − M1 over all examples, per M1);
   # 0: the fixed floor only (ff_jax.signals.learning_normalized)
   lnf_floor_quantile: float = 0.75
+  # The separation check (ff_jax.filtering.separation): "no separation" when the signal's scores
+  # show no two groups or the filter drops more than this share of the data (1.0: no limit) ...
+  max_drop_fraction: float = 0.6
+  # ... and then: warn (write the outputs; filter.json, the summary and report.md say so) |
+  # refuse (stop before filtered.jsonl, flagged.jsonl and filter.json are written)
+  on_no_separation: str = "warn"
 
   def __post_init__(self):
     # A bad spec is refused when the config loads, not when the filter phase reaches it.
     Threshold.parse(self.threshold)
     if not 0.0 <= self.lnf_floor_quantile < 1.0:
       raise ConfigError(f"filter.lnf_floor_quantile={self.lnf_floor_quantile}: must be in [0, 1)")
+    if not 0.0 < self.max_drop_fraction <= 1.0:
+      raise ConfigError(f"filter.max_drop_fraction={self.max_drop_fraction}: must be in (0, 1] "
+                        "(1.0 turns the limit off)")
+    if self.on_no_separation not in ("warn", "refuse"):
+      raise ConfigError(f"filter.on_no_separation={self.on_no_separation!r}: use 'warn' or "
+                        "'refuse'")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,7 +34,12 @@ from ff_jax import parallel
 from ff_jax.checkpoints import restore_params, save_params, write_json_atomic
 from ff_jax.config import PhaseConfig, RunConfig
 from ff_jax.data import records as records_io
-from ff_jax.data.templates import PromptTemplate, encode_examples, encode_prompt
+from ff_jax.data.templates import (
+  PromptTemplate,
+  encode_examples,
+  encode_prompt,
+  encode_responses_alone,
+)
 from ff_jax.errors import DataError
 from ff_jax.inputs import JobInputs, load_inputs, save_tokenizer
 from ff_jax.loop import PhaseSpec, phase_steps, snapshot_steps, train_phase
@@ -320,11 +325,24 @@ class Job:
                            self.cfg.data.buckets, self.inputs.tokenizer.pad_id, name)
     return per_example_table(stats, None, ())["nll"].tolist()
 
-  def score(self, model: str, name: str) -> dict[str, Any]:
+  @functools.cached_property
+  def noisy_responses_alone(self) -> list:
+    cfg = self.cfg
+    return encode_responses_alone(self.inputs.tokenizer, self.inputs.noisy, self.template,
+                                  cfg.data.max_len)
+
+  def score(self, model: str, name: str, pmi: bool = False) -> dict[str, Any]:
+    """Per-example statistics of the noisy set under `model`; with `pmi`, also the NLL of each
+    response after an empty prompt (`nll_alone`, for the nll_pmi signal)."""
     cfg = self.cfg
     params = self.params(model)
     stats = score_examples(self.scorer, params, self.noisy, cfg.scoring.batch_size,
                            cfg.data.buckets, self.inputs.tokenizer.pad_id, name)
+    alone = None
+    if pmi:
+      alone = score_examples(self.scorer, params, self.noisy_responses_alone,
+                             cfg.scoring.batch_size, cfg.data.buckets,
+                             self.inputs.tokenizer.pad_id, f"{name}/alone")
     generations = None
     if cfg.scoring.rouge:
       prompts = [encode_prompt(self.inputs.tokenizer, r, self.template, cfg.data.max_len)
@@ -334,12 +352,14 @@ class Job:
                                    f"{name}/generate")
     table = per_example_table(stats, generations, [r.response for r in self.inputs.noisy])
     out = {key: np.asarray(value).tolist() for key, value in table.items()}
+    if alone is not None:
+      out["nll_alone"] = per_example_table(alone, None, ())["nll"].tolist()
     if generations is not None:
       out["generations"] = generations
     return out
 
   def phase_score_before(self) -> dict[str, Any]:
-    scores = self.score("M1", "score_before")
+    scores = self.score("M1", "score_before", pmi=self.cfg.scoring.pmi)
     if self.cfg.scoring.m0:
       # The noisy set under M0 too: what the noisy phase taught each example (nll_lnf).
       m0 = self.score("M0", "score_m0")
@@ -365,7 +385,7 @@ class Job:
             "safe_grad_norm": out["safe_grad_norm"], "blocks": cfg.gradient_blocks}
 
   def phase_score_after(self) -> dict[str, Any]:
-    scores = self.score("M2", "score_after")
+    scores = self.score("M2", "score_after", pmi=self.cfg.scoring.pmi)
     steps = snapshot_steps(self.run.snapshots("safety"))
     if steps:
       # Forgetting curves: every snapshot scored in one vmapped pass over the data.
@@ -382,9 +402,14 @@ class Job:
 
   def phase_filter(self) -> dict[str, Any]:
     from ff_jax.filter_phase import run_filter
+    from ff_jax.report import separation_warning
 
-    return run_filter(self.cfg, self.run, self.inputs.noisy,
+    info = run_filter(self.cfg, self.run, self.inputs.noisy,
                       truncated=sum(e.truncated for e in self.noisy))
+    warning = separation_warning(self.run.root)
+    if warning:
+      log(warning)
+    return info
 
   def phase_clean(self) -> dict[str, Any]:
     path = self.run.file("filtered.jsonl")

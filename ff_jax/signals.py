@@ -13,6 +13,12 @@ replicas, each an M1 and M2 of their own):
                     token, `filter.lnf_floor`, raised to a quantile of the mixture's learning by
                     `filter.lnf_floor_quantile`) keeps examples the noisy phase barely moved from
                     dividing by ~0: their forgetting is measured against the floor instead.
+  nll_pmi           forgetting of what the prompt adds to the response: r_nll minus the same rise
+                    of the response after an empty prompt, i.e. the drop of the pointwise mutual
+                    information log p(y|x) − log p(y) from M1 to M2. A safety finetune whose
+                    answers share a style raises the loss of every answer written otherwise,
+                    after its prompt and alone alike; unlearnt content is specific to its prompt
+                    (docs/fidelity.md)
   nll_auc           area under the forgetting curve r(t) = nll_t − nll_M1 over the safety steps
                     t ∈ [0, T] (trapezoid over the snapshots and M2, r(0) = 0), divided by T: the
                     mean forgetting over the run, which rewards being forgotten early
@@ -40,14 +46,15 @@ from ff_jax.errors import ConfigError
 from ff_jax.filtering import Threshold, auprc, auroc, best_f1, filter_metrics
 
 # Every signal the filter can use, in report order.
-SIGNALS = ("nll", "acc", "rouge", "nll_lnf", "nll_auc", "nll_ens", "nll_lnf_ens", "nll_nens",
-           "nll_lnf_nens", "grad", "grad_cos")
+SIGNALS = ("nll", "acc", "rouge", "nll_lnf", "nll_pmi", "nll_auc", "nll_ens", "nll_lnf_ens",
+           "nll_nens", "nll_lnf_nens", "grad", "grad_cos")
 
 # The scoring settings (ff_jax.config.ScoringConfig) a signal needs beyond NLL and accuracy,
 # which every run scores: (test, what to set).
 _SCORING_NEEDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "rouge": (lambda s: s.rouge, "scoring.rouge=true"),
     "nll_lnf": (lambda s: s.m0, "scoring.m0=true"),
+    "nll_pmi": (lambda s: s.pmi, "scoring.pmi=true"),
     "nll_auc": (lambda s: s.snapshot_every > 0, "scoring.snapshot_every > 0"),
     "nll_ens": (lambda s: s.replicas > 1, "scoring.replicas > 1"),
     "nll_lnf_ens": (lambda s: s.replicas > 1 and s.m0, "scoring.replicas > 1 and scoring.m0=true"),
@@ -131,6 +138,8 @@ def compute_signals(before: Mapping[str, Any], after: Mapping[str, Any],
   lnf = (lnf_floor, lnf_floor_quantile)
   if m0 is not None:
     signals["nll_lnf"] = learning_normalized(m0, nll1, nll2, *lnf)
+  if "nll_alone" in before and "nll_alone" in after:
+    signals["nll_pmi"] = signals["nll"] - (_arr(after, "nll_alone") - _arr(before, "nll_alone"))
   if "curve" in after:
     steps, curve = after["curve"]["steps"], np.asarray(after["curve"]["nll"], dtype=np.float64)
     signals["nll_auc"] = curve_area(steps, curve, nll1, safety_steps, nll2)

@@ -152,6 +152,34 @@ def test_plain_template_is_the_same_for_training_and_generation(tok):
     templates.PromptTemplate(plain="no placeholder")
 
 
+def test_raw_template_is_the_prompt_as_written(tok):
+  t = templates.PromptTemplate(mode="raw")
+  assert t.render(tok, "### Instruction:\nhi\n\n### Response:\n") == (
+      "### Instruction:\nhi\n\n### Response:\n")
+  with pytest.raises(Exception, match="'raw', 'plain' or 'chat'"):
+    templates.PromptTemplate(mode="alpaca")
+
+
+@pytest.mark.parametrize("mode", ["raw", "plain"])
+def test_responses_alone_follow_an_empty_prompt_in_the_same_template(tok, mode):
+  t = templates.PromptTemplate(mode=mode)
+  rec = Record(id="a", prompt="who is it ?", response="the cat")
+  (alone,) = templates.encode_responses_alone(tok, [rec], t, max_len=64)
+  ex = templates.encode_example(tok, rec, t, max_len=64)
+  # The same targets as after the real prompt: the response and its EOS.
+  np.testing.assert_array_equal(alone.tokens[alone.loss_mask == 1], ex.tokens[ex.loss_mask == 1])
+  prefix = alone.tokens[:alone.prompt_len].tolist()
+  assert alone.loss_mask[:alone.prompt_len].sum() == 0 and prefix
+  if mode == "plain":  # the template's own empty prompt (BOS first, as every prompt)
+    assert prefix == templates.encode_prompt(tok, "", t).tolist()
+  else:  # the raw template renders nothing: EOS separates, so the first token is a target too
+    assert prefix in ([tok.eos_id], [tok.bos_id])
+  window = len(prefix) + 3
+  (cut,) = templates.encode_responses_alone(
+      tok, [Record(id="b", prompt="p", response=" ".join("abcdefghij"))], t, max_len=window)
+  assert len(cut) == window and cut.truncated and cut.tokens[-1] != tok.eos_id
+
+
 def test_truncation_cuts_prompt_left_then_response_right(tok):
   t = templates.PromptTemplate()
   long_prompt = " ".join("abcdefghijklmnop") * 3

@@ -119,6 +119,11 @@ def test_compute_signals_from_score_tables():
   np.testing.assert_allclose(extra["nll_nens_std"], [0.75, 0.2, 0.0])
   np.testing.assert_allclose(signals["nll_lnf_nens"], [0.75, 0.6, 0.0])
   assert "nll_ens" not in signals
+  # Each response after an empty prompt: its rise under the safety finetune is style, not content.
+  alone_before = {**before, "nll_alone": [3.0, 2.0, 1.0]}
+  alone_after = {**after, "nll_alone": [3.5, 2.1, 1.2]}
+  signals, _ = compute_signals(alone_before, alone_after, None, 0.05, 4)
+  np.testing.assert_allclose(signals["nll_pmi"], [2.0 - 0.5, 0.1 - 0.1, 0.0 - 0.2])
   # Without M0, snapshots, replicas or gradients only the paper's signals remain.
   plain, extra = compute_signals({k: before[k] for k in ("nll", "acc", "tokens")},
                                  {k: after[k] for k in ("nll", "acc")}, None, 0.05, 4)
@@ -249,6 +254,8 @@ def test_a_signal_the_config_would_not_score_is_refused_when_the_config_loads():
     load_config(None, ["filter.signal=nll_lnf_ens", "scoring.m0=false"])
   with pytest.raises(ConfigError, match=r"'grad' needs scoring.gradient_blocks > 0"):
     load_config(None, ["filter.signal=grad", "scoring.gradient_blocks=0"])
+  with pytest.raises(ConfigError, match=r"'nll_pmi' needs scoring.pmi=true"):
+    load_config(None, ["filter.signal=nll_pmi", "scoring.pmi=false"])
   with pytest.raises(ConfigError, match=r"'nll_mean' is not a signal"):
     load_config(None, ["filter.signal=nll_mean"])
   assert load_config(None, ["filter.signal=nll", "scoring.replicas=1"]).filter.signal == "nll"

@@ -22,20 +22,23 @@ PLAIN_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
 
 @dataclasses.dataclass(frozen=True)
 class PromptTemplate:
-  """How a prompt is rendered: a format string ("plain") or the tokenizer's chat template."""
+  """How a prompt is rendered: verbatim ("raw", the paper's: prompt text and response concatenated),
+  a format string ("plain") or the tokenizer's chat template ("chat")."""
 
-  mode: Literal["plain", "chat"] = "plain"
+  mode: Literal["raw", "plain", "chat"] = "plain"
   plain: str = PLAIN_TEMPLATE  # must contain "{prompt}" exactly once
   system: str | None = None  # chat mode: optional system message
 
   def __post_init__(self):
-    if self.mode not in ("plain", "chat"):
-      raise ConfigError(f"data.template.mode: must be 'plain' or 'chat', got {self.mode!r}")
+    if self.mode not in ("raw", "plain", "chat"):
+      raise ConfigError(f"data.template: must be 'raw', 'plain' or 'chat', got {self.mode!r}")
     if self.mode == "plain" and self.plain.count("{prompt}") != 1:
       raise ConfigError("data.template.plain: must contain '{prompt}' exactly once")
 
   def render(self, tokenizer: TextTokenizer, prompt: str) -> str:
     """The text that precedes the response (ends exactly where the response starts)."""
+    if self.mode == "raw":
+      return prompt
     if self.mode == "plain":
       # str.replace, not str.format: prompts may contain braces.
       return self.plain.replace("{prompt}", prompt)
@@ -122,6 +125,30 @@ def encode_example(tokenizer: TextTokenizer, record: Record, template: PromptTem
   return EncodedExample(tokens=tokens, loss_mask=loss_mask, prompt_len=len(prompt),
                         truncated=bool(p_drop or r_drop), prompt_dropped=p_drop,
                         response_dropped=r_drop, id=record.id)
+
+
+def encode_responses_alone(tokenizer: TextTokenizer, records: list[Record],
+                           template: PromptTemplate, max_len: int) -> list[EncodedExample]:
+  """Each record's response after an empty prompt in the same template: how likely the response
+  is on its own, its style without its content (the control of the `nll_pmi` signal).
+
+  An empty prompt that renders to no tokens (the raw template) is replaced by EOS, the document
+  separator, so that every response token, the first included, is a target as it is after its
+  real prompt. A response longer than the window is cut from the right, EOS with it.
+  """
+  prefix = _prompt_ids(tokenizer, "", template) or [tokenizer.eos_id]
+  prefix = _cut_prompt_left(prefix, max_len - 1, tokenizer.bos_id)  # room for one target
+  out = []
+  for record in records:
+    full = tokenizer.encode(record.response) + [tokenizer.eos_id]
+    response = full[:max_len - len(prefix)]
+    tokens = np.asarray(prefix + response, dtype=np.int32)
+    loss_mask = np.zeros_like(tokens)
+    loss_mask[len(prefix):] = 1
+    out.append(EncodedExample(tokens=tokens, loss_mask=loss_mask, prompt_len=len(prefix),
+                              truncated=len(response) < len(full),
+                              response_dropped=len(full) - len(response), id=record.id))
+  return out
 
 
 def encode_examples(tokenizer: TextTokenizer, records: list[Record], template: PromptTemplate,
