@@ -168,11 +168,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         f"model.source={args.model}", f"data.noisy={args.noisy}", f"data.safe={args.safe}",
         f"run_dir={args.run_dir}", *args.overrides])
   root = run_job(cfg, restart=args.restart, until=args.until, redo_from=args.redo_from)
-  if not args.until or args.until == PHASES[-1]:
-    from ff_jax.report import summary_figures
+  from ff_jax.report import separation_warning, summary_figures
 
+  if not args.until or args.until == PHASES[-1]:
     print(f"report: {root / 'report.md'}")
     print(summary_figures(root))
+  if PHASES.index(args.until or PHASES[-1]) >= PHASES.index("filter"):
+    # Last, where it is seen: the filter ran on scores that show no two groups.
+    warning = separation_warning(root)
+    if warning:
+      print(warning)
   return 0
 
 

@@ -27,3 +27,7 @@ class MeshError(FFJaxError):
 
 class RunDirError(FFJaxError):
   """A run directory that holds another run's config or data."""
+
+
+class NoSeparationError(FFJaxError):
+  """The filter's scores show no two groups and `filter.on_no_separation` is `refuse`."""

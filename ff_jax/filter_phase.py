@@ -5,6 +5,14 @@ configured `filter.signal` and writes `scores.csv` (one row per example id, a co
 `filtered.jsonl` (kept, in input order), `flagged.jsonl` (dropped, with their scores) and
 `filter.json` (the threshold, the filter's quality and, with labels, the report of every signal).
 The filter never reads `kind`; labels only feed the quality metrics when they exist.
+
+Before anything is dropped, `ff_jax.filtering.separation` judges (without labels) whether the
+signal's scores show two groups at all. On "no separation", `filter.on_no_separation: warn` (the
+default) writes every output as usual with the verdict in filter.json's `separation` block (the
+pipeline, the command line and report.md repeat it as a warning); `refuse` writes `scores.csv`
+only (its `flagged` column: what the threshold would have dropped), so the scores can be looked
+at, removes a filtered.jsonl, flagged.jsonl or filter.json an earlier filter run left, and raises
+`NoSeparationError`: no filtered set exists to train on.
 """
 
 from __future__ import annotations
@@ -20,8 +28,8 @@ import numpy as np
 from ff_jax.checkpoints import write_atomic, write_json_atomic
 from ff_jax.config import RunConfig
 from ff_jax.data.records import Record, write_jsonl_atomic
-from ff_jax.errors import ConfigError
-from ff_jax.filtering import Threshold, auprc, auroc, filter_metrics
+from ff_jax.errors import ConfigError, NoSeparationError
+from ff_jax.filtering import Threshold, auprc, auroc, filter_metrics, separation
 from ff_jax.rundir import RunDir
 from ff_jax.signals import SIGNALS, compute_signals, signal_report
 
@@ -73,6 +81,7 @@ def run_filter(cfg: RunConfig, run: RunDir, records: list[Record], truncated: in
   r = signals[signal]
   flags, phi, info = threshold(r)
   flags = np.asarray(flags, dtype=bool)
+  verdict = separation(r, flags, cfg.filter.max_drop_fraction)
 
   columns = _columns(before, after, signals, extra)
   if "curve" in after:
@@ -88,6 +97,8 @@ def run_filter(cfg: RunConfig, run: RunDir, records: list[Record], truncated: in
     writer.writerow([rec.id, rec.kind or "", rec.category or "", int(tokens[i]),
                      *(_fmt(col[i]) for col in columns.values()), int(flags[i])])
   write_atomic(run.file("scores.csv"), buffer.getvalue())
+  if verdict["verdict"] != "separated" and cfg.filter.on_no_separation == "refuse":
+    _refuse(run, signal, str(threshold), verdict)
 
   kept = [rec for rec, f in zip(records, flags) if not f]
   dropped = []
@@ -107,9 +118,22 @@ def run_filter(cfg: RunConfig, run: RunDir, records: list[Record], truncated: in
     metrics["auroc"] = auroc(r, is_unsafe)
     metrics["auprc"] = auprc(r, is_unsafe)
   summary = {"signal": signal, "threshold": str(threshold), "phi": float(phi),
-             "info": info, "metrics": metrics,
+             "info": info, "separation": verdict, "metrics": metrics,
              "signals": signal_report(signals, records, threshold),
              "counts": {"kept": len(kept), "flagged": len(dropped), "truncated": int(truncated)}}
   write_json_atomic(run.file("filter.json"), summary)
   return {"kept": len(kept), "flagged": len(dropped), "phi": float(phi),
-          "f1": metrics["f1"] if metrics else None}
+          "f1": metrics["f1"] if metrics else None, "separation": verdict["verdict"]}
+
+
+def _refuse(run: RunDir, signal: str, threshold: str, verdict: dict[str, Any]) -> None:
+  """Raises `NoSeparationError` for `filter.on_no_separation: refuse`, after removing what an
+  earlier filter run wrote: no filtered set is left for the clean phase or the user to take."""
+  for name in ("filtered.jsonl", "flagged.jsonl", "filter.json"):
+    run.file(name).unlink(missing_ok=True)
+  raise NoSeparationError(
+      f"the filter cannot tell groups apart in filter.signal={signal!r} (filter.threshold="
+      f"{threshold}): {'; '.join(verdict['reasons'])}. Nothing was filtered; every signal's "
+      f"scores are in {run.file('scores.csv')}. Rerun with filter.on_no_separation=warn to "
+      "filter anyway, or with another filter.signal or filter.threshold "
+      "(filter.max_drop_fraction=1.0 lifts the limit on the share dropped)")

@@ -11,6 +11,9 @@ Thresholds: a fixed ϕ (the paper), the top fraction q (threshold-free, referenc
 label-free automatic ϕ (a two-Gaussian mixture by default, Otsu's method as an alternative).
 `Threshold` parses the string form used in configs and on the command line: "fixed:0.3",
 "quantile:0.5", "auto", "auto:otsu", "auto:gmm", "auto:otsu:strict" (a bare number means fixed).
+
+`separation` judges, without labels, whether the scores show two groups at all, so the filter can
+say when it cannot tell (`filter.on_no_separation`) instead of silently cutting through one blob.
 """
 
 from __future__ import annotations
@@ -119,13 +122,16 @@ def _otsu(x: np.ndarray) -> tuple[float, dict[str, Any]]:
   return phi, info
 
 
-def _gmm_fit(x: np.ndarray, max_iter: int = 500, tol: float = 1e-10) -> dict[str, Any]:
-  """EM for a two-component 1-D Gaussian mixture, initialised from the quartiles (deterministic)."""
+def _gmm_fit(x: np.ndarray, max_iter: int = 500, tol: float = 1e-10,
+             init: tuple[float, float] = (0.25, 0.75),
+             var_floor_fraction: float = 1e-6) -> dict[str, Any]:
+  """EM for a two-component 1-D Gaussian mixture, initialised at the `init` quantiles of x (the
+  quartiles by default; deterministic)."""
   var_total = float(x.var())
   # A floor keeps a component from collapsing onto a spike of identical scores (e.g. many exact
   # zeros when ROUGE did not change), which would make the likelihood unbounded.
-  var_floor = max(1e-6 * var_total, 1e-12)
-  mu = np.array([np.quantile(x, 0.25), np.quantile(x, 0.75)], dtype=np.float64)
+  var_floor = max(var_floor_fraction * var_total, 1e-12)
+  mu = np.array([np.quantile(x, init[0]), np.quantile(x, init[1])], dtype=np.float64)
   var = np.full(2, max(var_total / 4, var_floor))
   w = np.array([0.5, 0.5])
   prev_ll = -math.inf
@@ -399,6 +405,147 @@ class Threshold:
     flags = _gt(r, phi)
     info = {**info, "spec": str(self), "phi": phi, "n_nan": n_nan, "n_flagged": int(flags.sum())}
     return flags, phi, info
+
+
+# ------------------------------------------------------------------------------------------------
+# Separation: can the scores tell two groups apart at all?
+
+SEPARATION_MIN_DELTA_BIC = 10.0  # Kass & Raftery's "very strong" evidence for two components
+SEPARATION_MIN_ASHMAN_D = 2.0  # an equal mixture of two Gaussians is bimodal exactly for D > 2
+SEPARATION_MIN_VALLEY = 0.25  # the valley between the modes at most 75% of the lower peak
+SEPARATION_MIN_SCORES = 10
+# The diagnostic's components are at least a tenth of the scores' spread wide (σ ≥ 0.1·σ_total).
+# With the auto threshold's floor (1e-6 of the variance) a component collapses onto a spike of
+# identical scores (exact zeros of an unchanged ROUGE) and the other takes both the rest of the
+# spike and the forgotten mode, so a clear second mode read as overlapping components.
+_SEPARATION_VAR_FLOOR = 1e-2
+# EM from the quartiles alone can miss a small second mode; the best of three starts is kept.
+_SEPARATION_STARTS = ((0.25, 0.75), (0.1, 0.9), (0.02, 0.98))
+
+
+def _two_against_one(x: np.ndarray) -> dict[str, Any]:
+  """The best two-Gaussian fit of x (over `_SEPARATION_STARTS`) against one Gaussian: ΔBIC,
+  Ashman's D and the depth of the fitted density's valley, with the fit."""
+  n = x.size
+  ll_one = -0.5 * n * (math.log(2 * math.pi * max(float(x.var()), 1e-300)) + 1.0)
+  fits = [_gmm_fit(x, init=start, var_floor_fraction=_SEPARATION_VAR_FLOOR)
+          for start in _SEPARATION_STARTS]
+  fit = max(fits, key=lambda f: f["log_likelihood"])  # the first start on ties: deterministic
+  w, mu, var = fit["weights"], fit["means"], fit["vars"]
+  # BIC = −2·log-likelihood + p·log n with p = 2 (one Gaussian) or 5 (two and a weight).
+  delta_bic = 2.0 * (fit["log_likelihood"] - ll_one) - 3.0 * math.log(n)
+  return {"delta_bic": float(delta_bic),
+          "ashman_d": float(math.sqrt(2.0) * abs(mu[1] - mu[0]) / math.sqrt(var[0] + var[1])),
+          "valley_depth": _mixture_dip(w, mu, var), "weights": w.tolist(), "means": mu.tolist(),
+          "sds": np.sqrt(var).tolist()}
+
+
+def _mode_failures(fit: dict[str, Any], min_delta_bic: float, min_ashman_d: float,
+                   min_valley: float) -> list[str]:
+  """The reasons a `_two_against_one` fit does not show two separate modes (none: it does)."""
+  failed = []
+  if fit["delta_bic"] < min_delta_bic:
+    failed.append(f"one mode: a 2-component fit is not better than 1 "
+                  f"(ΔBIC {fit['delta_bic']:.1f} < {min_delta_bic:g})")
+  elif fit["valley_depth"] < min_valley:
+    failed.append(f"one mode: no clear valley between the 2 fitted components "
+                  f"(depth {fit['valley_depth']:.2f} < {min_valley:g})")
+  if fit["ashman_d"] < min_ashman_d:
+    failed.append(f"components overlap (Ashman D {fit['ashman_d']:.2f} < {min_ashman_d:g})")
+  return failed
+
+
+def separation(r: Any, flags: Any = None, max_drop_fraction: float = 0.6,
+               min_delta_bic: float = SEPARATION_MIN_DELTA_BIC,
+               min_ashman_d: float = SEPARATION_MIN_ASHMAN_D,
+               min_valley: float = SEPARATION_MIN_VALLEY) -> dict[str, Any]:
+  """Whether the scores r show two groups a threshold can split, judged without labels.
+
+  A filter is only as good as the gap in its scores: on scores that form one blob every ϕ cuts
+  through it, and an automatic ϕ still splits the data in two (the harmfulness run of
+  docs/experiments.md: AUROC 0.47, ϕ inside the blob, 91 of 120 dropped). The verdict is
+  "separated" when every check below passes and "no separation" otherwise. The checks run on
+  the automatic threshold's signed-log scale sign(r)·log(1 + |r|), where a spike of unchanged
+  scores near 0 plus a blend of examples forgotten at different rates is two groups, with two
+  Gaussians fitted by EM (the auto threshold's `_gmm_fit`, best of three starts, each σ at least
+  a tenth of the overall spread):
+
+    - two modes: the two-component fit beats one Gaussian by ΔBIC = BIC₁ − BIC₂ ≥
+      `min_delta_bic` (10), and its density dips between the component means by at least
+      `min_valley` (0.25) of the lower of its two peaks (the valley depth);
+    - apart: Ashman's D = √2·|μ₁ − μ₂| / √(σ₁² + σ₂²) ≥ `min_ashman_d` (2);
+    - not the scale's own modes: the signed log stretches scores near 0 apart, so one wide blob
+      on both sides of 0 has two modes on that scale. When the fitted components lie on both
+      sides of 0 (μ₁ + σ₁ < 0 < μ₂), the two checks above must pass on r itself too;
+    - with `flags` (the filter's decisions): it drops at most `max_drop_fraction` of all the
+      examples, unscored ones included (1.0 turns the check off).
+  Fewer than `SEPARATION_MIN_SCORES` scored examples, or scores that do not vary, are "no
+  separation". NaN scores are left out of the fit.
+
+  The defaults come from synthetic scores (n = 120, 240 and 1000, 20 draws each): a spike of
+  σ 0.05–0.3 (or of exact zeros) near 0 beside a second mode of 5–50% of the data (Gaussian at
+  0.25–4, lognormal around 1–3, the demo's three-rate blend) was "separated" in every draw;
+  single Gaussians (mean 0–3, σ 0.1–2), lognormal, gamma, exponential and Student-t scores and
+  scale mixtures centred on 0 were "no separation" in 85–100% of the draws (most in all). Known
+  misses: a wider spike (σ 0.2) whose neighbour is a lognormal mode with a long lower tail
+  passes in 45–100% of the draws; a small second mode (5%) beside a spike of mostly identical
+  scores, or a third group as large as the forgotten one (e.g. a long tail at the learning
+  floor), reads as overlapping; two Gaussian groups 3σ apart (25/75) mostly read as one mode
+  (4σ: separated); flat scores across 0 (uniform) read as separated.
+
+  Returns {"verdict": "separated" | "no separation", "reasons": [...], "statistics": {...},
+  "criteria": {...}}: the reasons name the failed checks (for "separated": the passed ones); the
+  statistics hold n, n_nan, the signed-log fit (delta_bic, ashman_d, valley_depth, weights,
+  means, sds), `raw` (the checks' numbers on r itself, where the third check ran) and, with
+  flags, n_flagged and drop_fraction.
+  """
+  max_drop_fraction = float(max_drop_fraction)
+  if not 0.0 < max_drop_fraction <= 1.0:
+    raise ConfigError(f"max_drop_fraction must be in (0, 1], got {max_drop_fraction}")
+  r = _as_scores(r)
+  finite = r[~np.isnan(r)]
+  if np.isinf(finite).any():
+    raise DataError("separation: scores contain ±inf; use NaN for examples without a score")
+  stats: dict[str, Any] = {"scale": "log", "n": int(finite.size),
+                           "n_nan": int(r.size - finite.size)}
+  criteria = {"min_delta_bic": float(min_delta_bic), "min_ashman_d": float(min_ashman_d),
+              "min_valley": float(min_valley), "max_drop_fraction": max_drop_fraction}
+  limits = (min_delta_bic, min_ashman_d, min_valley)
+  failed: list[str] = []
+  passed: list[str] = []
+
+  if finite.size < SEPARATION_MIN_SCORES:
+    failed.append(f"too few scored examples to judge ({finite.size} < {SEPARATION_MIN_SCORES})")
+  elif np.unique(finite).size < 2 or float(finite.max() - finite.min()) < 1e-6:
+    failed.append("the scores do not vary: nothing to separate")
+  else:
+    fit = _two_against_one(signed_log(finite))
+    stats.update(fit)
+    failed += _mode_failures(fit, *limits)
+    (low, high), low_sd = fit["means"], fit["sds"][0]
+    if not failed and low + low_sd < 0.0 < high:
+      raw = _two_against_one(finite)
+      stats["raw"] = {k: raw[k] for k in ("delta_bic", "ashman_d", "valley_depth")}
+      raw_failed = _mode_failures(raw, *limits)
+      if raw_failed:
+        failed.append("two modes only on the signed-log scale, which stretches scores near 0 "
+                      f"apart; on r itself: {'; '.join(raw_failed)}")
+    if not failed:
+      passed.append(f"two modes: ΔBIC {fit['delta_bic']:.1f} ≥ {min_delta_bic:g}, valley depth "
+                    f"{fit['valley_depth']:.2f} ≥ {min_valley:g}, Ashman D "
+                    f"{fit['ashman_d']:.2f} ≥ {min_ashman_d:g}")
+
+  if flags is not None:
+    flags = _as_labels(flags, r.size, "flags")
+    drop = float(flags.mean()) if flags.size else 0.0
+    stats.update(n_flagged=int(flags.sum()), drop_fraction=drop)
+    limit = f"filter.max_drop_fraction {max_drop_fraction:g}"
+    if drop > max_drop_fraction:
+      failed.append(f"drops {drop:.0%} of the data (> {limit})")
+    elif max_drop_fraction < 1.0:
+      passed.append(f"drops {drop:.0%} of the data (≤ {limit})")
+  return {"verdict": "no separation" if failed else "separated", "reasons": failed or passed,
+          "statistics": stats, "criteria": criteria}
 
 
 # ------------------------------------------------------------------------------------------------

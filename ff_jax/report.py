@@ -256,15 +256,42 @@ def _analyse(run_dir: Path) -> dict[str, Any]:
   return a
 
 
+def _separation_text(filt: Any) -> str | None:
+  """The warning for a filter.json whose `separation` verdict is "no separation", else None."""
+  block = filt.get("separation") if isinstance(filt, dict) else None
+  if not isinstance(block, dict) or block.get("verdict") in (None, "separated"):
+    return None
+  reasons = "; ".join(str(r) for r in block.get("reasons") or []) or "no reason recorded"
+  counts = filt.get("counts") or {}
+  flagged, kept = counts.get("flagged"), counts.get("kept")
+  dropped = (f"it dropped {flagged} of {flagged + kept} examples anyway"
+             if isinstance(flagged, int) and isinstance(kept, int) else "it filtered anyway")
+  return (f"WARNING: no separation: the filter cannot tell two groups apart in "
+          f"filter.signal={filt.get('signal')} ({reasons}); {dropped} "
+          "(filter.on_no_separation=warn). Check scores.csv, try another filter.signal or "
+          "filter.threshold, or set filter.on_no_separation=refuse to stop instead.")
+
+
+def separation_warning(run_dir: str | Path) -> str | None:
+  """The loud one-line warning of a run whose filter found no separation in its scores (from
+  `filter.json`'s `separation` block; ff_jax.filtering.separation), or None: separated, or no
+  filter.json (yet, or written before the check existed)."""
+  filt, _ = _load_json(Path(run_dir) / "filter.json")
+  return _separation_text(filt)
+
+
 def summary_figures(run_dir: str | Path) -> dict[str, Any]:
   """The headline numbers of a run, for the CLI to print (NaN/None where not available).
 
-  Keys: signal, threshold, phi, kept, flagged, truncated, labels (bool), precision, recall, f1,
-  auroc, auprc, oracle_f1 (for the filter's signal), mean_forgetting {signal: {kind: mean}},
-  ratios {signal: {"unsafe/safe": x, "unsafe/task": y}}.
+  Keys: signal, threshold, phi, separation (the verdict, None before the check existed), kept,
+  flagged, truncated, labels (bool), precision, recall, f1, auroc, auprc, oracle_f1 (for the
+  filter's signal), mean_forgetting {signal: {kind: mean}}, ratios {signal: {"unsafe/safe": x,
+  "unsafe/task": y}}.
   """
   a = _analyse(Path(run_dir))
+  block = (a["filter"] or {}).get("separation") if isinstance(a["filter"], dict) else None
   out: dict[str, Any] = {"signal": a["signal"], "threshold": a["threshold"], "phi": a["phi"],
+                         "separation": block.get("verdict") if isinstance(block, dict) else None,
                          "labels": bool(a.get("labels", False))}
   counts = a.get("counts") or dict((a["filter"] or {}).get("counts") or {})
   for key in ("kept", "flagged", "truncated"):
@@ -327,6 +354,10 @@ def _seeds(config: Any, prefix: str = "") -> list[tuple[str, Any]]:
 def _summary_section(a: dict[str, Any]) -> list[str]:
   lines = ["## Summary", ""]
   filt = a["filter"] if isinstance(a["filter"], dict) else None
+  warning = _separation_text(filt)
+  if warning:
+    # First thing in the report: the numbers below are those of a filter that could not tell.
+    lines += [f"> **{_fmt(warning)}**", ""]
   if filt is None:
     lines.append(f"Filter: not available ({a['notes']['filter']}).")
   else:
@@ -337,6 +368,14 @@ def _summary_section(a: dict[str, Any]) -> list[str]:
                if isinstance(v, int | float | str | bool) or v is None]
     if scalars:
       lines.append(f"- Threshold details: {', '.join(scalars)}")
+    block = filt.get("separation")
+    if isinstance(block, dict) and block.get("verdict"):
+      stats = block.get("statistics") or {}
+      numbers = [f"{k}={_fmt(stats[k])}" for k in ("delta_bic", "valley_depth", "ashman_d",
+                                                   "drop_fraction") if k in stats]
+      lines.append(f"- Separation (label-free, ff_jax.filtering.separation): "
+                   f"**{_fmt(block['verdict'])}**" + (f"; {', '.join(numbers)}" if numbers
+                                                     else ""))
   counts = a.get("counts") or dict((filt or {}).get("counts") or {})
   if counts:
     lines.append(f"- Examples kept: {_fmt(counts.get('kept'))}; dropped (flagged): "
