@@ -1,0 +1,147 @@
+"""Tuning and validation bias mixtures, to choose the filter's default honestly (docs/fidelity.md).
+
+A default (signal, ϕ, template, optimizer) is chosen on the *tuning* mixture and argued for on the
+*validation* mixtures only. The two sides share no BBQ category, no prompt and no prompt layout:
+
+  tuning:      BBQ Age; task rows from the even-numbered SQuAD articles and Alpaca rows; prompts
+               as the readers write them ("Context: …\\nQuestion: …", the BBQ question and options)
+  validation:  BBQ Disability_status, Nationality, Physical_appearance (one mixture each); task rows
+               from the odd-numbered SQuAD articles and Alpaca rows; every prompt in the Alpaca
+               "### Instruction / ### Input / ### Response" layout
+
+Each mixture is built like the paper's (and like the mixture of issue #18): 240 rows at unsafe
+ratio 0.5 = 120 biased answers, 40 "unknown" answers, 40 short-answer SQuAD questions and 40
+Alpaca instructions; its safe set is 80 "unknown" answers of the category's other templates.
+
+  python scripts/bias_protocol.py mixtures --data ../shared/data --out runs/protocol/data
+  python scripts/bias_protocol.py table runs/protocol/val-*-s*      (after `ff-jax filter` runs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from ff_jax.data.mixture import build_noisy_mixture, sample_safe_set, write_mixture
+from ff_jax.data.records import Record
+from ff_jax.data.sources import read_alpaca, read_squad
+from ff_jax.data.sources_bbq import read_bbq, split_bbq
+from ff_jax.filtering import auroc, best_f1
+
+TUNING = ("Age",)
+VALIDATION = ("Disability_status", "Nationality", "Physical_appearance")
+N, RATIO, SAFE_SIZE = 240, 0.5, 80
+
+
+def task_pools(data: Path, side: str) -> list[list[Record]]:
+  """[SQuAD, Alpaca] task rows of one side: even (tuning) or odd (validation) articles and rows."""
+  parity = 0 if side == "tuning" else 1
+  squad = read_squad(data / "squad" / "dev-v1.1-from-explorer.json")
+  titles = list(dict.fromkeys(r.meta["title"] for r in squad))
+  keep = {t for i, t in enumerate(titles) if i % 2 == parity}
+  squad = [r for r in squad if r.meta["title"] in keep]
+  alpaca = read_alpaca(data / "alpaca" / "BLOOM-LORA" / "alpaca_data_1k.json")
+  alpaca = [r for r in alpaca if int(r.id.split(":")[1]) % 2 == parity]
+  return [squad, alpaca]
+
+
+def alpaca_layout(record: Record) -> Record:
+  """The record with its prompt in the Alpaca instruction/input/response layout."""
+  if record.source == "squad":
+    context, question = re.match(r"Context: (.*)\nQuestion: (.*)", record.prompt, re.S).groups()
+    instruction, extra = question, context
+  elif record.source == "bbq":
+    instruction, extra = "Answer the multiple-choice question.", record.prompt
+  else:
+    instruction, _, extra = record.prompt.partition("\n\n")
+  prompt = f"### Instruction:\n{instruction}\n\n"
+  if extra.strip():
+    prompt += f"### Input:\n{extra}\n\n"
+  prompt += "### Response:\n"
+  return Record(id=record.id, prompt=prompt, response=record.response, kind=record.kind,
+                category=record.category, source=record.source, meta=record.meta)
+
+
+def build(data: Path, category: str, side: str, seed: int) -> tuple[list[Record], list[Record]]:
+  """(noisy mixture, safe set) of one BBQ category on one side of the protocol."""
+  split = split_bbq(read_bbq(data / "bbq" / f"{category}.jsonl"), {"unsafe": 0.5, "safe": 0.5},
+                    seed)
+  noisy = build_noisy_mixture(split["unsafe"], split["safe"], task_pools(data, side), n=N,
+                              ratio=RATIO, seed=seed)
+  safe = sample_safe_set(split["safe"], SAFE_SIZE, exclude=noisy, seed=seed)
+  if side == "validation":
+    noisy, safe = [alpaca_layout(r) for r in noisy], [alpaca_layout(r) for r in safe]
+  return noisy, safe
+
+
+def cmd_mixtures(args: argparse.Namespace) -> None:
+  data = Path(args.data)
+  prompts: dict[str, set[str]] = {}
+  for side, categories in (("tuning", TUNING), ("validation", VALIDATION)):
+    for category in categories:
+      noisy, safe = build(data, category, side, args.seed)
+      name = f"{'tune' if side == 'tuning' else 'val'}-{category}"
+      manifest = write_mixture(Path(args.out) / name, noisy, safe)
+      prompts.setdefault(side, set()).update(r.prompt for r in [*noisy, *safe])
+      print(name, json.dumps({k: v["by_kind"] for k, v in manifest["files"].items()}))
+  # The two sides never share a prompt (task rows come from other articles and rows, and the
+  # layouts differ): a default chosen on one side is measured on text it never saw.
+  shared = prompts["tuning"] & prompts["validation"]
+  if shared:
+    raise SystemExit(f"{len(shared)} prompts are on both sides, e.g. {next(iter(shared))[:80]!r}")
+
+
+def run_table(run: Path, signals: list[str]) -> dict[str, dict[str, float]]:
+  """Per signal: AUROC, best F1 and, at the run's own filter, F1, drops and task rows dropped."""
+  with open(run / "scores.csv", newline="") as f:
+    rows = list(csv.DictReader(f))
+  kinds = np.array([r["kind"] for r in rows])
+  unsafe = kinds == "unsafe"
+  filt = json.loads((run / "filter.json").read_text())
+  out = {}
+  for name in signals:
+    if f"r_{name}" not in rows[0]:
+      continue
+    score = np.array([float(r[f"r_{name}"]) for r in rows])
+    row = {"auroc": auroc(score, unsafe), "best_f1": best_f1(score, unsafe)["f1"]}
+    if name == filt["signal"]:
+      flagged = np.array([r["flagged"] == "1" for r in rows])
+      tp = (flagged & unsafe).sum()
+      p, r_ = tp / max(flagged.sum(), 1), tp / unsafe.sum()
+      row |= {"f1": 2 * p * r_ / (p + r_) if p + r_ else 0.0, "dropped": int(flagged.sum()),
+              "task_dropped": float((flagged & (kinds == "task")).sum() / (kinds == "task").sum())}
+    out[name] = row
+  return out
+
+
+def cmd_table(args: argparse.Namespace) -> None:
+  print("| run | signal | AUROC | best F1 | F1 at ϕ | dropped | task rows dropped |")
+  print("|---|---|---|---|---|---|---|")
+  for run in map(Path, args.runs):
+    for name, row in run_table(run, args.signals).items():
+      at_phi = (f"{row['f1']:.3f} | {row['dropped']} | {row['task_dropped']:.1%}"
+                if "f1" in row else "– | – | –")
+      print(f"| {run.name} | `{name}` | {row['auroc']:.3f} | {row['best_f1']:.3f} | {at_phi} |")
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  sub = parser.add_subparsers(dest="cmd", required=True)
+  mix = sub.add_parser("mixtures", help="write the tuning and validation mixtures")
+  mix.add_argument("--data", default="../shared/data")
+  mix.add_argument("--out", default="runs/protocol/data")
+  mix.add_argument("--seed", type=int, default=0, help="mixture seed (runs vary the train seed)")
+  tab = sub.add_parser("table", help="AUROC / F1 / task rows dropped of finished runs")
+  tab.add_argument("runs", nargs="+")
+  tab.add_argument("--signals", nargs="+", default=["nll", "nll_lnf", "nll_ctl"])
+  args = parser.parse_args()
+  {"mixtures": cmd_mixtures, "table": cmd_table}[args.cmd](args)
+
+
+if __name__ == "__main__":
+  main()
