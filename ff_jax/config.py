@@ -95,8 +95,8 @@ class ScoringConfig:
   replicas_per_pass: int = 0
   # K M1s: the noisy finetune repeated with other seeds (data orders), each with its own safety
   # finetune, trained stacked: *_nens (the default signal). Costs K − 1 more noisy and safety
-  # finetunes.
-  noisy_replicas: int = 3
+  # finetunes: the default, 2, is twice the paper's method (docs/fidelity.md, "Cost").
+  noisy_replicas: int = 2
   gradient_blocks: int = 0  # gradient alignment over the last N blocks under M1 (0: off)
   gradient_batch_size: int = 4  # examples per vmapped per-example-gradient pass
   gradient_max_gib: float = 2.0  # refuse when one pass's per-example gradients exceed this
@@ -111,14 +111,14 @@ class ScoringConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FilterConfig:
-  # A column of ff_jax.signals.SIGNALS. The default, learning-normalized NLL forgetting averaged
-  # over the noisy replicas at a fixed ϕ = 0.1 with the floor at the upper quartile of learning,
-  # was the only rule measured to keep bias F1 within 0.03 across seeds while matching the
-  # best on the demo; no signal separates toxicity or harmfulness with SmolLM2 (docs/signals.md).
-  signal: str = "nll_lnf_nens"
+  # A column of ff_jax.signals.SIGNALS. The default, the paper's NLL forgetting averaged over two
+  # M1s (two noisy finetunes with other data orders, each with its own safety finetune) with the
+  # automatic threshold, was chosen on a tuning bias mixture and measured on three validation
+  # mixtures of other BBQ categories, task rows and prompt layout (docs/fidelity.md).
+  signal: str = "nll_nens"
   # auto (= auto:gmm, fitted on the signed-log scale) | auto:otsu | auto:gmm:linear | fixed:PHI
   # | PHI (a bare number, the paper's ϕ) | quantile:Q (ff_jax.filtering.Threshold)
-  threshold: str | float = "fixed:0.1"
+  threshold: str | float = "auto"
   lnf_floor: float = 0.05  # nats/token: learning below this counts as this much (nll_lnf)
   # ... and below this quantile of the mixture's learning (M0 − M1 over all examples, per M1);
   # 0: the fixed floor only (ff_jax.signals.learning_normalized)

@@ -15,12 +15,14 @@ Alpaca instructions; its safe set is 80 "unknown" answers of the category's othe
 
   python scripts/bias_protocol.py mixtures --data ../shared/data --out runs/protocol/data
   python scripts/bias_protocol.py table runs/protocol/val-*-s*      (after `ff-jax filter` runs)
+  python scripts/bias_protocol.py ensembles runs/protocol/val-*-paper-s*   (one run vs two)
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import re
 from pathlib import Path
@@ -31,7 +33,7 @@ from ff_jax.data.mixture import build_noisy_mixture, sample_safe_set, write_mixt
 from ff_jax.data.records import Record
 from ff_jax.data.sources import read_alpaca, read_squad
 from ff_jax.data.sources_bbq import read_bbq, split_bbq
-from ff_jax.filtering import auroc, best_f1
+from ff_jax.filtering import Threshold, auroc, best_f1, filter_metrics
 
 TUNING = ("Age",)
 VALIDATION = ("Disability_status", "Nationality", "Physical_appearance")
@@ -129,6 +131,46 @@ def cmd_table(args: argparse.Namespace) -> None:
       print(f"| {run.name} | `{name}` | {row['auroc']:.3f} | {row['best_f1']:.3f} | {at_phi} |")
 
 
+def _signal(run: Path, name: str) -> tuple[dict[str, float], dict[str, str]]:
+  """({id: r}, {id: kind}) of one finished run's scores.csv."""
+  with open(run / "scores.csv", newline="") as f:
+    rows = list(csv.DictReader(f))
+  return ({r["id"]: float(r[f"r_{name}"]) for r in rows}, {r["id"]: r["kind"] for r in rows})
+
+
+def _quality(r: np.ndarray, kinds: np.ndarray, threshold: Threshold) -> dict[str, float]:
+  flags = np.asarray(threshold(r)[0], dtype=bool)
+  unsafe = kinds == "unsafe"
+  return {"auroc": auroc(r, unsafe), "f1": filter_metrics(flags, unsafe)["f1"],
+          "task_dropped": float(flags[kinds == "task"].mean())}
+
+
+def cmd_ensembles(args: argparse.Namespace) -> None:
+  """One run of the paper's method (`nll` of each seed) beside the default, `nll` averaged over
+  two M1s: each pair of seed runs is one two-replica run (the pipeline's `nll_nens` is that mean,
+  each M1 with its own data order and safety finetune)."""
+  threshold = Threshold.parse(args.threshold)
+  runs = [Path(r) for r in args.runs]
+  by_mixture: dict[str, list[Path]] = {}
+  for run in runs:
+    by_mixture.setdefault(run.name.rsplit("-s", 1)[0], []).append(run)
+  print(f"Threshold `{threshold}`, label-free; the share of task rows it dropped.\n")
+  print("| mixture | runs | signal | AUROC | F1 | task rows dropped |")
+  print("|---|---|---|---|---|---|")
+  for mixture, group in by_mixture.items():
+    signals = {run: _signal(run, args.signal) for run in group}
+    ids = sorted(signals[group[0]][0])
+    kinds = np.array([signals[group[0]][1][i] for i in ids])
+    sets = [[run] for run in group] + [list(pair) for pair in itertools.combinations(group, 2)]
+    for members in sets:
+      r = np.mean([[signals[run][0][i] for i in ids] for run in members], axis=0)
+      q = _quality(r, kinds, threshold)
+      seeds = "+".join(run.name.rsplit("-s", 1)[1] for run in members)
+      name = args.signal if len(members) == 1 else f"{args.signal} over 2 M1s"
+      print(f"| {mixture} | s{seeds} | `{name}` | {q['auroc']:.3f} | {q['f1']:.3f} | "
+            f"{q['task_dropped']:.1%} |")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest="cmd", required=True)
@@ -139,8 +181,12 @@ def main() -> None:
   tab = sub.add_parser("table", help="AUROC / F1 / task rows dropped of finished runs")
   tab.add_argument("runs", nargs="+")
   tab.add_argument("--signals", nargs="+", default=["nll", "nll_lnf", "nll_ctl"])
+  ens = sub.add_parser("ensembles", help="single runs and two-run averages of one signal")
+  ens.add_argument("runs", nargs="+", help="runs named <mixture>-s<seed>")
+  ens.add_argument("--signal", default="nll")
+  ens.add_argument("--threshold", default="auto")
   args = parser.parse_args()
-  {"mixtures": cmd_mixtures, "table": cmd_table}[args.cmd](args)
+  {"mixtures": cmd_mixtures, "table": cmd_table, "ensembles": cmd_ensembles}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,12 @@ DATA=$RUNS/data
 ROUNDS=${ROUNDS:-2}
 stamp() { echo "== $(date -u +%H:%M:%S) $*"; }
 
-# kind:replicas (the study's K: 4 on bias, 2 on the others, for CPU time). The filter of
-# docs/experiments.md, the default then: nll_ens with the automatic threshold, one M1.
-PINNED="scoring.noisy_replicas=1 filter.signal=nll_ens filter.threshold=auto"
+# kind:replicas (the study's K: 4 on bias, 2 on the others, for CPU time). The filter and the
+# finetunes of docs/experiments.md, the defaults then: nll_ens with the automatic threshold, one
+# M1; the chat template, Adam β2 0.95, 5 warmup steps and linear decay (docs/fidelity.md).
+PINNED="scoring.noisy_replicas=1 filter.signal=nll_ens filter.threshold=auto data.template=chat
+  noisy.optim.b2=0.95 noisy.optim.warmup_steps=5 noisy.optim.schedule=linear
+  safety.optim.b2=0.95 scoring.pmi=false"
 for spec in bias:4 toxicity:2 harmful:2; do
   IFS=: read -r kind replicas <<< "$spec"
   run=$RUNS/$kind-s0
