@@ -87,8 +87,9 @@ class ScoringConfig:
   snapshot_every: int = 0  # also score safety snapshots every k steps (forgetting curves)
   m0: bool = True  # also score M0 (one forward pass): learning-normalized forgetting
   # also score each response after an empty prompt under M1 and M2 (two passes over the
-  # responses alone): nll_pmi, forgetting of what the prompt adds, net of the response's style
-  pmi: bool = True
+  # responses alone): nll_pmi, forgetting of what the prompt adds, net of the response's style;
+  # off by default: it did not beat nll on the tuning mixture or the demo (docs/fidelity.md)
+  pmi: bool = False
   replicas: int = 1  # K safety finetunings of M1 differing in seed and order, stacked: *_ens
   # Stack at most this many of the K − 1 extra replicas, safety or noisy (0: all); 1 trains them
   # one at a time with the ordinary steps (and resumes a noisy replica from its checkpoints).

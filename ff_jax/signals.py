@@ -17,8 +17,8 @@ replicas, each an M1 and M2 of their own):
                     of the response after an empty prompt, i.e. the drop of the pointwise mutual
                     information log p(y|x) − log p(y) from M1 to M2. A safety finetune whose
                     answers share a style raises the loss of every answer written otherwise,
-                    after its prompt and alone alike; unlearnt content is specific to its prompt
-                    (docs/fidelity.md)
+                    after its prompt and alone alike; unlearnt content is specific to its prompt.
+                    Measured below nll where the finetunes are the paper's (docs/fidelity.md)
   nll_auc           area under the forgetting curve r(t) = nll_t − nll_M1 over the safety steps
                     t ∈ [0, T] (trapezoid over the snapshots and M2, r(0) = 0), divided by T: the
                     mean forgetting over the run, which rewards being forgotten early

