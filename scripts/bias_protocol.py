@@ -150,7 +150,9 @@ def cmd_ensembles(args: argparse.Namespace) -> None:
   two M1s: each pair of seed runs is one two-replica run (the pipeline's `nll_nens` is that mean,
   each M1 with its own data order and safety finetune)."""
   threshold = Threshold.parse(args.threshold)
-  runs = [Path(r) for r in args.runs]
+  runs = [Path(r) for r in args.runs if (Path(r) / "scores.csv").exists()]
+  for r in sorted(set(map(Path, args.runs)) - set(runs)):
+    print(f"(left out: {r} has no scores.csv yet)")
   by_mixture: dict[str, list[Path]] = {}
   for run in runs:
     by_mixture.setdefault(run.name.rsplit("-s", 1)[0], []).append(run)
