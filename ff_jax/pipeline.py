@@ -319,17 +319,18 @@ class Job:
                 "nll_after": nll_after[j, -1].tolist()}
             for j, (i, pair) in enumerate(seeds.items())}
 
-  def noisy_nll(self, params: Any, name: str) -> list[float]:
-    """Per-token NLL of every noisy example under `params`."""
-    stats = score_examples(self.scorer, params, self.noisy, self.cfg.scoring.batch_size,
-                           self.cfg.data.buckets, self.inputs.tokenizer.pad_id, name)
+  def noisy_nll(self, params: Any, name: str, examples: list | None = None) -> list[float]:
+    """Per-token NLL of every noisy example (or of `examples`, encoded from them) under
+    `params`."""
+    stats = score_examples(self.scorer, params, self.noisy if examples is None else examples,
+                           self.cfg.scoring.batch_size, self.cfg.data.buckets,
+                           self.inputs.tokenizer.pad_id, name)
     return per_example_table(stats, None, ())["nll"].tolist()
 
   @functools.cached_property
   def noisy_responses_alone(self) -> list:
-    cfg = self.cfg
     return encode_responses_alone(self.inputs.tokenizer, self.inputs.noisy, self.template,
-                                  cfg.data.max_len)
+                                  self.cfg.data.max_len)
 
   def score(self, model: str, name: str, pmi: bool = False) -> dict[str, Any]:
     """Per-example statistics of the noisy set under `model`; with `pmi`, also the NLL of each
@@ -338,11 +339,6 @@ class Job:
     params = self.params(model)
     stats = score_examples(self.scorer, params, self.noisy, cfg.scoring.batch_size,
                            cfg.data.buckets, self.inputs.tokenizer.pad_id, name)
-    alone = None
-    if pmi:
-      alone = score_examples(self.scorer, params, self.noisy_responses_alone,
-                             cfg.scoring.batch_size, cfg.data.buckets,
-                             self.inputs.tokenizer.pad_id, f"{name}/alone")
     generations = None
     if cfg.scoring.rouge:
       prompts = [encode_prompt(self.inputs.tokenizer, r, self.template, cfg.data.max_len)
@@ -352,8 +348,8 @@ class Job:
                                    f"{name}/generate")
     table = per_example_table(stats, generations, [r.response for r in self.inputs.noisy])
     out = {key: np.asarray(value).tolist() for key, value in table.items()}
-    if alone is not None:
-      out["nll_alone"] = per_example_table(alone, None, ())["nll"].tolist()
+    if pmi:
+      out["nll_alone"] = self.noisy_nll(params, f"{name}/alone", self.noisy_responses_alone)
     if generations is not None:
       out["generations"] = generations
     return out
