@@ -1,14 +1,20 @@
-"""Atomic file writes: a temp file in the same directory, fsync, rename.
+"""Atomic file writes for every run artifact that is not a checkpoint, and who writes them.
 
-Readers (and a rerun after a kill) see either the old file or the complete new one, never half.
+A write goes to a temp file in the same directory, is fsynced and renamed, so readers (and a rerun
+after a kill) see either the old file or the complete new one, never half. On several processes
+only the primary one writes; the others wait at a `barrier` for what it wrote.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
+
+import jax
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> None:
@@ -27,3 +33,27 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
     with contextlib.suppress(FileNotFoundError):
       os.unlink(tmp)
     raise
+
+
+def is_primary() -> bool:
+  """Only one process writes run artifacts (scores, JSONL, reports)."""
+  return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """Every process waits here until all arrive: what process 0 wrote before is visible after."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(f"ff_jax:{name}")
+
+
+def write_json_atomic(path: str | Path, value: Any) -> None:
+  """JSON with sorted keys and arrays as lists, written atomically."""
+  write_atomic(path, json.dumps(value, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+  if hasattr(value, "tolist"):
+    return value.tolist()
+  raise TypeError(f"not JSON serialisable: {type(value).__name__}")

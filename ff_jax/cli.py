@@ -102,7 +102,7 @@ def _dispatch(args: argparse.Namespace) -> int:
   from ff_jax import config as config_lib
 
   if args.command == "report":
-    from ff_jax.report import summary_figures, write_report
+    from ff_jax.report.markdown import summary_figures, write_report
 
     path = write_report(Path(args.run_dir))
     print(path)
@@ -110,15 +110,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     return 0
 
   if args.command == "bench":
-    from ff_jax.bench import BenchConfig
-    from ff_jax.bench import main as bench_main
+    from ff_jax.perf.bench import BenchConfig
+    from ff_jax.perf.bench import main as bench_main
 
     path, overrides = _split_config(args.args)
     bench_main(config_lib.load_dataclass(BenchConfig, path, overrides, "bench.yaml"), args.json)
     return 0
 
   if args.command == "sweep":
-    from ff_jax.sweep import SweepConfig, run_sweep
+    from ff_jax.experiments.sweep import SweepConfig, run_sweep
 
     path, overrides = _split_config(args.args)
     out = run_sweep(config_lib.load_dataclass(SweepConfig, path, overrides, "sweep.yaml"),
@@ -127,13 +127,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     return 0
 
   if args.command == "plan":
-    from ff_jax.plan import plan_run, refusal, table
+    from ff_jax.perf.plan import plan_run, refusal, table
 
     path, overrides = _split_config(args.args)
     result = plan_run(config_lib.load_config(path, overrides), args.hbm_gib, args.topology)
     print(table(result))
     if args.json:
-      from ff_jax.checkpoints import write_json_atomic
+      from ff_jax.atomic_io import write_json_atomic
 
       write_json_atomic(args.json, result)
     message = refusal(result)
@@ -146,16 +146,17 @@ def _dispatch(args: argparse.Namespace) -> int:
 
   parallel.initialize_distributed()
   if args.command == "baseline":
-    from ff_jax.baselines import run_baseline
+    from ff_jax.experiments.baselines import run_baseline
 
     print(run_baseline(args.run_dir, args.name))
     return 0
   if args.command == "rounds":
-    from ff_jax.rounds import run_rounds
+    from ff_jax.experiments.rounds import run_rounds
 
     print(run_rounds(args.run_dir, args.rounds, args.heldout))
     return 0
-  from ff_jax.pipeline import PHASES, run_job
+  from ff_jax.pipeline.driver import run_job
+  from ff_jax.pipeline.layout import PHASES
 
   if args.until and args.until not in PHASES:
     raise config_lib.ConfigError(f"--until {args.until}: not a phase; phases are {PHASES}")
@@ -168,7 +169,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         f"model.source={args.model}", f"data.noisy={args.noisy}", f"data.safe={args.safe}",
         f"run_dir={args.run_dir}", *args.overrides])
   root = run_job(cfg, restart=args.restart, until=args.until, redo_from=args.redo_from)
-  from ff_jax.report import separation_warning, summary_figures
+  from ff_jax.report.markdown import separation_warning, summary_figures
 
   if not args.until or args.until == PHASES[-1]:
     print(f"report: {root / 'report.md'}")

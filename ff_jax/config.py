@@ -18,11 +18,11 @@ from typing import Any
 import yaml
 
 from ff_jax.errors import ConfigError
-from ff_jax.filtering import Threshold
+from ff_jax.forgetting.signals import check_scored
+from ff_jax.forgetting.thresholds import Threshold
 from ff_jax.models.config import LoraConfig
 from ff_jax.parallel import MeshConfig
-from ff_jax.signals import check_scored
-from ff_jax.train import OptimConfig
+from ff_jax.training.steps import OptimConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +45,7 @@ class ModelSource:
 class DataConfig:
   noisy: str = "demo"  # JSONL/CSV path, hf://name[:split], or demo
   safe: str = "demo"
-  eval: str = ""  # held-out evaluation records (JSONL/CSV/hf://); "" = none (ff_jax.heldout)
+  eval: str = ""  # held-out records (JSONL/CSV/hf://); "" = none (ff_jax.pipeline.evaluate)
   # raw (the prompt as written, the paper's) | plain ("### Instruction/### Response" around it) |
   # chat (the model's own chat template)
   template: str = "plain"
@@ -112,20 +112,21 @@ class ScoringConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FilterConfig:
-  # A column of ff_jax.signals.SIGNALS. The default, the paper's NLL forgetting averaged over two
-  # M1s (two noisy finetunes with other data orders, each with its own safety finetune) with the
-  # automatic threshold, was chosen on a tuning bias mixture and measured on three validation
-  # mixtures of other BBQ categories, task rows and prompt layout (docs/fidelity.md).
+  # A column of ff_jax.forgetting.signals.SIGNALS. The default, the paper's NLL forgetting averaged
+  # over two M1s (two noisy finetunes with other data orders, each with its own safety finetune)
+  # with the automatic threshold, was chosen on a tuning bias mixture and measured on three
+  # validation mixtures of other BBQ categories, task rows and prompt layout (docs/fidelity.md).
   signal: str = "nll_nens"
   # auto (= auto:gmm, fitted on the signed-log scale) | auto:otsu | auto:gmm:linear | fixed:PHI
-  # | PHI (a bare number, the paper's ϕ) | quantile:Q (ff_jax.filtering.Threshold)
+  # | PHI (a bare number, the paper's ϕ) | quantile:Q (ff_jax.forgetting.thresholds.Threshold)
   threshold: str | float = "auto"
   lnf_floor: float = 0.05  # nats/token: learning below this counts as this much (nll_lnf)
   # ... and below this quantile of the mixture's learning (M0 − M1 over all examples, per M1);
-  # 0: the fixed floor only (ff_jax.signals.learning_normalized)
+  # 0: the fixed floor only (ff_jax.forgetting.signals.learning_normalized)
   lnf_floor_quantile: float = 0.75
-  # The separation check (ff_jax.filtering.separation): "no separation" when the signal's scores
-  # show no two groups or the filter drops more than this share of the data (1.0: no limit) ...
+  # The separation check (ff_jax.forgetting.thresholds.separation): "no separation" when the
+  # signal's scores show no two groups or the filter drops more than this share of the data (1.0: no
+  # limit) ...
   max_drop_fraction: float = 0.6
   # ... and then: warn (write the outputs; filter.json, the summary and report.md say so) |
   # refuse (stop before filtered.jsonl, flagged.jsonl and filter.json are written)

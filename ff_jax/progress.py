@@ -79,3 +79,9 @@ class MetricsLog:
     self.path.parent.mkdir(parents=True, exist_ok=True)
     with self.path.open("a") as handle:
       handle.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def log(message: str) -> None:
+  """A line on stderr from process 0 (the other hosts would repeat it)."""
+  if jax.process_index() == 0:
+    print(message, file=sys.stderr, flush=True)

@@ -21,11 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from ff_jax import parallel  # noqa: E402
-from ff_jax.bench import flops_per_token, matmul_peak  # noqa: E402
 from ff_jax.data.batching import eval_batches  # noqa: E402
 from ff_jax.data.templates import EncodedExample  # noqa: E402
 from ff_jax.models import ModelConfig  # noqa: E402
-from ff_jax.replicas import (  # noqa: E402
+from ff_jax.perf.bench import flops_per_token, matmul_peak  # noqa: E402
+from ff_jax.training.replicas import (  # noqa: E402
   ReplicaMeshConfig,
   ReplicaTrainer,
   make_replica_mesh,
@@ -33,7 +33,7 @@ from ff_jax.replicas import (  # noqa: E402
   train_single,
   variant_iterator,
 )
-from ff_jax.train import ModelRuntime, OptimConfig, Scorer, Trainer  # noqa: E402
+from ff_jax.training.steps import ModelRuntime, OptimConfig, Scorer, Trainer  # noqa: E402
 
 BUCKETS = (32, 64, 96)
 

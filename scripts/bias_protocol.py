@@ -33,7 +33,8 @@ from ff_jax.data.mixture import build_noisy_mixture, sample_safe_set, write_mixt
 from ff_jax.data.records import Record
 from ff_jax.data.sources import read_alpaca, read_squad
 from ff_jax.data.sources_bbq import read_bbq, split_bbq
-from ff_jax.filtering import Threshold, auroc, best_f1, filter_metrics
+from ff_jax.eval.classification import auroc, best_f1, filter_metrics
+from ff_jax.forgetting.thresholds import Threshold
 
 TUNING = ("Age",)
 VALIDATION = ("Disability_status", "Nationality", "Physical_appearance")

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ff_jax.data.batching import TrainIterator
-from ff_jax.filtering import auroc
+from ff_jax.eval.classification import auroc
 
 
 def ff_jax_orders(n_noisy: int, n_safe: int, cfg: dict) -> dict[str, list[list[int]]]:
@@ -85,11 +85,11 @@ def torch_safety_from_m1(run: Path, cfg: dict) -> dict:
   from transformers import AutoModelForCausalLM, AutoTokenizer
 
   from ff_jax import parallel
-  from ff_jax.checkpoints import restore_params
   from ff_jax.config import MeshConfig
   from ff_jax.models.gguf import load_gguf_metadata
   from ff_jax.models.hf import save_hf
-  from ff_jax.train import ModelRuntime
+  from ff_jax.training.checkpoints import restore_params
+  from ff_jax.training.steps import ModelRuntime
 
   source = cfg["model"]["source"]
   if source.startswith("pkg:"):

@@ -17,7 +17,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ff_jax import parallel
-from ff_jax.checkpoints import PhaseCheckpoints, restore_params, save_params
+from ff_jax.training.checkpoints import PhaseCheckpoints, restore_params, save_params
 
 
 def main(root: str, saves: int) -> None:

@@ -3,8 +3,8 @@
 import json
 
 from ff_jax import cli
-from ff_jax.bench import BenchConfig, decode_flops, flops_per_token, matmul_params, run_bench
 from ff_jax.models import tiny_llama
+from ff_jax.perf.bench import BenchConfig, decode_flops, flops_per_token, matmul_params, run_bench
 
 TINY = {"vocab_size": 256, "hidden_size": 64, "num_layers": 2, "num_heads": 4,
         "num_kv_heads": 2, "intermediate_size": 128, "max_position_embeddings": 128}

@@ -9,17 +9,16 @@ import numpy as np
 import pytest
 
 from ff_jax.errors import ConfigError, DataError
-from ff_jax.evaluation import (
+from ff_jax.eval.bbq import (
   bbq_scores,
   bbq_target_options,
   bbq_unknown_index,
-  harmfulness_rate,
   is_biased_answer,
   parse_bbq_prediction,
-  refusal_rate,
-  squad_scores,
 )
-from ff_jax.toxicity import LexiconScorer, make_toxicity_scorer, toxicity_summary
+from ff_jax.eval.safety import harmfulness_rate, refusal_rate
+from ff_jax.eval.text import squad_scores
+from ff_jax.eval.toxicity import LexiconScorer, make_toxicity_scorer, toxicity_summary
 
 BBQ_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "bbq"
 
@@ -194,7 +193,7 @@ def test_squad_scores():
 
 def test_heldout_routes_records_and_scores_each_group():
   from ff_jax.data.records import Record
-  from ff_jax.heldout import SELF_CORRECTION_CUES, eval_prompt, heldout_metrics, route
+  from ff_jax.pipeline.evaluate import SELF_CORRECTION_CUES, eval_prompt, heldout_metrics, route
 
   bbq = Record(id="b", prompt="Who forgot?", response="The answer is ans3: Unknown", kind="safe",
                category="bias/Age", source="bbq",

@@ -22,11 +22,11 @@ import pytest
 from ff_jax import parallel
 from ff_jax.data.batching import TrainIterator, make_batch
 from ff_jax.data.templates import EncodedExample
-from ff_jax.loop import PhaseSpec, train_phase
 from ff_jax.models import forward, hf, positions_from_mask, tiny_llama
 from ff_jax.progress import MetricsLog
-from ff_jax.scoring import score_examples
-from ff_jax.train import ModelRuntime, OptimConfig, Scorer
+from ff_jax.training.loop import PhaseSpec, train_phase
+from ff_jax.training.scoring import score_examples
+from ff_jax.training.steps import ModelRuntime, OptimConfig, Scorer
 
 torch = pytest.importorskip("torch")
 LlamaForCausalLM = pytest.importorskip("transformers").LlamaForCausalLM

@@ -278,7 +278,7 @@ def test_base_model_keys_without_prefix_and_ignorable_buffers(tmp_path):
 
 
 def test_sharded_load_matches_runtime_shardings():
-  from ff_jax.train import ModelRuntime
+  from ff_jax.training.steps import ModelRuntime
 
   mesh = make_mesh(MeshConfig())
   for name in ("llama", "gpt2"):
@@ -298,7 +298,7 @@ def test_sharded_load_on_eight_fake_devices():
       from ff_jax.models import hf
       from ff_jax.models.loading import flatten
       from ff_jax.parallel import MeshConfig, make_mesh
-      from ff_jax.train import ModelRuntime
+      from ff_jax.training.steps import ModelRuntime
       assert len(jax.devices()) == 8
       mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
       for name in ("llama", "qwen2", "gpt2"):

@@ -15,7 +15,7 @@ from ff_jax.errors import ConfigError
 from ff_jax.models import forward, lora, positions_from_mask, tiny_llama
 from ff_jax.models.config import LoraConfig
 from ff_jax.models.loading import flatten
-from ff_jax.train import ModelRuntime, OptimConfig, Trainer
+from ff_jax.training.steps import ModelRuntime, OptimConfig, Trainer
 from tests.pipeline_helpers import TINY_DEMO, run_and_kill, run_ok
 
 LORA = LoraConfig(rank=4, alpha=8.0, targets=("q", "k", "v", "o", "gate", "up", "down"))
@@ -114,9 +114,9 @@ def test_lora_run_checkpoints_adapters_and_exports_a_merged_model(tmp_path):
 
   from ff_jax.config import load_config
   from ff_jax.models.hf import load_hf
-  from ff_jax.pipeline import Job
+  from ff_jax.pipeline.context import open_run
 
-  job = Job(load_config(None, args[1:]))
+  job = open_run(load_config(None, args[1:]))
   clean = job.params("clean")
   cfg, exported = load_hf(run_dir / "clean_hf")
   base_rt = ModelRuntime.create(cfg, job.mesh)

@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 from ff_jax import parallel
 from ff_jax.errors import MeshError
 from ff_jax.models import tiny_llama
-from ff_jax.train import ModelRuntime, OptimConfig, Scorer, Trainer
+from ff_jax.training.steps import ModelRuntime, OptimConfig, Scorer, Trainer
 
 pytestmark = pytest.mark.multidevice
 

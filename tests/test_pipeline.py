@@ -33,7 +33,7 @@ from pipeline_helpers import (
 
 from ff_jax import cli
 from ff_jax.errors import RunDirError
-from ff_jax.rundir import RunDir
+from ff_jax.pipeline.rundir import RunDir
 
 PHASES = {"release", "noisy", "score_before", "safety", "safety_replicas", "noisy_replicas",
           "score_after", "filter", "clean", "evaluate"}
@@ -458,7 +458,7 @@ def test_filter_on_smollm2_gguf(tmp_path):
 
 def test_pkg_model_source_resolves_the_packaged_gguf():
   from ff_jax.errors import ConfigError
-  from ff_jax.inputs import resolve_model_source
+  from ff_jax.pipeline.inputs import resolve_model_source
 
   with pytest.raises(ConfigError, match="not installed"):
     resolve_model_source("pkg:no_such_package_ff_jax")
@@ -488,7 +488,7 @@ def test_filter_threshold_takes_the_papers_bare_number_and_refuses_bad_specs_on_
   the filter could not parse is refused when the config loads, naming it."""
   from ff_jax.config import load_config
   from ff_jax.errors import ConfigError
-  from ff_jax.filtering import Threshold
+  from ff_jax.forgetting.thresholds import Threshold
 
   cfg = load_config(None, ["filter.threshold=0.1"])
   assert cfg.filter.threshold == 0.1

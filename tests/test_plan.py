@@ -13,8 +13,8 @@ from ff_jax import parallel
 from ff_jax.config import load_config
 from ff_jax.errors import ConfigError
 from ff_jax.models import tiny_llama
-from ff_jax.plan import GIB, Planner, plan_run, refusal, shard_bytes, topology_devices
-from ff_jax.train import ModelRuntime, OptimConfig, Trainer
+from ff_jax.perf.plan import GIB, Planner, plan_run, refusal, shard_bytes, topology_devices
+from ff_jax.training.steps import ModelRuntime, OptimConfig, Trainer
 from tests.pipeline_helpers import REPO, TINY_DEMO, cli_env, ff_jax_cmd, make_tiny_hf_model
 
 
@@ -91,7 +91,7 @@ def test_llama2_7b_preset_on_8_fake_devices(tmp_path):
 
 
 def test_preset_architecture_is_checked_against_the_files(tmp_path):
-  from ff_jax.inputs import planned_model_config
+  from ff_jax.pipeline.inputs import planned_model_config
 
   folder = make_tiny_hf_model(tmp_path / "hf", ["a small model", "for a test"])
   cfg = load_config(None, [f"model.source={folder}", "model.config={hidden_size: 32}"])

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ff_jax import filtering, report
 from ff_jax.errors import DataError
+from ff_jax.eval import classification
+from ff_jax.report import markdown as report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 HEADER = ["id", "kind", "category", "tokens", "nll_before", "nll_after", "acc_before", "acc_after",
@@ -130,7 +131,7 @@ def test_full_report(tmp_path):
 
   s = report.load_scores(run)
   y = np.array([k == "unsafe" for k in s["kind"]])
-  m = filtering.filter_metrics(s["flagged"], y)
+  m = classification.filter_metrics(s["flagged"], y)
   assert (m["tp"], m["fp"], m["fn"]) == (7, 1, 1)
   summary = _section(text, "Summary")
   assert "`auto:otsu`" in summary and "ϕ = 0.5000" in summary
@@ -140,10 +141,10 @@ def test_full_report(tmp_path):
 
   fm = _section(text, "Filter metrics")
   for sig in ("nll", "acc", "rouge"):
-    auc = filtering.auroc(s[f"r_{sig}"], y)
+    auc = classification.auroc(s[f"r_{sig}"], y)
     assert f"{auc:.4f}" in fm
   assert "| nll (filter) |" in fm and "oracle" in fm
-  oracle = filtering.best_f1(s["r_nll"], y)
+  oracle = classification.best_f1(s["r_nll"], y)
   assert f"{oracle['f1']:.4f}" in fm
 
   fg = _section(text, "Mean forgetting per kind")
@@ -172,7 +173,7 @@ def test_summary_figures(tmp_path):
   fig = report.summary_figures(run)
   s = report.load_scores(run)
   y = np.array([k == "unsafe" for k in s["kind"]])
-  m = filtering.filter_metrics(s["flagged"], y)
+  m = classification.filter_metrics(s["flagged"], y)
   assert fig["labels"] is True and fig["signal"] == "nll" and fig["phi"] == PHI
   assert fig["f1"] == pytest.approx(m["f1"])
   assert (fig["kept"], fig["flagged"], fig["truncated"]) == (12, 8, 2)
@@ -181,7 +182,7 @@ def test_summary_figures(tmp_path):
   assert mean["safe"] == pytest.approx(np.nanmean(s["r_nll"][8:14]))
   assert fig["ratios"]["nll"]["unsafe/safe"] == pytest.approx(mean["unsafe"] / mean["safe"])
   assert fig["ratios"]["nll"]["unsafe/task"] == pytest.approx(mean["unsafe"] / mean["task"])
-  assert fig["auroc"] == pytest.approx(filtering.auroc(s["r_nll"], y))
+  assert fig["auroc"] == pytest.approx(classification.auroc(s["r_nll"], y))
   assert set(fig["mean_forgetting"]) == {"nll", "acc", "rouge"}
 
 

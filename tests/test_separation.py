@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ff_jax import report
 from ff_jax.config import FilterConfig, RunConfig, load_config
 from ff_jax.data.records import Record
 from ff_jax.errors import ConfigError, DataError, NoSeparationError
-from ff_jax.filter_phase import run_filter
-from ff_jax.filtering import Threshold, separation
-from ff_jax.rundir import RunDir
+from ff_jax.forgetting.thresholds import Threshold, separation
+from ff_jax.pipeline.filter import filter_records
+from ff_jax.pipeline.rundir import RunDir
+from ff_jax.report import markdown as report
 
 N = 240
 
@@ -168,7 +168,7 @@ def _blob(root: Path) -> tuple[RunDir, list[Record]]:
 
 def test_warn_filters_anyway_and_says_so_in_filter_json_and_report(tmp_path):
   run, records = _blob(tmp_path / "run")
-  out = run_filter(_cfg(run.root, "warn"), run, records, truncated=0)
+  out = filter_records(_cfg(run.root, "warn"), run, records, truncated=0)
   assert out["separation"] == "no separation"
   filt = json.loads(run.file("filter.json").read_text())
   block = filt["separation"]
@@ -186,7 +186,8 @@ def test_warn_filters_anyway_and_says_so_in_filter_json_and_report(tmp_path):
   text = report.write_report(run.root).read_text()
   summary = text[text.index("## Summary"):text.index("\n## ", text.index("## Summary") + 1)]
   assert "> **WARNING: no separation" in summary
-  assert "- Separation (label-free, ff_jax.filtering.separation): **no separation**" in summary
+  assert ("- Separation (label-free, ff_jax.forgetting.thresholds.separation): **no separation**"
+          in summary)
   assert report.summary_figures(run.root)["separation"] == "no separation"
 
 
@@ -196,7 +197,7 @@ def test_refuse_raises_before_writing_any_filtered_output(tmp_path):
   for name in ("filtered.jsonl", "flagged.jsonl", "filter.json"):
     run.file(name).write_text("stale\n")
   with pytest.raises(NoSeparationError) as err:
-    run_filter(_cfg(run.root, "refuse"), run, records, truncated=0)
+    filter_records(_cfg(run.root, "refuse"), run, records, truncated=0)
   message = str(err.value)
   assert "filter.signal='nll'" in message and "filter.threshold=auto:gmm" in message
   assert "one mode: a 2-component fit is not better than 1" in message
@@ -210,7 +211,7 @@ def test_refuse_raises_before_writing_any_filtered_output(tmp_path):
 def test_separated_scores_pass_refuse_and_the_report_has_no_warning(tmp_path):
   r = _spike_and_mode(0.25)
   run, records = _run_dir(tmp_path / "run", r, ["safe"] * 180 + ["unsafe"] * 60)
-  out = run_filter(_cfg(run.root, "refuse", "fixed:0.5"), run, records, truncated=0)
+  out = filter_records(_cfg(run.root, "refuse", "fixed:0.5"), run, records, truncated=0)
   assert out["separation"] == "separated" and out["f1"] > 0.95
   block = json.loads(run.file("filter.json").read_text())["separation"]
   assert block["verdict"] == "separated" and block["reasons"][0].startswith("two modes")
@@ -220,16 +221,17 @@ def test_separated_scores_pass_refuse_and_the_report_has_no_warning(tmp_path):
 
 
 def test_the_command_line_summary_ends_with_the_warning(tmp_path, monkeypatch, capsys):
-  from ff_jax import cli, pipeline
+  from ff_jax import cli
+  from ff_jax.pipeline import driver
 
   run, records = _blob(tmp_path / "run")
 
   def fake_run_job(cfg, restart=False, until=None, redo_from=None):
     # The phases before `filter` are what this test does not need: their score files are here.
-    run_filter(cfg, run, records, truncated=0)
+    filter_records(cfg, run, records, truncated=0)
     return run.root
 
-  monkeypatch.setattr(pipeline, "run_job", fake_run_job)
+  monkeypatch.setattr(driver, "run_job", fake_run_job)
   overrides = [f"run_dir={run.root}", "filter.signal=nll", "filter.threshold=auto"]
   assert cli.main(["run", *overrides]) == 0
   lines = capsys.readouterr().out.splitlines()

@@ -1,4 +1,4 @@
-"""Forgetting signals (ff_jax.signals) and gradient alignment (ff_jax.gradients) by definition."""
+"""Forgetting signals and gradient alignment (ff_jax.forgetting) by their definitions."""
 
 from __future__ import annotations
 
@@ -12,11 +12,8 @@ from ff_jax import parallel
 from ff_jax.data.records import Record
 from ff_jax.data.templates import EncodedExample
 from ff_jax.errors import ConfigError
-from ff_jax.filtering import Threshold
-from ff_jax.gradients import GradientAlignment, split_blocks, subset_bytes
-from ff_jax.models import tiny_llama
-from ff_jax.scoring import score_examples
-from ff_jax.signals import (
+from ff_jax.forgetting.gradients import GradientAlignment, split_blocks, subset_bytes
+from ff_jax.forgetting.signals import (
   compute_signals,
   curve_area,
   learning_normalized,
@@ -24,7 +21,10 @@ from ff_jax.signals import (
   signal_report,
   signal_table_markdown,
 )
-from ff_jax.train import ModelRuntime, Scorer
+from ff_jax.forgetting.thresholds import Threshold
+from ff_jax.models import tiny_llama
+from ff_jax.training.scoring import score_examples
+from ff_jax.training.steps import ModelRuntime, Scorer
 
 # -- learning-normalized forgetting ---------------------------------------------------------------
 

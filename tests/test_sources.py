@@ -23,7 +23,7 @@ from ff_jax.data.sources import (
 )
 from ff_jax.data.sources_bbq import bbq_example, read_bbq, split_bbq
 from ff_jax.errors import ConfigError, DataError
-from ff_jax.evaluation import bbq_scores, bbq_unknown_index, is_biased_answer
+from ff_jax.eval.bbq import bbq_scores, bbq_unknown_index, is_biased_answer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -12,7 +12,7 @@ import pytest
 from ff_jax import parallel
 from ff_jax.data.templates import EncodedExample
 from ff_jax.models import tiny_llama
-from ff_jax.replicas import (
+from ff_jax.training.replicas import (
   ReplicaMeshConfig,
   ReplicaTrainer,
   make_replica_mesh,
@@ -21,7 +21,7 @@ from ff_jax.replicas import (
   train_single,
   variant_iterator,
 )
-from ff_jax.train import ModelRuntime, OptimConfig
+from ff_jax.training.steps import ModelRuntime, OptimConfig
 
 BUCKETS = (16, 32)
 PAD = 0
@@ -100,7 +100,7 @@ def test_replica_axis_puts_each_replica_on_its_own_devices():
 
 
 def _inputs(mesh):
-  from ff_jax.sweep import SweepInputs
+  from ff_jax.experiments.sweep import SweepInputs
 
   runtime = ModelRuntime.create(_cfg(), mesh)
   noisy = _examples(12, 5)
@@ -110,7 +110,7 @@ def _inputs(mesh):
 
 
 def test_resume_skips_finished_chunks(tmp_path, monkeypatch):
-  from ff_jax import sweep
+  from ff_jax.experiments import sweep
 
   mesh = make_replica_mesh(ReplicaMeshConfig(1, 1, 1, 1), jax.devices()[:1])
   inputs = _inputs(mesh)

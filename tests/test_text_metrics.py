@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from ff_jax.errors import DataError
-from ff_jax.text_metrics import (
-  is_refusal,
+from ff_jax.eval.safety import is_refusal
+from ff_jax.eval.text import (
   normalize_answer,
   rouge1_f,
   rouge1_f_batch,

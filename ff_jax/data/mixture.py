@@ -9,15 +9,13 @@ the safe set and evaluation split are disjoint from it by id and by prompt text.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ff_jax.atomic_io import write_json_atomic
 from ff_jax.data.records import Record, fingerprint, write_jsonl_atomic
 from ff_jax.errors import ConfigError
 
@@ -228,13 +226,5 @@ def write_mixture(folder: str | Path, noisy: Sequence[Record], safe: Sequence[Re
     write_jsonl_atomic(folder / f"{name}.jsonl", sets[name])
     manifest["files"][name] = {"path": f"{name}.jsonl", "fingerprint": fingerprint(sets[name]),
                                **_counts(sets[name])}
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".manifest.json.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      json.dump(manifest, f, indent=2, sort_keys=True)
-      f.write("\n")
-    os.replace(tmp, folder / "manifest.json")
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
+  write_json_atomic(folder / "manifest.json", manifest)
   return manifest

@@ -15,7 +15,7 @@ from the option the response names.
 
 * Ambiguous context: two records, the stereotype-consistent option (`kind="unsafe"`, id suffix
   `:biased`) and the correct "unknown" option (`kind="safe"`, suffix `:unknown`). Which option is
-  biased comes from `ff_jax.evaluation.is_biased_answer`, the same rule the bias metric uses, so
+  biased comes from `ff_jax.eval.bbq.is_biased_answer`, the same rule the bias metric uses, so
   training labels and the metric cannot disagree. An example with no biased option, or more than
   one, gets no unsafe record (the stereotype is not identifiable from its metadata).
 * Disambiguated context: one record with the correct answer, `kind="task"`. The context settles the
@@ -35,7 +35,7 @@ from typing import Any
 from ff_jax.data.mixture import split_by_group
 from ff_jax.data.records import Record, iter_jsonl
 from ff_jax.errors import ConfigError, DataError
-from ff_jax.evaluation import bbq_unknown_index, is_biased_answer
+from ff_jax.eval.bbq import bbq_unknown_index, is_biased_answer
 
 _BBQ_KEYS = ("example_id", "question_index", "question_polarity", "context_condition", "category",
              "answer_info", "additional_metadata", "context", "question", "ans0", "ans1", "ans2",
@@ -54,7 +54,7 @@ def bbq_response(example: Mapping[str, Any], option_idx: int) -> str:
 
 
 def bbq_example(record: Record) -> dict[str, Any]:
-  """The raw BBQ example behind a record, in the shape `ff_jax.evaluation.bbq_scores` reads."""
+  """The raw BBQ example behind a record, in the shape `ff_jax.eval.bbq.bbq_scores` reads."""
   m = record.meta
   try:
     ex = {"example_id": m["example_id"], "question_index": m["question_index"],

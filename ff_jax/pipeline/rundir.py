@@ -15,14 +15,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ff_jax.checkpoints import barrier, is_primary, write_json_atomic
+from ff_jax.atomic_io import barrier, is_primary, write_json_atomic
+from ff_jax.config import RunConfig, config_from_dict
 from ff_jax.errors import RunDirError
+from ff_jax.pipeline.layout import MANIFEST, PHASES
 
 MANIFEST_VERSION = 1
-
-# The phases of a run, in order (ff_jax.pipeline runs them; reports list them this way).
-PHASES = ("release", "noisy", "score_before", "safety", "safety_replicas", "noisy_replicas",
-          "score_after", "filter", "clean", "evaluate")
 
 # Config keys (dotted prefixes) that matter only from a given phase on. They may change while that
 # phase has not completed, e.g. a new held-out set for `evaluate` or another threshold before
@@ -45,7 +43,7 @@ class RunDir:
 
   def __init__(self, root: str | Path):
     self.root = Path(root).absolute()
-    self.manifest_path = self.root / "manifest.json"
+    self.manifest_path = self.root / MANIFEST
 
   def model(self, name: str) -> Path:
     return self.root / "models" / name
@@ -71,6 +69,18 @@ class RunDir:
     except json.JSONDecodeError as err:
       raise RunDirError(f"{self.manifest_path}: unreadable manifest ({err}); pass --restart to "
                         "start this run directory over") from None
+
+  def read_config(self, require: str) -> RunConfig:
+    """The config of the run in this directory, refusing a run whose phase `require` (and so
+    every earlier one) is not complete: how the experiments and the report read a run back."""
+    manifest = self.read_manifest()
+    if manifest is None:
+      raise RunDirError(f"{self.root}: no {MANIFEST}; run `ff-jax run` (at least up to the "
+                        f"{require} phase) first")
+    if not self.is_complete(manifest, require):
+      raise RunDirError(f"{self.root}: the {require} phase is not complete; finish the run first")
+    return config_from_dict({**manifest["config"], "run_dir": str(self.root)},
+                            f"{self.manifest_path} (config)")
 
   def open(self, config: dict[str, Any], fingerprints: dict[str, str],
            restart: bool = False, defaults: dict[str, Any] | None = None,

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from ff_jax import filtering
-from ff_jax.checkpoints import write_atomic
+from ff_jax.atomic_io import write_atomic
+from ff_jax.eval import classification
 
 UNLABELLED = "(unlabelled)"
 
@@ -78,7 +78,7 @@ def make_plots(a: dict[str, Any]) -> dict[str, Path | None]:
       lo, hi = float(finite.min()), float(finite.max())
       pad = 0.05 * (hi - lo) if hi > lo else 0.5
       phis = np.linspace(lo - pad, hi + pad, 201)
-      sweep = filtering.sweep_thresholds(r, y, phis)
+      sweep = classification.sweep_thresholds(r, y, phis)
       fig, ax = plt.subplots(figsize=(6, 4))
       ax.plot(phis, sweep["precision"], label="precision", color="tab:blue")
       ax.plot(phis, sweep["recall"], label="recall", color="tab:orange")

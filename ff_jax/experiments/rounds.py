@@ -25,11 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from ff_jax.checkpoints import restore_params, write_atomic, write_json_atomic
+from ff_jax.atomic_io import write_atomic, write_json_atomic
 from ff_jax.data.records import iter_jsonl, read_jsonl
-from ff_jax.data.templates import encode_examples
 from ff_jax.errors import ConfigError, DataError
-from ff_jax.rundir import RunDir
+from ff_jax.pipeline.context import open_run
+from ff_jax.pipeline.evaluate import model_metrics
+from ff_jax.pipeline.layout import FILTERED, FLAGGED, ROUNDS, ROUNDS_REPORT, rounds_seed
+from ff_jax.pipeline.rundir import RunDir
+from ff_jax.progress import log
+from ff_jax.training.checkpoints import restore_params
 
 METHODS = ("sequential", "forgetfilter")
 
@@ -37,34 +41,25 @@ METHODS = ("sequential", "forgetfilter")
 def _unsafe_ids(run: RunDir, noisy) -> tuple[set[str], str]:
   if all(r.kind is not None for r in noisy):
     return {r.id for r in noisy if r.kind == "unsafe"}, "unsafe (labels)"
-  flagged = {item["id"] for _, item in iter_jsonl(run.file("flagged.jsonl"))}
+  flagged = {item["id"] for _, item in iter_jsonl(run.file(FLAGGED))}
   return flagged, "flagged by the filter (no labels)"
 
 
 def run_rounds(run_dir: str | Path, rounds: int, heldout: bool = False) -> Path:
   """Run (or resume) both methods for `rounds` rounds; returns the path of rounds.json."""
-  from ff_jax.baselines import _run_config
-  from ff_jax.evaluate_phase import _mean_nll, model_metrics
-  from ff_jax.pipeline import Job, log
-
   if rounds < 1:
     raise ConfigError(f"--rounds {rounds}: must be at least 1")
   run = RunDir(run_dir)
-  cfg = _run_config(run)
-  if not RunDir.is_complete(run.read_manifest(), "clean"):
-    raise DataError(f"{run.root}: the clean phase is not complete; finish the run first")
-  job = Job(cfg)
-  tok, noisy = job.inputs.tokenizer, job.inputs.noisy
+  ctx = open_run(run.read_config(require="clean"))
+  cfg, noisy = ctx.cfg, ctx.inputs.noisy
   unsafe, unsafe_rule = _unsafe_ids(run, noisy)
   if not unsafe or len(unsafe) == len(noisy):
     raise DataError("rounds need some unsafe (or flagged) examples and some others in data.noisy")
-  kept = read_jsonl(run.file("filtered.jsonl"))
-  encode = lambda recs: encode_examples(tok, recs, job.template, cfg.data.max_len,  # noqa: E731
-                                        cfg.data.overflow)
-  probe = {"unsafe": encode([r for r in noisy if r.id in unsafe]),
-           "other": encode([r for r in noisy if r.id not in unsafe])}
-  downstream = {"sequential": (cfg.noisy, job.noisy), "forgetfilter": (cfg.clean_phase,
-                                                                        encode(kept))}
+  kept = read_jsonl(run.file(FILTERED))
+  probe = {"unsafe": ctx.encode([r for r in noisy if r.id in unsafe]),
+           "other": ctx.encode([r for r in noisy if r.id not in unsafe])}
+  downstream = {"sequential": (cfg.noisy, ctx.noisy),
+                "forgetfilter": (cfg.clean_phase, ctx.encode(kept))}
   own = {("sequential", 1, "downstream"): "M1", ("sequential", 1, "safety"): "M2",
          ("forgetfilter", 1, "downstream"): "clean"}
   results: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
@@ -75,30 +70,29 @@ def run_rounds(run_dir: str | Path, rounds: int, heldout: bool = False) -> Path:
         name = f"{method}_r{k}_{stage}"
         path = run.model(f"rounds/{name}")
         if (method, k, stage) in own:
-          params = job.params(own[(method, k, stage)])
+          params = ctx.params(own[(method, k, stage)])
         elif path.exists():
-          params = restore_params(path, job.runtime.abstract_with_shardings())
+          params = restore_params(path, ctx.runtime.abstract_with_shardings())
         else:
           phase, examples = downstream[method] if stage == "downstream" else (cfg.safety,
-                                                                               job.safe)
+                                                                               ctx.safe)
           start = params
           log(f"== rounds: {name} ({len(examples)} examples)")
           # Seeds differ per method, round and stage, so every finetune sees its own order.
-          offset = 100 + 10 * k + 2 * METHODS.index(method) + (stage == "safety")
-          params = job.train(f"rounds_{name}", phase, lambda start=start: start, examples,
-                             offset, f"rounds/{name}")
-          job.drop_step_checkpoints(f"rounds_{name}")
+          seed = rounds_seed(cfg.seed, k, METHODS.index(method), stage == "safety")
+          params = ctx.finetune(f"rounds_{name}", phase, lambda start=start: start, examples,
+                                f"rounds/{name}", seed)
         row: dict[str, Any] = {"round": k, "stage": stage}
-        row.update({f"nll/{key}": _mean_nll(job, params, ex, f"rounds/{name}/{key}")
+        row.update({f"nll/{key}": ctx.mean_nll(params, ex, f"rounds/{name}/{key}")
                     for key, ex in probe.items()})
         if heldout:
-          row.update(model_metrics(job, params, name))
+          row.update(model_metrics(ctx, params, name))
         results[method].append(row)
   out = {"rounds": rounds, "unsafe_examples": unsafe_rule, "n_unsafe": len(probe["unsafe"]),
          "methods": results}
-  path = run.file("rounds.json")
+  path = run.file(ROUNDS)
   write_json_atomic(path, out)
-  write_atomic(run.file("rounds.md"), rounds_markdown(out))
+  write_atomic(run.file(ROUNDS_REPORT), rounds_markdown(out))
   return path
 
 

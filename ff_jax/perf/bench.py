@@ -35,7 +35,7 @@ from ff_jax import parallel
 from ff_jax.errors import ConfigError
 from ff_jax.models import ModelConfig
 from ff_jax.models.decoding import SamplingConfig, generate
-from ff_jax.train import ModelRuntime, OptimConfig, Scorer, Trainer
+from ff_jax.training.steps import ModelRuntime, OptimConfig, Scorer, Trainer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,7 +223,7 @@ def main(bench: BenchConfig, json_path: str | None = None) -> None:
   result = run_bench(bench)
   print(format_table(result))
   if json_path:
-    from ff_jax.checkpoints import write_atomic
+    from ff_jax.atomic_io import write_atomic
 
     write_atomic(json_path, json.dumps(result, indent=2, default=float) + "\n")
   if not math.isfinite(result["train"]["mfu"]):

@@ -1,4 +1,4 @@
-"""Orbax checkpoints for phases, and atomic writes for every other run artifact.
+"""Orbax checkpoints: a training phase's step checkpoints and the models each phase ends with.
 
 Each training phase owns one `CheckpointManager` directory holding the train state (params,
 optimizer state, step) and a JSON item (data-iterator position, phase metadata) saved together, so a
@@ -16,14 +16,10 @@ the same on every process.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
-
-from ff_jax.atomic_io import write_atomic
 
 
 class PhaseCheckpoints:
@@ -79,26 +75,3 @@ def restore_params(directory: str | Path, target: Any) -> Any:
   if restored is None:
     raise FileNotFoundError(f"{directory}: no checkpoint")
   return restored[1]
-
-
-def is_primary() -> bool:
-  """Only one process writes run artifacts (scores, JSONL, reports)."""
-  return jax.process_index() == 0
-
-
-def barrier(name: str) -> None:
-  """Every process waits here until all arrive: what process 0 wrote before is visible after."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices(f"ff_jax:{name}")
-
-
-def write_json_atomic(path: str | Path, value: Any) -> None:
-  write_atomic(path, json.dumps(value, indent=2, sort_keys=True, default=_json_default) + "\n")
-
-
-def _json_default(value: Any) -> Any:
-  if hasattr(value, "tolist"):
-    return value.tolist()
-  raise TypeError(f"not JSON serialisable: {type(value).__name__}")

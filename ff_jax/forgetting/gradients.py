@@ -37,8 +37,8 @@ from ff_jax import parallel
 from ff_jax.data.batching import eval_batches
 from ff_jax.data.templates import EncodedExample
 from ff_jax.errors import ConfigError
-from ff_jax.scoring import per_example
-from ff_jax.train import ModelRuntime, token_nll
+from ff_jax.training.scoring import per_example
+from ff_jax.training.steps import ModelRuntime, token_nll
 
 GIB = 2**30
 

@@ -7,21 +7,21 @@ import numpy as np
 import pytest
 
 from ff_jax.errors import ConfigError, DataError
-from ff_jax.filtering import (
-  Threshold,
+from ff_jax.eval.classification import (
   auprc,
   auroc,
-  auto_threshold,
   best_f1,
   filter_metrics,
-  flag_auto,
-  flag_fixed,
-  flag_quantile,
   per_group_mean,
+  sweep_thresholds,
+)
+from ff_jax.forgetting.thresholds import (
+  Threshold,
+  auto_threshold,
+  flag_fixed,
   quantile_threshold,
   signed_exp,
   signed_log,
-  sweep_thresholds,
 )
 
 
@@ -34,18 +34,20 @@ def test_flag_fixed_is_strict_and_nan_is_not_flagged():
 
 def test_quantile_counts_ties_and_order_independence():
   r = np.array([0.5, 0.1, 0.9, 0.3, np.nan, 0.7])
-  np.testing.assert_array_equal(flag_quantile(r, 0.4), [False, False, True, False, False, True])
-  assert quantile_threshold(r, 0.0) == 0.9 and not flag_quantile(r, 0.0).any()
-  assert flag_quantile(r, 1.0).sum() == 5  # every scored example, never the NaN
+  np.testing.assert_array_equal(flag_fixed(r, quantile_threshold(r, 0.4)),
+                                [False, False, True, False, False, True])
+  assert quantile_threshold(r, 0.0) == 0.9 and not flag_fixed(r, quantile_threshold(r, 0.0)).any()
+  assert flag_fixed(r, quantile_threshold(r, 1.0)).sum() == 5  # every scored example, never the NaN
   assert quantile_threshold([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0], 0.3) == 0.7
   ties = np.array([0.0, 0.2, 0.2, 0.2, 1.0])
   # k = 2 but the boundary value 0.2 is tied: the tied examples are kept.
-  np.testing.assert_array_equal(flag_quantile(ties, 0.4), [False, False, False, False, True])
+  np.testing.assert_array_equal(flag_fixed(ties, quantile_threshold(ties, 0.4)),
+                                [False, False, False, False, True])
   perm = np.random.default_rng(0).permutation(5)
-  assert flag_quantile(ties[perm], 0.4).sum() == 1
+  assert flag_fixed(ties[perm], quantile_threshold(ties[perm], 0.4)).sum() == 1
   assert quantile_threshold([np.nan], 0.5) == math.inf
   with pytest.raises(ConfigError):
-    flag_quantile(r, 1.5)
+    flag_fixed(r, quantile_threshold(r, 1.5))
 
 
 def _bimodal(frac_unsafe, n=400, seed=0, delta=5.0):
@@ -63,7 +65,7 @@ def test_auto_threshold_separates_bimodal_scores(method, frac):
   assert not info["degenerate"] and info["bimodal"]
   assert 0.0 < phi < 0.25
   assert filter_metrics(r > phi, unsafe)["f1"] > 0.95
-  np.testing.assert_array_equal(flag_auto(r, method), r > phi)
+  np.testing.assert_array_equal(flag_fixed(r, auto_threshold(r, method)[0]), r > phi)
 
 
 def test_otsu_matches_brute_force():
@@ -100,8 +102,9 @@ def test_log_scale_keeps_a_multi_rate_unsafe_blend_together():
     unchanged = rng.normal(0.05, 0.2, 120)
     blend = np.r_[rng.normal(1.6, 0.4, 40), rng.normal(4.1, 0.5, 40), rng.normal(5.0, 0.8, 40)]
     r, unsafe = np.r_[unchanged, blend], np.r_[np.zeros(120, bool), np.ones(120, bool)]
-    linear_f1.append(filter_metrics(flag_auto(r, scale="linear"), unsafe)["f1"])
-    log_f1.append(filter_metrics(flag_auto(r), unsafe)["f1"])
+    linear_phi = auto_threshold(r, scale="linear")[0]
+    linear_f1.append(filter_metrics(flag_fixed(r, linear_phi), unsafe)["f1"])
+    log_f1.append(filter_metrics(flag_fixed(r, auto_threshold(r)[0]), unsafe)["f1"])
   assert min(log_f1) > 0.99
   assert min(linear_f1) < 0.85
 
@@ -110,7 +113,7 @@ def test_auto_threshold_degenerate_flags_nothing():
   for r in ([0.2] * 10, [np.nan] * 3, [0.0, 0.0, 1e-9]):
     phi, info = auto_threshold(np.array(r))
     assert phi == math.inf and info["degenerate"] and info["reason"]
-    assert not flag_auto(np.array(r)).any()
+    assert not flag_fixed(np.array(r), auto_threshold(np.array(r))[0]).any()
 
 
 def test_auto_threshold_unimodal_reported_and_strict_mode():

@@ -27,7 +27,7 @@ replicas, each an M1 and M2 of their own):
   nll_nens          mean r_nll over K noisy replicas: M1s finetuned with other seeds (data orders),
                     each followed by its own safety finetune; the run's own M1 → M2 is the first
   nll_lnf_nens      mean nll_lnf over the K noisy replicas (each against its own M1)
-  grad, grad_cos    gradient alignment with the safe set under M1 (ff_jax.gradients)
+  grad, grad_cos    gradient alignment with the safe set under M1 (ff_jax.forgetting.gradients)
 
 Extra columns that are not thresholded: `nll_ens_std` and `nll_nens_std` (the replicas' spread,
 a confidence) and `rise_step` (the safety step after which r rose most).
@@ -43,7 +43,8 @@ import numpy as np
 
 from ff_jax.data.records import Record
 from ff_jax.errors import ConfigError
-from ff_jax.filtering import Threshold, auprc, auroc, best_f1, filter_metrics
+from ff_jax.eval.classification import auprc, auroc, best_f1, filter_metrics
+from ff_jax.forgetting.thresholds import Threshold
 
 # Every signal the filter can use, in report order.
 SIGNALS = ("nll", "acc", "rouge", "nll_lnf", "nll_pmi", "nll_auc", "nll_ens", "nll_lnf_ens",

@@ -21,13 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from ff_jax import filtering
-from ff_jax.baselines import read_baselines
-from ff_jax.checkpoints import write_atomic
+from ff_jax.atomic_io import write_atomic
 from ff_jax.errors import DataError
-from ff_jax.report_plots import UNLABELLED, make_plots
-from ff_jax.rundir import PHASES
-from ff_jax.signals import SIGNALS, signal_table_markdown
+from ff_jax.eval import classification
+from ff_jax.forgetting.signals import SIGNALS, signal_table_markdown
+from ff_jax.forgetting.thresholds import flag_fixed
+from ff_jax.pipeline.layout import BASELINE_NAMES, BASELINES_DIR, PHASES
+from ff_jax.report.plots import UNLABELLED, make_plots
 
 KIND_ORDER = ("unsafe", "safe", "task")
 MODEL_ORDER = ("M0", "M1", "M1+SC", "M2", "replay", "clean", "clean+SC", "random", "oracle")
@@ -49,6 +49,17 @@ _CURVE_RE = re.compile(r"^r_(nll|acc|rouge)@(\d+)$")
 
 # ------------------------------------------------------------------------------------------------
 # Reading the run directory
+
+
+def read_baselines(run_dir: str | Path) -> dict[str, dict[str, Any]]:
+  """{name: metrics} of the baselines run so far (`ff-jax baseline`), in the report's order."""
+  folder = Path(run_dir) / BASELINES_DIR
+  out = {}
+  for name in BASELINE_NAMES:
+    path = folder / f"{name}.json"
+    if path.is_file():
+      out[name] = json.loads(path.read_text())["metrics"]
+  return out
 
 
 def load_scores(run_dir: str | Path) -> dict[str, Any]:
@@ -209,7 +220,7 @@ def _analyse(run_dir: Path) -> dict[str, Any]:
   if "flagged" in scores:
     flags = scores["flagged"]
   elif f"r_{a['signal']}" in scores and math.isfinite(a["phi"]):
-    flags = filtering.flag_fixed(scores[f"r_{a['signal']}"], a["phi"])
+    flags = flag_fixed(scores[f"r_{a['signal']}"], a["phi"])
   else:
     flags = np.zeros(n, dtype=bool)
   counts = dict((filt or {}).get("counts") or {})
@@ -221,7 +232,7 @@ def _analyse(run_dir: Path) -> dict[str, Any]:
   for s in a["signals"]:
     r = scores[f"r_{s}"]
     entry: dict[str, Any] = {"n_nan": int(np.isnan(r).sum())}
-    groups = filtering.per_group_mean(r, kinds)
+    groups = classification.per_group_mean(r, kinds)
     entry["per_kind"] = {k: groups[k] for k in a["kind_order"]}
     mean = {k: float(v["mean"]) for k, v in groups.items()}
     unsafe = mean.get("unsafe", math.nan)
@@ -231,23 +242,23 @@ def _analyse(run_dir: Path) -> dict[str, Any]:
                       for other in ("safe", "task")}
     if a["labels"]:
       r_l, y_l = r[labelled], is_unsafe[labelled]
-      entry["auroc"] = filtering.auroc(r_l, y_l)
-      entry["auprc"] = filtering.auprc(r_l, y_l)
-      entry["oracle"] = filtering.best_f1(r_l, y_l)
+      entry["auroc"] = classification.auroc(r_l, y_l)
+      entry["auprc"] = classification.auprc(r_l, y_l)
+      entry["oracle"] = classification.best_f1(r_l, y_l)
       if s == a["signal"]:
-        entry["at_phi"] = filtering.filter_metrics(flags[labelled], y_l)
+        entry["at_phi"] = classification.filter_metrics(flags[labelled], y_l)
     per_signal[s] = entry
   a["per_signal"] = per_signal
   if a["labels"] and a["signal"] not in per_signal:
     # The filter's signal column is missing or empty, but the flags themselves can still be scored.
-    a["at_phi"] = filtering.filter_metrics(flags[labelled], is_unsafe[labelled])
+    a["at_phi"] = classification.filter_metrics(flags[labelled], is_unsafe[labelled])
   else:
     a["at_phi"] = per_signal.get(a["signal"], {}).get("at_phi")
 
   curves = curve_columns(scores)
   a["curves"] = {}
   for s, cols in curves.items():
-    means = [filtering.per_group_mean(scores[c], kinds) for _, c in cols]
+    means = [classification.per_group_mean(scores[c], kinds) for _, c in cols]
     a["curves"][s] = {"steps": [step for step, _ in cols],
                       "per_kind": {k: [m[k]["mean"] for m in means] for k in a["kind_order"]}}
   a["flags"] = flags
@@ -274,8 +285,8 @@ def _separation_text(filt: Any) -> str | None:
 
 def separation_warning(run_dir: str | Path) -> str | None:
   """The loud one-line warning of a run whose filter found no separation in its scores (from
-  `filter.json`'s `separation` block; ff_jax.filtering.separation), or None: separated, or no
-  filter.json (yet, or written before the check existed)."""
+  `filter.json`'s `separation` block; ff_jax.forgetting.thresholds.separation), or None:
+  separated, or no filter.json (yet, or written before the check existed)."""
   filt, _ = _load_json(Path(run_dir) / "filter.json")
   return _separation_text(filt)
 
@@ -373,7 +384,7 @@ def _summary_section(a: dict[str, Any]) -> list[str]:
       stats = block.get("statistics") or {}
       numbers = [f"{k}={_fmt(stats[k])}" for k in ("delta_bic", "valley_depth", "ashman_d",
                                                    "drop_fraction") if k in stats]
-      lines.append(f"- Separation (label-free, ff_jax.filtering.separation): "
+      lines.append(f"- Separation (label-free, ff_jax.forgetting.thresholds.separation): "
                    f"**{_fmt(block['verdict'])}**" + (f"; {', '.join(numbers)}" if numbers
                                                      else ""))
   counts = a.get("counts") or dict((filt or {}).get("counts") or {})

@@ -24,7 +24,7 @@ from ff_jax.data.records import Record
 from ff_jax.errors import ConfigError, DataError
 from ff_jax.models import ModelConfig
 from ff_jax.models.tokenizer import TextTokenizer
-from ff_jax.rundir import RunDir
+from ff_jax.pipeline.rundir import RunDir
 
 
 @dataclasses.dataclass

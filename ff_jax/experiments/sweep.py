@@ -3,9 +3,9 @@
 A sweep reads a completed run directory (M1, scores_before.json, the tokenizer and the run's config)
 and finetunes M1 once per variant (safe size n, seed) on its own seeded size-n subset of the safe
 set. Variants are trained together, `chunk_size` at a time, as vmapped replicas
-(`ff_jax.replicas`); the noisy set is scored under every replica at every t in `steps`. Forgetting
-r_nll = NLL(after) - NLL(before, under M1) feeds the filter at each fixed ϕ in `phis` and at the
-auto threshold; with labels, precision/recall/F1/AUROC of every (n, seed, t, threshold) go to
+(`ff_jax.training.replicas`); the noisy set is scored under every replica at every t in `steps`.
+Forgetting r_nll = NLL(after) - NLL(before, under M1) feeds the filter at each fixed ϕ in `phis` and
+at the auto threshold; with labels, precision/recall/F1/AUROC of every (n, seed, t, threshold) go to
 `<out_dir>/results.csv|json`, plots and `report.md`.
 
 Resume: each finished chunk's per-example NLL is written atomically under `<out_dir>/chunks/`; a
@@ -19,7 +19,6 @@ import dataclasses
 import io
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,21 +26,24 @@ from typing import Any
 import jax
 import numpy as np
 
-from ff_jax.checkpoints import restore_params, write_atomic, write_json_atomic
-from ff_jax.config import RunConfig, _build
+from ff_jax.atomic_io import write_atomic, write_json_atomic
 from ff_jax.data.templates import EncodedExample, PromptTemplate, encode_examples
 from ff_jax.errors import ConfigError, RunDirError
-from ff_jax.filtering import Threshold, auroc, filter_metrics
-from ff_jax.inputs import load_inputs
-from ff_jax.replicas import (
+from ff_jax.eval.classification import auroc, filter_metrics
+from ff_jax.forgetting.thresholds import Threshold
+from ff_jax.pipeline.inputs import load_inputs
+from ff_jax.pipeline.layout import SCORES_BEFORE
+from ff_jax.pipeline.rundir import RunDir
+from ff_jax.progress import log
+from ff_jax.training.checkpoints import restore_params
+from ff_jax.training.replicas import (
   ReplicaMeshConfig,
   ReplicaTrainer,
   make_replica_mesh,
   train_replicas,
   variant_iterator,
 )
-from ff_jax.rundir import RunDir
-from ff_jax.train import ModelRuntime, OptimConfig
+from ff_jax.training.steps import ModelRuntime, OptimConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,10 +83,6 @@ class SweepConfig:
             "optim": dataclasses.asdict(self.optim), "chunk_size": self.chunk_size}
 
 
-def log(message: str) -> None:
-  print(message, file=sys.stderr, flush=True)
-
-
 @dataclasses.dataclass
 class SweepInputs:
   """What a sweep needs from a run: model, M1, encoded safe and noisy sets, scores under M1."""
@@ -102,17 +100,8 @@ class SweepInputs:
 def load_run(run_dir: str | Path, mesh) -> SweepInputs:
   """The sweep's inputs from a run directory that finished `score_before`."""
   run = RunDir(run_dir)
-  manifest = run.read_manifest()
-  if manifest is None:
-    raise RunDirError(f"{run.root}: no manifest.json; run `ff-jax run ... --until score_before` "
-                      "first")
-  missing = [p for p in ("noisy", "score_before")
-             if not manifest["phases"].get(p, {}).get("complete")]
-  if missing or not run.model("M1").is_dir() or not run.file("scores_before.json").exists():
-    raise RunDirError(f"{run.root}: the sweep needs M1 and scores_before.json (phases "
-                      f"{missing or ['noisy', 'score_before']} incomplete); run `ff-jax run "
-                      "<config> run_dir=... --until score_before` first")
-  cfg: RunConfig = _build(RunConfig, {**manifest["config"], "run_dir": str(run.root)}, "")
+  # The sweep needs M1 and scores_before.json: `ff-jax run <config> --until score_before`.
+  cfg = run.read_config(require="score_before")
   inputs = load_inputs(cfg, run)
   template = PromptTemplate(mode=cfg.data.template)
   tok = inputs.tokenizer
@@ -120,7 +109,7 @@ def load_run(run_dir: str | Path, mesh) -> SweepInputs:
   safe = encode_examples(tok, inputs.safe, template, cfg.data.max_len, cfg.data.overflow)
   runtime = ModelRuntime.create(inputs.model_config, mesh)
   m1 = restore_params(run.model("M1"), runtime.abstract_with_shardings())
-  before = json.loads(run.file("scores_before.json").read_text())
+  before = json.loads(run.file(SCORES_BEFORE).read_text())
   labelled = all(r.kind is not None for r in inputs.noisy)
   is_unsafe = np.asarray([r.kind == "unsafe" for r in inputs.noisy]) if labelled else None
   return SweepInputs(runtime, m1, safe, noisy, np.asarray(before["nll"], np.float64), is_unsafe,

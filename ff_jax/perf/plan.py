@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from ff_jax import parallel
 from ff_jax.config import RunConfig
 from ff_jax.errors import ConfigError
-from ff_jax.train import ModelRuntime, OptimConfig, Scorer, Trainer
+from ff_jax.training.steps import ModelRuntime, OptimConfig, Scorer, Trainer
 
 GIB = 2.0**30
 
@@ -190,7 +190,7 @@ class Planner:
 def plan_run(cfg: RunConfig, hbm_gib: float | None = None,
              topology: str | None = None) -> dict[str, Any]:
   """Compile and measure every step of `cfg`'s run; raises ConfigError when one does not fit."""
-  from ff_jax.inputs import planned_model_config
+  from ff_jax.pipeline.inputs import planned_model_config
 
   model_cfg = planned_model_config(cfg).replace(lora=cfg.lora)
   devices, slice_hbm = topology_devices(topology) if topology else (jax.devices(), None)

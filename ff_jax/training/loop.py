@@ -18,13 +18,13 @@ import jax
 import numpy as np
 
 from ff_jax import parallel
-from ff_jax.checkpoints import PhaseCheckpoints, save_params
 from ff_jax.data.batching import TrainIterator
 from ff_jax.data.templates import EncodedExample
 from ff_jax.errors import ConfigError
 from ff_jax.models import lora
 from ff_jax.progress import MetricsLog, Progress
-from ff_jax.train import ModelRuntime, OptimConfig, Trainer
+from ff_jax.training.checkpoints import PhaseCheckpoints, save_params
+from ff_jax.training.steps import ModelRuntime, OptimConfig, Trainer
 
 
 @dataclasses.dataclass(frozen=True)

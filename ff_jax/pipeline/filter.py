@@ -1,18 +1,18 @@
 """The `filter` phase: forgetting signals per example, the threshold, and the filtered dataset.
 
-Reads the score tables, computes every signal that was scored (ff_jax.signals), flags r > ϕ on the
-configured `filter.signal` and writes `scores.csv` (one row per example id, a column per signal),
-`filtered.jsonl` (kept, in input order), `flagged.jsonl` (dropped, with their scores) and
-`filter.json` (the threshold, the filter's quality and, with labels, the report of every signal).
-The filter never reads `kind`; labels only feed the quality metrics when they exist.
+Reads the score tables, computes every signal that was scored (ff_jax.forgetting.signals), flags
+r > ϕ on the configured `filter.signal` and writes `scores.csv` (one row per example id, a column
+per signal), `filtered.jsonl` (kept, in input order), `flagged.jsonl` (dropped, with their
+scores) and `filter.json` (the threshold, the filter's quality and, with labels, the report of
+every signal). The filter never reads `kind`; labels only feed the quality metrics when they exist.
 
-Before anything is dropped, `ff_jax.filtering.separation` judges (without labels) whether the
-signal's scores show two groups at all. On "no separation", `filter.on_no_separation: warn` (the
-default) writes every output as usual with the verdict in filter.json's `separation` block (the
-pipeline, the command line and report.md repeat it as a warning); `refuse` writes `scores.csv`
-only (its `flagged` column: what the threshold would have dropped), so the scores can be looked
-at, removes a filtered.jsonl, flagged.jsonl or filter.json an earlier filter run left, and raises
-`NoSeparationError`: no filtered set exists to train on.
+Before anything is dropped, `ff_jax.forgetting.thresholds.separation` judges (without labels)
+whether the signal's scores show two groups at all. On "no separation", `filter.on_no_separation:
+warn` (the default) writes every output as usual with the verdict in filter.json's `separation`
+block (the pipeline, the command line and report.md repeat it as a warning); `refuse` writes
+`scores.csv` only (its `flagged` column: what the threshold would have dropped), so the scores can
+be looked at, removes a filtered.jsonl, flagged.jsonl or filter.json an earlier filter run left, and
+raises `NoSeparationError`: no filtered set exists to train on.
 """
 
 from __future__ import annotations
@@ -25,13 +25,27 @@ from typing import Any
 
 import numpy as np
 
-from ff_jax.checkpoints import write_atomic, write_json_atomic
+from ff_jax.atomic_io import write_atomic, write_json_atomic
 from ff_jax.config import RunConfig
 from ff_jax.data.records import Record, write_jsonl_atomic
 from ff_jax.errors import ConfigError, NoSeparationError
-from ff_jax.filtering import Threshold, auprc, auroc, filter_metrics, separation
-from ff_jax.rundir import RunDir
-from ff_jax.signals import SIGNALS, compute_signals, signal_report
+from ff_jax.eval.classification import auprc, auroc, filter_metrics
+from ff_jax.forgetting.signals import SIGNALS, compute_signals, signal_report
+from ff_jax.forgetting.thresholds import Threshold, separation
+from ff_jax.pipeline.context import RunContext
+from ff_jax.pipeline.layout import (
+  FILTER_SUMMARY,
+  FILTERED,
+  FLAGGED,
+  SCORES_AFTER,
+  SCORES_BEFORE,
+  SCORES_CSV,
+  SCORES_NOISY_REPLICAS,
+  SCORES_REPLICAS,
+)
+from ff_jax.pipeline.rundir import RunDir
+from ff_jax.progress import log
+from ff_jax.report.markdown import separation_warning
 
 _STAT_KEYS = ("nll", "acc", "rouge")
 
@@ -65,18 +79,31 @@ def _columns(before: dict[str, Any], after: dict[str, Any], signals: dict[str, n
   return cols
 
 
-def run_filter(cfg: RunConfig, run: RunDir, records: list[Record], truncated: int) -> dict:
-  before, after = _read(run, "scores_before.json"), _read(run, "scores_after.json")
-  signals, extra = compute_signals(before, after, _read(run, "scores_replicas.json"),
+def run(ctx: RunContext) -> dict[str, Any]:
+  """The filter phase; a separation warning (see the module docstring) is logged at its end."""
+  info = filter_records(ctx.cfg, ctx.run, ctx.inputs.noisy,
+                        truncated=sum(e.truncated for e in ctx.noisy))
+  warning = separation_warning(ctx.run.root)
+  if warning:
+    log(warning)
+  return info
+
+
+def filter_records(cfg: RunConfig, run: RunDir, records: list[Record],
+                   truncated: int) -> dict[str, Any]:
+  """Signals, threshold and outputs of the filter on `records` (D, in order) from `run`'s scores."""
+  before, after = _read(run, SCORES_BEFORE), _read(run, SCORES_AFTER)
+  signals, extra = compute_signals(before, after, _read(run, SCORES_REPLICAS),
                                    cfg.filter.lnf_floor, cfg.safety.steps,
-                                   _read(run, "scores_noisy_replicas.json"),
+                                   _read(run, SCORES_NOISY_REPLICAS),
                                    cfg.filter.lnf_floor_quantile)
   signal = cfg.filter.signal
   if signal not in signals:
     # The config's settings score it (signals.check_scored, at load), but this run's score files
     # were written with others.
     raise ConfigError(f"filter.signal={signal!r} was not scored in this run; available: "
-                      f"{sorted(signals)} (ff_jax/signals.py names the scoring option each needs)")
+                      f"{sorted(signals)} (ff_jax/forgetting/signals.py names the scoring option "
+                      "each needs)")
   threshold = Threshold.parse(cfg.filter.threshold)
   r = signals[signal]
   flags, phi, info = threshold(r)
@@ -96,7 +123,7 @@ def run_filter(cfg: RunConfig, run: RunDir, records: list[Record], truncated: in
   for i, rec in enumerate(records):
     writer.writerow([rec.id, rec.kind or "", rec.category or "", int(tokens[i]),
                      *(_fmt(col[i]) for col in columns.values()), int(flags[i])])
-  write_atomic(run.file("scores.csv"), buffer.getvalue())
+  write_atomic(run.file(SCORES_CSV), buffer.getvalue())
   if verdict["verdict"] != "separated" and cfg.filter.on_no_separation == "refuse":
     _refuse(run, signal, str(threshold), verdict)
 
@@ -107,8 +134,8 @@ def run_filter(cfg: RunConfig, run: RunDir, records: list[Record], truncated: in
       item = rec.to_dict()
       item["scores"] = {f"r_{k}": float(v[i]) for k, v in signals.items()}
       dropped.append(item)
-  write_jsonl_atomic(run.file("filtered.jsonl"), kept)
-  write_jsonl_atomic(run.file("flagged.jsonl"), dropped)
+  write_jsonl_atomic(run.file(FILTERED), kept)
+  write_jsonl_atomic(run.file(FLAGGED), dropped)
 
   labelled = all(rec.kind is not None for rec in records)
   metrics = None
@@ -121,7 +148,7 @@ def run_filter(cfg: RunConfig, run: RunDir, records: list[Record], truncated: in
              "info": info, "separation": verdict, "metrics": metrics,
              "signals": signal_report(signals, records, threshold),
              "counts": {"kept": len(kept), "flagged": len(dropped), "truncated": int(truncated)}}
-  write_json_atomic(run.file("filter.json"), summary)
+  write_json_atomic(run.file(FILTER_SUMMARY), summary)
   return {"kept": len(kept), "flagged": len(dropped), "phi": float(phi),
           "f1": metrics["f1"] if metrics else None, "separation": verdict["verdict"]}
 
@@ -129,11 +156,11 @@ def run_filter(cfg: RunConfig, run: RunDir, records: list[Record], truncated: in
 def _refuse(run: RunDir, signal: str, threshold: str, verdict: dict[str, Any]) -> None:
   """Raises `NoSeparationError` for `filter.on_no_separation: refuse`, after removing what an
   earlier filter run wrote: no filtered set is left for the clean phase or the user to take."""
-  for name in ("filtered.jsonl", "flagged.jsonl", "filter.json"):
+  for name in (FILTERED, FLAGGED, FILTER_SUMMARY):
     run.file(name).unlink(missing_ok=True)
   raise NoSeparationError(
       f"the filter cannot tell groups apart in filter.signal={signal!r} (filter.threshold="
       f"{threshold}): {'; '.join(verdict['reasons'])}. Nothing was filtered; every signal's "
-      f"scores are in {run.file('scores.csv')}. Rerun with filter.on_no_separation=warn to "
+      f"scores are in {run.file(SCORES_CSV)}. Rerun with filter.on_no_separation=warn to "
       "filter anyway, or with another filter.signal or filter.threshold "
       "(filter.max_drop_fraction=1.0 lifts the limit on the share dropped)")

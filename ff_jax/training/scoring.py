@@ -3,7 +3,7 @@
 For every example of the noisy set and a model (or a stack of parameter snapshots): the summed
 response NLL, the number of target tokens and the number of correctly predicted tokens (one forward
 pass), and optionally the greedy generation scored by ROUGE-1 F against the target response (the
-paper's signal, one decode). `ff_jax.signals` turns such tables into forgetting signals.
+paper's signal, one decode). `ff_jax.forgetting.signals` turns such tables into forgetting signals.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from jax.experimental import multihost_utils
 from ff_jax import parallel
 from ff_jax.data.batching import eval_batches
 from ff_jax.data.templates import EncodedExample
+from ff_jax.eval.text import rouge1_f_batch
 from ff_jax.models.decoding import SamplingConfig, generate
 from ff_jax.models.tokenizer import TextTokenizer
 from ff_jax.progress import Progress
-from ff_jax.text_metrics import rouge1_f_batch
-from ff_jax.train import ModelRuntime, Scorer
+from ff_jax.training.steps import ModelRuntime, Scorer
 
 
 def per_example(step: Callable[[Any, dict[str, Any]], dict[str, Any]], runtime: ModelRuntime,

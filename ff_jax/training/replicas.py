@@ -28,8 +28,8 @@ from ff_jax.data.batching import TrainIterator
 from ff_jax.data.templates import EncodedExample
 from ff_jax.errors import ConfigError, MeshError
 from ff_jax.progress import Progress
-from ff_jax.scoring import score_snapshots
-from ff_jax.train import (
+from ff_jax.training.scoring import score_snapshots
+from ff_jax.training.steps import (
   ModelRuntime,
   OptimConfig,
   make_optimizer,
@@ -212,8 +212,8 @@ def train_single(runtime: ModelRuntime, cfg: OptimConfig, init_params: Any,
   The reference `train_replicas` must match, and the sequential baseline of the sweep benchmark
   (pass one `trainer`/`scorer` for every variant so they compile once, as they could in practice).
   """
-  from ff_jax.scoring import score_examples
-  from ff_jax.train import Scorer, Trainer
+  from ff_jax.training.scoring import score_examples
+  from ff_jax.training.steps import Scorer, Trainer
 
   steps = sorted(set(int(s) for s in steps))
   trainer = trainer or Trainer(runtime, cfg, max(steps))

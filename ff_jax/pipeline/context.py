@@ -1,0 +1,151 @@
+"""What every phase of a run works with: the config, the run directory, the mesh, the inputs
+(encoded once), the model runtimes, and the two things phases do with models: restore one, or
+finetune one and save it.
+
+`open_run` builds it: the inputs are loaded and encoded before the run directory is touched, so a
+bad input never leaves a manifest that blocks the rerun on fixed data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import shutil
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+from ff_jax import parallel
+from ff_jax.config import PhaseConfig, RunConfig
+from ff_jax.data.templates import EncodedExample, PromptTemplate, encode_examples
+from ff_jax.errors import DataError
+from ff_jax.eval.toxicity import ToxicityScorer, make_toxicity_scorer
+from ff_jax.models import lora
+from ff_jax.pipeline.inputs import JobInputs, load_inputs, save_tokenizer
+from ff_jax.pipeline.layout import TRAINING_LOG
+from ff_jax.pipeline.rundir import RunDir
+from ff_jax.progress import MetricsLog
+from ff_jax.training.checkpoints import restore_params, save_params
+from ff_jax.training.loop import PhaseSpec, phase_steps, train_phase
+from ff_jax.training.scoring import per_example_table, score_examples
+from ff_jax.training.steps import ModelRuntime, Scorer
+
+
+@dataclasses.dataclass
+class RunContext:
+  """One run's state shared by its phases (see the module docstring)."""
+
+  cfg: RunConfig
+  run: RunDir
+  mesh: jax.sharding.Mesh
+  inputs: JobInputs
+  template: PromptTemplate
+  noisy: list[EncodedExample]  # D, encoded
+  safe: list[EncodedExample]  # S, encoded
+  manifest: dict[str, Any]
+  runtime: ModelRuntime  # the model the run finetunes (with LoRA adapters when configured)
+  base_runtime: ModelRuntime  # the released model's architecture (no adapters)
+  training_log: MetricsLog
+
+  @functools.cached_property
+  def scorer(self) -> Scorer:
+    return Scorer(self.runtime)
+
+  @functools.cached_property
+  def toxicity_scorer(self) -> ToxicityScorer:
+    return make_toxicity_scorer(self.cfg.evaluate.toxicity)
+
+  @property
+  def pad_id(self) -> int:
+    return self.inputs.tokenizer.pad_id
+
+  def encode(self, records: Sequence) -> list[EncodedExample]:
+    """Records encoded as the run encodes D (template, max_len, overflow rule)."""
+    return encode_examples(self.inputs.tokenizer, records, self.template, self.cfg.data.max_len,
+                           self.cfg.data.overflow)
+
+  def params(self, name: str) -> Any:
+    """A phase's output model, restored onto this mesh (M0 of a user model: from its files).
+
+    With LoRA, M0 gets fresh adapters (seeded by the run, so every finetune of M0 starts from
+    the same ones) and every later model carries its trained adapters.
+    """
+    if name not in ("base", "M0"):
+      return restore_params(self.run.model(name), self.runtime.abstract_with_shardings())
+    if name == "M0" and not self.inputs.is_demo_model:
+      params = self.inputs.load_m0(self.mesh, self.runtime.rules)
+    else:
+      params = restore_params(self.run.model(name), self.base_runtime.abstract_with_shardings())
+    if name == "base" or not self.cfg.lora.rank:
+      return params
+    return lora.add_adapters(params, self.runtime.abstract_params, self.runtime.param_shardings,
+                             self.cfg.seed)
+
+  def spec(self, name: str, phase: PhaseConfig, num_examples: int, seed: int,
+           snapshot_every: int = 0) -> PhaseSpec:
+    """The training loop's settings for finetune `name` of `num_examples` examples."""
+    steps = phase_steps(phase.steps, phase.epochs, num_examples, phase.batch_size, name)
+    return PhaseSpec(name=name, steps=steps, batch_size=phase.batch_size, optim=phase.optim,
+                     seed=seed, buckets=self.cfg.data.buckets,
+                     checkpoint_every=phase.checkpoint_every, snapshot_every=snapshot_every,
+                     adapter_checkpoints=self.cfg.lora.adapter_checkpoints)
+
+  def finetune(self, name: str, phase: PhaseConfig, init: Callable[[], Any],
+               examples: Sequence[EncodedExample], output: str, seed: int,
+               snapshot_every: int = 0, runtime: ModelRuntime | None = None) -> Any:
+    """Finetune `init()` on `examples` with `seed` (`layout.finetune_seed`), resuming from
+    `name`'s step checkpoints; save the result as model `output`, drop the step checkpoints and
+    return the parameters."""
+    if not examples:
+      raise DataError(f"phase {name}: no examples to train on")
+    spec = self.spec(name, phase, len(examples), seed, snapshot_every)
+    snapshot_dir = self.run.snapshots(name) if snapshot_every else None
+    params = train_phase(spec, runtime or self.runtime, init, examples, self.pad_id,
+                         self.run.ckpt(name), self.training_log, snapshot_dir)
+    save_params(self.run.model(output), params)
+    self.drop_step_checkpoints(name)
+    return params
+
+  def drop_step_checkpoints(self, name: str) -> None:
+    # A finetune's output is saved on its own; step checkpoints only serve a resume of it.
+    if jax.process_index() == 0:
+      shutil.rmtree(self.run.ckpt(name), ignore_errors=True)
+
+  def mean_nll(self, params: Any, examples: Sequence[EncodedExample], name: str) -> float:
+    """Mean per-token response NLL of `examples` (NaN for none): one number per set."""
+    if not examples:
+      return float("nan")
+    stats = score_examples(self.scorer, params, examples, self.cfg.scoring.batch_size,
+                           self.cfg.data.buckets, self.pad_id, name)
+    return float(stats["nll_sum"].sum() / max(stats["tokens"].sum(), 1.0))
+
+  def noisy_nll(self, params: Any, name: str,
+                examples: Sequence[EncodedExample] | None = None) -> list[float]:
+    """Per-token NLL of every noisy example (or of `examples`, encoded from them)."""
+    stats = score_examples(self.scorer, params, self.noisy if examples is None else examples,
+                           self.cfg.scoring.batch_size, self.cfg.data.buckets, self.pad_id, name)
+    return per_example_table(stats, None, ())["nll"].tolist()
+
+
+def open_run(cfg: RunConfig, restart: bool = False, redo_from: str | None = None) -> RunContext:
+  """Load and encode the inputs, then open (or create) the run directory's manifest."""
+  run = RunDir(cfg.run_dir)
+  mesh = parallel.make_mesh(cfg.mesh)
+  inputs = load_inputs(cfg, run)
+  template = PromptTemplate(mode=cfg.data.template)
+  encode = lambda records: encode_examples(inputs.tokenizer, records, template,  # noqa: E731
+                                           cfg.data.max_len, cfg.data.overflow)
+  noisy, safe = encode(inputs.noisy), encode(inputs.safe)
+  manifest = run.open(cfg.to_dict(), inputs.fingerprints, restart=restart,
+                      defaults=RunConfig().to_dict(), redo_from=redo_from)
+  if jax.process_index() == 0:
+    save_tokenizer(inputs.tokenizer, run)
+  # With LoRA the run's model is M0's architecture plus adapters; the released model itself
+  # (demo release phase, M0's files) has none.
+  base_cfg = inputs.model_config
+  runtime = ModelRuntime.create(base_cfg.replace(lora=cfg.lora), mesh)
+  base_runtime = ModelRuntime.create(base_cfg, mesh) if cfg.lora.rank else runtime
+  return RunContext(cfg=cfg, run=run, mesh=mesh, inputs=inputs, template=template, noisy=noisy,
+                    safe=safe, manifest=manifest, runtime=runtime, base_runtime=base_runtime,
+                    training_log=MetricsLog(run.file(TRAINING_LOG)))

@@ -1,0 +1,76 @@
+"""The ForgetFilter job as a chain of resumable phases, and the driver that runs them.
+
+  release -> noisy -> score_before -> safety -> safety_replicas -> noisy_replicas
+          -> score_after -> filter -> clean -> evaluate
+
+`release` trains the demo's aligned model M0 (for a user's model it only records the import);
+`noisy` finetunes M0 on D (M1); `safety` finetunes M1 on S (M2); the ensemble phases train more
+of them when the filter's signal averages over replicas; the score phases measure every example of
+D under M1 (and M0) and M2; `filter` computes the forgetting signals and drops the examples whose
+signal exceeds the threshold; `clean` finetunes M0 (never M1/M2) on what is left; `evaluate`
+compares the models. Each phase is a function of the run's context (ff_jax.pipeline.context) that
+ends in an Orbax checkpoint or an atomically written file (ff_jax.pipeline.layout names them) and
+is then marked complete in the manifest; a rerun skips complete phases and resumes a training phase
+from its newest step checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from ff_jax.config import RunConfig
+from ff_jax.pipeline import ensembles, evaluate, filter, finetune, score
+from ff_jax.pipeline.context import RunContext, open_run
+from ff_jax.pipeline.layout import PHASES
+from ff_jax.progress import log
+from ff_jax.report.markdown import write_report
+
+PHASE_RUNNERS: dict[str, Callable[[RunContext], dict[str, Any]]] = {
+    "release": finetune.release,
+    "noisy": finetune.noisy,
+    "score_before": score.score_before,
+    "safety": finetune.safety,
+    "safety_replicas": ensembles.safety_replicas,
+    "noisy_replicas": ensembles.noisy_replicas,
+    "score_after": score.score_after,
+    "filter": filter.run,
+    "clean": finetune.clean,
+    "evaluate": evaluate.run,
+}
+assert tuple(PHASE_RUNNERS) == PHASES, "every phase of the layout has one runner, in order"
+
+
+def execute(ctx: RunContext, until: str | None = None) -> dict[str, Any]:
+  """Run every incomplete phase in order (up to and including `until`); returns the manifest."""
+  phases = PHASES[:PHASES.index(until) + 1] if until else PHASES
+  total = time.perf_counter()
+  for name in phases:
+    if ctx.run.is_complete(ctx.manifest, name):
+      log(f"== {name}: complete, skipped")
+      continue
+    log(f"== {name}")
+    start = time.perf_counter()
+    info = PHASE_RUNNERS[name](ctx)
+    seconds = time.perf_counter() - start
+    ctx.run.mark_complete(ctx.manifest, name, seconds, **(info or {}))
+    log(f"== {name}: done in {seconds:.1f}s")
+  if ctx.run.is_complete(ctx.manifest, "evaluate") and jax.process_index() == 0:
+    # Written after the manifest is final, so the report's timing table has every phase.
+    write_report(ctx.run.root)
+  times = {p: ctx.manifest["phases"].get(p, {}).get("seconds") for p in phases}
+  log("phase times (s): " + ", ".join(f"{p} {t:.1f}" for p, t in times.items() if t is not None))
+  log(f"wall time this invocation: {time.perf_counter() - total:.1f}s")
+  return ctx.manifest
+
+
+def run_job(cfg: RunConfig, restart: bool = False, until: str | None = None,
+            redo_from: str | None = None) -> Path:
+  """Open the run directory of `cfg` and run its phases; returns the run directory."""
+  ctx = open_run(cfg, restart=restart, redo_from=redo_from)
+  execute(ctx, until)
+  return ctx.run.root

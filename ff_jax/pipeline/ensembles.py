@@ -1,0 +1,166 @@
+"""The ensemble phases: more finetunes whose forgetting is averaged with the main run's.
+
+`safety_replicas` trains K − 1 more safety finetunes of M1 (`scoring.replicas`; other seeds, so
+other safe-set orders) for the `*_ens` signals. `noisy_replicas` trains K − 1 more noisy finetunes
+of M0, each followed by its own safety finetune (`scoring.noisy_replicas`) for the `*_nens`
+signals: averaging over M1s removes the luck of one noisy run, which safety replicas of one M1
+cannot (docs/fidelity.md). Passes of `scoring.replicas_per_pass` replicas train stacked (one
+vmapped step for the pass, ff_jax.training.replicas); a pass of one trains with the ordinary steps.
+Per replica only the noisy set's NLL is kept (under its M1 and its M2), one file per pass, so a
+killed phase resumes at the next pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax
+
+from ff_jax.atomic_io import write_json_atomic
+from ff_jax.data.batching import TrainIterator
+from ff_jax.pipeline.context import RunContext
+from ff_jax.pipeline.layout import (
+  REPLICA_PASSES,
+  REPLICA_SEED_STRIDE,
+  SCORES_NOISY_REPLICAS,
+  SCORES_REPLICAS,
+  finetune_seed,
+)
+from ff_jax.progress import log
+from ff_jax.training.loop import PhaseSpec, train_phase
+from ff_jax.training.replicas import ReplicaTrainer, train_replicas, train_single
+from ff_jax.training.steps import Trainer
+
+
+def replicas_per_pass(ctx: RunContext, extra: int) -> int:
+  """How many of `extra` replicas one stacked pass trains (`scoring.replicas_per_pass`).
+
+  Memory grows with the stack (copies of params, moments and activations); passes bound it and
+  give the same replicas, each with its own batch stream. LoRA trains one at a time: the stacked
+  step trains every parameter, not just the adapters; so do several processes (a pod): stacked
+  batches are built whole on one host.
+  """
+  if ctx.cfg.lora.rank or jax.process_count() > 1:
+    return 1
+  return ctx.cfg.scoring.replicas_per_pass or extra
+
+
+def _specs(ctx: RunContext) -> tuple[PhaseSpec, PhaseSpec]:
+  """The noisy and safety finetunes' loop settings, as the main run trains them."""
+  cfg = ctx.cfg
+  return (ctx.spec("noisy", cfg.noisy, len(ctx.noisy), finetune_seed(cfg.seed, "noisy")),
+          ctx.spec("safety", cfg.safety, len(ctx.safe), finetune_seed(cfg.seed, "safety")))
+
+
+def safety_replicas(ctx: RunContext) -> dict[str, Any]:
+  """K − 1 more safety finetunings of M1; the noisy set's NLL under each (`scores_replicas.json`)
+  gives, with the safety phase's own M2, the replica-ensemble signals."""
+  k = ctx.cfg.scoring.replicas
+  if k == 1:
+    return {"replicas": 1}
+  spec = _specs(ctx)[1]
+  seeds = [spec.seed + REPLICA_SEED_STRIDE * i for i in range(1, k)]
+  per_pass = replicas_per_pass(ctx, len(seeds))
+  batch_size = ctx.cfg.scoring.batch_size
+  single = None
+  rows = []
+  for start in range(0, len(seeds), per_pass):
+    chunk = seeds[start:start + per_pass]
+    done = ctx.run.file(REPLICA_PASSES) / f"pass_{start}.json"
+    if done.exists() and json.loads(done.read_text())["seeds"] == chunk:
+      rows += json.loads(done.read_text())["nll"]
+      continue
+    iterators = [TrainIterator(ctx.safe, spec.batch_size, seed, spec.buckets, pad_id=ctx.pad_id)
+                 for seed in chunk]
+    if len(chunk) == 1:
+      # One replica: the ordinary (unvmapped) steps, compiled once for every pass.
+      single = single or Trainer(ctx.runtime, spec.optim, spec.steps)
+      nll = train_single(ctx.runtime, spec.optim, ctx.params("M1"), iterators[0], [spec.steps],
+                         ctx.noisy, batch_size, spec.buckets, ctx.pad_id, trainer=single,
+                         scorer=ctx.scorer)[None]
+    else:
+      trainer = ReplicaTrainer(ctx.runtime, spec.optim, spec.steps, len(chunk))
+      nll, _ = train_replicas(trainer, ctx.params("M1"), iterators, [spec.steps], ctx.noisy,
+                              batch_size, spec.buckets, ctx.pad_id, name="safety_replicas")
+    write_json_atomic(done, {"seeds": chunk, "nll": nll[:, -1].tolist()})
+    rows += nll[:, -1].tolist()
+    log(f"safety replicas: {start + len(chunk)}/{len(seeds)} trained")
+  write_json_atomic(ctx.run.file(SCORES_REPLICAS),
+                    {"seeds": seeds, "steps": spec.steps, "nll": rows})
+  return {"replicas": k}
+
+
+def noisy_replicas(ctx: RunContext) -> dict[str, Any]:
+  """K − 1 more noisy finetunes of M0, each with its own safety finetune
+  (`scores_noisy_replicas.json`: the noisy set's NLL under each replica's M1 and M2)."""
+  k = ctx.cfg.scoring.noisy_replicas
+  if k == 1:
+    return {"noisy_replicas": 1}
+  noisy, safety = _specs(ctx)
+  seeds = {i: [noisy.seed + REPLICA_SEED_STRIDE * i, safety.seed + REPLICA_SEED_STRIDE * i]
+           for i in range(1, k)}
+  per_pass = replicas_per_pass(ctx, k - 1)
+  rows = {}
+  for start in range(1, k, per_pass):
+    chunk = list(range(start, min(k, start + per_pass)))
+    files = {i: ctx.run.file(REPLICA_PASSES) / f"noisy_{i}.json" for i in chunk}
+    saved = {i: json.loads(f.read_text()) for i, f in files.items() if f.exists()}
+    if all(i in saved and saved[i]["seeds"] == seeds[i] for i in chunk):
+      rows.update(saved)
+      continue
+    if len(chunk) == 1:
+      trained = {chunk[0]: _noisy_replica_alone(ctx, chunk[0], seeds[chunk[0]], noisy, safety)}
+    else:
+      trained = _noisy_replicas_stacked(ctx, {i: seeds[i] for i in chunk}, noisy, safety)
+    for i, row in trained.items():
+      write_json_atomic(files[i], row)
+      for name in (f"noisy_{i}", f"safety_{i}"):
+        ctx.drop_step_checkpoints(name)  # a one-replica pass's; its scores are saved now
+    rows.update(trained)
+    log(f"noisy replicas: {chunk[-1]}/{k - 1} trained")
+  ordered = [rows[i] for i in range(1, k)]
+  write_json_atomic(ctx.run.file(SCORES_NOISY_REPLICAS),
+                    {"seeds": [row["seeds"] for row in ordered],
+                     "nll_before": [row["nll_before"] for row in ordered],
+                     "nll_after": [row["nll_after"] for row in ordered]})
+  return {"noisy_replicas": k}
+
+
+def _noisy_replica_alone(ctx: RunContext, i: int, seeds: list[int], noisy: PhaseSpec,
+                         safety: PhaseSpec) -> dict[str, Any]:
+  """Noisy replica i with the ordinary steps, resumable from its step checkpoints."""
+  names = (f"noisy_{i}", f"safety_{i}")
+  m1 = train_phase(dataclasses.replace(noisy, name=names[0], seed=seeds[0]), ctx.runtime,
+                   lambda: ctx.params("M0"), ctx.noisy, ctx.pad_id, ctx.run.ckpt(names[0]),
+                   ctx.training_log)
+  nll_before = ctx.noisy_nll(m1, f"{names[0]}/score")
+  m2 = train_phase(dataclasses.replace(safety, name=names[1], seed=seeds[1]), ctx.runtime,
+                   lambda: m1, ctx.safe, ctx.pad_id, ctx.run.ckpt(names[1]), ctx.training_log)
+  return {"seeds": seeds, "nll_before": nll_before,
+          "nll_after": ctx.noisy_nll(m2, f"{names[1]}/score")}
+
+
+def _noisy_replicas_stacked(ctx: RunContext, seeds: dict[int, list[int]], noisy: PhaseSpec,
+                            safety: PhaseSpec) -> dict[int, dict[str, Any]]:
+  """Noisy replicas `seeds` (index: [noisy seed, safety seed]) trained together: the same batch
+  streams as `_noisy_replica_alone`, one vmapped step per phase."""
+  pad_id, batch_size = ctx.pad_id, ctx.cfg.scoring.batch_size
+  label = f"{min(seeds)}-{max(seeds)}"
+
+  def streams(spec: PhaseSpec, examples, column: int) -> list[TrainIterator]:
+    return [TrainIterator(examples, spec.batch_size, pair[column], spec.buckets, pad_id=pad_id)
+            for pair in seeds.values()]
+
+  nll_before, m1s = train_replicas(
+      ReplicaTrainer(ctx.runtime, noisy.optim, noisy.steps, len(seeds)), ctx.params("M0"),
+      streams(noisy, ctx.noisy, 0), [noisy.steps], ctx.noisy, batch_size, noisy.buckets, pad_id,
+      name=f"noisy_{label}")
+  nll_after, _ = train_replicas(
+      ReplicaTrainer(ctx.runtime, safety.optim, safety.steps, len(seeds)), m1s,
+      streams(safety, ctx.safe, 1), [safety.steps], ctx.noisy, batch_size, safety.buckets,
+      pad_id, stacked_init=True, name=f"safety_{label}")
+  return {i: {"seeds": pair, "nll_before": nll_before[j, -1].tolist(),
+              "nll_after": nll_after[j, -1].tolist()}
+          for j, (i, pair) in enumerate(seeds.items())}

@@ -1,0 +1,65 @@
+"""The phases that finetune one model: `release` (the demo's aligned M0), `noisy` (M0 on D → M1),
+`safety` (M1 on S → M2, with snapshots for the forgetting curves) and `clean` (M0 on what the
+filter kept → the deliverable, exported as an HF folder).
+
+The clean model is finetuned from M0, never from M1 or M2: it must not have seen the flagged
+examples at all.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ff_jax.data import records as records_io
+from ff_jax.data.templates import encode_examples
+from ff_jax.errors import DataError
+from ff_jax.models import lora
+from ff_jax.pipeline.context import RunContext
+from ff_jax.pipeline.layout import CLEAN_HF, FILTERED, finetune_seed
+
+
+def release(ctx: RunContext) -> dict[str, Any]:
+  """Demo only: pretrain a tiny model on the demo world and align it (M0). A user's model is M0
+  as given; the phase only records its source."""
+  if not ctx.inputs.is_demo_model:
+    return {"source": ctx.cfg.model.source}
+  world, demo, seed = ctx.inputs.world, ctx.cfg.demo, ctx.cfg.seed
+  tok, max_len = ctx.inputs.tokenizer, ctx.cfg.data.max_len
+  corpus = encode_examples(tok, world.corpus, ctx.template, max_len)
+  align = encode_examples(tok, world.alignment, ctx.template, max_len)
+  # The released model is trained in full, without adapters, whatever the run finetunes.
+  base = ctx.base_runtime
+  ctx.finetune("release_pretrain", demo.pretrain, lambda: base.init_params(seed), corpus, "base",
+               finetune_seed(seed, "release_pretrain"), runtime=base)
+  ctx.finetune("release_align", demo.align, lambda: ctx.params("base"), align, "M0",
+               finetune_seed(seed, "release_align"), runtime=base)
+  return {"pretrain_examples": len(corpus), "align_examples": len(align)}
+
+
+def noisy(ctx: RunContext) -> dict[str, Any]:
+  ctx.finetune("noisy", ctx.cfg.noisy, lambda: ctx.params("M0"), ctx.noisy, "M1",
+               finetune_seed(ctx.cfg.seed, "noisy"))
+  return {"examples": len(ctx.noisy)}
+
+
+def safety(ctx: RunContext) -> dict[str, Any]:
+  if not ctx.safe:
+    raise DataError("the safe set is empty: safety finetuning needs at least one example")
+  ctx.finetune("safety", ctx.cfg.safety, lambda: ctx.params("M1"), ctx.safe, "M2",
+               finetune_seed(ctx.cfg.seed, "safety"),
+               snapshot_every=ctx.cfg.scoring.snapshot_every)
+  return {"examples": len(ctx.safe)}
+
+
+def clean(ctx: RunContext) -> dict[str, Any]:
+  path = ctx.run.file(FILTERED)
+  if not path.read_text(encoding="utf-8").strip():
+    raise DataError(f"{path}: the filter flagged every example of data.noisy, so nothing is left "
+                    "to finetune the clean model on (see filter.json; raise filter.threshold)")
+  examples = ctx.encode(records_io.read_jsonl(path))
+  params = ctx.finetune("clean", ctx.cfg.clean_phase, lambda: ctx.params("M0"), examples, "clean",
+                        finetune_seed(ctx.cfg.seed, "clean"))
+  if ctx.cfg.lora.rank:  # the export is a plain model: adapters folded into the weights
+    params = lora.merge(params, ctx.runtime.cfg)
+  export = ctx.inputs.export_hf(ctx.run.file(CLEAN_HF), ctx.runtime, params)
+  return {"examples": len(examples), "hf_export": str(export) if export else None}
