@@ -39,7 +39,6 @@ DEFAULT_RULES: dict[str, tuple[str, ...] | None] = {
     "head_dim": None,
     "norm": None,
     "position": None,
-    "replica": None,  # sweeps stack replicas on a leading axis; mapped by the sweep's own rules
 }
 
 
@@ -126,11 +125,48 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def batch_sharding(mesh: Mesh, rules: Mapping[str, tuple[str, ...] | None] = DEFAULT_RULES,
-                   ndim: int = 2) -> NamedSharding:
-  """Rows over the data-parallel axes, everything else replicated."""
-  axes = tuple(a for a in (rules.get("batch") or ()) if a in mesh.shape)
-  return NamedSharding(mesh, PartitionSpec(axes or None, *([None] * (ndim - 1))))
+# The batch contract of `ff_jax.data.batching`: each key's rank ([B, T] tokens and masks, [B] ids).
+BATCH_RANKS = {"tokens": 2, "mask": 2, "loss_mask": 2, "example_id": 1}
+
+# Mesh axis that K stacked replicas (parameters, optimizer states, batches) are sharded over.
+REPLICA_AXIS = "replica"
+
+
+def data_axes(mesh: Mesh, rules: Mapping[str, tuple[str, ...] | None] = DEFAULT_RULES
+              ) -> tuple[str, ...]:
+  """The mesh axes that batch rows are split over."""
+  return tuple(a for a in (rules.get("batch") or ()) if a in mesh.shape)
+
+
+def check_batch_rows(rows: int, mesh: Mesh,
+                     rules: Mapping[str, tuple[str, ...] | None] = DEFAULT_RULES) -> None:
+  """Refuse a global batch of `rows` that the data-parallel shards do not divide."""
+  ways = math.prod(mesh.shape[a] for a in data_axes(mesh, rules))
+  if rows % ways:
+    raise ConfigError(f"batch_size {rows} is not divisible by the {ways} data-parallel shards of "
+                      f"mesh {dict(mesh.shape)}; use a multiple of {ways}")
+
+
+def stack_sharding(sharding: NamedSharding) -> NamedSharding:
+  """The sharding of a [K, ...] stack whose slices are sharded like `sharding`: K over the
+  mesh's `replica` axis where it has one, else unsharded (e.g. parameter snapshots)."""
+  lead = REPLICA_AXIS if REPLICA_AXIS in sharding.mesh.shape else None
+  return NamedSharding(sharding.mesh, PartitionSpec(lead, *sharding.spec))
+
+
+def batch_shardings(mesh: Mesh, rules: Mapping[str, tuple[str, ...] | None] = DEFAULT_RULES,
+                    stacked: bool = False) -> dict[str, NamedSharding]:
+  """Shardings of a batch (`BATCH_RANKS`): rows over the data-parallel axes, the rest replicated.
+
+  `stacked`: K replicas' batches stacked on a leading axis ([K, B, T]), see `stack_sharding`.
+  Per-example outputs of a step are sharded like `example_id`.
+  """
+  rows = data_axes(mesh, rules) or None
+  shardings = {key: NamedSharding(mesh, PartitionSpec(rows, *([None] * (rank - 1))))
+               for key, rank in BATCH_RANKS.items()}
+  if stacked:
+    return {key: stack_sharding(sharding) for key, sharding in shardings.items()}
+  return shardings
 
 
 def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
@@ -139,16 +175,10 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
 
   Every process passes only the rows it loaded; on one host this is a plain sharded device_put.
   """
-  sharding = batch_sharding(mesh, rules)
-  ways = math.prod(mesh.shape[a] for a in (sharding.spec[0] or ()))
-  rows = next(iter(local_batch.values())).shape[0] * jax.process_count()
-  if rows % ways:
-    raise ConfigError(f"batch_size {rows} is not divisible by the {ways} data-parallel shards of "
-                      f"mesh {dict(mesh.shape)}; use a multiple of {ways}")
-  return {
-      key: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, value.ndim), value)
-      for key, value in local_batch.items()
-  }
+  check_batch_rows(next(iter(local_batch.values())).shape[0] * jax.process_count(), mesh, rules)
+  shardings = batch_shardings(mesh, rules)
+  return {key: jax.make_array_from_process_local_data(shardings[key], value)
+          for key, value in local_batch.items()}
 
 
 def shard_params(params: Any, shardings: Any) -> Any:

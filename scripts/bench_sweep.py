@@ -25,12 +25,10 @@ from ff_jax.data.batching import eval_batches  # noqa: E402
 from ff_jax.data.templates import EncodedExample  # noqa: E402
 from ff_jax.models import ModelConfig  # noqa: E402
 from ff_jax.perf.bench import flops_per_token, matmul_peak  # noqa: E402
+from ff_jax.training.loop import train_and_score  # noqa: E402
 from ff_jax.training.replicas import (  # noqa: E402
   ReplicaMeshConfig,
-  ReplicaTrainer,
   make_replica_mesh,
-  train_replicas,
-  train_single,
   variant_iterator,
 )
 from ff_jax.training.steps import ModelRuntime, OptimConfig, Scorer, Trainer  # noqa: E402
@@ -90,14 +88,15 @@ def main() -> None:
   trainer, scorer = Trainer(runtime, optim, max(steps)), Scorer(runtime)
 
   def sequential():
-    return np.stack([train_single(runtime, optim, params, it, steps, noisy, 48, BUCKETS, 0,
-                                  trainer=trainer, scorer=scorer) for it in its()])
+    return np.concatenate([train_and_score(trainer, scorer, params, [it], steps, noisy, 48,
+                                           BUCKETS, 0)[0] for it in its()])
 
   rruntime = ModelRuntime.create(cfg, make_replica_mesh(ReplicaMeshConfig(1, 1, 1, 1)))
-  rtrainer = ReplicaTrainer(rruntime, optim, max(steps), args.k)
+  rtrainer = Trainer(rruntime, optim, max(steps), replicas=args.k)
+  rscorer = Scorer(rruntime)
 
   def vmapped():
-    return train_replicas(rtrainer, params, its(), steps, noisy, 48, BUCKETS, 0)[0]
+    return train_and_score(rtrainer, rscorer, params, its(), steps, noisy, 48, BUCKETS, 0)[0]
 
   times = {}
   for name, fn in (("sequential", sequential), ("vmapped", vmapped)):

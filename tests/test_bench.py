@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from ff_jax import cli
 from ff_jax.models import tiny_llama
 from ff_jax.perf.bench import BenchConfig, decode_flops, flops_per_token, matmul_params, run_bench
@@ -22,6 +24,7 @@ def test_flop_accounting_matches_hand_count():
   assert decode_flops(cfg, 3, 5, 4) == 3 * (8 * body + 4 * 2 * 64 * 256)
 
 
+@pytest.mark.slow
 def test_bench_reports_every_path(tmp_path, capsys):
   result = run_bench(BenchConfig(model=TINY, batch_size=8, seq_len=32, repeats=2,
                                  decode_batch=4, decode_prompt_len=8, decode_new_tokens=4,

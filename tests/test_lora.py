@@ -48,7 +48,7 @@ def adapted():
   rng = np.random.default_rng(0)
   for _ in range(5):
     batch = parallel.global_batch(_batch(rng), mesh, rt.rules)
-    state, _, _ = trainer.step(state, batch)
+    state, _ = trainer.step(state, batch)
   return base_rt, rt, base, params, state
 
 
@@ -94,6 +94,7 @@ def test_lora_config_is_checked():
     LoraConfig(rank=4, dropout=1.0)
 
 
+@pytest.mark.slow
 def test_lora_run_checkpoints_adapters_and_exports_a_merged_model(tmp_path):
   run_dir = tmp_path / "run"
   args = ["run", f"run_dir={run_dir}", *TINY_DEMO, "lora.rank=4", "lora.alpha=8",

@@ -109,6 +109,7 @@ def _scores(run_dir: Path) -> dict[str, list[str]]:
   return {key: [row[key] for row in rows] for key in rows[0]}
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_and_resume_after_a_kill(tmp_path):
   single = tmp_path / "single"
   proc = subprocess.run(ff_jax_cmd("run", f"run_dir={single}", *ARGS), cwd=REPO, env=_env(4),
@@ -137,6 +138,7 @@ def test_two_processes_match_one_and_resume_after_a_kill(tmp_path):
     np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-3, equal_nan=True, err_msg=key)
 
 
+@pytest.mark.slow
 def test_overlapping_saves_of_two_managers(tmp_path):
   """A phase's async save still finalizing while a snapshot is saved (regression: both managers
   waited on Orbax's fixed barrier name from two threads, and the coordination service refused with

@@ -7,7 +7,7 @@ from jax.sharding import PartitionSpec as P
 
 from ff_jax import parallel
 from ff_jax.errors import MeshError
-from ff_jax.models import tiny_llama
+from ff_jax.models import init_params, tiny_llama
 from ff_jax.training.steps import ModelRuntime, OptimConfig, Scorer, Trainer
 
 pytestmark = pytest.mark.multidevice
@@ -39,26 +39,27 @@ def _run(mesh_cfg, devices, steps=3, accum=1, attention="auto"):
   runtime = ModelRuntime.create(cfg, mesh)
   trainer = Trainer(runtime, OptimConfig(learning_rate=1e-3, grad_accum_steps=accum), steps)
   state = trainer.init_state(runtime.init_params(seed=0))
-  losses, per_example = [], []
+  losses = []
   for step in range(steps):
-    batch = parallel.global_batch(_batch(seed=step), mesh)
-    state, metrics, per_ex = trainer.step(state, batch)
+    state, metrics = trainer.step(state, trainer.put_batch(_batch(seed=step)))
     losses.append(float(metrics["loss"]))
-    per_example.append(np.asarray(per_ex))
   scores = Scorer(runtime).step(state["params"], parallel.global_batch(_batch(seed=9), mesh))
-  return runtime, trainer, state, np.array(losses), np.stack(per_example), scores
+  return runtime, trainer, state, np.array(losses), scores
+
+
+def _assert_same_scores(scores, ref_scores, label=""):
+  for key in ref_scores:
+    np.testing.assert_allclose(scores[key], ref_scores[key], rtol=2e-5, err_msg=f"{label} {key}")
 
 
 def test_same_losses_on_one_device_and_on_sharded_meshes():
   _need_devices(8)
   devices = jax.devices()
-  _, _, _, ref_loss, ref_pe, ref_scores = _run(parallel.MeshConfig(1, 1, 1), devices[:1])
+  _, _, _, ref_loss, ref_scores = _run(parallel.MeshConfig(1, 1, 1), devices[:1])
   for shape in [(8, 1, 1), (2, 2, 2), (1, 4, 2)]:
-    _, _, _, loss, pe, scores = _run(parallel.MeshConfig(*shape), devices)
+    _, _, _, loss, scores = _run(parallel.MeshConfig(*shape), devices)
     np.testing.assert_allclose(loss, ref_loss, atol=1e-5, err_msg=str(shape))
-    np.testing.assert_allclose(pe, ref_pe, atol=1e-5, err_msg=str(shape))
-    for key in ref_scores:
-      np.testing.assert_allclose(scores[key], ref_scores[key], rtol=2e-5, err_msg=key)
+    _assert_same_scores(scores, ref_scores, str(shape))
 
 
 def test_fused_attention_on_a_sharded_mesh():
@@ -66,18 +67,18 @@ def test_fused_attention_on_a_sharded_mesh():
   # sharding, against the einsum path on one device.
   _need_devices(8)
   devices = jax.devices()
-  _, _, _, ref_loss, ref_pe, _ = _run(parallel.MeshConfig(1, 1, 1), devices[:1])
-  _, _, _, loss, pe, _ = _run(parallel.MeshConfig(2, 2, 2), devices, attention="xla")
+  _, _, _, ref_loss, ref_scores = _run(parallel.MeshConfig(1, 1, 1), devices[:1])
+  _, _, _, loss, scores = _run(parallel.MeshConfig(2, 2, 2), devices, attention="xla")
   np.testing.assert_allclose(loss, ref_loss, atol=1e-5)
-  np.testing.assert_allclose(pe, ref_pe, atol=1e-5)
+  _assert_same_scores(scores, ref_scores)
 
 
 def test_gradient_accumulation_matches_the_full_batch():
   _need_devices(8)
-  _, _, _, ref_loss, ref_pe, _ = _run(parallel.MeshConfig(2, 2, 2), jax.devices())
-  _, _, _, loss, pe, _ = _run(parallel.MeshConfig(2, 2, 2), jax.devices(), accum=2)
+  _, _, _, ref_loss, ref_scores = _run(parallel.MeshConfig(2, 2, 2), jax.devices())
+  _, _, _, loss, scores = _run(parallel.MeshConfig(2, 2, 2), jax.devices(), accum=2)
   np.testing.assert_allclose(loss, ref_loss, atol=1e-5)
-  np.testing.assert_allclose(pe, ref_pe, atol=1e-5)
+  _assert_same_scores(scores, ref_scores)
 
 
 def test_parameter_shardings_follow_the_rules_and_the_step_traces_once():
@@ -104,7 +105,6 @@ def test_sharded_init_never_materialises_the_whole_model():
   mesh = parallel.make_mesh(parallel.MeshConfig(1, 8, 1))
   runtime = ModelRuntime.create(cfg, mesh)
   total_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(runtime.abstract_params))
-  from ff_jax.models import init_params
   shardings = runtime.param_shardings
   compiled = jax.jit(lambda: init_params(cfg, 0, shardings),
                      out_shardings=shardings).lower().compile()

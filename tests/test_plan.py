@@ -37,6 +37,7 @@ def test_per_device_bytes_match_the_placed_shards():
   assert total / 4 <= planner.param_bytes < total / 2
 
 
+@pytest.mark.slow
 def test_refuses_a_batch_that_does_not_fit_and_names_one_that_does(tmp_path):
   cfg = load_config(None, [*TINY_DEMO, f"run_dir={tmp_path}", "noisy.batch_size=512",
                            "safety.batch_size=8", "scoring.batch_size=8", "mesh.fsdp=8"])
@@ -67,6 +68,7 @@ def test_topology_needs_libtpu_or_names_the_slice():
       topology_devices("v4-32")
 
 
+@pytest.mark.slow
 def test_llama2_7b_preset_on_8_fake_devices(tmp_path):
   """No weights here: the preset's architecture is planned. On 8 devices of 8 GiB, fp32 params
   and AdamW state alone (9.4 GiB per device) do not fit: refused whatever the batch."""

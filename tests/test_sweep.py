@@ -3,25 +3,30 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ff_jax import parallel
 from ff_jax.data.templates import EncodedExample
+from ff_jax.errors import RunDirError
+from ff_jax.experiments import sweep
 from ff_jax.models import tiny_llama
+from ff_jax.progress import Progress
+from ff_jax.training.checkpoints import PhaseCheckpoints
+from ff_jax.training.loop import train_and_score, train_loop
 from ff_jax.training.replicas import (
   ReplicaMeshConfig,
-  ReplicaTrainer,
+  StackedBatches,
   make_replica_mesh,
   stacked_batch,
-  train_replicas,
-  train_single,
   variant_iterator,
 )
-from ff_jax.training.steps import ModelRuntime, OptimConfig
+from ff_jax.training.steps import ModelRuntime, OptimConfig, Scorer, Trainer
 
 BUCKETS = (16, 32)
 PAD = 0
@@ -62,13 +67,19 @@ def test_vmapped_replicas_match_each_variant_alone():
   its = [variant_iterator(safe, n, s, 4, BUCKETS, PAD) for n, s in variants]
   rmesh = make_replica_mesh(ReplicaMeshConfig(1, 1, 1, 1), devices)
   rruntime = ModelRuntime.create(_cfg(), rmesh)
-  trainer = ReplicaTrainer(rruntime, OPTIM, max(steps), len(variants))
-  stacked, _ = train_replicas(trainer, params, its, steps, noisy, 5, BUCKETS, PAD)
+  trainer = Trainer(rruntime, OPTIM, max(steps), replicas=len(variants))
+  stacked, _ = train_and_score(trainer, Scorer(rruntime), params, its, steps, noisy, 5, BUCKETS,
+                               PAD)
+  assert stacked.shape == (len(variants), len(steps), len(noisy))
   assert trainer.trace_count == 1
+  # One trainer and scorer for every variant alone; `params` stays usable across the runs.
+  single, scorer = Trainer(runtime, OPTIM, max(steps)), Scorer(runtime)
   for k, (n, s) in enumerate(variants):
-    alone = train_single(runtime, OPTIM, params, variant_iterator(safe, n, s, 4, BUCKETS, PAD),
-                         steps, noisy, 5, BUCKETS, PAD)
-    np.testing.assert_allclose(stacked[k], alone, rtol=1e-4, err_msg=str((n, s)))
+    alone, _ = train_and_score(single, scorer, params,
+                               [variant_iterator(safe, n, s, 4, BUCKETS, PAD)], steps, noisy, 5,
+                               BUCKETS, PAD)
+    np.testing.assert_allclose(stacked[k], alone[0], rtol=1e-4, err_msg=str((n, s)))
+  assert single.trace_count == 1
   # The replicas really differ (each trained on its own stream).
   assert not np.allclose(stacked[0], stacked[2], rtol=1e-3)
 
@@ -78,13 +89,13 @@ def test_replica_axis_puts_each_replica_on_its_own_devices():
     pytest.skip("needs 8 devices")
   mesh = make_replica_mesh(ReplicaMeshConfig(replica=4, data=2, fsdp=1, tensor=1))
   runtime = ModelRuntime.create(_cfg(), mesh)
-  trainer = ReplicaTrainer(runtime, OPTIM, 3, 4)
+  trainer = Trainer(runtime, OPTIM, 3, replicas=4)
   state = trainer.init_state(runtime.init_params(seed=0))
   safe = _examples(16, 3)
   its = [variant_iterator(safe, 8 + 2 * k, k, 4, BUCKETS, PAD) for k in range(4)]
   batch = stacked_batch([it.next_batch()[0] for it in its], PAD)
-  state, metrics, per_example = trainer.step(state, trainer.put_batch(batch))
-  assert metrics["loss"].shape == (4,) and per_example.shape == (4, 4)
+  state, metrics = trainer.step(state, trainer.put_batch(batch))
+  assert metrics["loss"].shape == (4,)
   devices = np.asarray(mesh.devices)  # [replica, data, fsdp, tensor]
   for leaf in jax.tree.leaves(state["params"]) + jax.tree.leaves(state["opt_state"]):
     assert leaf.sharding.spec[0] == "replica"
@@ -97,34 +108,59 @@ def test_replica_axis_puts_each_replica_on_its_own_devices():
   assert tok.sharding.spec[:2] == ("replica", ("data", "fsdp")) or tok.sharding.spec[1] in (
       "data", ("data",), ("data", "fsdp"))
   assert all(s.data.shape[:2] == (1, 2) for s in tok.addressable_shards)
+  # The stacked score step keeps each replica's scores on its own devices too.
+  scores = Scorer(runtime).stacked_step(state["params"], parallel.global_batch(
+      {k: v[0] for k, v in batch.items()}, mesh))
+  assert scores["nll_sum"].shape == (4, 4) and scores["nll_sum"].sharding.spec[0] == "replica"
+
+
+def test_stacked_replicas_resume_from_a_step_checkpoint(tmp_path):
+  """A stacked loop killed after a checkpoint resumes every replica's stream where it was."""
+  mesh = make_replica_mesh(ReplicaMeshConfig(1, 1, 1, 1), jax.devices()[:1])
+  runtime = ModelRuntime.create(_cfg(), mesh)
+  params = runtime.init_params(seed=0)
+  safe = _examples(12, 6)
+
+  def train(steps, ckpt_dir):
+    trainer = Trainer(runtime, OPTIM, 4, replicas=2)
+    batches = StackedBatches([variant_iterator(safe, n, n, 4, BUCKETS, PAD) for n in (6, 12)],
+                             PAD)
+    checkpoints = PhaseCheckpoints(ckpt_dir)
+    out = train_loop(trainer, lambda: jax.tree.map(jnp.copy, params), batches, steps, "stacked",
+                     checkpoints=checkpoints, checkpoint_every=2)
+    checkpoints.close()
+    return jax.tree.map(np.asarray, out)
+
+  straight = train(4, tmp_path / "straight")
+  train(2, tmp_path / "resumed")  # as if killed right after step 2's checkpoint
+  resumed = train(4, tmp_path / "resumed")
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(*jax.tree.leaves(straight)[0])  # the two replicas differ
 
 
 def _inputs(mesh):
-  from ff_jax.experiments.sweep import SweepInputs
-
   runtime = ModelRuntime.create(_cfg(), mesh)
   noisy = _examples(12, 5)
-  return SweepInputs(runtime=runtime, m1=runtime.init_params(seed=0), safe=_examples(16, 4),
+  return sweep.SweepInputs(runtime=runtime, m1=runtime.init_params(seed=0), safe=_examples(16, 4),
                      noisy=noisy, nll_before=np.full(len(noisy), 5.0),
                      is_unsafe=np.arange(len(noisy)) % 2 == 0, buckets=BUCKETS, pad_id=PAD)
 
 
 def test_resume_skips_finished_chunks(tmp_path, monkeypatch):
-  from ff_jax.experiments import sweep
-
   mesh = make_replica_mesh(ReplicaMeshConfig(1, 1, 1, 1), jax.devices()[:1])
   inputs = _inputs(mesh)
   cfg = sweep.SweepConfig(out_dir=str(tmp_path / "sw"), safe_sizes=(4, 8), seeds=(0, 1, 2),
                           steps=(1, 2), batch_size=4, chunk_size=4, score_batch_size=6,
                           phis=(0.0, 0.5))
   calls = []
-  real = sweep.train_replicas
+  real = sweep.train_and_score
 
-  def counting(trainer, init, its, *args, **kwargs):
+  def counting(trainer, scorer, init, its, *args, **kwargs):
     calls.append(len(its))
-    return real(trainer, init, its, *args, **kwargs)
+    return real(trainer, scorer, init, its, *args, **kwargs)
 
-  monkeypatch.setattr(sweep, "train_replicas", counting)
+  monkeypatch.setattr(sweep, "train_and_score", counting)
   out = sweep.run_sweep(cfg, inputs)
   assert calls == [4, 4]  # 6 variants in 2 chunks of 4 (the last padded)
   first = (out / "results.csv").read_text()
@@ -145,8 +181,6 @@ def test_resume_skips_finished_chunks(tmp_path, monkeypatch):
   sweep.run_sweep(cfg, inputs)
   assert calls == []
   # A saved chunk from another config is refused, not silently mixed in.
-  from ff_jax.errors import RunDirError
-
   with pytest.raises(RunDirError, match="another config"):
     sweep.run_sweep(dataclasses.replace(cfg, batch_size=2), inputs)
 
@@ -154,10 +188,6 @@ def test_resume_skips_finished_chunks(tmp_path, monkeypatch):
 
 def test_progress_is_due_at_the_first_update_each_interval_and_the_end():
   """`due` tells an asynchronous loop when to wait for the device before `update` prints."""
-  import io
-
-  from ff_jax.progress import Progress
-
   out = io.StringIO()
   progress = Progress("stacked", 10, interval=3600, stream=out)
   assert progress.due(1)

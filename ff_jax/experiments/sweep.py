@@ -35,15 +35,11 @@ from ff_jax.pipeline.inputs import load_inputs
 from ff_jax.pipeline.layout import SCORES_BEFORE
 from ff_jax.pipeline.rundir import RunDir
 from ff_jax.progress import log
+from ff_jax.report.sweep import sweep_plots, write_sweep_report
 from ff_jax.training.checkpoints import restore_params
-from ff_jax.training.replicas import (
-  ReplicaMeshConfig,
-  ReplicaTrainer,
-  make_replica_mesh,
-  train_replicas,
-  variant_iterator,
-)
-from ff_jax.training.steps import ModelRuntime, OptimConfig
+from ff_jax.training.loop import train_and_score
+from ff_jax.training.replicas import ReplicaMeshConfig, make_replica_mesh, variant_iterator
+from ff_jax.training.steps import ModelRuntime, OptimConfig, Scorer, Trainer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +127,7 @@ def run_chunks(cfg: SweepConfig, inputs: SweepInputs, out_dir: Path) -> dict[tup
     if not 1 <= n <= len(inputs.safe):
       raise ConfigError(f"sweep.safe_sizes: {n} is not in [1, {len(inputs.safe)}] (the run's "
                         "safe set size)")
-  trainer = None
+  trainer = scorer = None
   results: dict[tuple[int, int], np.ndarray] = {}
   chunks = _chunks(cfg.variants(), cfg.chunk_size)
   for i, chunk in enumerate(chunks):
@@ -146,13 +142,14 @@ def run_chunks(cfg: SweepConfig, inputs: SweepInputs, out_dir: Path) -> dict[tup
       log(f"== sweep chunk {i + 1}/{len(chunks)}: {len(chunk)} variants {chunk}")
       start = time.perf_counter()
       if trainer is None:  # one compile serves every chunk: the last one is padded to size
-        trainer = ReplicaTrainer(inputs.runtime, cfg.optim, max(steps), cfg.chunk_size)
+        trainer = Trainer(inputs.runtime, cfg.optim, max(steps), replicas=cfg.chunk_size)
+        scorer = Scorer(inputs.runtime)
       # Padding replicas repeat the last variant; their results are dropped.
       padded = chunk + [chunk[-1]] * (cfg.chunk_size - len(chunk))
       its = [variant_iterator(inputs.safe, n, s, cfg.batch_size, inputs.buckets, inputs.pad_id)
              for n, s in padded]
-      nll, _ = train_replicas(trainer, inputs.m1, its, steps, inputs.noisy, cfg.score_batch_size,
-                              inputs.buckets, inputs.pad_id, name="sweep")
+      nll, _ = train_and_score(trainer, scorer, inputs.m1, its, steps, inputs.noisy,
+                               cfg.score_batch_size, inputs.buckets, inputs.pad_id, name="sweep")
       saved = {"key": key, "variants": [list(v) for v in chunk],
                "nll": nll[:len(chunk)].tolist(), "seconds": time.perf_counter() - start}
       if jax.process_index() == 0:
@@ -200,117 +197,6 @@ def write_results(rows: list[dict[str, Any]], out_dir: Path) -> None:
   write_json_atomic(out_dir / "results.json", rows)
 
 
-def _mean_spread(rows: list[dict[str, Any]], group: tuple[str, ...],
-                 metric: str = "f1") -> dict[tuple, tuple[float, float, float, float]]:
-  """group values -> (mean, std, min, max) of `metric` over the seeds."""
-  acc: dict[tuple, list[float]] = {}
-  for row in rows:
-    if row[metric] is not None:
-      acc.setdefault(tuple(row[g] for g in group), []).append(row[metric])
-  return {k: (float(np.mean(v)), float(np.std(v)), float(np.min(v)), float(np.max(v)))
-          for k, v in acc.items()}
-
-
-def make_plots(cfg: SweepConfig, rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-  import matplotlib
-
-  matplotlib.use("Agg")  # headless
-  import matplotlib.pyplot as plt
-
-  if not any(r["f1"] is not None for r in rows):
-    return []
-  auto, t_max = str(Threshold.parse(cfg.threshold)), max(cfg.steps)
-  sizes, steps = sorted(set(cfg.safe_sizes)), sorted(set(cfg.steps))
-  stats = _mean_spread([r for r in rows if r["threshold"] == auto], ("n", "t"))
-  paths = []
-
-  fig, ax = plt.subplots(figsize=(5.5, 3.8))
-  for t in steps:
-    pts = [(n, *stats[(n, t)]) for n in sizes if (n, t) in stats]
-    x, mean, _, lo, hi = map(np.asarray, zip(*pts))
-    ax.plot(x, mean, marker="o", label=f"t={t}")
-    ax.fill_between(x, lo, hi, alpha=0.15)  # the spread over seeds (min..max)
-  ax.set(xlabel="safe-set size n", ylabel=f"F1 ({auto})", ylim=(0, 1.02),
-         title="filter F1 vs safe-set size (mean, seed min..max)")
-  ax.legend(fontsize=8)
-  paths.append(_save(fig, out_dir / "f1_vs_safe_size.png"))
-
-  fig, ax = plt.subplots(figsize=(5.5, 3.8))
-  for n in sizes:
-    pts = [(t, *stats[(n, t)]) for t in steps if (n, t) in stats]
-    x, mean, std, _, _ = map(np.asarray, zip(*pts))
-    ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=f"n={n}")
-  ax.set(xlabel="safety steps t", ylabel=f"F1 ({auto})", ylim=(0, 1.02),
-         title="filter F1 vs safety steps (mean ± std over seeds)")
-  ax.legend(fontsize=8)
-  paths.append(_save(fig, out_dir / "f1_vs_steps.png"))
-
-  fixed = [r for r in rows if r["threshold"].startswith("fixed") and r["t"] == t_max]
-  by_phi = _mean_spread(fixed, ("n", "phi"))
-  fig, ax = plt.subplots(figsize=(5.5, 3.8))
-  for n in sizes:
-    pts = sorted((phi, *v) for (nn, phi), v in by_phi.items() if nn == n)
-    x, mean, std, _, _ = map(np.asarray, zip(*pts))
-    ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=f"n={n}")
-  ax.set(xlabel="threshold ϕ on r_nll", ylabel="F1", ylim=(0, 1.02),
-         title=f"filter F1 vs ϕ at t={t_max} (mean ± std over seeds)")
-  ax.legend(fontsize=8)
-  paths.append(_save(fig, out_dir / "f1_vs_phi.png"))
-  return paths
-
-
-def _save(fig, path: Path) -> Path:
-  import matplotlib.pyplot as plt
-
-  fig.tight_layout()
-  tmp = path.with_suffix(".tmp.png")
-  fig.savefig(tmp, dpi=110)
-  plt.close(fig)
-  tmp.replace(path)  # atomic: a reader never sees half a PNG
-  return path
-
-
-def _f(x: Any) -> str:
-  return "–" if x is None else f"{x:.3f}"
-
-
-def write_report(cfg: SweepConfig, rows: list[dict[str, Any]], out_dir: Path,
-                 plots: list[Path], seconds: dict[str, float]) -> Path:
-  auto = str(Threshold.parse(cfg.threshold))
-  sizes, steps = sorted(set(cfg.safe_sizes)), sorted(set(cfg.steps))
-  f1 = _mean_spread([r for r in rows if r["threshold"] == auto], ("n", "t"))
-  area = _mean_spread([r for r in rows if r["threshold"] == auto], ("n", "t"), "auroc")
-  lines = ["# ForgetFilter sweep", "",
-           f"Run: `{cfg.run_dir}`. Variants: safe sizes {list(sizes)} × seeds {list(cfg.seeds)}, "
-           f"scored at t = {steps}; batch {cfg.batch_size}, lr {cfg.optim.learning_rate:g} "
-           f"({cfg.optim.schedule}); {cfg.chunk_size} replicas per chunk, vmapped.", ""]
-  if f1:
-    lines += [f"## F1 with the {auto} threshold (mean ± std over seeds)", "",
-              "| n | " + " | ".join(f"t={t}" for t in steps) + " |",
-              "|---|" + "---|" * len(steps)]
-    for n in sizes:
-      cells = [f"{f1[(n, t)][0]:.3f} ± {f1[(n, t)][1]:.3f}" if (n, t) in f1 else "–"
-               for t in steps]
-      lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    lines += ["", "## AUROC of r_nll (mean over seeds)", "",
-              "| n | " + " | ".join(f"t={t}" for t in steps) + " |",
-              "|---|" + "---|" * len(steps)]
-    for n in sizes:
-      lines.append(f"| {n} | " + " | ".join(_f(area.get((n, t), (None,))[0]) for t in steps)
-                   + " |")
-    best = max((r for r in rows if r["f1"] is not None), key=lambda r: r["f1"])
-    lines += ["", f"Best single setting: n={best['n']}, seed={best['seed']}, t={best['t']}, "
-              f"{best['threshold']} (ϕ={best['phi']:.3f}): F1 {best['f1']:.3f}, "
-              f"kept {best['kept']}.", ""]
-  else:
-    lines += ["The noisy set has no labels: only kept/flagged counts are in results.csv.", ""]
-  lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
-  lines += ["", "## Time", "", *(f"- {k}: {v:.1f}s" for k, v in seconds.items()), ""]
-  path = out_dir / "report.md"
-  write_atomic(path, "\n".join(lines))
-  return path
-
-
 def run_sweep(cfg: SweepConfig, inputs: SweepInputs | None = None,
               restart: bool = False) -> Path:
   """The whole sweep; returns the output folder. `inputs` default: loaded from `cfg.run_dir`."""
@@ -328,8 +214,8 @@ def run_sweep(cfg: SweepConfig, inputs: SweepInputs | None = None,
   rows = evaluate(cfg, inputs, nll)
   if jax.process_index() == 0:
     write_results(rows, out_dir)
-    plots = make_plots(cfg, rows, out_dir)
-    write_report(cfg, rows, out_dir, plots,
-                 {"train + score (this invocation)": trained,
-                  "total (this invocation)": time.perf_counter() - start})
+    plots = sweep_plots(cfg, rows, out_dir)
+    write_sweep_report(cfg, rows, out_dir, plots,
+                       {"train + score (this invocation)": trained,
+                        "total (this invocation)": time.perf_counter() - start})
   return out_dir

@@ -110,18 +110,14 @@ class GradientAlignment:
       norms = jnp.sqrt(jax.vmap(lambda g: _dot(g, g))(grads))
       return {"dot": dots, "norm": norms}
 
-    batch_sh = runtime.batch_sharding
-    self._batch_shardings = {"tokens": batch_sh, "mask": batch_sh, "loss_mask": batch_sh,
-                             "example_id": runtime.row_sharding}
+    batch_shardings = parallel.batch_shardings(runtime.mesh, runtime.rules)
+    rows = batch_shardings["example_id"]
     subset_sh, _ = split_blocks(runtime.param_shardings, n_blocks)
     repl = parallel.replicated(runtime.mesh)
-    self._safe_step = jax.jit(safe_step, in_shardings=(runtime.param_shardings,
-                                                       self._batch_shardings),
+    self._safe_step = jax.jit(safe_step, in_shardings=(runtime.param_shardings, batch_shardings),
                               out_shardings=(subset_sh, repl))
-    rows = runtime.row_sharding
     self._align_step = jax.jit(align_step,
-                               in_shardings=(runtime.param_shardings, subset_sh,
-                                             self._batch_shardings),
+                               in_shardings=(runtime.param_shardings, subset_sh, batch_shardings),
                                out_shardings={"dot": rows, "norm": rows})
 
   def safe_gradient(self, params: Any, safe: Sequence[EncodedExample], buckets: Sequence[int],

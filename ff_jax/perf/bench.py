@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ff_jax import parallel
+from ff_jax.atomic_io import write_atomic
 from ff_jax.errors import ConfigError
 from ff_jax.models import ModelConfig
 from ff_jax.models.decoding import SamplingConfig, generate
@@ -150,7 +151,7 @@ def run_bench(bench: BenchConfig) -> dict[str, Any]:
   holder = {"state": trainer.init_state(params)}
 
   def train_step():
-    holder["state"], metrics, _ = trainer.step(holder["state"], batch)
+    holder["state"], metrics = trainer.step(holder["state"], batch)
     return metrics["loss"]
 
   train = measure(train_step, bench.repeats)
@@ -223,8 +224,6 @@ def main(bench: BenchConfig, json_path: str | None = None) -> None:
   result = run_bench(bench)
   print(format_table(result))
   if json_path:
-    from ff_jax.atomic_io import write_atomic
-
     write_atomic(json_path, json.dumps(result, indent=2, default=float) + "\n")
   if not math.isfinite(result["train"]["mfu"]):
     raise ConfigError("benchmark produced no finite timing")

@@ -32,10 +32,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import topologies
 
 from ff_jax import parallel
 from ff_jax.config import RunConfig
 from ff_jax.errors import ConfigError
+from ff_jax.pipeline.inputs import planned_model_config
 from ff_jax.training.steps import ModelRuntime, OptimConfig, Scorer, Trainer
 
 GIB = 2.0**30
@@ -89,8 +91,6 @@ def topology_devices(name: str) -> tuple[list[Any], float]:
     raise ConfigError(f"--topology {name}: unknown slice; known: {', '.join(TPU_SLICES)}")
   topology, hbm = TPU_SLICES[name]
   try:
-    from jax.experimental import topologies
-
     desc = topologies.get_topology_desc(topology_name=topology, platform="tpu")
   except Exception as err:  # noqa: BLE001 - no libtpu is the usual cause; say so with the error
     raise ConfigError(f"--topology {name}: compiling for TPU without hardware needs libtpu "
@@ -109,14 +109,11 @@ def device_memory_gib(devices: list[Any]) -> float | None:
 
 
 def _abstract_batch(runtime: ModelRuntime, batch: int, seq_len: int) -> dict[str, Any]:
-  rows, cols = runtime.batch_sharding, runtime.row_sharding
-  ways = math.prod(runtime.mesh.shape[a] for a in (rows.spec[0] or ()))
-  if batch % ways:
-    raise ConfigError(f"batch_size {batch} is not divisible by the {ways} data-parallel shards "
-                      f"of mesh {dict(runtime.mesh.shape)}; use a multiple of {ways}")
-  tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=rows)
-  return {"tokens": tokens, "mask": tokens, "loss_mask": tokens,
-          "example_id": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=cols)}
+  parallel.check_batch_rows(batch, runtime.mesh, runtime.rules)
+  shardings = parallel.batch_shardings(runtime.mesh, runtime.rules)
+  shapes = {key: (batch, seq_len)[:rank] for key, rank in parallel.BATCH_RANKS.items()}
+  return {key: jax.ShapeDtypeStruct(shapes[key], jnp.int32, sharding=shardings[key])
+          for key in shardings}
 
 
 def _compile(fn, *args) -> tuple[Any, float]:
@@ -139,8 +136,8 @@ class Planner:
     self.runtime = runtime
     self.params = runtime.abstract_with_shardings()
     self.param_bytes = shard_bytes(self.params)
-    self.min_batch = math.prod(runtime.mesh.shape[a] for a in
-                               (runtime.batch_sharding.spec[0] or ()))
+    self.min_batch = math.prod(runtime.mesh.shape[a]
+                               for a in parallel.data_axes(runtime.mesh, runtime.rules))
 
   def train_step(self, name: str, optim: OptimConfig, batch: int, seq_len: int) -> StepPlan:
     trainer = Trainer(self.runtime, optim, total_steps=1)
@@ -190,8 +187,6 @@ class Planner:
 def plan_run(cfg: RunConfig, hbm_gib: float | None = None,
              topology: str | None = None) -> dict[str, Any]:
   """Compile and measure every step of `cfg`'s run; raises ConfigError when one does not fit."""
-  from ff_jax.pipeline.inputs import planned_model_config
-
   model_cfg = planned_model_config(cfg).replace(lora=cfg.lora)
   devices, slice_hbm = topology_devices(topology) if topology else (jax.devices(), None)
   limit_gib = hbm_gib or device_memory_gib(devices) or slice_hbm

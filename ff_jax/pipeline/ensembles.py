@@ -5,7 +5,7 @@ other safe-set orders) for the `*_ens` signals. `noisy_replicas` trains K − 1 
 of M0, each followed by its own safety finetune (`scoring.noisy_replicas`) for the `*_nens`
 signals: averaging over M1s removes the luck of one noisy run, which safety replicas of one M1
 cannot (docs/fidelity.md). Passes of `scoring.replicas_per_pass` replicas train stacked (one
-vmapped step for the pass, ff_jax.training.replicas); a pass of one trains with the ordinary steps.
+vmapped step for the pass, `Trainer(replicas=K)`); a pass of one trains with the ordinary steps.
 Per replica only the noisy set's NLL is kept (under its M1 and its M2), one file per pass, so a
 killed phase resumes at the next pass.
 """
@@ -29,8 +29,7 @@ from ff_jax.pipeline.layout import (
   finetune_seed,
 )
 from ff_jax.progress import log
-from ff_jax.training.loop import PhaseSpec, train_phase
-from ff_jax.training.replicas import ReplicaTrainer, train_replicas, train_single
+from ff_jax.training.loop import PhaseSpec, train_and_score, train_phase
 from ff_jax.training.steps import Trainer
 
 
@@ -75,15 +74,13 @@ def safety_replicas(ctx: RunContext) -> dict[str, Any]:
     iterators = [TrainIterator(ctx.safe, spec.batch_size, seed, spec.buckets, pad_id=ctx.pad_id)
                  for seed in chunk]
     if len(chunk) == 1:
-      # One replica: the ordinary (unvmapped) steps, compiled once for every pass.
-      single = single or Trainer(ctx.runtime, spec.optim, spec.steps)
-      nll = train_single(ctx.runtime, spec.optim, ctx.params("M1"), iterators[0], [spec.steps],
-                         ctx.noisy, batch_size, spec.buckets, ctx.pad_id, trainer=single,
-                         scorer=ctx.scorer)[None]
+      # One replica: the ordinary (unvmapped) step, compiled once for every pass.
+      trainer = single = single or Trainer(ctx.runtime, spec.optim, spec.steps)
     else:
-      trainer = ReplicaTrainer(ctx.runtime, spec.optim, spec.steps, len(chunk))
-      nll, _ = train_replicas(trainer, ctx.params("M1"), iterators, [spec.steps], ctx.noisy,
-                              batch_size, spec.buckets, ctx.pad_id, name="safety_replicas")
+      trainer = Trainer(ctx.runtime, spec.optim, spec.steps, replicas=len(chunk))
+    nll, _ = train_and_score(trainer, ctx.scorer, ctx.params("M1"), iterators, [spec.steps],
+                             ctx.noisy, batch_size, spec.buckets, ctx.pad_id,
+                             name="safety_replicas")
     write_json_atomic(done, {"seeds": chunk, "nll": nll[:, -1].tolist()})
     rows += nll[:, -1].tolist()
     log(f"safety replicas: {start + len(chunk)}/{len(seeds)} trained")
@@ -153,12 +150,12 @@ def _noisy_replicas_stacked(ctx: RunContext, seeds: dict[int, list[int]], noisy:
     return [TrainIterator(examples, spec.batch_size, pair[column], spec.buckets, pad_id=pad_id)
             for pair in seeds.values()]
 
-  nll_before, m1s = train_replicas(
-      ReplicaTrainer(ctx.runtime, noisy.optim, noisy.steps, len(seeds)), ctx.params("M0"),
-      streams(noisy, ctx.noisy, 0), [noisy.steps], ctx.noisy, batch_size, noisy.buckets, pad_id,
-      name=f"noisy_{label}")
-  nll_after, _ = train_replicas(
-      ReplicaTrainer(ctx.runtime, safety.optim, safety.steps, len(seeds)), m1s,
+  nll_before, m1s = train_and_score(
+      Trainer(ctx.runtime, noisy.optim, noisy.steps, replicas=len(seeds)), ctx.scorer,
+      ctx.params("M0"), streams(noisy, ctx.noisy, 0), [noisy.steps], ctx.noisy, batch_size,
+      noisy.buckets, pad_id, name=f"noisy_{label}")
+  nll_after, _ = train_and_score(
+      Trainer(ctx.runtime, safety.optim, safety.steps, replicas=len(seeds)), ctx.scorer, m1s,
       streams(safety, ctx.safe, 1), [safety.steps], ctx.noisy, batch_size, safety.buckets,
       pad_id, stacked_init=True, name=f"safety_{label}")
   return {i: {"seeds": pair, "nll_before": nll_before[j, -1].tolist(),

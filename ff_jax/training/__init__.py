@@ -1,3 +1,4 @@
-"""The training core: train state and pure jitted train/score steps (`steps`), the step loop with
-checkpoints and resume (`loop`), K finetunes stacked on a replica axis (`replicas`), per-example
-scoring and generation (`scoring`) and Orbax checkpoints (`checkpoints`)."""
+"""The training core: train state and pure jitted train/score steps for one model or K stacked
+replicas (`steps`), the one step loop, checkpointed or in memory (`loop`), the replica mesh and
+stacked batches (`replicas`), per-example scoring and generation (`scoring`) and Orbax checkpoints
+(`checkpoints`)."""

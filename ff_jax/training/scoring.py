@@ -61,12 +61,17 @@ def score_examples(scorer: Scorer, params: Any, examples: Sequence[EncodedExampl
 def score_snapshots(scorer: Scorer, stacked_params: Any, examples: Sequence[EncodedExample],
                     batch_size: int, buckets: Sequence[int], pad_id: int,
                     name: str = "score_snapshots") -> dict[str, np.ndarray]:
-  """Like `score_examples` for K snapshots stacked on a leading axis: arrays [K, N], one pass.
+  """Like `score_examples` for K parameter trees stacked on a leading axis (snapshots of one
+  finetune, or stacked replicas): arrays [K, N], one pass.
 
-  The snapshot axis is vmapped, so K forgetting-curve points cost one compiled program and one
-  sweep over the data. `scorer.stacked_step(stacked, global_batch)` gives [K, B] arrays; rows go
-  first for the gather by example id.
+  The stacked axis is vmapped, so K models cost one compiled program and one sweep over the data.
+  `scorer.stacked_step(stacked, global_batch)` gives [K, B] arrays; rows go first for the gather
+  by example id.
   """
+  # The stacked step's in_shardings must match its argument exactly; a stack built elsewhere
+  # (jnp.stack of restored snapshots) is moved onto them, a no-op when it is there already.
+  stacked_params = jax.device_put(stacked_params, scorer.stacked_param_shardings)
+
   def rows_first(params, batch):
     return {key: value.T for key, value in scorer.stacked_step(params, batch).items()}
 

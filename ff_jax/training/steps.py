@@ -1,10 +1,12 @@
-"""Train state and the pure, jit-compiled train and score steps.
+"""Train state and the pure, jit-compiled train and score steps, for one model or K replicas.
 
-`train_step(state, batch) -> (state, metrics, per_example_loss[B])` and
-`score_step(params, batch) -> {nll_sum, tokens, correct}[B]` are pure functions of pytrees; the
-NNX graphdef and the optimizer are closed over as static values. Both are jitted with explicit
-shardings (parameters by the logical rules, batches by rows) and the train state is donated, so
-a step updates parameters in place on device.
+`train_step(state, batch) -> (state, metrics)` and `score_step(params, batch) -> {nll_sum,
+tokens, correct}[B]` are pure functions of pytrees; the NNX graphdef and the optimizer are closed
+over as static values. Both are jitted with explicit shardings (parameters by the logical rules,
+batches by rows) and the train state is donated, so a step updates parameters in place on device.
+`Trainer(..., replicas=K)` vmaps the same step over K replicas stacked on a leading axis (sharded
+over the mesh's `replica` axis where it has one): K finetunes for one compiled program and one
+dispatch per step.
 
 Batches follow the contract in `ff_jax.data.batching`: `tokens`, `mask`, `loss_mask` [B, T] and
 `example_id` [B]; `loss_mask[b, t]` marks tokens[b, t] as a target predicted from position t-1.
@@ -18,6 +20,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
@@ -146,13 +149,12 @@ def make_train_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg:
 
   def micro_loss(trainable, frozen, micro, total_tokens, rng):
     params = lora.combine(trainable, frozen) if frozen else trainable
-    nll, _, weights = token_nll(graphdef, params, micro, cfg.loss_on, dropout_rng=rng)
-    per_example = nll.sum(-1) / jnp.maximum(weights.sum(-1), 1.0)
+    nll, _, _ = token_nll(graphdef, params, micro, cfg.loss_on, dropout_rng=rng)
     # Dividing by the whole batch's token count makes the accumulated gradient equal the
     # full-batch token-mean gradient, however the rows are split into micro-batches.
-    return nll.sum() / total_tokens, per_example
+    return nll.sum() / total_tokens
 
-  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+  grad_fn = jax.value_and_grad(micro_loss)
 
   def step(state: TrainState, batch: Batch):
     params, frozen = trainable_params(state["params"])
@@ -165,7 +167,7 @@ def make_train_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg:
     if rows % accum:
       raise ConfigError(f"batch_size {rows} is not divisible by grad_accum_steps {accum}")
     if accum == 1:
-      (loss, per_example), grads = grad_fn(params, frozen, batch, total_tokens, rng)
+      loss, grads = grad_fn(params, frozen, batch, total_tokens, rng)
     else:
       # Interleave rows into micro-batches (row i goes to micro-batch i % accum) so that each
       # micro-batch stays spread over every data-parallel shard instead of living on a few.
@@ -175,21 +177,19 @@ def make_train_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg:
       def body(carry, xs):
         mb, index = xs
         micro_rng = None if rng is None else jax.random.fold_in(rng, index)
-        (loss_mb, per_mb), grads_mb = grad_fn(params, frozen, mb, total_tokens, micro_rng)
+        loss_mb, grads_mb = grad_fn(params, frozen, mb, total_tokens, micro_rng)
         loss_acc, grads_acc = carry
-        return (loss_acc + loss_mb, jax.tree.map(jnp.add, grads_acc, grads_mb)), per_mb
+        return (loss_acc + loss_mb, jax.tree.map(jnp.add, grads_acc, grads_mb)), None
 
       zeros = jax.tree.map(jnp.zeros_like, params)
-      (loss, grads), per_example = jax.lax.scan(body, (jnp.zeros(()), zeros),
-                                                (micro, jnp.arange(accum)))
-      per_example = per_example.swapaxes(0, 1).reshape(rows)
+      (loss, grads), _ = jax.lax.scan(body, (jnp.zeros(()), zeros), (micro, jnp.arange(accum)))
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     params = optax.apply_updates(params, updates)
     if frozen:
       params = lora.combine(params, frozen)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": weights.sum()}
     new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
-    return new_state, metrics, per_example
+    return new_state, metrics
 
   return step
 
@@ -245,48 +245,70 @@ class ModelRuntime:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         self.abstract_params, self.param_shardings)
 
-  @property
-  def batch_sharding(self) -> NamedSharding:
-    return parallel.batch_sharding(self.mesh, self.rules)
-
-  @property
-  def row_sharding(self) -> NamedSharding:
-    return parallel.batch_sharding(self.mesh, self.rules, ndim=1)
-
 
 class Trainer:
-  """Jitted train step for one phase: optimizer, shardings and donation in one place."""
+  """The jitted train step of one phase: optimizer, shardings and donation in one place.
 
-  def __init__(self, runtime: ModelRuntime, cfg: OptimConfig, total_steps: int):
-    self.runtime = runtime
-    self.cfg = cfg
-    self.tx, self.schedule = make_optimizer(cfg, total_steps)
+  `replicas=None` trains one model. `replicas=K` trains K independent replicas with the same
+  step vmapped over a leading axis of the state and the batch ([K, B, T]); each replica reads its
+  own batches, and the leading axis is sharded over the mesh's `replica` axis where it has one
+  (inside a replica's slice the usual rules apply).
+  """
+
+  def __init__(self, runtime: ModelRuntime, optim: OptimConfig, total_steps: int,
+               replicas: int | None = None):
     mesh = runtime.mesh
+    if replicas is not None:
+      ways = mesh.shape.get(parallel.REPLICA_AXIS, 1)
+      if replicas < 1 or replicas % ways:
+        raise ConfigError(f"{replicas} replicas do not divide over mesh.replica={ways}")
+    self.runtime, self.optim, self.replicas = runtime, optim, replicas
+    self.tx, self.schedule = make_optimizer(optim, total_steps)
     repl = parallel.replicated(mesh)
     trainable, _ = trainable_params(runtime.abstract_params)
     opt_shardings = optimizer_shardings(self.tx, trainable, trainable_params(
         runtime.param_shardings)[0], repl)
-    self.state_shardings = {"params": runtime.param_shardings, "opt_state": opt_shardings,
-                            "step": repl}
-    self.trace_count = 0
-    step_fn = make_train_fn(runtime.graphdef, self.tx, cfg,
+    state_shardings = {"params": runtime.param_shardings, "opt_state": opt_shardings,
+                       "step": repl}
+    step_fn = make_train_fn(runtime.graphdef, self.tx, optim,
                             lora_dropout=runtime.cfg.lora.rank > 0 and runtime.cfg.lora.dropout > 0)
+
+    def init_opt(params):
+      return self.tx.init(trainable_params(params)[0])
+
+    metric_sharding = repl
+    if replicas is not None:
+      state_shardings = jax.tree.map(parallel.stack_sharding, state_shardings)
+      metric_sharding = parallel.stack_sharding(repl)  # one value per replica
+      step_fn, init_opt = jax.vmap(step_fn), jax.vmap(init_opt)
+
+      def broadcast(params):
+        return jax.tree.map(lambda x: jnp.broadcast_to(x, (replicas, *x.shape)), params)
+
+      self._broadcast = jax.jit(broadcast, out_shardings=state_shardings["params"])
+    self.state_shardings = state_shardings
+    self.batch_shardings = parallel.batch_shardings(mesh, runtime.rules,
+                                                    stacked=replicas is not None)
+    self.trace_count = 0
 
     def counted(state, batch):
       self.trace_count += 1  # runs at trace time only: counts compilations
       return step_fn(state, batch)
 
-    batch_sh = runtime.batch_sharding
-    batch_shardings = {"tokens": batch_sh, "mask": batch_sh, "loss_mask": batch_sh,
-                       "example_id": runtime.row_sharding}
-    self.step = jax.jit(counted, in_shardings=(self.state_shardings, batch_shardings),
-                        out_shardings=(self.state_shardings, repl, runtime.row_sharding),
-                        donate_argnums=(0,))
-    self._init_opt = jax.jit(lambda p: self.tx.init(trainable_params(p)[0]),
-                             out_shardings=opt_shardings)
+    self.step = jax.jit(counted, in_shardings=(state_shardings, self.batch_shardings),
+                        out_shardings=(state_shardings, metric_sharding), donate_argnums=(0,))
+    self._init_opt = jax.jit(init_opt, out_shardings=state_shardings["opt_state"])
 
-  def init_state(self, params: Any) -> TrainState:
-    step = jax.device_put(jnp.zeros((), jnp.int32), parallel.replicated(self.runtime.mesh))
+  def init_state(self, params: Any, stacked: bool = False) -> TrainState:
+    """A fresh train state from `params`, which the first step donates (pass a copy to keep them).
+
+    With replicas, every replica starts from `params` (one model), or with `stacked` from its own
+    slice of a [K, ...] tree (e.g. the replicas of an earlier stacked finetune).
+    """
+    if self.replicas is not None and not stacked:
+      params = self._broadcast(params)
+    shape = () if self.replicas is None else (self.replicas,)
+    step = jax.device_put(jnp.zeros(shape, jnp.int32), self.state_shardings["step"])
     return {"params": params, "opt_state": self._init_opt(params), "step": step}
 
   def abstract_state(self) -> TrainState:
@@ -295,22 +317,39 @@ class Trainer:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         shapes, self.state_shardings)
 
+  def put_batch(self, local: dict[str, np.ndarray]) -> Batch:
+    """A host batch placed on `batch_shardings`, ready for `step`.
+
+    One model: each process passes only its own rows (`parallel.global_batch`). Stacked
+    replicas: the whole [K, B, T] batch, the same on every process.
+    """
+    if self.replicas is None:
+      return parallel.global_batch(local, self.runtime.mesh, self.runtime.rules)
+    return jax.tree.map(jax.device_put, local, self.batch_shardings)
+
   def learning_rate(self, step: int) -> float:
     return float(self.schedule(step))
 
 
 class Scorer:
-  """Jitted score step: per-example summed NLL, target-token count and correct-token count."""
+  """Jitted score step: per-example summed NLL, target-token count and correct-token count.
+
+  `step(params, batch)` scores one model; `stacked_step(stacked, batch)` scores K parameter
+  trees stacked on a leading axis (snapshots of one finetune, or stacked replicas) on the same
+  batch in one vmapped pass: [K, B] outputs.
+  """
 
   def __init__(self, runtime: ModelRuntime):
     self.runtime = runtime
-    rows = runtime.row_sharding
-    batch_sh = runtime.batch_sharding
-    batch_shardings = {"tokens": batch_sh, "mask": batch_sh, "loss_mask": batch_sh,
-                       "example_id": rows}
+    batch_shardings = parallel.batch_shardings(runtime.mesh, runtime.rules)
+    rows = batch_shardings["example_id"]
     score = make_score_fn(runtime.graphdef)
     self.step = jax.jit(score, in_shardings=(runtime.param_shardings, batch_shardings),
                         out_shardings={"nll_sum": rows, "tokens": rows, "correct": rows})
-    # Several parameter snapshots stacked on a leading axis are scored in one pass (forgetting
-    # curves): vmap over the snapshot axis, the batch is shared.
-    self.stacked_step = jax.jit(jax.vmap(score, in_axes=(0, None)))
+    self.stacked_param_shardings = jax.tree.map(parallel.stack_sharding,
+                                                runtime.param_shardings)
+    stacked_rows = parallel.stack_sharding(rows)
+    self.stacked_step = jax.jit(jax.vmap(score, in_axes=(0, None)),
+                                in_shardings=(self.stacked_param_shardings, batch_shardings),
+                                out_shardings={"nll_sum": stacked_rows, "tokens": stacked_rows,
+                                               "correct": stacked_rows})
