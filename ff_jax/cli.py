@@ -102,7 +102,8 @@ def _dispatch(args: argparse.Namespace) -> int:
   from ff_jax import config as config_lib
 
   if args.command == "report":
-    from ff_jax.report.markdown import summary_figures, write_report
+    from ff_jax.report.analysis import summary_figures
+    from ff_jax.report.markdown import write_report
 
     path = write_report(Path(args.run_dir))
     print(path)
@@ -169,7 +170,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         f"model.source={args.model}", f"data.noisy={args.noisy}", f"data.safe={args.safe}",
         f"run_dir={args.run_dir}", *args.overrides])
   root = run_job(cfg, restart=args.restart, until=args.until, redo_from=args.redo_from)
-  from ff_jax.report.markdown import separation_warning, summary_figures
+  from ff_jax.report.analysis import separation_warning, summary_figures
 
   if not args.until or args.until == PHASES[-1]:
     print(f"report: {root / 'report.md'}")

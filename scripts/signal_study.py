@@ -44,8 +44,9 @@ from ff_jax.data.sources import (
 )
 from ff_jax.data.sources_bbq import read_bbq, split_bbq
 from ff_jax.eval.classification import auroc, best_f1, filter_metrics
-from ff_jax.forgetting.signals import compute_signals, signal_report, signal_table_markdown
+from ff_jax.forgetting.signals import compute_signals, signal_report
 from ff_jax.forgetting.thresholds import Threshold
+from ff_jax.report.signals import signal_table_markdown
 
 BBQ_FILES = ("Age", "Disability_status", "Nationality", "Physical_appearance")
 

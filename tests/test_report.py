@@ -12,7 +12,7 @@ import pytest
 
 from ff_jax.errors import DataError
 from ff_jax.eval import classification
-from ff_jax.report import markdown as report
+from ff_jax.report import analysis, markdown
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 HEADER = ["id", "kind", "category", "tokens", "nll_before", "nll_after", "acc_before", "acc_after",
@@ -101,7 +101,7 @@ def _section(text: str, title: str) -> str:
 
 def test_load_scores_types(tmp_path):
   run = _write_run(tmp_path, rouge=False)
-  s = report.load_scores(run)
+  s = analysis.load_scores(run)
   assert len(s["id"]) == 20 and s["id"][0] == "ex000"
   assert s["kind"][0] == "unsafe"
   assert s["flagged"].dtype == bool and s["tokens"].dtype == np.int64
@@ -111,15 +111,15 @@ def test_load_scores_types(tmp_path):
 
 def test_load_scores_errors(tmp_path):
   with pytest.raises(DataError, match="not found"):
-    report.load_scores(tmp_path)
+    analysis.load_scores(tmp_path)
   (tmp_path / "scores.csv").write_text("id,r_nll\na,0.1\nb,abc\n")
   with pytest.raises(DataError, match=r"scores.csv:3: column 'r_nll'"):
-    report.load_scores(tmp_path)
+    analysis.load_scores(tmp_path)
 
 
 def test_full_report(tmp_path):
   run = _write_run(tmp_path, curves=True)
-  path = report.write_report(run)
+  path = markdown.write_report(run)
   assert path == run / "report.md"
   text = path.read_text()
   for title in ("Summary", "Filter metrics", "Mean forgetting per kind", "Model comparison",
@@ -129,7 +129,7 @@ def test_full_report(tmp_path):
     assert _is_png(run / "plots" / f"{name}.png")
     assert f"(plots/{name}.png)" in text
 
-  s = report.load_scores(run)
+  s = analysis.load_scores(run)
   y = np.array([k == "unsafe" for k in s["kind"]])
   m = classification.filter_metrics(s["flagged"], y)
   assert (m["tp"], m["fp"], m["fn"]) == (7, 1, 1)
@@ -170,8 +170,8 @@ def test_full_report(tmp_path):
 
 def test_summary_figures(tmp_path):
   run = _write_run(tmp_path)
-  fig = report.summary_figures(run)
-  s = report.load_scores(run)
+  fig = analysis.summary_figures(run)
+  s = analysis.load_scores(run)
   y = np.array([k == "unsafe" for k in s["kind"]])
   m = classification.filter_metrics(s["flagged"], y)
   assert fig["labels"] is True and fig["signal"] == "nll" and fig["phi"] == PHI
@@ -188,7 +188,7 @@ def test_summary_figures(tmp_path):
 
 def test_no_labels_no_rouge(tmp_path):
   run = _write_run(tmp_path, labels=False, rouge=False)
-  text = report.write_report(run).read_text()
+  text = markdown.write_report(run).read_text()
   assert "Labels not available" in text
   assert "labels not available" in _section(text, "Summary")
   assert "precision@ϕ" not in text and "unsafe/safe" not in text
@@ -197,14 +197,14 @@ def test_no_labels_no_rouge(tmp_path):
   assert not (run / "plots" / "prf_vs_phi.png").exists()
   assert not (run / "plots" / "forgetting_curves.png").exists()
   assert "rouge" not in _section(text, "Mean forgetting per kind")
-  fig = report.summary_figures(run)
+  fig = analysis.summary_figures(run)
   assert fig["labels"] is False and math.isnan(fig["f1"])
   assert set(fig["mean_forgetting"]) == {"nll", "acc"}
 
 
 def test_missing_optional_files(tmp_path):
   run = _write_run(tmp_path, optional=False)
-  text = report.write_report(run).read_text()
+  text = markdown.write_report(run).read_text()
   assert "`filter.json` not found" in text
   assert "`metrics.json` not found" in text and "`manifest.json` not found" in text
   # Without filter.json the flags column still gives P/R/F1; counts come from scores.csv.
@@ -216,17 +216,17 @@ def test_no_scores(tmp_path):
   run = tmp_path / "run"
   run.mkdir()
   (run / "metrics.json").write_text(json.dumps({"models": {"M0": {"task/qa_exact_match": 0.5}}}))
-  text = report.write_report(run).read_text()
+  text = markdown.write_report(run).read_text()
   assert "`scores.csv` not found" in text and "| qa_exact_match | 0.5000 |" in text
   assert not (run / "plots").exists()
-  assert math.isnan(report.summary_figures(run)["f1"])
+  assert math.isnan(analysis.summary_figures(run)["f1"])
 
 
 def test_deterministic_and_stale_plots(tmp_path):
   run = _write_run(tmp_path, curves=True)
-  first = report.write_report(run).read_text()
+  first = markdown.write_report(run).read_text()
   pngs = {p.name: p.read_bytes() for p in (run / "plots").glob("*.png")}
-  second = report.write_report(run).read_text()
+  second = markdown.write_report(run).read_text()
   assert first == second
   assert {p.name: p.read_bytes() for p in (run / "plots").glob("*.png")} == pngs
   assert not list(run.glob(".*.tmp")) and not list((run / "plots").glob(".*.tmp"))
@@ -238,7 +238,7 @@ def test_deterministic_and_stale_plots(tmp_path):
     w = csv.DictWriter(f, fieldnames=list(rows[0]))
     w.writeheader()
     w.writerows(rows)
-  report.write_report(run)
+  markdown.write_report(run)
   assert not (run / "plots" / "prf_vs_phi.png").exists()
 
 
@@ -252,7 +252,7 @@ def test_negative_denominator_ratio_is_nan(tmp_path):
     w = csv.DictWriter(f, fieldnames=list(rows[0]))
     w.writeheader()
     w.writerows(rows)
-  fig = report.summary_figures(run)
+  fig = analysis.summary_figures(run)
   assert math.isnan(fig["ratios"]["nll"]["unsafe/safe"])
   assert fig["ratios"]["nll"]["unsafe/task"] > 1
 
@@ -273,11 +273,11 @@ def test_partial_labels_and_degenerate_threshold(tmp_path):
   filt = json.loads((run / "filter.json").read_text())
   filt.update(signal="rouge", phi=math.inf, counts={"kept": 20, "flagged": 0, "truncated": 0})
   (run / "filter.json").write_text(json.dumps(filt))
-  text = report.write_report(run).read_text()
+  text = markdown.write_report(run).read_text()
   assert "ϕ = +inf" in text
   assert "Computed on the 17 labelled of 20 examples." in text
   assert "| (unlabelled) |" in text
-  fig = report.summary_figures(run)
+  fig = analysis.summary_figures(run)
   assert fig["f1"] == 0.0 and fig["recall"] == 0.0 and math.isnan(fig["auroc"])
   assert _is_png(run / "plots" / "forgetting_hist.png")
   assert not (run / "plots" / "prf_vs_phi.png").exists()

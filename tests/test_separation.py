@@ -16,7 +16,7 @@ from ff_jax.errors import ConfigError, DataError, NoSeparationError
 from ff_jax.forgetting.thresholds import Threshold, separation
 from ff_jax.pipeline.filter import filter_records
 from ff_jax.pipeline.rundir import RunDir
-from ff_jax.report import markdown as report
+from ff_jax.report import analysis, markdown
 
 N = 240
 
@@ -179,16 +179,16 @@ def test_warn_filters_anyway_and_says_so_in_filter_json_and_report(tmp_path):
   kept = run.file("filtered.jsonl").read_text().splitlines()
   assert len(kept) == out["kept"] == filt["counts"]["kept"] and out["flagged"] > N * 0.6
 
-  warning = report.separation_warning(run.root)
+  warning = analysis.separation_warning(run.root)
   assert warning.startswith("WARNING: no separation") and "filter.signal=nll" in warning
   assert f"dropped {out['flagged']} of {N} examples" in warning
   assert block["reasons"][0] in warning
-  text = report.write_report(run.root).read_text()
+  text = markdown.write_report(run.root).read_text()
   summary = text[text.index("## Summary"):text.index("\n## ", text.index("## Summary") + 1)]
   assert "> **WARNING: no separation" in summary
   assert ("- Separation (label-free, ff_jax.forgetting.thresholds.separation): **no separation**"
           in summary)
-  assert report.summary_figures(run.root)["separation"] == "no separation"
+  assert analysis.summary_figures(run.root)["separation"] == "no separation"
 
 
 def test_refuse_raises_before_writing_any_filtered_output(tmp_path):
@@ -205,7 +205,7 @@ def test_refuse_raises_before_writing_any_filtered_output(tmp_path):
   for name in ("filtered.jsonl", "flagged.jsonl", "filter.json"):
     assert not run.file(name).exists(), name
   assert run.file("scores.csv").is_file()  # kept on purpose: the scores to look at
-  assert report.separation_warning(run.root) is None
+  assert analysis.separation_warning(run.root) is None
 
 
 def test_separated_scores_pass_refuse_and_the_report_has_no_warning(tmp_path):
@@ -215,8 +215,8 @@ def test_separated_scores_pass_refuse_and_the_report_has_no_warning(tmp_path):
   assert out["separation"] == "separated" and out["f1"] > 0.95
   block = json.loads(run.file("filter.json").read_text())["separation"]
   assert block["verdict"] == "separated" and block["reasons"][0].startswith("two modes")
-  assert report.separation_warning(run.root) is None
-  text = report.write_report(run.root).read_text()
+  assert analysis.separation_warning(run.root) is None
+  text = markdown.write_report(run.root).read_text()
   assert "WARNING" not in text and "**separated**" in text
 
 

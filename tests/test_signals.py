@@ -19,10 +19,10 @@ from ff_jax.forgetting.signals import (
   learning_normalized,
   rise_step,
   signal_report,
-  signal_table_markdown,
 )
 from ff_jax.forgetting.thresholds import Threshold
 from ff_jax.models import tiny_llama
+from ff_jax.report.signals import signal_table_markdown
 from ff_jax.training.scoring import score_examples
 from ff_jax.training.steps import ModelRuntime, Scorer
 

@@ -23,8 +23,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ff_jax.atomic_io import write_atomic, write_json_atomic
 from ff_jax.data.records import iter_jsonl, read_jsonl
 from ff_jax.errors import ConfigError, DataError
@@ -33,6 +31,7 @@ from ff_jax.pipeline.evaluate import model_metrics
 from ff_jax.pipeline.layout import FILTERED, FLAGGED, ROUNDS, ROUNDS_REPORT, rounds_seed
 from ff_jax.pipeline.rundir import RunDir
 from ff_jax.progress import log
+from ff_jax.report.rounds import rounds_markdown
 from ff_jax.training.checkpoints import restore_params
 
 METHODS = ("sequential", "forgetfilter")
@@ -94,26 +93,3 @@ def run_rounds(run_dir: str | Path, rounds: int, heldout: bool = False) -> Path:
   write_json_atomic(path, out)
   write_atomic(run.file(ROUNDS_REPORT), rounds_markdown(out))
   return path
-
-
-def rounds_markdown(result: dict[str, Any]) -> str:
-  """Unsafe-example NLL after every finetune of every round, one column per method."""
-  lines = ["# Long-term safety: interleaved rounds", "",
-           f"Mean per-token NLL of the {result['n_unsafe']} {result['unsafe_examples']} examples "
-           "of D after each finetune (higher = the unsafe behaviour is less likely; a drop after "
-           "a downstream finetune is relearning), and of D's other examples (the task).", "",
-           "| round | stage | " + " | ".join(f"{m}: unsafe NLL | {m}: other NLL"
-                                              for m in METHODS) + " |",
-           "|" + "---|" * (2 + 2 * len(METHODS))]
-  by_method = result["methods"]
-  for i, row in enumerate(by_method[METHODS[0]]):
-    cells = [str(row["round"]), row["stage"]]
-    for m in METHODS:
-      r = by_method[m][i]
-      cells += [f"{r['nll/unsafe']:.3f}", f"{r['nll/other']:.3f}"]
-    lines.append("| " + " | ".join(cells) + " |")
-  relearn = {m: [r["nll/unsafe"] for r in by_method[m] if r["stage"] == "downstream"]
-             for m in METHODS}
-  lines += ["", "Unsafe NLL after the downstream finetune of the last round: " + ", ".join(
-      f"{m} {np.asarray(v)[-1]:.3f}" for m, v in relearn.items()) + "."]
-  return "\n".join(lines) + "\n"

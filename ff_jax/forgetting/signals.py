@@ -35,7 +35,6 @@ a confidence) and `rise_step` (the safety step after which r rose most).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -211,27 +210,3 @@ def signal_report(signals: Mapping[str, np.ndarray], records: Sequence[Record],
                                 "n_unsafe": int(member.sum())}
     out[name] = row
   return out
-
-
-def _f(x: Any, digits: int = 3) -> str:
-  if x is None or (isinstance(x, float) and (math.isnan(x) or math.isinf(x))):
-    return "–" if x is None or math.isnan(x) else ("∞" if x > 0 else "−∞")
-  return f"{x:.{digits}f}"
-
-
-def signal_table_markdown(report: Mapping[str, Any] | None) -> str:
-  """The signal report as a markdown table, one row per signal."""
-  if not report:
-    return "(no labels: signal quality needs records with a `kind`)"
-  groups = sorted({g for row in report.values() for g in row["by_group"]})
-  # F1, P, R and ϕ are at the threshold rule the report was made with (the filter's, label-free);
-  # best F1 picks ϕ with the labels.
-  head = ["signal", "AUROC", "AUPRC", "F1", "P", "R", "ϕ", "best F1",
-          *[f"AUROC {g.split('=', 1)[1]}" for g in groups]]
-  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  for name, row in report.items():
-    cells = [f"`{name}`", _f(row["auroc"]), _f(row["auprc"]), _f(row["f1"]), _f(row["precision"]),
-             _f(row["recall"]), _f(row["phi"]), _f(row["best_f1"])]
-    cells += [_f(row["by_group"].get(g, {}).get("auroc")) for g in groups]
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines)

@@ -45,7 +45,7 @@ from ff_jax.pipeline.layout import (
 )
 from ff_jax.pipeline.rundir import RunDir
 from ff_jax.progress import log
-from ff_jax.report.markdown import separation_warning
+from ff_jax.report.analysis import separation_warning
 
 _STAT_KEYS = ("nll", "acc", "rouge")
 
