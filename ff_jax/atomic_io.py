@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> None:
@@ -43,8 +44,6 @@ def is_primary() -> bool:
 def barrier(name: str) -> None:
   """Every process waits here until all arrive: what process 0 wrote before is visible after."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
     multihost_utils.sync_global_devices(f"ff_jax:{name}")
 
 

@@ -230,9 +230,7 @@ def _check_batch(batch, examples, pad_id, buckets):
     np.testing.assert_array_equal(lm[row, :n], examples[i].loss_mask)
 
 
-def test_default_buckets_and_pick():
-  assert batching.default_buckets(96) == (16, 32, 64, 96)
-  assert batching.default_buckets(64) == (16, 32, 64)
+def test_pick_bucket():
   assert batching.pick_bucket(17, (16, 32, 64)) == 32
   with pytest.raises(DataError, match="exceeds the largest bucket"):
     batching.pick_bucket(65, (16, 32, 64))
@@ -304,11 +302,3 @@ def test_eval_batches_cover_each_example_once(tok):
     real = b["mask"].sum(axis=1).max()
     assert b["tokens"].shape[1] == batching.pick_bucket(real, buckets)  # smallest fitting
 
-
-def test_left_padded_prompts(tok):
-  tokens, mask = batching.left_padded_prompts([[5, 6, 7], [8]], tok.pad_id, (4, 8), batch_size=3)
-  assert tokens.shape == (3, 4)
-  assert tokens.tolist() == [[tok.pad_id, 5, 6, 7], [tok.pad_id] * 3 + [8], [tok.pad_id] * 4]
-  assert mask.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1], [0, 0, 0, 0]]
-  with pytest.raises(DataError):
-    batching.left_padded_prompts([[1] * 9], tok.pad_id, 8)

@@ -6,7 +6,7 @@ import pytest
 from decoding_reference import uncached_greedy
 
 from ff_jax.models import abstract_model, init_params, tiny_llama
-from ff_jax.models.decoding import SamplingConfig, generate, left_pad, truncate_at_stop_strings
+from ff_jax.models.decoding import SamplingConfig, generate, left_pad
 
 EOS, PAD = 1, 0
 
@@ -48,7 +48,6 @@ def test_stops_on_eos_and_on_stop_sequences(model):
   as_eos = generate(graphdef, params, PROMPTS[:1], eos_id=full[2], pad_id=PAD,
                     sampling=sampling)[0]
   assert as_eos == full[:full.index(full[2])]
-  assert truncate_at_stop_strings("Paris.\nUser: hi", ["\nUser:"]) == "Paris."
 
 
 def test_sampling_is_seeded_and_top_p_tiny_is_greedy(model):

@@ -291,6 +291,7 @@ def test_sharded_load_matches_runtime_shardings():
       np.testing.assert_array_equal(np.asarray(flatten(params)[path]), np.asarray(value))
 
 
+@pytest.mark.slow
 def test_sharded_load_on_eight_fake_devices():
   """The same check on a real 2x2x2 mesh, in a subprocess so the device count can be forced."""
   code = textwrap.dedent(f"""

@@ -56,6 +56,7 @@ def reference(tmp_path_factory) -> Path:
 # -- kill and resume ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_kill_mid_phase_and_resume_matches_uninterrupted_run(reference, tmp_path):
   run_dir = tmp_path / "run"
   args = demo_args(run_dir)
@@ -100,6 +101,7 @@ def test_kill_mid_phase_and_resume_matches_uninterrupted_run(reference, tmp_path
   assert not (run_dir / "ckpt").exists() or not any((run_dir / "ckpt").iterdir())
 
 
+@pytest.mark.slow
 def test_every_signal_is_a_column_and_in_the_signal_report(reference):
   rows = read_scores(reference)
   for name in ("nll", "acc", "rouge", "nll_lnf", "nll_pmi", "nll_auc", "nll_ens", "nll_lnf_ens",
@@ -133,6 +135,7 @@ def test_every_signal_is_a_column_and_in_the_signal_report(reference):
   assert "Every signal under the filter's threshold rule" in (reference / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_replicas_trained_one_per_pass_match_the_stacked_ones(reference, tmp_path):
   run_ok(*demo_args(tmp_path / "run", "scoring.replicas_per_pass=1"), "--until",
          "safety_replicas")
@@ -142,6 +145,7 @@ def test_replicas_trained_one_per_pass_match_the_stacked_ones(reference, tmp_pat
   np.testing.assert_allclose(one["nll"], stacked["nll"], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_noisy_replicas_trained_stacked_match_the_one_trained_alone(reference, tmp_path):
   """Three noisy replicas: the two extra ones are trained in one stacked pass (a vmapped noisy
   finetune of M0, then a vmapped safety finetune of the two M1s); the reference trained its one
@@ -169,6 +173,7 @@ def read_scores(run_dir: Path) -> list[dict[str, str]]:
     return list(csv.DictReader(handle))
 
 
+@pytest.mark.slow
 def test_same_seed_same_scores_other_seed_other_scores(reference, tmp_path):
   run_ok(*demo_args(tmp_path / "same"), "--until", "filter")
   assert (tmp_path / "same" / "scores.csv").read_text() == (reference / "scores.csv").read_text()
@@ -254,6 +259,7 @@ def test_overlong_record_refused_with_overflow_error(capsys, tiny_model, tmp_pat
   assert_no_outputs(tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_truncate_is_counted_and_a_changed_config_is_refused(capsys, tiny_model, tmp_path):
   noisy = write_jsonl(tmp_path / "noisy.jsonl", [*NOISY, long_record()])
   safe = write_jsonl(tmp_path / "safe.jsonl", SAFE)
@@ -301,6 +307,7 @@ def _eval_records(tmp_path: Path) -> list[dict]:
   ]
 
 
+@pytest.mark.slow
 def test_heldout_evaluation_self_correction_and_baselines(tiny_model, tmp_path):
   noisy = write_jsonl(tmp_path / "noisy.jsonl", NOISY)
   safe = write_jsonl(tmp_path / "safe.jsonl", SAFE)
@@ -335,6 +342,7 @@ def test_heldout_evaluation_self_correction_and_baselines(tiny_model, tmp_path):
   assert "model exists" in again
 
 
+@pytest.mark.slow
 def test_interleaved_rounds_resume_and_compare_both_methods(tiny_model, tmp_path):
   noisy = write_jsonl(tmp_path / "noisy.jsonl", NOISY)
   safe = write_jsonl(tmp_path / "safe.jsonl", SAFE)
@@ -408,6 +416,7 @@ def test_settings_of_phases_not_yet_run_may_change(tmp_path):
     run.open(again, {"noisy": "abc", "eval": "def"}, redo_from="filtering")
 
 
+@pytest.mark.slow
 def test_every_example_flagged_stops_before_clean_with_a_clear_error(tiny_model, tmp_path):
   noisy = write_jsonl(tmp_path / "noisy.jsonl", NOISY)
   safe = write_jsonl(tmp_path / "safe.jsonl", SAFE)

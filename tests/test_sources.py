@@ -238,6 +238,7 @@ def test_hf_and_tfds_unavailable(monkeypatch):
     load_source("tfds://nothing:test")
 
 
+@pytest.mark.slow
 def test_hf_datasets_from_a_local_folder_and_an_unreachable_hub(tmp_path):
   """`hf://` through the real `datasets` package: a `save_to_disk` folder reads; a hub name
   that cannot be reached (no network here; offline mode so it fails at once) is one DataError."""

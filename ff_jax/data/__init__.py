@@ -7,9 +7,7 @@ prompt/response boundary (`templates`), and is served as fixed-shape numpy batch
 
 from ff_jax.data.batching import (
     TrainIterator,
-    default_buckets,
     eval_batches,
-    left_padded_prompts,
     make_batch,
     pick_bucket,
 )
@@ -34,7 +32,7 @@ from ff_jax.data.templates import (
 
 __all__ = [
     "KINDS", "PLAIN_TEMPLATE", "EncodedExample", "PromptTemplate", "Record", "TrainIterator",
-    "default_buckets", "encode_example", "encode_examples", "encode_prompt", "eval_batches",
-    "fingerprint", "left_padded_prompts", "load_records", "make_batch", "pick_bucket", "read_csv",
-    "read_hf_dataset", "read_jsonl", "write_jsonl_atomic",
+    "encode_example", "encode_examples", "encode_prompt", "eval_batches", "fingerprint",
+    "load_records", "make_batch", "pick_bucket", "read_csv", "read_hf_dataset", "read_jsonl",
+    "write_jsonl_atomic",
 ]

@@ -23,15 +23,6 @@ from ff_jax.data.templates import EncodedExample
 from ff_jax.errors import ConfigError, DataError
 
 
-def default_buckets(max_len: int, min_len: int = 16) -> tuple[int, ...]:
-  """Powers of two from `min_len` below `max_len`, then `max_len` itself."""
-  out, b = [], min_len
-  while b < max_len:
-    out.append(b)
-    b *= 2
-  return (*out, max_len)
-
-
 def pick_bucket(length: int, buckets: Sequence[int]) -> int:
   """The smallest bucket that holds `length` tokens."""
   for b in sorted(buckets):
@@ -173,25 +164,3 @@ def eval_batches(examples: Sequence[EncodedExample], batch_size: int, buckets: S
     out.append(make_batch(examples, idx, buckets, pad_id, process_index, process_count))
   return out
 
-
-def left_padded_prompts(prompt_token_lists: Sequence[Sequence[int]], pad_id: int,
-                        bucket: int | Sequence[int],
-                        batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """(tokens [B, P], mask [B, P]) with prompts right-aligned, so generation appends at column P.
-
-  `bucket` is the width P, or a set of widths to pick the smallest fitting one from. With
-  `batch_size`, rows are added as fillers (mask all zero) up to that many.
-  """
-  longest = max((len(p) for p in prompt_token_lists), default=1)
-  width = pick_bucket(longest, [bucket] if isinstance(bucket, int) else bucket)
-  rows = len(prompt_token_lists) if batch_size is None else batch_size
-  if rows < len(prompt_token_lists):
-    raise ConfigError(f"batch_size={batch_size} is smaller than the {len(prompt_token_lists)} "
-                      "prompts given")
-  tokens = np.full((rows, width), pad_id, dtype=np.int32)
-  mask = np.zeros((rows, width), dtype=np.int32)
-  for r, ids in enumerate(prompt_token_lists):
-    if len(ids):
-      tokens[r, width - len(ids):] = np.asarray(ids, dtype=np.int32)
-      mask[r, width - len(ids):] = 1
-  return tokens, mask

@@ -7,7 +7,6 @@ dict of arrays (`{'embed': ..., 'layers': {0: {'attn': {'q': ...}}}}`). Pure dic
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -15,7 +14,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from ff_jax.models.config import ModelConfig, RopeScaling, tiny_llama
-from ff_jax.models.transformer import Cache, Transformer, positions_from_mask
+from ff_jax.models.transformer import Block, Cache, Transformer, positions_from_mask
 
 __all__ = [
     "Cache", "ModelConfig", "RopeScaling", "Transformer", "abstract_model", "forward",
@@ -55,8 +54,6 @@ def init_params(cfg: ModelConfig, seed: int, shardings: Params | None = None) ->
   compiled block initialiser is reused for every layer (keyed by `fold_in(key, layer)`): compile
   time does not grow with depth, and nothing is materialised unsharded.
   """
-  from ff_jax.models.transformer import Block
-
   key = jax.random.key(seed)
   top_shardings = block_shardings = None
   if shardings is not None:
@@ -90,7 +87,3 @@ def forward(graphdef: nnx.GraphDef, params: Params, tokens, positions, kv_mask,
 
 def init_cache(graphdef: nnx.GraphDef, params: Params, batch: int, length: int) -> Cache:
   return nnx.merge(graphdef, params).init_cache(batch, length)
-
-
-def count_params(abstract: Params) -> int:
-  return sum(int(math.prod(a.shape)) for a in jax.tree.leaves(abstract))

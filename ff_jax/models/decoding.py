@@ -155,13 +155,3 @@ def generate(graphdef: nnx.GraphDef, params: Any, prompts: Sequence[Sequence[int
           break
     results.append(row[:cut])
   return results
-
-
-def truncate_at_stop_strings(text: str, stop_strings: Sequence[str]) -> str:
-  """Cut decoded text at the first stop string (token-level stops can miss merged tokens)."""
-  cut = len(text)
-  for stop in stop_strings:
-    index = text.find(stop)
-    if index != -1:
-      cut = min(cut, index)
-  return text[:cut]

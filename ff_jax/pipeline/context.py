@@ -93,10 +93,15 @@ class RunContext:
 
   def finetune(self, name: str, phase: PhaseConfig, init: Callable[[], Any],
                examples: Sequence[EncodedExample], output: str, seed: int,
-               snapshot_every: int = 0, runtime: ModelRuntime | None = None) -> Any:
+               snapshot_every: int = 0, runtime: ModelRuntime | None = None,
+               keep_step_checkpoints: bool = False) -> Any:
     """Finetune `init()` on `examples` with `seed` (`layout.finetune_seed`), resuming from
-    `name`'s step checkpoints; save the result as model `output`, drop the step checkpoints and
-    return the parameters."""
+    `name`'s step checkpoints; save the result as model `output` and return the parameters.
+
+    The step checkpoints are dropped once the output is saved, unless a later finetune of the
+    same phase still runs (`keep_step_checkpoints`): a phase killed there reruns from its start,
+    and this finetune must then restore its last step instead of training again.
+    """
     if not examples:
       raise DataError(f"phase {name}: no examples to train on")
     spec = self.spec(name, phase, len(examples), seed, snapshot_every)
@@ -104,7 +109,8 @@ class RunContext:
     params = train_phase(spec, runtime or self.runtime, init, examples, self.pad_id,
                          self.run.ckpt(name), self.training_log, snapshot_dir)
     save_params(self.run.model(output), params)
-    self.drop_step_checkpoints(name)
+    if not keep_step_checkpoints:
+      self.drop_step_checkpoints(name)
     return params
 
   def drop_step_checkpoints(self, name: str) -> None:

@@ -30,9 +30,10 @@ def release(ctx: RunContext) -> dict[str, Any]:
   # The released model is trained in full, without adapters, whatever the run finetunes.
   base = ctx.base_runtime
   ctx.finetune("release_pretrain", demo.pretrain, lambda: base.init_params(seed), corpus, "base",
-               finetune_seed(seed, "release_pretrain"), runtime=base)
+               finetune_seed(seed, "release_pretrain"), runtime=base, keep_step_checkpoints=True)
   ctx.finetune("release_align", demo.align, lambda: ctx.params("base"), align, "M0",
                finetune_seed(seed, "release_align"), runtime=base)
+  ctx.drop_step_checkpoints("release_pretrain")
   return {"pretrain_examples": len(corpus), "align_examples": len(align)}
 
 

@@ -23,6 +23,8 @@ from ff_jax.data.demo import DemoWorld, build_demo_world, train_demo_tokenizer
 from ff_jax.data.records import Record
 from ff_jax.errors import ConfigError, DataError
 from ff_jax.models import ModelConfig
+from ff_jax.models.gguf import load_gguf, load_gguf_metadata
+from ff_jax.models.hf import config_from_hf, load_hf, save_hf
 from ff_jax.models.tokenizer import TextTokenizer
 from ff_jax.pipeline.rundir import RunDir
 
@@ -47,17 +49,11 @@ class JobInputs:
   def load_m0(self, mesh, rules) -> Any:
     """The user's aligned model, streamed from its files onto the mesh."""
     if self.kind == "hf":
-      from ff_jax.models.hf import load_hf
-
       return load_hf(self.source, mesh=mesh, rules=rules)[1]
-    from ff_jax.models.gguf import load_gguf
-
     return load_gguf(self.source, mesh=mesh, rules=rules)[1]
 
   def export_hf(self, folder: Path, runtime, params) -> Path | None:
     """Write the clean model as an HF folder (Llama family; the demo model is Llama-style)."""
-    from ff_jax.models.hf import save_hf
-
     cfg = self.model_config
     model_type = "qwen2" if cfg.qkv_bias and cfg.norm == "rms" else (
         "gpt2" if cfg.positions == "learned" else "llama")
@@ -162,13 +158,9 @@ def _imported_model(cfg: RunConfig, path: Path) -> tuple[ModelConfig, TextTokeni
   architecture checked against a preset's `model.config`, the run's settings applied."""
   source = cfg.model.source
   if path.is_file() and path.suffix == ".gguf":
-    from ff_jax.models.gguf import load_gguf_metadata
-
     model_cfg, tokenizer = load_gguf_metadata(path)
     kind = "gguf"
   elif path.is_dir() and (path / "config.json").exists():
-    from ff_jax.models.hf import config_from_hf
-
     model_cfg = config_from_hf(json.loads((path / "config.json").read_text()),
                                str(path / "config.json"))
     tokenizer, kind = TextTokenizer.from_folder(path), "hf"
