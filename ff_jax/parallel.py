@@ -181,11 +181,6 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
           for key, value in local_batch.items()}
 
 
-def shard_params(params: Any, shardings: Any) -> Any:
-  """Place an (already materialised, e.g. host numpy) parameter tree onto its shardings."""
-  return jax.tree.map(jax.device_put, params, shardings)
-
-
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None,
                            process_id: int | None = None) -> bool:

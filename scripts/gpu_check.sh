@@ -12,7 +12,7 @@ PY=${PYTHON:-python3}
 nvidia-smi -L
 $PY -c "import jax, flax, optax, orbax.checkpoint as o; print('jax', jax.__version__, 'flax',
 flax.__version__, 'optax', optax.__version__, 'orbax', o.__version__, jax.devices())"
-timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -15
+timeout 150 $PY -m pytest -q -p no:cacheprovider tests/models/test_gpu.py 2>&1 | tail -15
 bench() {  # name, time limit, overrides...
   local name=$1 limit=$2
   shift 2

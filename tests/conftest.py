@@ -6,12 +6,15 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# Tests import their helpers as `tests.helpers...`, from any working directory.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.helpers.paths import SHARED_DATA  # noqa: E402
 
 
 @pytest.fixture

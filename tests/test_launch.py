@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.pipeline_helpers import REPO
+from tests.helpers.pipeline_helpers import REPO
 
 SLICE = ["--name", "ff", "--zone", "us-central2-b", "--type", "v4-32", "--project", "proj"]
 WHERE = ["--zone", "us-central2-b", "--project", "proj"]

@@ -52,6 +52,7 @@ def _assert_same_scores(scores, ref_scores, label=""):
     np.testing.assert_allclose(scores[key], ref_scores[key], rtol=2e-5, err_msg=f"{label} {key}")
 
 
+@pytest.mark.slow  # several compiled meshes or precisions: CI runs it, the fast loop skips it
 def test_same_losses_on_one_device_and_on_sharded_meshes():
   _need_devices(8)
   devices = jax.devices()
@@ -73,6 +74,7 @@ def test_fused_attention_on_a_sharded_mesh():
   _assert_same_scores(scores, ref_scores)
 
 
+@pytest.mark.slow  # several compiled meshes or precisions: CI runs it, the fast loop skips it
 def test_gradient_accumulation_matches_the_full_batch():
   _need_devices(8)
   _, _, _, ref_loss, ref_scores = _run(parallel.MeshConfig(2, 2, 2), jax.devices())

@@ -1,23 +1,23 @@
 """Noisy mixture, safe set, group splits and writing: counts, disjointness, determinism, errors."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 from ff_jax.data.mixture import (
-    build_noisy_mixture,
-    mixture_counts,
-    sample_safe_set,
-    split_by_group,
-    write_mixture,
+  build_noisy_mixture,
+  mixture_counts,
+  sample_safe_set,
+  split_by_group,
+  write_mixture,
 )
 from ff_jax.data.records import Record, fingerprint, read_jsonl
 from ff_jax.data.sources import read_alpaca, read_hh_rlhf, read_squad
 from ff_jax.data.sources_bbq import read_bbq, split_bbq
 from ff_jax.errors import ConfigError
+from tests.helpers.paths import SHARED_DATA
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = SHARED_DATA
 
 
 def _pool(kind: str, n: int, tag: str = "") -> list[Record]:

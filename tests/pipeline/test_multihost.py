@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.pipeline_helpers import (
+from tests.helpers.pipeline_helpers import (
   PROGRESS,
   REPO,
   TINY_DEMO,
@@ -148,7 +148,8 @@ def test_overlapping_saves_of_two_managers(tmp_path):
   for pid in (0, 1):
     handle = (tmp_path / f"p{pid}.log").open("w")
     procs.append(subprocess.Popen(
-      [sys.executable, "-m", "tests.overlapping_saves_worker", str(tmp_path / "ckpt"), "25"],
+      [sys.executable, "-m", "tests.helpers.overlapping_saves_worker", str(tmp_path / "ckpt"),
+       "25"],
       cwd=REPO, env=_env(2, pid, port), stdout=handle, stderr=subprocess.STDOUT, text=True,
       start_new_session=True))
     handle.close()

@@ -219,6 +219,7 @@ def test_an_example_aligned_with_itself_has_cosine_minus_one():
   np.testing.assert_allclose(out["grad"], [-out["safe_grad_norm"]], rtol=1e-5)
 
 
+@pytest.mark.slow  # several compiled meshes or precisions: CI runs it, the fast loop skips it
 def test_gradient_alignment_is_the_same_on_a_sharded_mesh():
   noisy, safe = _examples(8, 4), _examples(4, 5)
   outs = []

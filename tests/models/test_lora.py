@@ -16,7 +16,7 @@ from ff_jax.models import forward, lora, positions_from_mask, tiny_llama
 from ff_jax.models.config import LoraConfig
 from ff_jax.models.loading import flatten
 from ff_jax.training.steps import ModelRuntime, OptimConfig, Trainer
-from tests.pipeline_helpers import TINY_DEMO, run_and_kill, run_ok
+from tests.helpers.pipeline_helpers import TINY_DEMO, run_and_kill, run_ok
 
 LORA = LoraConfig(rank=4, alpha=8.0, targets=("q", "k", "v", "o", "gate", "up", "down"))
 

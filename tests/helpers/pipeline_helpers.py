@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.paths import REPO
 
 # The demo job shrunk to seconds per phase, with every forgetting signal switched on. Every training
 # phase checkpoints every 2 steps, so a kill after an odd step lands between checkpoints; scoring

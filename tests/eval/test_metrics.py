@@ -3,7 +3,6 @@ toxicity and SQuAD aggregates."""
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,8 +18,9 @@ from ff_jax.eval.bbq import (
 from ff_jax.eval.safety import harmfulness_rate, refusal_rate
 from ff_jax.eval.text import squad_scores
 from ff_jax.eval.toxicity import LexiconScorer, make_toxicity_scorer, toxicity_summary
+from tests.helpers.paths import SHARED_DATA
 
-BBQ_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "bbq"
+BBQ_DIR = SHARED_DATA / "bbq"
 
 
 def _ex(polarity="neg", condition="ambig", label=2, groups=("old", "nonOld", "unknown"),

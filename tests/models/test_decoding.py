@@ -3,10 +3,10 @@
 import jax
 import numpy as np
 import pytest
-from decoding_reference import uncached_greedy
 
 from ff_jax.models import abstract_model, init_params, tiny_llama
 from ff_jax.models.decoding import SamplingConfig, generate, left_pad
+from tests.helpers.decoding_reference import uncached_greedy
 
 EOS, PAD = 1, 0
 

@@ -1,20 +1,20 @@
 """GPU-only checks, skipped elsewhere: cuDNN's fused attention against the einsum path in bf16.
 
-Run on a GPU machine with `JAX_PLATFORMS=cuda python -m pytest tests/test_gpu.py`.
+Run on a GPU machine with `JAX_PLATFORMS=cuda python -m pytest tests/models/test_gpu.py`.
 """
 
 import jax
 import numpy as np
 import pytest
 
-from tests.test_model import FAMILIES, _fused_vs_einsum
+from tests.models.test_model import FAMILIES, fused_vs_einsum
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU backend")
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_cudnn_attention_is_close_to_the_einsum_path(name):
-  want, got, g_want, g_got = _fused_vs_einsum(name, "cudnn", "bfloat16")
+  want, got, g_want, g_got = fused_vs_einsum(name, "cudnn", "bfloat16")
   assert np.isfinite(got).all()
   # bf16 compute on both sides, different summation orders: compare at bf16's resolution.
   scale = np.abs(want).max()

@@ -11,21 +11,22 @@ import pytest
 
 from ff_jax.data.records import Record
 from ff_jax.data.sources import (
-    load_source,
-    read_alpaca,
-    read_davidson,
-    read_harmful_prompts,
-    read_hh_rlhf,
-    read_jailbreakbench,
-    read_rtp,
-    read_safety_llamas,
-    read_squad,
+  load_source,
+  read_alpaca,
+  read_davidson,
+  read_harmful_prompts,
+  read_hh_rlhf,
+  read_jailbreakbench,
+  read_rtp,
+  read_safety_llamas,
+  read_squad,
 )
 from ff_jax.data.sources_bbq import bbq_example, read_bbq, split_bbq
 from ff_jax.errors import ConfigError, DataError
 from ff_jax.eval.bbq import bbq_scores, bbq_unknown_index, is_biased_answer
+from tests.helpers.paths import SHARED_DATA
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = SHARED_DATA
 
 
 @pytest.fixture

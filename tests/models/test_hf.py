@@ -28,9 +28,9 @@ from ff_jax.models.config import ModelConfig
 from ff_jax.models.loading import flatten
 from ff_jax.models.tokenizer import TextTokenizer
 from ff_jax.parallel import MeshConfig, make_mesh
+from tests.helpers.paths import FIXTURES, REPO
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO / "tests" / "fixtures" / "parity"
+PARITY = FIXTURES / "parity"  # tiny random checkpoints and their golden logits
 NAMES = ["llama", "llama3_rope", "gpt2", "qwen2"]
 MODEL_TYPES = {"llama": "llama", "llama3_rope": "llama", "gpt2": "gpt2", "qwen2": "qwen2"}
 TOL = 1e-4
@@ -60,7 +60,7 @@ def read_safetensors(folder: Path) -> dict[str, np.ndarray]:
 
 def copy_fixture(name: str, dest: Path) -> Path:
   folder = dest / name
-  shutil.copytree(FIXTURES / name, folder)
+  shutil.copytree(PARITY / name, folder)
   return folder
 
 
@@ -84,8 +84,8 @@ def fixture_script():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_golden_logit_parity(name):
-  cfg, params = hf.load_hf(FIXTURES / name)
-  expected = np.load(FIXTURES / name / "expected.npz")
+  cfg, params = hf.load_hf(PARITY / name)
+  expected = np.load(PARITY / name / "expected.npz")
   mask = expected["attention_mask"]
   assert not mask.all(), "the fixture should contain a padded row"
   np.testing.assert_array_equal(positions_from_mask(mask), expected["position_ids"])
@@ -94,7 +94,7 @@ def test_golden_logit_parity(name):
 
 
 def test_fixture_configs_cover_the_features():
-  cfgs = {name: hf.load_hf(FIXTURES / name)[0] for name in NAMES}
+  cfgs = {name: hf.load_hf(PARITY / name)[0] for name in NAMES}
   assert cfgs["llama"].num_kv_heads < cfgs["llama"].num_heads and not cfgs["llama"].tie_embeddings
   assert cfgs["llama3_rope"].rope_scaling.kind == "llama3"
   assert cfgs["llama3_rope"].rope_scaling.original_max_position_embeddings == 16
@@ -145,9 +145,9 @@ def test_live_parity(tmp_path, name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_round_trip_is_exact(tmp_path, name):
-  cfg, params = hf.load_hf(FIXTURES / name)
+  cfg, params = hf.load_hf(PARITY / name)
   out = hf.save_hf(tmp_path / "out", cfg, params, MODEL_TYPES[name])
-  original, exported = read_safetensors(FIXTURES / name), read_safetensors(out)
+  original, exported = read_safetensors(PARITY / name), read_safetensors(out)
   assert sorted(exported) == sorted(original)
   for key, value in original.items():
     assert exported[key].dtype == value.dtype, key
@@ -158,7 +158,7 @@ def test_round_trip_is_exact(tmp_path, name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_config_round_trip(name):
-  cfg, _ = hf.load_hf(FIXTURES / name)
+  cfg, _ = hf.load_hf(PARITY / name)
   exported = hf.hf_config_from(cfg, MODEL_TYPES[name])
   assert hf.config_from_hf(json.loads(json.dumps(exported)), "x/config.json") == cfg
 
@@ -169,10 +169,10 @@ def test_export_loads_in_transformers(tmp_path, name):
   import torch
   import transformers
 
-  cfg, params = hf.load_hf(FIXTURES / name)
+  cfg, params = hf.load_hf(PARITY / name)
   out = hf.save_hf(tmp_path / "out", cfg, params, MODEL_TYPES[name])
   model = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
-  expected = np.load(FIXTURES / name / "expected.npz")
+  expected = np.load(PARITY / name / "expected.npz")
   with torch.no_grad():
     logits = model(**{k: torch.from_numpy(expected[k])
                       for k in ("input_ids", "attention_mask", "position_ids")}).logits.numpy()
@@ -190,7 +190,7 @@ def tiny_tokenizer() -> TextTokenizer:
 
 
 def test_save_replaces_folder_atomically_with_tokenizer(tmp_path):
-  cfg, params = hf.load_hf(FIXTURES / "llama")
+  cfg, params = hf.load_hf(PARITY / "llama")
   dest = tmp_path / "export"
   dest.mkdir()
   (dest / "stale.txt").write_text("old run")
@@ -204,7 +204,7 @@ def test_save_replaces_folder_atomically_with_tokenizer(tmp_path):
 
 
 def test_failed_save_leaves_destination_untouched(tmp_path):
-  cfg, params = hf.load_hf(FIXTURES / "gpt2")
+  cfg, params = hf.load_hf(PARITY / "gpt2")
   dest = tmp_path / "export"
   hf.save_hf(dest, cfg, params, "gpt2")
   before = read_safetensors(dest)
@@ -215,7 +215,7 @@ def test_failed_save_leaves_destination_untouched(tmp_path):
 
 
 def test_bfloat16_export_and_import(tmp_path):
-  cfg, params = hf.load_hf(FIXTURES / "qwen2", dtype="bfloat16")
+  cfg, params = hf.load_hf(PARITY / "qwen2", dtype="bfloat16")
   assert cfg.param_dtype == "bfloat16"
   assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves(params))
   out = hf.save_hf(tmp_path / "bf16", cfg, params, "qwen2")
@@ -249,7 +249,7 @@ def test_multi_file_checkpoint_loads_identically(tmp_path):
   (folder / "model.safetensors.index.json").write_text(
       json.dumps({"metadata": {}, "weight_map": weight_map}))
 
-  cfg, params = hf.load_hf(FIXTURES / "llama")
+  cfg, params = hf.load_hf(PARITY / "llama")
   cfg2, params2 = hf.load_hf(folder)
   assert cfg2 == cfg
   flat, flat2 = flatten(params), flatten(params2)
@@ -272,7 +272,7 @@ def test_base_model_keys_without_prefix_and_ignorable_buffers(tmp_path):
 
   rewrite_tensors(folder, strip)
   _, params = hf.load_hf(folder)
-  _, want = hf.load_hf(FIXTURES / "gpt2")
+  _, want = hf.load_hf(PARITY / "gpt2")
   for path, value in flatten(want).items():
     np.testing.assert_array_equal(np.asarray(flatten(params)[path]), np.asarray(value))
 
@@ -282,11 +282,11 @@ def test_sharded_load_matches_runtime_shardings():
 
   mesh = make_mesh(MeshConfig())
   for name in ("llama", "gpt2"):
-    cfg, params = hf.load_hf(FIXTURES / name, mesh=mesh)
+    cfg, params = hf.load_hf(PARITY / name, mesh=mesh)
     runtime = ModelRuntime.create(cfg, mesh)
     got = jax.tree.map(lambda x: x.sharding, params)
     assert got == runtime.param_shardings
-    _, plain = hf.load_hf(FIXTURES / name)
+    _, plain = hf.load_hf(PARITY / name)
     for path, value in flatten(plain).items():
       np.testing.assert_array_equal(np.asarray(flatten(params)[path]), np.asarray(value))
 
@@ -396,7 +396,7 @@ def test_unmapped_tensor(tmp_path):
     ({"num_attention_heads": None}, "missing key 'num_attention_heads'"),
 ])
 def test_unsupported_llama_config(change, match):
-  config = json.loads((FIXTURES / "llama" / "config.json").read_text())
+  config = json.loads((PARITY / "llama" / "config.json").read_text())
   config.update(change)
   config = {k: v for k, v in config.items() if v is not None}
   with pytest.raises(CheckpointError, match=f"path/config.json: .*{match}"):
@@ -404,14 +404,14 @@ def test_unsupported_llama_config(change, match):
 
 
 def test_unsupported_gpt2_activation():
-  config = json.loads((FIXTURES / "gpt2" / "config.json").read_text())
+  config = json.loads((PARITY / "gpt2" / "config.json").read_text())
   config["activation_function"] = "relu"
   with pytest.raises(CheckpointError, match="activation_function='relu' is not supported"):
     hf.config_from_hf(config, "c.json")
 
 
 def test_v4_style_rope_keys():
-  config = json.loads((FIXTURES / "llama" / "config.json").read_text())
+  config = json.loads((PARITY / "llama" / "config.json").read_text())
   del config["rope_parameters"]
   config.update(rope_theta=5e5, rope_scaling={"type": "linear", "factor": 4.0})
   cfg = hf.config_from_hf(config, "c.json")
@@ -424,6 +424,6 @@ def test_v4_style_rope_keys():
 def test_missing_files(tmp_path):
   with pytest.raises(CheckpointError, match="config.json: not found"):
     hf.load_hf(tmp_path)
-  shutil.copy(FIXTURES / "llama" / "config.json", tmp_path)
+  shutil.copy(PARITY / "llama" / "config.json", tmp_path)
   with pytest.raises(CheckpointError, match="no model.safetensors"):
     hf.load_hf(tmp_path)

