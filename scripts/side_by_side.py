@@ -33,17 +33,18 @@ import numpy as np
 
 from ff_jax.data.batching import TrainIterator
 from ff_jax.eval.classification import auroc
+from ff_jax.pipeline.layout import finetune_seed
 
 
 def ff_jax_orders(n_noisy: int, n_safe: int, cfg: dict) -> dict[str, list[list[int]]]:
   """{phase: the epoch permutations ff_jax's noisy and safety phases train on}."""
   orders = {}
-  for name, n, offset in (("noisy", n_noisy, 3), ("safety", n_safe, 4)):
+  for name, n in (("noisy", n_noisy), ("safety", n_safe)):
     phase = cfg[name]
     batch = phase["batch_size"]
     steps = phase["steps"] or math.ceil(phase["epochs"] * n / batch)
-    # The pipeline seeds phase iterators with seed * 1000 + a fixed offset per phase.
-    iterator = TrainIterator([np.zeros(1)] * n, batch, cfg["seed"] * 1000 + offset, [1], pad_id=0)
+    iterator = TrainIterator([np.zeros(1)] * n, batch, finetune_seed(cfg["seed"], name), [1],
+                             pad_id=0)
     epochs = math.ceil(steps / iterator.steps_per_epoch)
     orders[name] = [iterator.epoch_order(e).tolist() for e in range(epochs)]
   return orders

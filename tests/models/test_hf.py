@@ -303,7 +303,7 @@ def test_sharded_load_on_eight_fake_devices():
       assert len(jax.devices()) == 8
       mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
       for name in ("llama", "qwen2", "gpt2"):
-        folder = {str(FIXTURES)!r} + "/" + name
+        folder = {str(PARITY)!r} + "/" + name
         cfg, params = hf.load_hf(folder, mesh=mesh)
         runtime = ModelRuntime.create(cfg, mesh)
         assert jax.tree.map(lambda x: x.sharding, params) == runtime.param_shardings
