@@ -10,6 +10,9 @@
   ff-jax plan [CONFIG.yaml] [key=value ...] [--hbm-gib G] [--topology SLICE] [--json FILE]
 
 Errors a user can cause (config, data, checkpoints, run directories) print one line and exit 2.
+Every command turns on JAX's persistent compilation cache before anything compiles
+(`config.enable_compile_cache`): `run` and `filter` where their config's `compile_cache` says,
+the others where `auto` puts it.
 """
 
 from __future__ import annotations
@@ -17,8 +20,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ff_jax.errors import FFJaxError
+
+if TYPE_CHECKING:
+  from ff_jax.config import RunConfig
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -98,9 +105,24 @@ def main(argv: list[str] | None = None) -> int:
     return 130
 
 
+def _run_config(args: argparse.Namespace) -> RunConfig:
+  """The RunConfig of `ff-jax run` or `ff-jax filter`."""
+  from ff_jax import config as config_lib
+
+  if args.command == "run":
+    path, overrides = _split_config(args.args)
+    return config_lib.load_config(path, overrides)
+  preset = Path(config_lib.__file__).parent / "configs" / "filter.yaml"
+  return config_lib.load_config(preset, [
+      f"model.source={args.model}", f"data.noisy={args.noisy}", f"data.safe={args.safe}",
+      f"run_dir={args.run_dir}", *args.overrides])
+
+
 def _dispatch(args: argparse.Namespace) -> int:
   from ff_jax import config as config_lib
 
+  cfg = _run_config(args) if args.command in ("run", "filter") else None
+  config_lib.enable_compile_cache(cfg.compile_cache if cfg is not None else "auto")
   if args.command == "report":
     from ff_jax.report.analysis import summary_figures
     from ff_jax.report.markdown import write_report
@@ -161,14 +183,6 @@ def _dispatch(args: argparse.Namespace) -> int:
 
   if args.until and args.until not in PHASES:
     raise config_lib.ConfigError(f"--until {args.until}: not a phase; phases are {PHASES}")
-  if args.command == "run":
-    path, overrides = _split_config(args.args)
-    cfg = config_lib.load_config(path, overrides)
-  else:
-    preset = Path(config_lib.__file__).parent / "configs" / "filter.yaml"
-    cfg = config_lib.load_config(preset, [
-        f"model.source={args.model}", f"data.noisy={args.noisy}", f"data.safe={args.safe}",
-        f"run_dir={args.run_dir}", *args.overrides])
   root = run_job(cfg, restart=args.restart, until=args.until, redo_from=args.redo_from)
   from ff_jax.report.analysis import separation_warning, summary_figures
 

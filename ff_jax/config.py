@@ -9,12 +9,14 @@ Every unknown key or bad value fails with the dotted key in the message.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import jax
 import yaml
 
 from ff_jax.errors import ConfigError
@@ -22,7 +24,11 @@ from ff_jax.forgetting.signals import check_scored
 from ff_jax.forgetting.thresholds import Threshold
 from ff_jax.models.config import LoraConfig
 from ff_jax.parallel import MeshConfig
+from ff_jax.training.loop import CHECKPOINT_MINUTES
 from ff_jax.training.steps import OptimConfig
+
+# Overrides where `compile_cache: auto` puts JAX's persistent compilation cache ("" turns it off).
+COMPILE_CACHE_ENV = "FF_JAX_COMPILE_CACHE"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +58,11 @@ class DataConfig:
   max_len: int = 96
   overflow: str = "truncate"  # truncate | error
   buckets: tuple[int, ...] = (32, 64, 96)
+  # Pack several examples into each row (segment ids keep attention and positions per example)
+  # instead of padding each one to a bucket, for training and scoring: the same examples per step
+  # and the same per-example losses, on a fraction of the padded token slots
+  # (`ff_jax.data.batching`).
+  packing: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +73,10 @@ class PhaseConfig:
   epochs: float = 0.0
   batch_size: int = 16
   optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-  checkpoint_every: int = 50  # step checkpoints inside the phase, for resume after a kill
+  # Step checkpoints inside the phase, for resume after a kill: every this many minutes of wall
+  # time (0: none; the phase's end is always saved, as its output model) ...
+  checkpoint_minutes: float = CHECKPOINT_MINUTES
+  checkpoint_every: int = 0  # ... or, when > 0, every this many steps instead (deterministic)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +183,11 @@ class RunConfig:
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
   # LoRA adapters on M0 for every finetune (noisy, safety, clean); rank 0 = full finetuning.
   lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+  # JAX's persistent compilation cache, so a resumed or repeated run loads its compiled programs
+  # instead of compiling them again: auto (`$FF_JAX_COMPILE_CACHE`, else the user's cache:
+  # `$XDG_CACHE_HOME/ff_jax/jax` or `~/.cache/ff_jax/jax`) | a folder | "" (off). See
+  # `compile_cache_dir`.
+  compile_cache: str = "auto"
 
   def __post_init__(self):
     check_scored(self.filter.signal, self.scoring)
@@ -179,6 +198,32 @@ class RunConfig:
 
   def to_dict(self) -> dict[str, Any]:
     return _to_plain(dataclasses.asdict(self))
+
+
+def compile_cache_dir(setting: str = "auto") -> Path | None:
+  """The folder of JAX's persistent compilation cache for a `compile_cache` setting; None: off."""
+  if setting == "auto":
+    setting = os.environ.get(COMPILE_CACHE_ENV)
+    if setting is None:
+      base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+      return Path(base) / "ff_jax" / "jax"
+  return Path(setting).expanduser() if setting.strip() else None
+
+
+def enable_compile_cache(setting: str = "auto") -> Path | None:
+  """Turn JAX's persistent compilation cache on in `compile_cache_dir(setting)`, or off ("");
+  returns the folder. Call it before anything compiles: JAX opens the cache once.
+
+  Every program is cached, however small or quick to compile: a rerun then loads them all
+  instead of compiling them again.
+  """
+  folder = compile_cache_dir(setting)
+  jax.config.update("jax_enable_compilation_cache", folder is not None)
+  if folder is not None:
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  return folder
 
 
 def _to_plain(value: Any) -> Any:

@@ -1,6 +1,7 @@
 """What every phase of a run works with: the config, the run directory, the mesh, the inputs
 (encoded once), the model runtimes, and the two things phases do with models: restore one, or
-finetune one and save it.
+finetune one and save it. What each finetune cost is collected here (`record`) and written by the
+driver into the phase's manifest entry.
 
 `open_run` builds it: the inputs are loaded and encoded before the run directory is touched, so a
 bad input never leaves a manifest that blocks the rerun on fixed data.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,9 +27,9 @@ from ff_jax.models import lora
 from ff_jax.pipeline.inputs import JobInputs, load_inputs, save_tokenizer
 from ff_jax.pipeline.layout import TRAINING_LOG
 from ff_jax.pipeline.rundir import RunDir
-from ff_jax.progress import MetricsLog
-from ff_jax.training.checkpoints import restore_params, save_params
-from ff_jax.training.loop import PhaseSpec, phase_steps, train_phase
+from ff_jax.progress import MetricsLog, log
+from ff_jax.training.checkpoints import has_params, restore_params, save_params
+from ff_jax.training.loop import LoopStats, PhaseSpec, phase_steps, train_phase
 from ff_jax.training.scoring import per_example_table, score_examples
 from ff_jax.training.steps import ModelRuntime, Scorer
 
@@ -47,6 +49,9 @@ class RunContext:
   runtime: ModelRuntime  # the model the run finetunes (with LoRA adapters when configured)
   base_runtime: ModelRuntime  # the released model's architecture (no adapters)
   training_log: MetricsLog
+  # What each finetune of the running phase cost, by finetune name (`record`; the driver takes it
+  # into the phase's manifest entry as `finetunes`).
+  finetunes: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
   @functools.cached_property
   def scorer(self) -> Scorer:
@@ -88,30 +93,45 @@ class RunContext:
     steps = phase_steps(phase.steps, phase.epochs, num_examples, phase.batch_size, name)
     return PhaseSpec(name=name, steps=steps, batch_size=phase.batch_size, optim=phase.optim,
                      seed=seed, buckets=self.cfg.data.buckets,
+                     checkpoint_minutes=phase.checkpoint_minutes,
                      checkpoint_every=phase.checkpoint_every, snapshot_every=snapshot_every,
                      adapter_checkpoints=self.cfg.lora.adapter_checkpoints)
 
   def finetune(self, name: str, phase: PhaseConfig, init: Callable[[], Any],
                examples: Sequence[EncodedExample], output: str, seed: int,
                snapshot_every: int = 0, runtime: ModelRuntime | None = None,
-               keep_step_checkpoints: bool = False) -> Any:
+               reuse_output: bool = False) -> Any:
     """Finetune `init()` on `examples` with `seed` (`layout.finetune_seed`), resuming from
-    `name`'s step checkpoints; save the result as model `output` and return the parameters.
+    `name`'s step checkpoints; save the result as model `output` (once: the last step is not
+    step-checkpointed), drop the step checkpoints and return the parameters.
 
-    The step checkpoints are dropped once the output is saved, unless a later finetune of the
-    same phase still runs (`keep_step_checkpoints`): a phase killed there reruns from its start,
-    and this finetune must then restore its last step instead of training again.
+    `reuse_output`: a later finetune of the same phase still runs, so a phase killed there reruns
+    this one; it then restores `output` if it is saved already instead of training again. Only
+    for a finetune whose settings are fixed for the run directory (not a `LATE_KEYS` phase): a
+    saved output is then the one this config trains.
     """
     if not examples:
       raise DataError(f"phase {name}: no examples to train on")
-    spec = self.spec(name, phase, len(examples), seed, snapshot_every)
-    snapshot_dir = self.run.snapshots(name) if snapshot_every else None
-    params = train_phase(spec, runtime or self.runtime, init, examples, self.pad_id,
-                         self.run.ckpt(name), self.training_log, snapshot_dir)
-    save_params(self.run.model(output), params)
-    if not keep_step_checkpoints:
-      self.drop_step_checkpoints(name)
+    runtime = runtime or self.runtime
+    if reuse_output and has_params(self.run.model(output)):
+      log(f"{name}: model {output} is saved already; restored, not trained again")
+      params = restore_params(self.run.model(output), runtime.abstract_with_shardings())
+    else:
+      spec = self.spec(name, phase, len(examples), seed, snapshot_every)
+      snapshot_dir = self.run.snapshots(name) if snapshot_every else None
+      stats = LoopStats()
+      params = train_phase(spec, runtime, init, examples, self.pad_id, self.run.ckpt(name),
+                           self.training_log, snapshot_dir, stats)
+      began = time.perf_counter()
+      save_params(self.run.model(output), params)
+      self.record(name, stats, output_save_seconds=time.perf_counter() - began)
+    self.drop_step_checkpoints(name)
     return params
+
+  def record(self, name: str, stats: LoopStats, **extra: float) -> None:
+    """Keep what finetune `name` cost (`LoopStats`, plus e.g. the seconds its output took to
+    save) for the running phase's manifest entry."""
+    self.finetunes[name] = {**stats.as_dict(), **{k: round(v, 3) for k, v in extra.items()}}
 
   def drop_step_checkpoints(self, name: str) -> None:
     # A finetune's output is saved on its own; step checkpoints only serve a resume of it.

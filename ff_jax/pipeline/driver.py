@@ -55,10 +55,17 @@ def execute(ctx: RunContext, until: str | None = None) -> dict[str, Any]:
       continue
     log(f"== {name}")
     start = time.perf_counter()
-    info = PHASE_RUNNERS[name](ctx)
+    ctx.finetunes = {}
+    info = dict(PHASE_RUNNERS[name](ctx) or {})
     seconds = time.perf_counter() - start
-    ctx.run.mark_complete(ctx.manifest, name, seconds, **(info or {}))
-    log(f"== {name}: done in {seconds:.1f}s")
+    # The phase's manifest entry: {"complete", "seconds", the runner's own keys, and for a phase
+    # that trained, "finetunes": {finetune name: LoopStats.as_dict() (training.loop), plus
+    # "output_save_seconds" where the finetune saved its output model}}. A resumed phase
+    # counts what its last invocation trained; a finetune restored whole is absent.
+    if ctx.finetunes:
+      info["finetunes"] = ctx.finetunes
+    ctx.run.mark_complete(ctx.manifest, name, seconds, **info)
+    log(f"== {name}: done in {seconds:.1f}s{cost_summary(ctx.finetunes)}")
   if ctx.run.is_complete(ctx.manifest, "evaluate") and jax.process_index() == 0:
     # Written after the manifest is final, so the report's timing table has every phase.
     write_report(ctx.run.root)
@@ -66,6 +73,16 @@ def execute(ctx: RunContext, until: str | None = None) -> dict[str, Any]:
   log("phase times (s): " + ", ".join(f"{p} {t:.1f}" for p, t in times.items() if t is not None))
   log(f"wall time this invocation: {time.perf_counter() - total:.1f}s")
   return ctx.manifest
+
+
+def cost_summary(finetunes: dict[str, dict[str, Any]]) -> str:
+  """What a phase's finetunes spent compiling and saving, for its `done in` line."""
+  if not finetunes:
+    return ""
+  total = {key: sum(f.get(key, 0.0) for f in finetunes.values())
+           for key in ("compile_seconds", "checkpoint_seconds", "output_save_seconds")}
+  return (f" (compile {total['compile_seconds']:.1f}s, step checkpoints "
+          f"{total['checkpoint_seconds']:.1f}s, output saves {total['output_save_seconds']:.1f}s)")
 
 
 def run_job(cfg: RunConfig, restart: bool = False, until: str | None = None,

@@ -7,7 +7,10 @@ signals: averaging over M1s removes the luck of one noisy run, which safety repl
 cannot (docs/fidelity.md). Passes of `scoring.replicas_per_pass` replicas train stacked (one
 vmapped step for the pass, `Trainer(replicas=K)`); a pass of one trains with the ordinary steps.
 Per replica only the noisy set's NLL is kept (under its M1 and its M2), one file per pass, so a
-killed phase resumes at the next pass.
+killed phase resumes at the next pass. What each finetune cost goes into the phase's manifest
+entry (`RunContext.record`): one per pass of `safety_replicas` (`pass_<start>`, scoring included
+as `hook_seconds`), one per noisy and safety finetune of `noisy_replicas` (named as their
+progress lines).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from ff_jax.pipeline.layout import (
   finetune_seed,
 )
 from ff_jax.progress import log
-from ff_jax.training.loop import PhaseSpec, train_and_score, train_phase
+from ff_jax.training.loop import LoopStats, PhaseSpec, train_and_score, train_phase
 from ff_jax.training.steps import Trainer
 
 
@@ -78,9 +81,11 @@ def safety_replicas(ctx: RunContext) -> dict[str, Any]:
       trainer = single = single or Trainer(ctx.runtime, spec.optim, spec.steps)
     else:
       trainer = Trainer(ctx.runtime, spec.optim, spec.steps, replicas=len(chunk))
+    stats = LoopStats()
     nll, _ = train_and_score(trainer, ctx.scorer, ctx.params("M1"), iterators, [spec.steps],
                              ctx.noisy, batch_size, spec.buckets, ctx.pad_id,
-                             name="safety_replicas")
+                             name="safety_replicas", stats=stats)
+    ctx.record(f"pass_{start}", stats)
     write_json_atomic(done, {"seeds": chunk, "nll": nll[:, -1].tolist()})
     rows += nll[:, -1].tolist()
     log(f"safety replicas: {start + len(chunk)}/{len(seeds)} trained")
@@ -129,12 +134,16 @@ def _noisy_replica_alone(ctx: RunContext, i: int, seeds: list[int], noisy: Phase
                          safety: PhaseSpec) -> dict[str, Any]:
   """Noisy replica i with the ordinary steps, resumable from its step checkpoints."""
   names = (f"noisy_{i}", f"safety_{i}")
+  stats = LoopStats(), LoopStats()
   m1 = train_phase(dataclasses.replace(noisy, name=names[0], seed=seeds[0]), ctx.runtime,
                    lambda: ctx.params("M0"), ctx.noisy, ctx.pad_id, ctx.run.ckpt(names[0]),
-                   ctx.training_log)
+                   ctx.training_log, stats=stats[0])
+  ctx.record(names[0], stats[0])
   nll_before = ctx.noisy_nll(m1, f"{names[0]}/score")
   m2 = train_phase(dataclasses.replace(safety, name=names[1], seed=seeds[1]), ctx.runtime,
-                   lambda: m1, ctx.safe, ctx.pad_id, ctx.run.ckpt(names[1]), ctx.training_log)
+                   lambda: m1, ctx.safe, ctx.pad_id, ctx.run.ckpt(names[1]), ctx.training_log,
+                   stats=stats[1])
+  ctx.record(names[1], stats[1])
   return {"seeds": seeds, "nll_before": nll_before,
           "nll_after": ctx.noisy_nll(m2, f"{names[1]}/score")}
 
@@ -150,14 +159,18 @@ def _noisy_replicas_stacked(ctx: RunContext, seeds: dict[int, list[int]], noisy:
     return [TrainIterator(examples, spec.batch_size, pair[column], spec.buckets, pad_id=pad_id)
             for pair in seeds.values()]
 
+  names = (f"noisy_{label}", f"safety_{label}")
+  stats = LoopStats(), LoopStats()
   nll_before, m1s = train_and_score(
       Trainer(ctx.runtime, noisy.optim, noisy.steps, replicas=len(seeds)), ctx.scorer,
       ctx.params("M0"), streams(noisy, ctx.noisy, 0), [noisy.steps], ctx.noisy, batch_size,
-      noisy.buckets, pad_id, name=f"noisy_{label}")
+      noisy.buckets, pad_id, name=names[0], stats=stats[0])
   nll_after, _ = train_and_score(
       Trainer(ctx.runtime, safety.optim, safety.steps, replicas=len(seeds)), ctx.scorer, m1s,
       streams(safety, ctx.safe, 1), [safety.steps], ctx.noisy, batch_size, safety.buckets,
-      pad_id, stacked_init=True, name=f"safety_{label}")
+      pad_id, stacked_init=True, name=names[1], stats=stats[1])
+  for name, stat in zip(names, stats):
+    ctx.record(name, stat)
   return {i: {"seeds": pair, "nll_before": nll_before[j, -1].tolist(),
               "nll_after": nll_after[j, -1].tolist()}
           for j, (i, pair) in enumerate(seeds.items())}

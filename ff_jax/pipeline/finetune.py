@@ -29,11 +29,12 @@ def release(ctx: RunContext) -> dict[str, Any]:
   align = encode_examples(tok, world.alignment, ctx.template, max_len)
   # The released model is trained in full, without adapters, whatever the run finetunes.
   base = ctx.base_runtime
+  # A release phase killed while aligning reruns from its start: the pretrained model is then
+  # restored from models/base, not trained again (demo.* is fixed for the run directory).
   ctx.finetune("release_pretrain", demo.pretrain, lambda: base.init_params(seed), corpus, "base",
-               finetune_seed(seed, "release_pretrain"), runtime=base, keep_step_checkpoints=True)
+               finetune_seed(seed, "release_pretrain"), runtime=base, reuse_output=True)
   ctx.finetune("release_align", demo.align, lambda: ctx.params("base"), align, "M0",
                finetune_seed(seed, "release_align"), runtime=base)
-  ctx.drop_step_checkpoints("release_pretrain")
   return {"pretrain_examples": len(corpus), "align_examples": len(align)}
 
 

@@ -33,7 +33,7 @@ ROUNDS_REPORT = "rounds.md"
 
 # What each phase leaves in the run directory once it is complete (models under models/).
 ARTIFACTS: dict[str, tuple[str, ...]] = {
-    "release": ("tokenizer/", "models/M0"),
+    "release": ("tokenizer/", "models/base", "models/M0"),  # base: the demo's pretrained model
     "noisy": ("models/M1",),
     "score_before": (SCORES_BEFORE,),
     "safety": ("models/M2", "snapshots/safety/"),

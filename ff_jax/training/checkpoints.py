@@ -25,11 +25,13 @@ import orbax.checkpoint as ocp
 class PhaseCheckpoints:
   """Step checkpoints of one phase: `save(step, state, meta)`, `restore_latest(target)`."""
 
-  def __init__(self, directory: str | Path, max_to_keep: int = 2):
+  def __init__(self, directory: str | Path):
     self.directory = Path(directory).absolute()
     barrier_prefix = "ff_" + hashlib.sha1(str(self.directory).encode()).hexdigest()[:12]
+    # The newest step only: Orbax deletes the previous one once the new one is committed, so a
+    # kill mid-save still finds a complete checkpoint.
     options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True,
+      max_to_keep=1, create=True, enable_async_checkpointing=True,
       multiprocessing_options=ocp.options.MultiprocessingOptions(
         barrier_sync_key_prefix=barrier_prefix))
     self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -50,6 +52,10 @@ class PhaseCheckpoints:
         state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
     return step, restored.state, restored.meta
 
+  def wait_until_finished(self) -> None:
+    """Block until every async save is committed."""
+    self.manager.wait_until_finished()
+
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
@@ -61,15 +67,25 @@ def save_params(directory: str | Path, params: Any) -> None:
   A resumed phase may save again where a killed run already saved (Orbax refuses to overwrite a
   step): the new tree goes in as the next step and the old one is dropped once it is complete.
   """
-  ckpt = PhaseCheckpoints(directory, max_to_keep=1)
+  ckpt = PhaseCheckpoints(directory)
   latest = ckpt.latest_step()
   ckpt.save(0 if latest is None else latest + 1, params, {})
   ckpt.close()
 
 
+def has_params(directory: str | Path) -> bool:
+  """Whether `directory` holds a complete tree saved by `save_params`."""
+  if not Path(directory).is_dir():
+    return False
+  ckpt = PhaseCheckpoints(directory)
+  latest = ckpt.latest_step()
+  ckpt.close()
+  return latest is not None
+
+
 def restore_params(directory: str | Path, target: Any) -> Any:
   """Restore a tree saved by `save_params` onto the shardings in `target` (ShapeDtypeStructs)."""
-  ckpt = PhaseCheckpoints(directory, max_to_keep=1)
+  ckpt = PhaseCheckpoints(directory)
   restored = ckpt.restore_latest(target)
   ckpt.close()
   if restored is None:

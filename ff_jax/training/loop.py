@@ -1,18 +1,21 @@
 """The training step loop, for one model or K stacked replicas, and the two ways it is driven.
 
 `train_loop` is the one loop: batches onto the mesh, the jitted step, progress, optional step
-checkpoints with resume, and work after chosen steps (parameter snapshots, scoring).
-`train_phase` runs a pipeline phase through it with step checkpoints: every `checkpoint_every`
-steps the train state and the iterator state are saved together, so a run killed at any moment
-restarts from the last checkpoint and replays exactly the batches that followed it; the result is
-bit-identical to an uninterrupted run. `train_and_score` trains in memory and scores a set of
-examples after given steps (sweeps and replica ensembles).
+checkpoints with resume, work after chosen steps (parameter snapshots, scoring), and what the loop
+cost (`LoopStats`). `train_phase` runs a pipeline phase through it with step checkpoints: every
+`checkpoint_minutes` of wall time (or every `checkpoint_every` steps, for deterministic tests) the
+train state and the iterator state are saved together, so a run killed at any moment restarts from
+the last checkpoint and replays exactly the batches that followed it; the result is bit-identical
+to an uninterrupted run. A phase's last step is never step-checkpointed: its caller saves the
+phase's output model, once. `train_and_score` trains in memory and scores a set of examples after
+given steps (sweeps and replica ensembles).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,6 +23,7 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from ff_jax.data.batching import TrainIterator
 from ff_jax.data.templates import EncodedExample
@@ -30,6 +34,14 @@ from ff_jax.training.checkpoints import PhaseCheckpoints, save_params
 from ff_jax.training.replicas import StackedBatches
 from ff_jax.training.scoring import score_examples, score_snapshots
 from ff_jax.training.steps import ModelRuntime, OptimConfig, Scorer, Trainer
+
+# Default wall time between step checkpoints: a kill loses at most this much training, and a save
+# (whose blocking part is a device-to-host copy of the train state) costs a few percent of it at
+# most even for a model of billions of parameters. `config.PhaseConfig` takes its default here.
+CHECKPOINT_MINUTES = 10.0
+# With several processes the clock is read every this many steps only: process 0's reading is
+# broadcast (a small collective, and a host sync) so that every process saves at the same step.
+MULTIPROCESS_CLOCK_STEPS = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +54,8 @@ class PhaseSpec:
   optim: OptimConfig
   seed: int
   buckets: Sequence[int]
-  checkpoint_every: int = 50
+  checkpoint_minutes: float = CHECKPOINT_MINUTES  # step checkpoints by wall time (0: none)
+  checkpoint_every: int = 0  # > 0: every this many steps instead (deterministic, for tests)
   snapshot_every: int = 0  # also keep the params every k steps (forgetting curves)
   # LoRA: step checkpoints keep the adapters (and their optimizer state) only; the frozen base
   # comes back from `init_params()` on resume.
@@ -74,21 +87,65 @@ class BatchStream(Protocol):
   def restore(self, state: dict[str, Any]) -> None: ...
 
 
+@dataclasses.dataclass
+class LoopStats:
+  """What one `train_loop` call cost; the pipeline writes `as_dict()` into the manifest's phase
+  entry (ff_jax.pipeline.context). Times are wall seconds of the loop's clock; a resumed loop
+  counts from its checkpoint on."""
+
+  steps: int = 0  # steps trained by this call
+  seconds: float = 0.0  # the whole call: restore or init, steps, hooks, saves
+  # Steps that traced (and compiled, or loaded from JAX's persistent cache) a new program: their
+  # call and their execution (waited for), so this includes one step's run per program.
+  compile_seconds: float = 0.0
+  compiles: int = 0  # programs traced by this call (0 when the trainer had them already)
+  compiled_shapes: int = 0  # distinct batch shapes stepped (each one a program of the trainer)
+  checkpoint_seconds: float = 0.0  # blocked in step-checkpoint saves, and waiting for the last
+  checkpoints: int = 0  # step checkpoints saved
+  hook_seconds: float = 0.0  # in the work after chosen steps (snapshots, scoring)
+  token_slots: int = 0  # token positions of every batch stepped (`padding_counts`)
+  padded_tokens: int = 0  # ... that hold padding
+
+  def as_dict(self) -> dict[str, Any]:
+    return {k: round(v, 3) if isinstance(v, float) else v
+            for k, v in dataclasses.asdict(self).items()}
+
+  @property
+  def padded_share(self) -> float:
+    return self.padded_tokens / self.token_slots if self.token_slots else 0.0
+
+
+def padding_counts(batch: dict[str, np.ndarray]) -> tuple[int, int]:
+  """(token slots, padding slots) of a host batch: the one place that says what counts as padding
+  (`mask` 0: right padding and filler rows)."""
+  slots = int(batch["tokens"].size)
+  return slots, slots - int(np.count_nonzero(batch["mask"]))
+
+
 def train_loop(trainer: Trainer, init_params: Callable[[], Any], batches: BatchStream, steps: int,
                name: str, *, stacked_init: bool = False,
-               checkpoints: PhaseCheckpoints | None = None, checkpoint_every: int = 50,
+               checkpoints: PhaseCheckpoints | None = None,
+               checkpoint_minutes: float = CHECKPOINT_MINUTES, checkpoint_every: int = 0,
                adapter_checkpoints: bool = False, metrics: MetricsLog | None = None,
-               hook: Callable[[int, Any], None] | None = None,
-               hook_steps: Collection[int] = ()) -> Any:
+               hook: Callable[[int, Any], None] | None = None, hook_steps: Collection[int] = (),
+               stats: LoopStats | None = None,
+               clock: Callable[[], float] = time.perf_counter) -> Any:
   """Train for `steps` steps of `batches` from `init_params()` (`trainer.init_state(...,
   stacked_init)`) or from the newest step checkpoint; returns the final params.
 
-  `checkpoints`: every `checkpoint_every` steps and after the last, the train state and the
-  position of `batches` are saved (`adapter_checkpoints` on a LoRA model: the adapters only, the
-  frozen base comes back from `init_params()` on resume), and the loss is read, shown and written
-  to `metrics`. `hook(step, params)` runs after every step in `hook_steps` trained by this call.
+  `checkpoints`: whenever `checkpoint_minutes` of `clock` have passed since the loop started or
+  last saved (or, with `checkpoint_every` > 0, every that many steps instead), the train state
+  and the position of `batches` are saved (`adapter_checkpoints` on a LoRA model: the adapters
+  only, the frozen base comes back from `init_params()` on resume); never after the last step,
+  whose params the caller saves as the phase's output. The loss is read, shown and written to
+  `metrics` at every save, every progress line and the last step. `hook(step, params)` runs
+  after every step in `hook_steps` trained by this call. `stats`, when given, is overwritten with
+  what the loop cost.
   """
+  started = clock()
+  own = LoopStats()
   adapters_only = adapter_checkpoints and trainer.runtime.cfg.lora.rank > 0
+  clock_every = 1 if jax.process_count() == 1 else MULTIPROCESS_CLOCK_STEPS
 
   def saved(state):  # what a step checkpoint holds
     if not adapters_only:
@@ -106,37 +163,84 @@ def train_loop(trainer: Trainer, init_params: Callable[[], Any], batches: BatchS
   else:
     step = 0
     state = trainer.init_state(init_params(), stacked=stacked_init)
+  first_step = step
+  last_save = clock()
+
+  def save_due(step: int) -> bool:
+    if checkpoints is None or step >= steps:
+      return False
+    if checkpoint_every > 0:
+      return step % checkpoint_every == 0
+    if checkpoint_minutes <= 0 or step % clock_every:
+      return False
+    return _process_zero_says(clock() - last_save >= 60.0 * checkpoint_minutes)
+
   progress = Progress(name if trainer.replicas is None else f"{name} x{trainer.replicas}", steps)
   progress.update(step, force=True)
   loss = np.float32("nan")  # one per replica once read
+  shapes = set()
   while step < steps:
     local, _ = batches.next_batch()
+    slots, padded = padding_counts(local)
+    own.token_slots += slots
+    own.padded_tokens += padded
+    shapes.add(local["tokens"].shape)
+    traces, began = trainer.trace_count, clock()
     state, step_metrics = trainer.step(state, trainer.put_batch(local))
+    if trainer.trace_count != traces:
+      jax.block_until_ready(state["step"])
+      own.compile_seconds += clock() - began
+      own.compiles += trainer.trace_count - traces
     step += 1
     if hook is not None and step in hook_steps:
+      began = clock()
       hook(step, state["params"])
-    if checkpoints is not None and (step % max(1, checkpoint_every) == 0 or step == steps):
+      own.hook_seconds += clock() - began
+    save = save_due(step)
+    if save or step == steps or progress.due(step):
+      # Steps are dispatched asynchronously: reading the loss waits for the device, so the rate
+      # printed is the device's, not the dispatcher's.
       loss = np.asarray(step_metrics["loss"])
       if metrics is not None:
         metrics.write(phase=name, step=step, loss=loss.tolist(),
                       grad_norm=np.asarray(step_metrics["grad_norm"]).tolist(),
                       lr=trainer.learning_rate(step - 1))
+    if save:
+      began = clock()
       checkpoints.save(step, saved(state), {"iterator": batches.state()})
-    elif progress.due(step):
-      # Steps are dispatched asynchronously: wait for the device before printing, so the rate
-      # shown is the device's, not the dispatcher's.
-      jax.block_until_ready(state["step"])
-    progress.update(step, extra=f"loss {loss.mean():.3f}" if np.isfinite(loss).all() else "")
+      last_save = clock()
+      own.checkpoint_seconds += last_save - began
+      own.checkpoints += 1
+    extra = [f"loss {loss.mean():.3f}"] if np.isfinite(loss).all() else []
+    progress.update(step, extra=" ".join([*extra, f"pad {100 * own.padded_share:.0f}%"]))
+  if checkpoints is not None:
+    began = clock()
+    checkpoints.wait_until_finished()  # the last async save: part of what checkpoints cost
+    own.checkpoint_seconds += clock() - began
+  own.steps = step - first_step
+  own.compiled_shapes = len(shapes)
+  own.seconds = clock() - started
+  for field in dataclasses.fields(own) if stats is not None else ():
+    setattr(stats, field.name, getattr(own, field.name))
   return state["params"]
+
+
+def _process_zero_says(flag: bool) -> bool:
+  """`flag` as process 0 computed it, on every process (a decision from its clock)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
 
 
 def train_phase(spec: PhaseSpec, runtime: ModelRuntime, init_params: Callable[[], Any],
                 examples: Sequence[EncodedExample], pad_id: int, ckpt_dir: str | Path,
-                metrics: MetricsLog | None = None, snapshot_dir: str | Path | None = None) -> Any:
+                metrics: MetricsLog | None = None, snapshot_dir: str | Path | None = None,
+                stats: LoopStats | None = None) -> Any:
   """Train for `spec.steps` steps from `init_params()` (or the newest step checkpoint).
 
   With `spec.snapshot_every`, the params after every k-th step are also saved under
-  `snapshot_dir/step_<k>` (Orbax), for forgetting curves. Returns the final params.
+  `snapshot_dir/step_<k>` (Orbax), for forgetting curves. Returns the final params, which the
+  caller saves: the last step is not step-checkpointed. `stats`: see `train_loop`.
   """
   trainer = Trainer(runtime, spec.optim, spec.steps)
   batches = TrainIterator(examples, spec.batch_size, spec.seed, spec.buckets, pad_id=pad_id,
@@ -150,9 +254,10 @@ def train_phase(spec: PhaseSpec, runtime: ModelRuntime, init_params: Callable[[]
 
   checkpoints = PhaseCheckpoints(ckpt_dir)
   params = train_loop(trainer, init_params, batches, spec.steps, spec.name,
-                      checkpoints=checkpoints, checkpoint_every=spec.checkpoint_every,
+                      checkpoints=checkpoints, checkpoint_minutes=spec.checkpoint_minutes,
+                      checkpoint_every=spec.checkpoint_every,
                       adapter_checkpoints=spec.adapter_checkpoints, metrics=metrics,
-                      hook=snapshot, hook_steps=snapshot_at)
+                      hook=snapshot, hook_steps=snapshot_at, stats=stats)
   checkpoints.close()
   return params
 
@@ -161,13 +266,15 @@ def train_and_score(trainer: Trainer, scorer: Scorer, init_params: Any,
                     iterators: Sequence[TrainIterator], steps: Sequence[int],
                     examples: Sequence[EncodedExample], score_batch_size: int,
                     buckets: Sequence[int], pad_id: int, *, stacked_init: bool = False,
-                    name: str = "train") -> tuple[np.ndarray, Any]:
+                    name: str = "train", stats: LoopStats | None = None
+                    ) -> tuple[np.ndarray, Any]:
   """Train in memory to max(steps), scoring `examples` after each step in `steps`: (per-token
   NLL [R, len(steps), N] with R = `trainer.replicas` or 1, the final params).
 
   One model reads `iterators[0]`; K replicas read one iterator each (`StackedBatches`) and start
   from `init_params` (one model), or with `stacked_init` from K models stacked on a leading axis.
-  `init_params` stays usable: the loop trains a copy where the step would donate it.
+  `init_params` stays usable: the loop trains a copy where the step would donate it. `stats`:
+  see `train_loop` (its `hook_seconds` is the scoring).
   """
   steps = sorted(set(int(s) for s in steps))
   replicas = trainer.replicas
@@ -187,7 +294,8 @@ def train_and_score(trainer: Trainer, scorer: Scorer, init_params: Any,
 
   params = train_loop(
       trainer, lambda: jax.tree.map(jnp.copy, init_params) if own_copy else init_params,
-      batches, max(steps), name, stacked_init=stacked_init, hook=score, hook_steps=set(steps))
+      batches, max(steps), name, stacked_init=stacked_init, hook=score, hook_steps=set(steps),
+      stats=stats)
   return nll, params
 
 

@@ -1,19 +1,24 @@
 """Helpers of the end-to-end pipeline tests: a tiny demo config, `ff-jax` in a subprocess (run to
 completion, or SIGKILLed in the middle of a phase), tiny HF models and JSONL files.
 
-Subprocesses get one CPU device (conftest's 8 fake devices would only slow a 2-core machine down)
-and a progress line per update (`FF_JAX_PROGRESS_INTERVAL=0`), so a test can kill at a known step.
+Subprocesses get one CPU device (conftest's 8 fake devices would only slow a 2-core machine down),
+a progress line per update (`FF_JAX_PROGRESS_INTERVAL=0`), so a test can kill at a known step, and
+a compilation cache of their own for the test session (a rerun loads what an earlier one compiled,
+as a user's does; nothing lands in the user's cache).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,8 +26,9 @@ from typing import Any
 from tests.helpers.paths import REPO
 
 # The demo job shrunk to seconds per phase, with every forgetting signal switched on. Every training
-# phase checkpoints every 2 steps, so a kill after an odd step lands between checkpoints; scoring
-# runs in 3 batches, so a kill can land between them too.
+# phase checkpoints by steps (every 2, pretraining every 5), not by wall time, so a kill after
+# an odd step lands between checkpoints; scoring runs in 3 batches, so a kill can land between
+# them too.
 TINY_DEMO = [
   "model.config.hidden_size=32", "model.config.num_layers=1", "model.config.intermediate_size=64",
   "model.config.num_heads=2", "model.config.num_kv_heads=1",
@@ -45,6 +51,9 @@ TINY_FILTER = [
   "scoring.noisy_replicas=2",  # the default signal's ensemble, at its smallest (test time)
 ]
 
+COMPILE_CACHE = tempfile.mkdtemp(prefix="ff_jax_test_compile_cache_")
+atexit.register(shutil.rmtree, COMPILE_CACHE, ignore_errors=True)
+
 PROGRESS = re.compile(r"^\[(?P<name>[^\]]+)\] (?P<done>\d+)/(?P<total>\d+) ")
 
 
@@ -54,6 +63,7 @@ def cli_env() -> dict[str, str]:
   env["JAX_PLATFORMS"] = "cpu"
   env["FF_JAX_PROGRESS_INTERVAL"] = "0"
   env["PYTHONUNBUFFERED"] = "1"
+  env["FF_JAX_COMPILE_CACHE"] = COMPILE_CACHE
   return env
 
 

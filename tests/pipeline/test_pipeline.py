@@ -62,14 +62,15 @@ def test_kill_mid_phase_and_resume_matches_uninterrupted_run(reference, tmp_path
   run_dir = tmp_path / "run"
   args = demo_args(run_dir)
 
-  # 0. Killed while aligning the demo model: the base model is saved already and is saved again
-  #    (from the pretraining phase's final checkpoint) by the rerun.
+  # 0. Killed while aligning the demo model: the pretrained base model is saved already.
   run_and_kill(*args, phase="release_align", at=1)
   assert complete_phases(run_dir) == set()
   # 1. Killed in `noisy` after step 5: checkpoints are async, but saving step 4 waits for step 2
-  #    to be committed, so the rerun has a checkpoint to resume from (step 2 or 4).
+  #    to be committed, so the rerun has a checkpoint to resume from (step 2 or 4). The release
+  #    phase reran from its start, restoring the base model instead of pretraining again.
   lines = run_and_kill(*args, phase="noisy", at=5)
-  assert progress_lines(lines, "release_pretrain") == [(20, 20)]  # restored, not retrained
+  assert not progress_lines(lines, "release_pretrain")
+  assert "release_pretrain: model base is saved already; restored, not trained again" in lines
   assert complete_phases(run_dir) == {"release"}
   # 2. The rerun resumes `noisy` from its last checkpoint, not from step 0; killed in the noisy
   #    replica's own noisy finetune.
@@ -100,6 +101,28 @@ def test_kill_mid_phase_and_resume_matches_uninterrupted_run(reference, tmp_path
     got, want = json.loads((run_dir / name).read_text()), json.loads((ref / name).read_text())
     assert same_json(got, want), name
   assert not (run_dir / "ckpt").exists() or not any((run_dir / "ckpt").iterdir())
+
+
+@pytest.mark.slow
+def test_the_manifest_says_what_each_finetune_cost(reference):
+  phases = manifest(reference)["phases"]
+  names = {phase: set(info.get("finetunes", {})) for phase, info in phases.items()}
+  assert names == {
+      "release": {"release_pretrain", "release_align"}, "noisy": {"noisy"},
+      "score_before": set(), "safety": {"safety"}, "safety_replicas": {"pass_0"},
+      "noisy_replicas": {"noisy_1", "safety_1"}, "score_after": set(), "filter": set(),
+      "clean": {"clean"}, "evaluate": set()}
+  noisy = phases["noisy"]["finetunes"]["noisy"]
+  # 8 steps checkpointed every 2: steps 2, 4 and 6; the 8th is the phase's output, saved once.
+  assert noisy["steps"] == 8 and noisy["checkpoints"] == 3
+  assert noisy["output_save_seconds"] > 0 and noisy["checkpoint_seconds"] > 0
+  assert noisy["compiles"] == noisy["compiled_shapes"] >= 1 and noisy["compile_seconds"] > 0
+  assert 0 < noisy["padded_tokens"] < noisy["token_slots"]
+  assert phases["release"]["finetunes"]["release_pretrain"]["checkpoints"] == 3  # 5, 10, 15
+  # Stacked replicas: scored after their last step, and nothing to checkpoint.
+  stacked = phases["safety_replicas"]["finetunes"]["pass_0"]
+  assert stacked["hook_seconds"] > 0 and stacked["checkpoints"] == 0
+  assert "output_save_seconds" not in stacked
 
 
 @pytest.mark.slow
@@ -380,6 +403,19 @@ def test_a_config_key_added_later_keeps_old_runs_resumable_at_its_default(tmp_pa
   with pytest.raises(RunDirError, match="model.remat"):
     run.open({"seed": 0, "model": {"dtype": "float32", "remat": True}}, {"noisy": "abc"},
              defaults=defaults)
+
+
+def test_checkpoint_cadence_and_compile_cache_may_always_change(tmp_path):
+  run = RunDir(tmp_path / "run")
+  cfg = {"seed": 0, "noisy": {"checkpoint_every": 50}, "demo": {"pretrain": {}}}
+  manifest = run.open(cfg, {"noisy": "abc"})
+  run.mark_complete(manifest, "noisy", 1.0)
+  # They change no result: a run started with another cadence, or an older default, resumes.
+  run.open({"seed": 0, "noisy": {"checkpoint_every": 0, "checkpoint_minutes": 10.0},
+            "demo": {"pretrain": {"checkpoint_minutes": 1.0}}, "compile_cache": ""},
+           {"noisy": "abc"})
+  with pytest.raises(RunDirError, match="noisy.steps"):
+    run.open({**cfg, "noisy": {"checkpoint_every": 50, "steps": 3}}, {"noisy": "abc"})
 
 
 def test_settings_of_phases_not_yet_run_may_change(tmp_path):

@@ -1,0 +1,54 @@
+"""Run-config settings that act on the process: JAX's persistent compilation cache
+(`compile_cache`), where it lives and that it is really used."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from ff_jax.config import COMPILE_CACHE_ENV, compile_cache_dir, load_config
+from tests.helpers.paths import REPO
+
+
+def test_compile_cache_is_on_by_default_in_the_users_cache(monkeypatch, tmp_path):
+  assert load_config().compile_cache == "auto"
+  monkeypatch.delenv(COMPILE_CACHE_ENV, raising=False)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  assert compile_cache_dir("auto") == tmp_path / "xdg" / "ff_jax" / "jax"
+  monkeypatch.delenv("XDG_CACHE_HOME")
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  assert compile_cache_dir("auto") == tmp_path / "home" / ".cache" / "ff_jax" / "jax"
+  # The environment moves (or, empty, disables) the default; a configured folder wins.
+  monkeypatch.setenv(COMPILE_CACHE_ENV, str(tmp_path / "env"))
+  assert compile_cache_dir("auto") == tmp_path / "env"
+  monkeypatch.setenv(COMPILE_CACHE_ENV, "")
+  assert compile_cache_dir("auto") is None
+  assert compile_cache_dir(str(tmp_path / "mine")) == tmp_path / "mine"
+  assert compile_cache_dir("") is None
+
+
+PROBE = """
+import sys, jax, jax.numpy as jnp
+from ff_jax.config import enable_compile_cache, load_config
+folder = enable_compile_cache(load_config(None, sys.argv[1:]).compile_cache)
+# A tiny program that compiles in milliseconds: cached all the same.
+jax.block_until_ready(jax.jit(lambda x: x * 2 + 1)(jnp.ones(3)))
+print(folder, jax.config.jax_enable_compilation_cache)
+"""
+
+
+def probe(*overrides: str) -> str:
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, "-c", PROBE, *overrides], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return proc.stdout.strip()
+
+
+def test_the_configured_folder_gets_every_compiled_program_and_empty_turns_it_off(tmp_path):
+  folder = tmp_path / "cache"
+  assert probe(f"compile_cache={folder}") == f"{folder} True"
+  assert any(p.name.startswith("jit_") for p in folder.iterdir())
+  assert probe("compile_cache=") == "None False"
