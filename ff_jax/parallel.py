@@ -127,6 +127,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 # The batch contract of `ff_jax.data.batching`: each key's rank ([B, T] tokens and masks, [B] ids).
 BATCH_RANKS = {"tokens": 2, "mask": 2, "loss_mask": 2, "example_id": 1}
+# A packed batch (several examples per row) adds per-token segment ids and positions, and names
+# the example of each of a row's segments: example_id [B, S].
+PACKED_BATCH_RANKS = {**BATCH_RANKS, "segment_ids": 2, "positions": 2, "example_id": 2}
 
 # Mesh axis that K stacked replicas (parameters, optimizer states, batches) are sharded over.
 REPLICA_AXIS = "replica"
@@ -155,15 +158,17 @@ def stack_sharding(sharding: NamedSharding) -> NamedSharding:
 
 
 def batch_shardings(mesh: Mesh, rules: Mapping[str, tuple[str, ...] | None] = DEFAULT_RULES,
-                    stacked: bool = False) -> dict[str, NamedSharding]:
-  """Shardings of a batch (`BATCH_RANKS`): rows over the data-parallel axes, the rest replicated.
+                    stacked: bool = False, packed: bool = False) -> dict[str, NamedSharding]:
+  """Shardings of a batch (`BATCH_RANKS`, or `PACKED_BATCH_RANKS` when `packed`): rows over the
+  data-parallel axes, the rest replicated.
 
   `stacked`: K replicas' batches stacked on a leading axis ([K, B, T]), see `stack_sharding`.
-  Per-example outputs of a step are sharded like `example_id`.
+  Per-example outputs of a step are sharded like the unpacked `example_id`.
   """
   rows = data_axes(mesh, rules) or None
+  ranks = PACKED_BATCH_RANKS if packed else BATCH_RANKS
   shardings = {key: NamedSharding(mesh, PartitionSpec(rows, *([None] * (rank - 1))))
-               for key, rank in BATCH_RANKS.items()}
+               for key, rank in ranks.items()}
   if stacked:
     return {key: stack_sharding(sharding) for key, sharding in shardings.items()}
   return shardings
@@ -176,7 +181,8 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
   Every process passes only the rows it loaded; on one host this is a plain sharded device_put.
   """
   check_batch_rows(next(iter(local_batch.values())).shape[0] * jax.process_count(), mesh, rules)
-  shardings = batch_shardings(mesh, rules)
+  # A packed batch (`ff_jax.data.batching.is_packed`, a layer above) carries segment ids.
+  shardings = batch_shardings(mesh, rules, packed="segment_ids" in local_batch)
   return {key: jax.make_array_from_process_local_data(shardings[key], value)
           for key, value in local_batch.items()}
 

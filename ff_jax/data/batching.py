@@ -9,6 +9,17 @@ T is the smallest of a few bucket lengths that fits the *global* batch, so jit c
 of shapes and every host picks the same T. Each host builds only its rows of the global batch.
 The training order is a pure function of (seed, epoch, position), so a restored iterator yields
 exactly the batches the original would have.
+
+Packed batches (`packing=True`) put several examples into each row instead, one after another,
+and add two keys; the loss of every example is the same as unpacked:
+  segment_ids [B, T]  1..k for the k examples of a row, in order; 0 on padding;
+  positions   [B, T]  0, 1, ... restarting at each example (RoPE and learned positions);
+  example_id  [B, S]  the example of segment s+1 of each row, -1 where a row has fewer than S.
+`mask` is `segment_ids > 0` and `loss_mask` is 0 on every example's first token, so neither
+attention (`segment_ids`) nor a target crosses from one example to the next. A training batch
+packs exactly the examples the unpacked iterator would take for that step (first-fit-decreasing);
+its shape (rows, width) is chosen per batch from a small deterministic set (`packed_layout`).
+Scoring packs a whole set into batches of one shape (`eval_batches`).
 """
 
 from __future__ import annotations
@@ -21,6 +32,17 @@ import numpy as np
 
 from ff_jax.data.templates import EncodedExample
 from ff_jax.errors import ConfigError, DataError
+
+# Packed rows are at most this many times the largest bucket wide. Wider rows leave less room
+# unfilled (rows of 1 bucket pad 12-20% on the demo and the bias mixture, rows of 2 about 8%), but
+# each token attends over its whole row (the einsum path and the masked fused kernel compute every
+# (query, key) pair of a row): on CPU, rows of 4 buckets trained slower than rows of 2, for the demo
+# model and for SmolLM2's widths alike.
+PACKED_WIDTH_FACTOR = 2
+# Packed widths and row counts are rounded up to 8 values per octave (8..15 x 2^e): a phase
+# compiles a few shapes (one per ~9% step of a batch's token count) and rounding costs ~4% of the
+# slots on average.
+LADDER_STEPS = 8
 
 
 def pick_bucket(length: int, buckets: Sequence[int]) -> int:
@@ -66,17 +88,153 @@ def make_batch(examples: Sequence[EncodedExample], indices: Sequence[int], bucke
           "example_id": np.asarray(local, dtype=np.int32)}
 
 
+def is_packed(batch: dict[str, Any]) -> bool:
+  """Whether `batch` (numpy or on device) holds packed rows."""
+  return "segment_ids" in batch
+
+
+def ladder_up(value: int) -> int:
+  """The smallest number >= `value` of the form k·2^e with k in [LADDER_STEPS, 2·LADDER_STEPS)
+  (every number up to LADDER_STEPS is one)."""
+  if value <= LADDER_STEPS:
+    return max(int(value), 1)
+  step = 1 << max(0, int(value).bit_length() - LADDER_STEPS.bit_length())
+  return -(-int(value) // step) * step
+
+
+def _round_up(value: int, multiple: int) -> int:
+  return -(-int(value) // multiple) * multiple
+
+
+def first_fit_decreasing(lengths: Sequence[int], width: int) -> list[list[int]]:
+  """Positions into `lengths` grouped into rows of at most `width` tokens: longest first (ties in
+  input order), each into the first row with room. Deterministic."""
+  order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+  room = np.zeros(len(lengths), dtype=np.int64)
+  rows: list[list[int]] = []
+  for i in order:
+    fits = np.flatnonzero(room[:len(rows)] >= lengths[i])
+    if fits.size:
+      r = int(fits[0])
+    else:
+      r = len(rows)
+      rows.append([])
+      room[r] = width
+    rows[r].append(i)
+    room[r] -= lengths[i]
+  return rows
+
+
+def packed_layout(lengths: Sequence[int], max_width: int,
+                  row_multiple: int = 1) -> tuple[int, int, list[list[int]]]:
+  """(rows, width, positions into `lengths` per row) of one packed training batch.
+
+  The fewest rows (a multiple of `row_multiple`) that fit the tokens in rows of at most
+  `max_width`, then the narrowest ladder width (`ladder_up`) into which first-fit-decreasing fits
+  them: long rows leave little unfilled, and both numbers come from a small set, so a phase
+  compiles a few shapes.
+  """
+  longest, total = max(lengths), sum(lengths)
+  if longest > max_width:
+    raise DataError(f"an example of {longest} tokens exceeds the packed width {max_width}")
+  rows = _round_up(ladder_up(-(-total // max_width)), row_multiple)
+  while True:
+    width = min(max_width, ladder_up(max(longest, -(-total // rows))))
+    while True:
+      packed = first_fit_decreasing(lengths, width)
+      if len(packed) <= rows:
+        return rows, width, packed
+      if width == max_width:
+        break
+      width = min(max_width, ladder_up(width + 1))
+    rows = _round_up(ladder_up(rows + 1), row_multiple)
+
+
+def _fill_packed(examples: Sequence[EncodedExample], rows: Sequence[Sequence[int]],
+                 num_rows: int, width: int, segments: int,
+                 pad_id: int) -> dict[str, np.ndarray]:
+  """A packed batch of `num_rows` x `width` from `rows` (dataset indices per row; missing rows
+  are left empty) with `segments` example ids per row."""
+  tokens = np.full((num_rows, width), pad_id, dtype=np.int32)
+  loss_mask = np.zeros((num_rows, width), dtype=np.int32)
+  segment_ids = np.zeros((num_rows, width), dtype=np.int32)
+  positions = np.zeros((num_rows, width), dtype=np.int32)
+  example_id = np.full((num_rows, segments), -1, dtype=np.int32)
+  for r, row in enumerate(rows):
+    start = 0
+    for s, i in enumerate(row):
+      ex = examples[i]
+      end = start + len(ex)
+      tokens[r, start:end] = ex.tokens
+      loss_mask[r, start:end] = ex.loss_mask
+      loss_mask[r, start] = 0  # never a target of the previous example's last token
+      segment_ids[r, start:end] = s + 1
+      positions[r, start:end] = np.arange(len(ex))
+      example_id[r, s] = i
+      start = end
+  return {"tokens": tokens, "mask": (segment_ids > 0).astype(np.int32), "loss_mask": loss_mask,
+          "segment_ids": segment_ids, "positions": positions, "example_id": example_id}
+
+
+def pack_batch(examples: Sequence[EncodedExample], indices: Sequence[int], buckets: Sequence[int],
+               pad_id: int, row_multiple: int = 1, process_index: int = 0,
+               process_count: int = 1) -> dict[str, np.ndarray]:
+  """This host's rows of the global batch `indices` (-1 = no example), packed (`packed_layout`,
+  rows a multiple of `row_multiple` and of the process count), with one example id per index."""
+  real = [i for i in indices if i >= 0]
+  num_rows, width, packed = packed_layout([len(examples[i]) for i in real],
+                                          PACKED_WIDTH_FACTOR * max(buckets),
+                                          math.lcm(row_multiple, process_count))
+  rows = [[real[p] for p in row] for row in packed]
+  local = num_rows // process_count
+  return _fill_packed(examples, rows[process_index * local:(process_index + 1) * local], local,
+                      width, len(indices), pad_id)
+
+
+def pad_batch(batch: dict[str, np.ndarray], rows: int, width: int,
+              pad_id: int) -> dict[str, np.ndarray]:
+  """`batch` (packed or not) grown to `rows` rows and `width` token columns with padding: pad
+  tokens, zero masks and segments, example id -1. Changes no result."""
+  out = {}
+  for key, value in batch.items():
+    pad = [(0, rows - value.shape[0])] + [(0, 0)] * (value.ndim - 1)
+    if key != "example_id" and value.ndim == 2:
+      pad[1] = (0, width - value.shape[1])
+    fill = pad_id if key == "tokens" else -1 if key == "example_id" else 0
+    out[key] = np.pad(value, pad, constant_values=fill)
+  return out
+
+
+def token_slots(batch: dict[str, np.ndarray]) -> tuple[int, int]:
+  """(real tokens, token slots) of a host batch, packed or not (stacked ones too): the padded
+  share is 1 - real / slots."""
+  mask = batch["mask"]
+  return int(mask.sum()), int(mask.size)
+
+
+def padded_share(batch: dict[str, np.ndarray]) -> float:
+  """The fraction of a batch's token slots that hold padding (see `token_slots`)."""
+  real, slots = token_slots(batch)
+  return 1.0 - real / max(slots, 1)
+
+
 class TrainIterator:
   """Infinite, deterministic epochs of shuffled fixed-shape batches.
 
   `next_batch()` returns `(batch, state)` where `state` is what `restore` needs to continue right
-  after this batch; save it with the train step's checkpoint.
+  after this batch; save it with the train step's checkpoint. With `packing`, each batch holds
+  the same examples packed (`pack_batch`; rows a multiple of `row_multiple`, see
+  `Trainer.row_multiple`), so a packed and an unpacked run see the same data at every step and
+  resume from each other's states.
   """
 
   def __init__(self, examples: Sequence[EncodedExample], batch_size: int, seed: int,
                buckets: Sequence[int], *, pad_id: int, drop_last: bool = False,
-               process_index: int = 0, process_count: int = 1):
+               process_index: int = 0, process_count: int = 1, packing: bool = False,
+               row_multiple: int = 1):
     _check_sharding(batch_size, process_index, process_count)
+    if row_multiple < 1:
+      raise ConfigError(f"row_multiple: must be positive, got {row_multiple}")
     if not examples:
       raise DataError("cannot train on an empty dataset")
     if drop_last and len(examples) < batch_size:
@@ -92,6 +250,8 @@ class TrainIterator:
     self.drop_last = drop_last
     self.process_index = process_index
     self.process_count = process_count
+    self.packing = packing
+    self.row_multiple = row_multiple
     self.epoch = 0
     self.position = 0  # batches already taken from this epoch
     self._order_epoch: int | None = None
@@ -137,8 +297,12 @@ class TrainIterator:
     start = self.position * self.batch_size
     idx = order[start:start + self.batch_size].tolist()
     idx += [-1] * (self.batch_size - len(idx))  # filler rows keep the last batch's shape
-    batch = make_batch(self.examples, idx, self.buckets, self.pad_id, self.process_index,
-                       self.process_count)
+    if self.packing:
+      batch = pack_batch(self.examples, idx, self.buckets, self.pad_id, self.row_multiple,
+                         self.process_index, self.process_count)
+    else:
+      batch = make_batch(self.examples, idx, self.buckets, self.pad_id, self.process_index,
+                         self.process_count)
     self.position += 1
     return batch, self.state()
 
@@ -151,9 +315,16 @@ class TrainIterator:
 
 def eval_batches(examples: Sequence[EncodedExample], batch_size: int, buckets: Sequence[int], *,
                  pad_id: int, sort_by_length: bool = True, process_index: int = 0,
-                 process_count: int = 1) -> list[dict[str, np.ndarray]]:
-  """One pass over every example exactly once, longest first (fewer pad tokens per batch)."""
+                 process_count: int = 1, packing: bool = False,
+                 row_multiple: int = 1) -> list[dict[str, np.ndarray]]:
+  """One pass over every example exactly once, longest first (fewer pad tokens per batch), or
+  with `packing` packed into batches of one shape (`packed_eval_batches`, rows a multiple of
+  `row_multiple`)."""
   _check_sharding(batch_size, process_index, process_count)
+  if packing:
+    return packed_eval_batches(examples, batch_size, buckets, pad_id=pad_id,
+                               row_multiple=row_multiple, process_index=process_index,
+                               process_count=process_count)
   order = list(range(len(examples)))
   if sort_by_length:
     order.sort(key=lambda i: -len(examples[i]))  # stable: ties keep dataset order
@@ -164,3 +335,43 @@ def eval_batches(examples: Sequence[EncodedExample], batch_size: int, buckets: S
     out.append(make_batch(examples, idx, buckets, pad_id, process_index, process_count))
   return out
 
+
+def packed_eval_batches(examples: Sequence[EncodedExample], batch_size: int,
+                        buckets: Sequence[int], *, pad_id: int, row_multiple: int = 1,
+                        process_index: int = 0,
+                        process_count: int = 1) -> list[dict[str, np.ndarray]]:
+  """Every example exactly once, packed first-fit-decreasing over the whole set into batches of
+  one shape (one compile per set).
+
+  A batch holds at most the token slots of an unpacked batch of the largest bucket
+  (`batch_size` x largest bucket; a single row may exceed it), in rows of a ladder width from 1 to
+  PACKED_WIDTH_FACTOR largest buckets: whichever needs the fewest slots in all (ties: the
+  narrower, cheaper attention). The rows are spread evenly over the batches, each a multiple of
+  `row_multiple` rows and of the process count.
+  """
+  if not examples:
+    return []
+  row_multiple = math.lcm(row_multiple, process_count)
+  lengths = [len(e) for e in examples]
+  longest_bucket = max(buckets)
+  pick_bucket(max(lengths), buckets)
+  widths = sorted({min(ladder_up(w), PACKED_WIDTH_FACTOR * longest_bucket)
+                   for w in range(longest_bucket, PACKED_WIDTH_FACTOR * longest_bucket + 1)})
+  best = None
+  for width in widths:
+    rows = first_fit_decreasing(lengths, width)
+    budget = batch_size * longest_bucket // width
+    per_batch_max = max(row_multiple, budget // row_multiple * row_multiple)
+    num_batches = -(-len(rows) // per_batch_max)
+    per_batch = _round_up(-(-len(rows) // num_batches), row_multiple)
+    slots = num_batches * per_batch * width
+    if best is None or slots < best[0]:
+      best = (slots, width, rows, num_batches, per_batch)
+  _, width, rows, num_batches, per_batch = best
+  segments = max(len(row) for row in rows)
+  local = per_batch // process_count
+  out = []
+  for b in range(num_batches):
+    mine = rows[b * per_batch + process_index * local:b * per_batch + (process_index + 1) * local]
+    out.append(_fill_packed(examples, mine, local, width, segments, pad_id))
+  return out

@@ -75,14 +75,15 @@ def init_params(cfg: ModelConfig, seed: int, shardings: Params | None = None) ->
 
 def forward(graphdef: nnx.GraphDef, params: Params, tokens, positions, kv_mask,
             cache: Cache | None = None, cache_index: Any = 0, last_only: bool = False,
-            dropout_rng: Any = None):
+            dropout_rng: Any = None, segment_ids: Any = None):
   """Pure forward pass: `(logits [B,T,V] fp32, new_cache)`; see `Transformer` for the contract.
 
   `last_only` returns the logits of the last position alone ([B, 1, V]); `dropout_rng` turns on
-  LoRA dropout (training).
+  LoRA dropout (training); `segment_ids` keeps the examples of packed rows apart.
   """
   model = nnx.merge(graphdef, params)
-  return model(tokens, positions, kv_mask, cache, cache_index, last_only, dropout_rng)
+  return model(tokens, positions, kv_mask, cache, cache_index, last_only, dropout_rng,
+               segment_ids)
 
 
 def init_cache(graphdef: nnx.GraphDef, params: Params, batch: int, length: int) -> Cache:

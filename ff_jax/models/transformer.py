@@ -4,7 +4,8 @@ Every parameter carries logical axis names in its `out_sharding` metadata ('voca
 'heads', 'kv_heads', 'head_dim', 'mlp', 'norm', 'position'); `ff_jax.parallel` maps them to mesh
 axes. The forward pass is the same for training, scoring and decoding:
 
-  logits, cache = model(tokens, positions, kv_mask, cache=None, cache_index=None)
+  logits, cache = model(tokens, positions, kv_mask, cache=None, cache_index=None,
+                        segment_ids=None)
 
 `positions` feed RoPE / learned position embeddings and are derived from the padding mask by the
 caller (`positions_from_mask`), so left- and right-padded rows see the same positions as an unpadded
@@ -15,6 +16,11 @@ the inputs occupy slots `cache_index .. cache_index+T-1`.
 Uncached calls (training, scoring) get right-padded rows, `kv_mask` a prefix of ones per row (what
 `ff_jax.data.batching` builds); the fused attention kernels (`ModelConfig.attention`) rely on it
 and take each row's length instead of a [T, S] mask.
+
+Packed rows (several examples one after another, uncached calls only) pass `segment_ids` [B, T]
+(1, 2, ... per example, 0 on padding) and positions that restart at each example: slot j is then
+visible from slot i iff j <= i and segment_ids[j] == segment_ids[i], so no example sees another
+(padding slots see only padding, which keeps every softmax NaN-free); `kv_mask` is not needed.
 """
 
 from __future__ import annotations
@@ -213,7 +219,8 @@ class Attention(nnx.Module):
     _add_adapter(self, cfg, rngs, "v", (d,), ("embed",), (kv, hd), ("kv_heads", "head_dim"))
     _add_adapter(self, cfg, rngs, "o", (h, hd), ("heads", "head_dim"), (d,), ("embed",))
 
-  def __call__(self, x, positions, kv_mask, layer_cache, cache_index, rng=None):
+  def __call__(self, x, positions, kv_mask, layer_cache, cache_index, rng=None,
+               segment_ids=None):
     cfg = self.cfg
     dt = x.dtype
     q = dense(x, self.q[...].astype(dt))
@@ -232,19 +239,23 @@ class Attention(nnx.Module):
       q = apply_rope(q, positions, inv_freq)
       k = apply_rope(k, positions, inv_freq)
 
+    if segment_ids is not None and layer_cache is not None:
+      raise ValueError("segment_ids (packed rows) are for uncached calls only")
     kernel = attention_kernel(cfg, dt, cached=layer_cache is not None)
     if kernel != "einsum":
-      out = fused_attention(q, k, v, kv_mask, kernel)
+      out = fused_attention(q, k, v, kv_mask, kernel, segment_ids)
     else:
-      out, layer_cache = self._einsum_attention(q, k, v, kv_mask, layer_cache, cache_index)
+      out, layer_cache = self._einsum_attention(q, k, v, kv_mask, layer_cache, cache_index,
+                                                segment_ids)
     adapted = _adapter_delta(self, cfg, "o", out, rng)
     out = dense(out, self.o[...].astype(dt), 2) + adapted
     if cfg.out_bias:
       out = out + self.o_bias[...].astype(dt)
     return out, layer_cache
 
-  def _einsum_attention(self, q, k, v, kv_mask, layer_cache, cache_index):
-    """Attention by slot visibility (any padding, with or without a KV cache): [B, T, H, D]."""
+  def _einsum_attention(self, q, k, v, kv_mask, layer_cache, cache_index, segment_ids=None):
+    """Attention by slot visibility (any padding, with or without a KV cache, or packed segments
+    without one): [B, T, H, D]."""
     cfg = self.cfg
     dt = q.dtype
     batch, length = q.shape[:2]
@@ -263,7 +274,11 @@ class Attention(nnx.Module):
       layer_cache = {"k": k, "v": v}
       q_slots = cache_index + jnp.arange(length)
     k_slots = jnp.arange(k.shape[2])
-    visible = (k_slots[None, :] <= q_slots[:, None])[None] & kv_mask[:, None, :].astype(bool)
+    causal = (k_slots[None, :] <= q_slots[:, None])[None]
+    if segment_ids is None:
+      visible = causal & kv_mask[:, None, :].astype(bool)
+    else:
+      visible = causal & same_segment(segment_ids)
 
     groups = cfg.num_heads // cfg.num_kv_heads
     q = q.reshape(batch, length, cfg.num_kv_heads, groups, cfg.resolved_head_dim)
@@ -289,18 +304,31 @@ def attention_kernel(cfg: ModelConfig, dtype, cached: bool) -> str:
   return "cudnn" if on_gpu and dtype == jnp.bfloat16 and hd % 8 == 0 and hd <= 128 else "einsum"
 
 
+def same_segment(segment_ids: jax.Array) -> jax.Array:
+  """[B, T, T] bool: query slot i and key slot j hold the same example of a packed row."""
+  return segment_ids[:, :, None] == segment_ids[:, None, :]
+
+
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_mask: jax.Array,
-                    implementation: str) -> jax.Array:
+                    implementation: str, segment_ids: jax.Array | None = None) -> jax.Array:
   """Causal grouped-query attention through `jax.nn.dot_product_attention`.
 
   q [B, T, H, D], k/v [B, T, K, D], right-padded rows. Each row's visible keys are its first n
   slots, so the kernel gets lengths (cuDNN's padding-causal mask) and never builds a [T, S] mask;
   query slots past n see the same keys as in the einsum path. A filler row (n = 0, zero loss
   weight) keeps one key so its softmax is not 0/0.
+
+  Packed rows (`segment_ids`): the public kernel takes no segment ids (cuDNN's packed layout,
+  q/kv offsets, is reachable only through JAX internals), so the same-segment rule goes in as a
+  [B, 1, T, T] boolean mask, which cuDNN applies as an additive bias, with its causal mask on top.
+  Every slot sees at least itself, so no softmax is empty.
   """
+  k, v = k.astype(q.dtype), v.astype(q.dtype)
+  if segment_ids is not None:
+    return jax.nn.dot_product_attention(q, k, v, mask=same_segment(segment_ids)[:, None],
+                                        is_causal=True, implementation=implementation)
   lengths = jnp.maximum(kv_mask.sum(-1), 1).astype(jnp.int32)
-  return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), is_causal=True,
-                                      key_value_seq_lengths=lengths,
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=lengths,
                                       implementation=implementation)
 
 
@@ -353,17 +381,18 @@ class Block(nnx.Module):
     self.mlp_norm = Norm(cfg, rngs)
     self.mlp = Mlp(cfg, rngs)
 
-  def __call__(self, x, positions, kv_mask, layer_cache, cache_index, rng=None):
+  def __call__(self, x, positions, kv_mask, layer_cache, cache_index, rng=None,
+               segment_ids=None):
     attn_rng, mlp_rng = (None, None) if rng is None else jax.random.split(rng)
     attn_out, layer_cache = self.attn(self.attn_norm(x), positions, kv_mask, layer_cache,
-                                      cache_index, attn_rng)
+                                      cache_index, attn_rng, segment_ids)
     x = x + attn_out
     x = x + self.mlp(self.mlp_norm(x), mlp_rng)
     return x, layer_cache
 
 
-def _block_forward(block, x, positions, kv_mask, layer_cache, cache_index, rng):
-  return block(x, positions, kv_mask, layer_cache, cache_index, rng)
+def _block_forward(block, x, positions, kv_mask, layer_cache, cache_index, rng, segment_ids):
+  return block(x, positions, kv_mask, layer_cache, cache_index, rng, segment_ids)
 
 
 # Recomputes each block's activations in the backward pass: memory for FLOPs.
@@ -399,7 +428,8 @@ class Transformer(nnx.Module):
             for _ in range(cfg.num_layers)]
 
   def hidden_states(self, tokens, positions, kv_mask, cache: Cache | None = None,
-                    cache_index: Any = 0, dropout_rng: jax.Array | None = None):
+                    cache_index: Any = 0, dropout_rng: jax.Array | None = None,
+                    segment_ids: jax.Array | None = None):
     cfg = self.cfg
     dt = _DTYPES[cfg.dtype]
     x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
@@ -410,7 +440,8 @@ class Transformer(nnx.Module):
     for i, block in enumerate(self.layers):
       layer_cache = None if cache is None else cache[i]
       rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-      x, layer_cache = forward(block, x, positions, kv_mask, layer_cache, cache_index, rng)
+      x, layer_cache = forward(block, x, positions, kv_mask, layer_cache, cache_index, rng,
+                               segment_ids)
       if cache is not None:
         new_cache.append(layer_cache)
     return self.final_norm(x), new_cache
@@ -424,10 +455,11 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens, positions, kv_mask, cache: Cache | None = None,
                cache_index: Any = 0, last_only: bool = False,
-               dropout_rng: jax.Array | None = None):
+               dropout_rng: jax.Array | None = None, segment_ids: jax.Array | None = None):
     # `dropout_rng` (training only) drives LoRA dropout; None is the deterministic forward.
+    # `segment_ids`: packed rows (see the module docstring).
     hidden, new_cache = self.hidden_states(tokens, positions, kv_mask, cache, cache_index,
-                                           dropout_rng)
+                                           dropout_rng, segment_ids)
     if last_only:  # decoding needs only the next-token logits, not the prompt's [B, P, V]
       hidden = hidden[:, -1:]
     return self.logits(hidden), new_cache

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -27,14 +28,17 @@ from ff_jax.training.steps import ModelRuntime, Scorer
 
 def per_example(step: Callable[[Any, dict[str, Any]], dict[str, Any]], runtime: ModelRuntime,
                 params: Any, examples: Sequence[EncodedExample], batch_size: int,
-                buckets: Sequence[int], pad_id: int, name: str) -> dict[str, np.ndarray]:
+                buckets: Sequence[int], pad_id: int, name: str,
+                packing: bool = False) -> dict[str, np.ndarray]:
   """`step(params, global_batch)` over every example: each output key as a float array [N, ...]
   in dataset order (rows first), gathered by example id on every host (each loads only its own
-  rows)."""
+  rows). `packing`: packed batches, whose outputs are per segment ([B, S, ...]) and gathered by
+  the segments' example ids."""
   n = len(examples)
   out: dict[str, np.ndarray] = {}
   batches = eval_batches(examples, batch_size, buckets, pad_id=pad_id,
-                         process_index=jax.process_index(), process_count=jax.process_count())
+                         process_index=jax.process_index(), process_count=jax.process_count(),
+                         packing=packing, row_multiple=runtime.row_multiple())
   progress = Progress(name, n, unit="examples")
   done = 0
   for local in batches:
@@ -44,7 +48,7 @@ def per_example(step: Callable[[Any, dict[str, Any]], dict[str, Any]], runtime: 
     real = ids >= 0
     for key, value in stats.items():
       value = np.asarray(value)
-      out.setdefault(key, np.full((n, *value.shape[1:]), np.nan))[ids[real]] = value[real]
+      out.setdefault(key, np.full((n, *value.shape[ids.ndim:]), np.nan))[ids[real]] = value[real]
     done += int(real.sum())
     progress.update(done)
   return out
@@ -52,31 +56,34 @@ def per_example(step: Callable[[Any, dict[str, Any]], dict[str, Any]], runtime: 
 
 def score_examples(scorer: Scorer, params: Any, examples: Sequence[EncodedExample],
                    batch_size: int, buckets: Sequence[int], pad_id: int,
-                   name: str = "score") -> dict[str, np.ndarray]:
-  """{nll_sum, tokens, correct}: float arrays [N] in dataset order."""
+                   name: str = "score", packing: bool = False) -> dict[str, np.ndarray]:
+  """{nll_sum, tokens, correct}: float arrays [N] in dataset order (`packing`: from packed
+  batches; the same values up to float summation order)."""
   return per_example(scorer.step, scorer.runtime, params, examples, batch_size, buckets, pad_id,
-                     name)
+                     name, packing)
 
 
 def score_snapshots(scorer: Scorer, stacked_params: Any, examples: Sequence[EncodedExample],
                     batch_size: int, buckets: Sequence[int], pad_id: int,
-                    name: str = "score_snapshots") -> dict[str, np.ndarray]:
+                    name: str = "score_snapshots", packing: bool = False
+                    ) -> dict[str, np.ndarray]:
   """Like `score_examples` for K parameter trees stacked on a leading axis (snapshots of one
   finetune, or stacked replicas): arrays [K, N], one pass.
 
   The stacked axis is vmapped, so K models cost one compiled program and one sweep over the data.
-  `scorer.stacked_step(stacked, global_batch)` gives [K, B] arrays; rows go first for the gather
-  by example id.
+  `scorer.stacked_step(stacked, global_batch)` gives [K, B] (packed: [K, B, S]) arrays; rows go
+  first for the gather by example id.
   """
   # The stacked step's in_shardings must match its argument exactly; a stack built elsewhere
   # (jnp.stack of restored snapshots) is moved onto them, a no-op when it is there already.
   stacked_params = jax.device_put(stacked_params, scorer.stacked_param_shardings)
 
   def rows_first(params, batch):
-    return {key: value.T for key, value in scorer.stacked_step(params, batch).items()}
+    return {key: jnp.moveaxis(value, 0, -1)
+            for key, value in scorer.stacked_step(params, batch).items()}
 
   stats = per_example(rows_first, scorer.runtime, stacked_params, examples, batch_size, buckets,
-                      pad_id, name)
+                      pad_id, name, packing)
   return {key: value.T for key, value in stats.items()}
 
 

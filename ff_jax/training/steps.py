@@ -10,11 +10,15 @@ dispatch per step.
 
 Batches follow the contract in `ff_jax.data.batching`: `tokens`, `mask`, `loss_mask` [B, T] and
 `example_id` [B]; `loss_mask[b, t]` marks tokens[b, t] as a target predicted from position t-1.
+Packed batches add `segment_ids` and `positions` [B, T] and carry `example_id` [B, S] (the example
+of each segment): the same jitted steps take both layouts (a compile per layout and shape), the
+train loss is the same token mean, and the score step returns its statistics per segment, [B, S].
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -26,6 +30,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from ff_jax import parallel
+from ff_jax.data.batching import is_packed
 from ff_jax.errors import ConfigError
 from ff_jax.models import (
   ModelConfig,
@@ -101,6 +106,11 @@ def _target_weights(batch: Batch, loss_on: str) -> tuple[jax.Array, jax.Array]:
     weights = batch["mask"][:, 1:]
   else:
     weights = batch["loss_mask"][:, 1:]
+  if is_packed(batch):
+    # An example's first token is never a target of the previous example's last one (loss_mask
+    # is 0 there already; the mask of loss_on="all" is not).
+    segments = batch["segment_ids"]
+    weights = weights * (segments[:, 1:] == segments[:, :-1])
   return targets, weights.astype(jnp.float32)
 
 
@@ -118,8 +128,12 @@ def token_nll(graphdef: nnx.GraphDef, params: Any, batch: Batch, loss_on: str = 
   """Per-token NLL and correctness [B, T-1], and the target weights (`dropout_rng`: LoRA dropout
   while training)."""
   mask = batch["mask"]
-  logits, _ = forward(graphdef, params, batch["tokens"], positions_from_mask(mask), mask,
-                      dropout_rng=dropout_rng)
+  if is_packed(batch):
+    logits, _ = forward(graphdef, params, batch["tokens"], batch["positions"], mask,
+                        dropout_rng=dropout_rng, segment_ids=batch["segment_ids"])
+  else:
+    logits, _ = forward(graphdef, params, batch["tokens"], positions_from_mask(mask), mask,
+                        dropout_rng=dropout_rng)
   logits = logits[:, :-1]
   targets, weights = _target_weights(batch, loss_on)
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
@@ -128,11 +142,20 @@ def token_nll(graphdef: nnx.GraphDef, params: Any, batch: Batch, loss_on: str = 
 
 
 def make_score_fn(graphdef: nnx.GraphDef) -> Callable[[Any, Batch], dict[str, jax.Array]]:
-  """Unjitted per-example statistics, for vmapping over parameter snapshots."""
+  """Unjitted per-example statistics, for vmapping over parameter snapshots: [B] per row, or
+  [B, S] per segment of packed rows (the example of `example_id[b, s]`)."""
 
   def score(params, batch):
     nll, correct, weights = token_nll(graphdef, params, batch, "response")
-    return {"nll_sum": nll.sum(-1), "tokens": weights.sum(-1), "correct": correct.sum(-1)}
+    stats = {"nll_sum": nll, "tokens": weights, "correct": correct}
+    if not is_packed(batch):
+      return {key: value.sum(-1) for key, value in stats.items()}
+    # Target t+1 belongs to the segment of token t+1. A masked sum, not a one-hot matmul: matmul
+    # precision on GPU/TPU would round the per-example sums.
+    segments = batch["segment_ids"][:, 1:, None] == jnp.arange(
+        1, batch["example_id"].shape[1] + 1)
+    return {key: jnp.where(segments, value[..., None], 0.0).sum(1)
+            for key, value in stats.items()}
 
   return score
 
@@ -245,6 +268,17 @@ class ModelRuntime:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         self.abstract_params, self.param_shardings)
 
+  def row_multiple(self, micro_batches: int = 1) -> int:
+    """What the rows of a global batch must be a multiple of: the data-parallel shards, the
+    processes (each loads its own rows) and the gradient-accumulation `micro_batches`."""
+    shards = math.prod(self.mesh.shape[a] for a in parallel.data_axes(self.mesh, self.rules))
+    return math.lcm(shards, jax.process_count(), micro_batches)
+
+  def batch_sharding(self, stacked: bool = False) -> NamedSharding:
+    """One sharding for a whole batch, as a jit pytree prefix: every key is split by rows alike,
+    so one jitted step takes unpacked and packed batches (whose keys differ)."""
+    return parallel.batch_shardings(self.mesh, self.rules, stacked=stacked)["example_id"]
+
 
 class Trainer:
   """The jitted train step of one phase: optimizer, shardings and donation in one place.
@@ -287,15 +321,17 @@ class Trainer:
 
       self._broadcast = jax.jit(broadcast, out_shardings=state_shardings["params"])
     self.state_shardings = state_shardings
-    self.batch_shardings = parallel.batch_shardings(mesh, runtime.rules,
-                                                    stacked=replicas is not None)
+    # Packed batches: rows a multiple of this (pass it to the TrainIterator).
+    self.row_multiple = runtime.row_multiple(optim.grad_accum_steps)
     self.trace_count = 0
 
     def counted(state, batch):
       self.trace_count += 1  # runs at trace time only: counts compilations
       return step_fn(state, batch)
 
-    self.step = jax.jit(counted, in_shardings=(state_shardings, self.batch_shardings),
+    self.step = jax.jit(counted,
+                        in_shardings=(state_shardings,
+                                      runtime.batch_sharding(stacked=replicas is not None)),
                         out_shardings=(state_shardings, metric_sharding), donate_argnums=(0,))
     self._init_opt = jax.jit(init_opt, out_shardings=state_shardings["opt_state"])
 
@@ -325,7 +361,9 @@ class Trainer:
     """
     if self.replicas is None:
       return parallel.global_batch(local, self.runtime.mesh, self.runtime.rules)
-    return jax.tree.map(jax.device_put, local, self.batch_shardings)
+    shardings = parallel.batch_shardings(self.runtime.mesh, self.runtime.rules, stacked=True,
+                                         packed=is_packed(local))
+    return jax.tree.map(jax.device_put, local, shardings)
 
   def learning_rate(self, step: int) -> float:
     return float(self.schedule(step))
@@ -341,15 +379,15 @@ class Scorer:
 
   def __init__(self, runtime: ModelRuntime):
     self.runtime = runtime
-    batch_shardings = parallel.batch_shardings(runtime.mesh, runtime.rules)
-    rows = batch_shardings["example_id"]
+    # Outputs ([B] per row, or [B, S] per segment) are split by rows like the batch.
+    rows = runtime.batch_sharding()
     score = make_score_fn(runtime.graphdef)
-    self.step = jax.jit(score, in_shardings=(runtime.param_shardings, batch_shardings),
+    self.step = jax.jit(score, in_shardings=(runtime.param_shardings, rows),
                         out_shardings={"nll_sum": rows, "tokens": rows, "correct": rows})
     self.stacked_param_shardings = jax.tree.map(parallel.stack_sharding,
                                                 runtime.param_shardings)
     stacked_rows = parallel.stack_sharding(rows)
     self.stacked_step = jax.jit(jax.vmap(score, in_axes=(0, None)),
-                                in_shardings=(self.stacked_param_shardings, batch_shardings),
+                                in_shardings=(self.stacked_param_shardings, rows),
                                 out_shardings={"nll_sum": stacked_rows, "tokens": stacked_rows,
                                                "correct": stacked_rows})
