@@ -39,9 +39,10 @@ from ff_jax.errors import ConfigError, DataError
 # (query, key) pair of a row): on CPU, rows of 4 buckets trained slower than rows of 2, for the demo
 # model and for SmolLM2's widths alike.
 PACKED_WIDTH_FACTOR = 2
-# Packed widths and row counts are rounded up to 8 values per octave (8..15 x 2^e): a phase
-# compiles a few shapes (one per ~9% step of a batch's token count) and rounding costs ~4% of the
-# slots on average.
+# Packed widths and row counts are rounded up to 8 values per octave (8..15 x 2^e): rounding costs
+# ~4% of the slots, and a phase compiles one shape per ~9% step of its batches' token counts
+# (measured: 3-8 per demo phase, 8-11 per noisy phase of the bias mixtures, whose batches of 8
+# vary most). 4 per octave compiles about half as many and pads ~11% instead of ~7%.
 LADDER_STEPS = 8
 
 

@@ -20,6 +20,7 @@ import jax
 
 from ff_jax import parallel
 from ff_jax.config import PhaseConfig, RunConfig
+from ff_jax.data.batching import TrainIterator
 from ff_jax.data.templates import EncodedExample, PromptTemplate, encode_examples
 from ff_jax.errors import DataError
 from ff_jax.eval.toxicity import ToxicityScorer, make_toxicity_scorer
@@ -95,7 +96,16 @@ class RunContext:
                      seed=seed, buckets=self.cfg.data.buckets,
                      checkpoint_minutes=phase.checkpoint_minutes,
                      checkpoint_every=phase.checkpoint_every, snapshot_every=snapshot_every,
-                     adapter_checkpoints=self.cfg.lora.adapter_checkpoints)
+                     adapter_checkpoints=self.cfg.lora.adapter_checkpoints,
+                     packing=self.cfg.data.packing)
+
+  def train_batches(self, examples: Sequence[EncodedExample], spec: PhaseSpec,
+                    seed: int) -> TrainIterator:
+    """The batch stream of finetune `spec` with `seed` (packed with `data.packing`), as
+    `train_phase` builds it for the run's own finetunes."""
+    return TrainIterator(examples, spec.batch_size, seed, spec.buckets, pad_id=self.pad_id,
+                         packing=spec.packing,
+                         row_multiple=self.runtime.row_multiple(spec.optim.grad_accum_steps))
 
   def finetune(self, name: str, phase: PhaseConfig, init: Callable[[], Any],
                examples: Sequence[EncodedExample], output: str, seed: int,
@@ -143,14 +153,15 @@ class RunContext:
     if not examples:
       return float("nan")
     stats = score_examples(self.scorer, params, examples, self.cfg.scoring.batch_size,
-                           self.cfg.data.buckets, self.pad_id, name)
+                           self.cfg.data.buckets, self.pad_id, name, self.cfg.data.packing)
     return float(stats["nll_sum"].sum() / max(stats["tokens"].sum(), 1.0))
 
   def noisy_nll(self, params: Any, name: str,
                 examples: Sequence[EncodedExample] | None = None) -> list[float]:
     """Per-token NLL of every noisy example (or of `examples`, encoded from them)."""
     stats = score_examples(self.scorer, params, self.noisy if examples is None else examples,
-                           self.cfg.scoring.batch_size, self.cfg.data.buckets, self.pad_id, name)
+                           self.cfg.scoring.batch_size, self.cfg.data.buckets, self.pad_id, name,
+                           self.cfg.data.packing)
     return per_example_table(stats, None, ())["nll"].tolist()
 
 

@@ -74,8 +74,7 @@ def safety_replicas(ctx: RunContext) -> dict[str, Any]:
     if done.exists() and json.loads(done.read_text())["seeds"] == chunk:
       rows += json.loads(done.read_text())["nll"]
       continue
-    iterators = [TrainIterator(ctx.safe, spec.batch_size, seed, spec.buckets, pad_id=ctx.pad_id)
-                 for seed in chunk]
+    iterators = [ctx.train_batches(ctx.safe, spec, seed) for seed in chunk]
     if len(chunk) == 1:
       # One replica: the ordinary (unvmapped) step, compiled once for every pass.
       trainer = single = single or Trainer(ctx.runtime, spec.optim, spec.steps)
@@ -84,7 +83,7 @@ def safety_replicas(ctx: RunContext) -> dict[str, Any]:
     stats = LoopStats()
     nll, _ = train_and_score(trainer, ctx.scorer, ctx.params("M1"), iterators, [spec.steps],
                              ctx.noisy, batch_size, spec.buckets, ctx.pad_id,
-                             name="safety_replicas", stats=stats)
+                             name="safety_replicas", stats=stats, packing=spec.packing)
     ctx.record(f"pass_{start}", stats)
     write_json_atomic(done, {"seeds": chunk, "nll": nll[:, -1].tolist()})
     rows += nll[:, -1].tolist()
@@ -156,19 +155,18 @@ def _noisy_replicas_stacked(ctx: RunContext, seeds: dict[int, list[int]], noisy:
   label = f"{min(seeds)}-{max(seeds)}"
 
   def streams(spec: PhaseSpec, examples, column: int) -> list[TrainIterator]:
-    return [TrainIterator(examples, spec.batch_size, pair[column], spec.buckets, pad_id=pad_id)
-            for pair in seeds.values()]
+    return [ctx.train_batches(examples, spec, pair[column]) for pair in seeds.values()]
 
   names = (f"noisy_{label}", f"safety_{label}")
   stats = LoopStats(), LoopStats()
   nll_before, m1s = train_and_score(
       Trainer(ctx.runtime, noisy.optim, noisy.steps, replicas=len(seeds)), ctx.scorer,
       ctx.params("M0"), streams(noisy, ctx.noisy, 0), [noisy.steps], ctx.noisy, batch_size,
-      noisy.buckets, pad_id, name=names[0], stats=stats[0])
+      noisy.buckets, pad_id, name=names[0], stats=stats[0], packing=noisy.packing)
   nll_after, _ = train_and_score(
       Trainer(ctx.runtime, safety.optim, safety.steps, replicas=len(seeds)), ctx.scorer, m1s,
       streams(safety, ctx.safe, 1), [safety.steps], ctx.noisy, batch_size, safety.buckets,
-      pad_id, stacked_init=True, name=names[1], stats=stats[1])
+      pad_id, stacked_init=True, name=names[1], stats=stats[1], packing=safety.packing)
   for name, stat in zip(names, stats):
     ctx.record(name, stat)
   return {i: {"seeds": pair, "nll_before": nll_before[j, -1].tolist(),

@@ -36,7 +36,7 @@ def _score(ctx: RunContext, model: str, name: str, pmi: bool = False) -> dict[st
   cfg, tok = ctx.cfg, ctx.inputs.tokenizer
   params = ctx.params(model)
   stats = score_examples(ctx.scorer, params, ctx.noisy, cfg.scoring.batch_size, cfg.data.buckets,
-                         ctx.pad_id, name)
+                         ctx.pad_id, name, cfg.data.packing)
   generations = None
   if cfg.scoring.rouge:
     prompts = [encode_prompt(tok, r, ctx.template, cfg.data.max_len) for r in ctx.inputs.noisy]
@@ -89,7 +89,7 @@ def score_after(ctx: RunContext) -> dict[str, Any]:
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[
         restore_params(snapshots / f"step_{s}", target) for s in steps])
     stats = score_snapshots(ctx.scorer, stacked, ctx.noisy, ctx.cfg.scoring.batch_size,
-                            ctx.cfg.data.buckets, ctx.pad_id)
+                            ctx.cfg.data.buckets, ctx.pad_id, packing=ctx.cfg.data.packing)
     tokens = np.maximum(stats["tokens"], 1.0)
     scores["curve"] = {"steps": steps, "nll": (stats["nll_sum"] / tokens).tolist()}
   write_json_atomic(ctx.run.file(SCORES_AFTER), scores)

@@ -60,6 +60,7 @@ class PhaseSpec:
   # LoRA: step checkpoints keep the adapters (and their optimizer state) only; the frozen base
   # comes back from `init_params()` on resume.
   adapter_checkpoints: bool = False
+  packing: bool = False  # several examples per row (data.packing), the same examples per step
 
 
 def phase_steps(steps: int, epochs: float, num_examples: int, batch_size: int, name: str) -> int:
@@ -244,7 +245,9 @@ def train_phase(spec: PhaseSpec, runtime: ModelRuntime, init_params: Callable[[]
   """
   trainer = Trainer(runtime, spec.optim, spec.steps)
   batches = TrainIterator(examples, spec.batch_size, spec.seed, spec.buckets, pad_id=pad_id,
-                          process_index=jax.process_index(), process_count=jax.process_count())
+                          process_index=jax.process_index(), process_count=jax.process_count(),
+                          packing=spec.packing,
+                          row_multiple=runtime.row_multiple(spec.optim.grad_accum_steps))
   snapshot_at: Collection[int] = ()
   if spec.snapshot_every and snapshot_dir:
     snapshot_at = range(spec.snapshot_every, spec.steps + 1, spec.snapshot_every)
@@ -266,15 +269,15 @@ def train_and_score(trainer: Trainer, scorer: Scorer, init_params: Any,
                     iterators: Sequence[TrainIterator], steps: Sequence[int],
                     examples: Sequence[EncodedExample], score_batch_size: int,
                     buckets: Sequence[int], pad_id: int, *, stacked_init: bool = False,
-                    name: str = "train", stats: LoopStats | None = None
-                    ) -> tuple[np.ndarray, Any]:
+                    name: str = "train", stats: LoopStats | None = None,
+                    packing: bool = False) -> tuple[np.ndarray, Any]:
   """Train in memory to max(steps), scoring `examples` after each step in `steps`: (per-token
   NLL [R, len(steps), N] with R = `trainer.replicas` or 1, the final params).
 
   One model reads `iterators[0]`; K replicas read one iterator each (`StackedBatches`) and start
   from `init_params` (one model), or with `stacked_init` from K models stacked on a leading axis.
   `init_params` stays usable: the loop trains a copy where the step would donate it. `stats`:
-  see `train_loop` (its `hook_seconds` is the scoring).
+  see `train_loop` (its `hook_seconds` is the scoring). `packing`: score packed batches.
   """
   steps = sorted(set(int(s) for s in steps))
   replicas = trainer.replicas
@@ -289,7 +292,7 @@ def train_and_score(trainer: Trainer, scorer: Scorer, init_params: Any,
   def score(step: int, params: Any) -> None:
     score_fn = score_examples if replicas is None else score_snapshots
     stats = score_fn(scorer, params, examples, score_batch_size, buckets, pad_id,
-                     name=f"{name}/score@{step}")
+                     name=f"{name}/score@{step}", packing=packing)
     nll[:, steps.index(step)] = stats["nll_sum"] / np.maximum(stats["tokens"], 1.0)
 
   params = train_loop(

@@ -56,20 +56,20 @@ def make_replica_mesh(cfg: ReplicaMeshConfig = ReplicaMeshConfig(),
 
 
 def stacked_batch(locals_: Sequence[dict[str, np.ndarray]], pad_id: int) -> dict[str, np.ndarray]:
-  """Stack K batches to [K, B, T], right-padding each to the longest bucket among them.
+  """Stack K batches to [K, B, T], each key padded to its largest shape among them.
 
-  Extra right padding changes no result: padded positions are masked out of attention and loss.
+  Batches of K streams differ in width (their longest row's bucket) and, packed, in rows and in
+  segments per row. Padding changes no result: pad tokens are masked out of attention and loss,
+  and padded segments belong to no example (id -1).
   """
-  width = max(b["tokens"].shape[1] for b in locals_)
-  out: dict[str, list[np.ndarray]] = {k: [] for k in locals_[0]}
-  for b in locals_:
-    extra = width - b["tokens"].shape[1]
-    for key, value in b.items():
-      if value.ndim == 2 and extra:
-        fill = pad_id if key == "tokens" else 0
-        value = np.pad(value, ((0, 0), (0, extra)), constant_values=fill)
-      out[key].append(value)
-  return {k: np.stack(v) for k, v in out.items()}
+  out = {}
+  for key in locals_[0]:
+    values = [b[key] for b in locals_]
+    shape = np.max([v.shape for v in values], axis=0)
+    fill = pad_id if key == "tokens" else -1 if key == "example_id" else 0
+    out[key] = np.stack([np.pad(v, [(0, s - d) for s, d in zip(shape, v.shape)],
+                                constant_values=fill) for v in values])
+  return out
 
 
 class StackedBatches:

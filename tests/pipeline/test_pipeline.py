@@ -54,6 +54,27 @@ def reference(tmp_path_factory) -> Path:
   return run_dir
 
 
+# -- packing --------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_packed_run_scores_every_example_like_the_unpacked_run(reference, tmp_path):
+  """`data.packing=true` packs the same examples per step into fewer rows, in every finetune and
+  score pass of a run: every per-example NLL under M1 and M2 matches the unpacked run's up to
+  float order (tiny fp32 models, so the two runs' models drift apart only in rounding)."""
+  run_dir = tmp_path / "run"
+  run_ok(*demo_args(run_dir, "data.packing=true"), "--until", "filter")
+  for name in ("scores_before.json", "scores_after.json"):
+    packed = json.loads((run_dir / name).read_text())
+    plain = json.loads((reference / name).read_text())
+    for key in ("nll", "nll_alone"):
+      np.testing.assert_allclose(packed[key], plain[key], rtol=1e-3, atol=1e-4, err_msg=name)
+  manifest = json.loads((run_dir / "manifest.json").read_text())
+  noisy = manifest["phases"]["noisy"]["finetunes"]["noisy"]
+  plain_noisy = json.loads((reference / "manifest.json").read_text())["phases"]["noisy"]
+  assert noisy["padded_tokens"] < plain_noisy["finetunes"]["noisy"]["padded_tokens"]
+
+
 # -- kill and resume ------------------------------------------------------------------------------
 
 
