@@ -192,20 +192,6 @@ def pack_batch(examples: Sequence[EncodedExample], indices: Sequence[int], bucke
                       width, len(indices), pad_id)
 
 
-def pad_batch(batch: dict[str, np.ndarray], rows: int, width: int,
-              pad_id: int) -> dict[str, np.ndarray]:
-  """`batch` (packed or not) grown to `rows` rows and `width` token columns with padding: pad
-  tokens, zero masks and segments, example id -1. Changes no result."""
-  out = {}
-  for key, value in batch.items():
-    pad = [(0, rows - value.shape[0])] + [(0, 0)] * (value.ndim - 1)
-    if key != "example_id" and value.ndim == 2:
-      pad[1] = (0, width - value.shape[1])
-    fill = pad_id if key == "tokens" else -1 if key == "example_id" else 0
-    out[key] = np.pad(value, pad, constant_values=fill)
-  return out
-
-
 def token_slots(batch: dict[str, np.ndarray]) -> tuple[int, int]:
   """(real tokens, token slots) of a host batch, packed or not (stacked ones too): the padded
   share is 1 - real / slots."""

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from ff_jax import parallel
-from ff_jax.data.batching import TrainIterator, pad_batch
+from ff_jax.data.batching import TrainIterator
 from ff_jax.data.templates import EncodedExample
 from ff_jax.models import tiny_llama
+from ff_jax.training.replicas import StackedBatches
 from ff_jax.training.scoring import score_examples, score_snapshots
 from ff_jax.training.steps import ModelRuntime, OptimConfig, Scorer, Trainer
 
@@ -137,8 +138,8 @@ def test_packed_steps_on_a_sharded_mesh_equal_one_device():
 
 
 def test_stacked_replicas_train_on_packed_batches():
-  """Two replicas stacked ([K, B, T]; each replica's packed batch grown to the larger shape by
-  `pad_batch`) train as each does alone: losses within 1e-5 over 3 steps."""
+  """Two replicas stacked ([K, B, T]; `StackedBatches` grows each replica's packed batch to the
+  larger rows and width) train as each does alone: losses within 1e-5 over 3 steps."""
   runtime = _runtime(FAMILIES["llama"])
   examples = _examples(30, seed=4)
   optim = OptimConfig(learning_rate=1e-3, schedule="constant")
@@ -154,16 +155,11 @@ def test_stacked_replicas_train_on_packed_batches():
       losses.append(float(metrics["loss"]))
     alone.append(losses)
   stacked = Trainer(runtime, optim, steps, replicas=2)
-  streams = [TrainIterator(examples, 8, seed, BUCKETS, pad_id=PAD, packing=True)
-             for seed in seeds]
+  streams = StackedBatches([TrainIterator(examples, 8, seed, BUCKETS, pad_id=PAD, packing=True)
+                            for seed in seeds], PAD)
   state = stacked.init_state(runtime.init_params(0))
   losses = []
   for _ in range(steps):
-    parts = [it.next_batch()[0] for it in streams]
-    rows = max(p["tokens"].shape[0] for p in parts)
-    width = max(p["tokens"].shape[1] for p in parts)
-    parts = [pad_batch(p, rows, width, PAD) for p in parts]
-    batch = {key: np.stack([p[key] for p in parts]) for key in parts[0]}
-    state, metrics = stacked.step(state, stacked.put_batch(batch))
+    state, metrics = stacked.step(state, stacked.put_batch(streams.next_batch()[0]))
     losses.append(np.asarray(metrics["loss"]))
   np.testing.assert_allclose(np.stack(losses).T, np.array(alone), rtol=1e-5)
