@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ff_jax.data.batching import TrainIterator
+from ff_jax.data.batching import TrainIterator, token_slots
 from ff_jax.data.templates import EncodedExample
 from ff_jax.errors import ConfigError
 from ff_jax.models import lora
@@ -117,10 +117,10 @@ class LoopStats:
 
 
 def padding_counts(batch: dict[str, np.ndarray]) -> tuple[int, int]:
-  """(token slots, padding slots) of a host batch: the one place that says what counts as padding
-  (`mask` 0: right padding and filler rows)."""
-  slots = int(batch["tokens"].size)
-  return slots, slots - int(np.count_nonzero(batch["mask"]))
+  """(token slots, padding slots) of a host batch, packed or not; what counts as padding is
+  `data.batching.token_slots`'s to say."""
+  real, slots = token_slots(batch)
+  return slots, slots - real
 
 
 def train_loop(trainer: Trainer, init_params: Callable[[], Any], batches: BatchStream, steps: int,
