@@ -8,7 +8,7 @@ Every parameter is re-drawn with a fixed seed (biases and norm scales too: HF in
 0 and 1, which would leave the bias and norm mappings untested), and row 1 of the batch is
 left-padded so the test also covers positions derived from the mask.
 
-  python scripts/make_parity_fixtures.py [--out tests/fixtures/parity]
+  python scripts/make_parity_fixtures.py [--out tests/fixtures/parity] [--only NAME ...]
 """
 
 from __future__ import annotations
@@ -51,7 +51,28 @@ FIXTURES = {
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False,
         rope_theta=1000000.0, bos_token_id=None, eos_token_id=2)),
+    # q/k norms, explicit head_dim != hidden / heads, GQA, tied embeddings.
+    "qwen3": ("Qwen3ForCausalLM", dict(
+        model_type="qwen3", vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+        max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        rope_theta=1000000.0, bos_token_id=None, eos_token_id=2)),
+    # Both layer kinds (sliding, sliding, full), a window shorter than the sequence, local and
+    # global RoPE bases that differ, linear scaling on the global layer only, query_pre_attn_scalar
+    # != head_dim, GQA, tied embeddings. The norms' (1 + w) weights are drawn around 0.
+    "gemma3": ("Gemma3ForCausalLM", dict(
+        model_type="gemma3_text", vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        query_pre_attn_scalar=24, sliding_window=4,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                            "rope_theta": 100000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 500.0}},
+        pad_token_id=0, bos_token_id=2, eos_token_id=1)),
 }
+# Families whose RMSNorm scales by (1 + weight): their weights are offsets from the identity.
+OFFSET_NORMS = ("Gemma3",)
 
 
 def build_model(arch: str, config: dict, seed: int) -> torch.nn.Module:
@@ -63,11 +84,12 @@ def build_model(arch: str, config: dict, seed: int) -> torch.nn.Module:
   torch.manual_seed(seed)
   model = getattr(transformers, arch)(hf_config)
   gen = torch.Generator().manual_seed(seed)
+  norm_center = 0.0 if arch.startswith(OFFSET_NORMS) else 1.0
   with torch.no_grad():
     for name, param in sorted(model.named_parameters()):
       noise = torch.randn(param.shape, generator=gen)
       if name.endswith("norm.weight") or ".ln_" in name or name.endswith("layernorm.weight"):
-        param.copy_(1.0 + 0.2 * noise)
+        param.copy_(norm_center + 0.2 * noise)
       elif name.endswith("bias"):
         param.copy_(0.1 * noise)
       else:
@@ -112,10 +134,13 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   default = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "parity"
   parser.add_argument("--out", type=Path, default=default)
+  parser.add_argument("--only", nargs="+", choices=sorted(FIXTURES),
+                      help="regenerate these fixtures alone (each keeps its seed)")
   args = parser.parse_args()
   torch.use_deterministic_algorithms(True)
-  for seed, name in enumerate(FIXTURES):
-    write_fixture(args.out, name, seed)
+  for seed, name in enumerate(FIXTURES):  # seeds follow the table's order: append new entries
+    if args.only is None or name in args.only:
+      write_fixture(args.out, name, seed)
 
 
 if __name__ == "__main__":

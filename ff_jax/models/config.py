@@ -1,7 +1,9 @@
-"""Model configuration: one frozen dataclass that covers the Llama, Qwen2 and GPT-2 families.
+"""Model configuration: one frozen dataclass that covers the Llama, Qwen2/3, Gemma 3 and GPT-2
+families.
 
-Architectures differ only by flags here (norm type, position scheme, MLP kind, biases, tying), so
-one decoder implementation serves all of them and the HF/GGUF importers only translate names.
+Architectures differ only by flags here (norm type, position scheme, MLP kind, biases, tying, q/k
+norms, sliding-window layers), so one decoder implementation serves all of them and the HF/GGUF
+importers only translate names.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from ff_jax.errors import ConfigError
 
 Norm = Literal["rms", "layer"]
 Positions = Literal["rope", "learned"]
-Mlp = Literal["swiglu", "gelu"]
+Mlp = Literal["swiglu", "geglu", "gelu"]
+# Per-layer attention kinds, spelled as HF's `layer_types`.
+FULL_ATTENTION, SLIDING_ATTENTION = "full_attention", "sliding_attention"
 
 # Projections LoRA can adapt: attention q/k/v/o and the MLP's gate/up/down.
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -76,11 +80,31 @@ class ModelConfig:
   positions: Positions = "rope"
   rope_theta: float = 10000.0
   rope_scaling: RopeScaling = dataclasses.field(default_factory=RopeScaling)
+  # swiglu: silu(gate) * up (Llama); geglu: gelu_tanh(gate) * up (Gemma); gelu: no gate (GPT-2).
   mlp: Mlp = "swiglu"
   qkv_bias: bool = False  # Qwen2 has biases on q/k/v only
   out_bias: bool = False  # GPT-2 has biases everywhere
   mlp_bias: bool = False
   tie_embeddings: bool = False
+  # RMSNorm over each head's q and k before RoPE (Qwen3, Gemma 3).
+  qk_norm: bool = False
+  # RMSNorm multiplies by (1 + weight) and its weights start at 0 (Gemma).
+  norm_plus_one: bool = False
+  # Attention and MLP outputs are normalised again before the residual add (Gemma's four norms).
+  post_norms: bool = False
+  # Token embeddings are multiplied by sqrt(hidden_size), rounded to the compute dtype (Gemma).
+  scale_embeddings: bool = False
+  # Attention scores are scaled by query_pre_attn_scalar ** -0.5; None: head_dim ** -0.5.
+  query_pre_attn_scalar: float | None = None
+  # Per-layer attention kind ("full_attention" / "sliding_attention"); None: every layer is full.
+  # A sliding layer's query at slot i sees keys at slots (i - sliding_window, i] only.
+  layer_types: tuple[str, ...] | None = None
+  sliding_window: int | None = None  # set exactly when some layer is a sliding one
+  # RoPE base of the sliding layers, which then use no frequency scaling (Gemma 3's local layers);
+  # None: every layer uses rope_theta and rope_scaling.
+  rope_local_theta: float | None = None
+  # Final logits become c * tanh(logits / c) (Gemma's final_logit_softcapping); None: uncapped.
+  final_logit_softcap: float | None = None
   # Compute dtype for activations and matmuls; parameters stay in `param_dtype`.
   dtype: Literal["float32", "bfloat16"] = "float32"
   param_dtype: Literal["float32", "bfloat16"] = "float32"
@@ -114,7 +138,8 @@ class ModelConfig:
     need(self.norm in ("rms", "layer"), "norm", f"must be 'rms' or 'layer', got {self.norm!r}")
     need(self.positions in ("rope", "learned"), "positions",
          f"must be 'rope' or 'learned', got {self.positions!r}")
-    need(self.mlp in ("swiglu", "gelu"), "mlp", f"must be 'swiglu' or 'gelu', got {self.mlp!r}")
+    need(self.mlp in ("swiglu", "geglu", "gelu"), "mlp",
+         f"must be 'swiglu', 'geglu' or 'gelu', got {self.mlp!r}")
     need(self.dtype in ("float32", "bfloat16"), "dtype", f"unsupported dtype {self.dtype!r}")
     need(self.param_dtype in ("float32", "bfloat16"), "param_dtype",
          f"unsupported dtype {self.param_dtype!r}")
@@ -123,8 +148,38 @@ class ModelConfig:
     if self.attention == "cudnn":
       need(self.dtype == "bfloat16", "attention",
            f"cuDNN's fused attention needs dtype bfloat16, got {self.dtype!r}")
+    self._check_layers(need)
     if self.positions == "rope":
       need(self.resolved_head_dim % 2 == 0, "head_dim", "RoPE needs an even head dimension")
+
+  def _check_layers(self, need) -> None:
+    """layer_types / sliding_window / rope_local_theta / softcap / query_pre_attn_scalar."""
+    if self.layer_types is not None:
+      need(isinstance(self.layer_types, tuple), "layer_types",
+           "must be a tuple (ModelConfig.from_dict converts lists)")
+      need(len(self.layer_types) == self.num_layers, "layer_types",
+           f"has {len(self.layer_types)} entries for num_layers={self.num_layers}")
+      bad = sorted(set(self.layer_types) - {FULL_ATTENTION, SLIDING_ATTENTION})
+      need(not bad, "layer_types", f"unknown kind(s) {bad}; use {FULL_ATTENTION!r} or "
+                                   f"{SLIDING_ATTENTION!r}")
+    sliding = any(self.is_sliding(i) for i in range(self.num_layers))
+    if self.sliding_window is None:
+      need(not sliding, "sliding_window", "sliding_attention layers need a window size")
+    else:
+      need(int(self.sliding_window) > 0, "sliding_window",
+           f"must be a positive integer, got {self.sliding_window}")
+      need(sliding, "sliding_window",
+           "is set but no layer_types entry is 'sliding_attention'")
+    if self.rope_local_theta is not None:
+      need(sliding, "rope_local_theta", "only sliding_attention layers use it; none is sliding")
+      need(self.positions == "rope", "rope_local_theta", "needs positions='rope'")
+    for key in ("query_pre_attn_scalar", "final_logit_softcap", "rope_local_theta"):
+      value = getattr(self, key)
+      need(value is None or float(value) > 0, key, f"must be positive or null, got {value}")
+
+  def is_sliding(self, layer: int) -> bool:
+    """Whether layer `layer` attends through the sliding window."""
+    return self.layer_types is not None and self.layer_types[layer] == SLIDING_ATTENTION
 
   @property
   def resolved_head_dim(self) -> int:
@@ -143,6 +198,8 @@ class ModelConfig:
     unknown = sorted(set(values) - known)
     if unknown:
       raise ConfigError(f"model: unknown key(s) {unknown}; known keys are {sorted(known)}")
+    if isinstance(values.get("layer_types"), list):  # YAML / JSON have no tuples
+      values["layer_types"] = tuple(values["layer_types"])
     if isinstance(values.get("lora"), dict):
       lora = dict(values["lora"])
       if "targets" in lora:

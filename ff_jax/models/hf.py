@@ -1,6 +1,7 @@
 """Hugging Face checkpoints: `config.json` + safetensors folders in and out of ff_jax.
 
-Each family (Llama/Mistral/Qwen2 share one, GPT-2 has its own) has ONE declarative name table: a
+Each family (Llama/Mistral/Qwen2 share one; Qwen3, Gemma 3 and GPT-2 have their own) has ONE
+declarative name table: a
 list of `Rule(hf_key_template, param_path_templates, transform)`. Import and export are both derived
 from it, so a name can never be mapped one way and forgotten the other:
 
@@ -41,17 +42,20 @@ from ff_jax.errors import CheckpointError
 from ff_jax.models import abstract_model
 from ff_jax.models.config import ModelConfig
 from ff_jax.models.hf_config import (
+  GEMMA3_MULTIMODAL,
   SUPPORTED_MODEL_TYPES,
   config_from_hf,
   hf_config_from,
+  hf_model_type,
   model_type_of,
+  require_export_type,
 )
 from ff_jax.models.loading import assemble_params, flatten, path_str
 from ff_jax.models.tokenizer import TextTokenizer
 
 __all__ = [
     "FAMILIES", "Family", "Rule", "Transform", "SUPPORTED_MODEL_TYPES", "config_from_hf",
-    "export_tensors", "hf_config_from", "load_hf", "load_tokenizer", "save_hf",
+    "export_tensors", "hf_config_from", "hf_model_type", "load_hf", "load_tokenizer", "save_hf",
 ]
 
 Params = dict[str, Any]
@@ -172,8 +176,12 @@ class Family:
   # Checkpoints saved from the bare base model (`LlamaModel`, `GPT2Model`, original gpt2 files)
   # lack this prefix on the body's keys.
   prefix: str
-  # Buffers some checkpoints carry that are recomputed, never loaded.
+  # Buffers some checkpoints carry that are recomputed, never loaded (and, for a multimodal
+  # checkpoint, the parts ff_jax does not model).
   ignorable: tuple[str, ...] = ()
+  # (pattern, replacement) applied to a file's keys before matching: other layouts of the same
+  # tensors (a multimodal checkpoint's `language_model.` prefixes).
+  renames: tuple[tuple[str, str], ...] = ()
 
 
 _L = "model.layers.{i}."
@@ -194,6 +202,22 @@ LLAMA_RULES = (
     Rule(_L + "mlp.down_proj.weight", ("layers/{i}/mlp/down",), TRANSPOSE),
     Rule("model.norm.weight", ("final_norm/scale",)),
     Rule("lm_head.weight", ("lm_head",), TRANSPOSE),
+)
+
+QK_NORM_RULES = (
+    Rule(_L + "self_attn.q_norm.weight", ("layers/{i}/attn/q_norm/scale",)),
+    Rule(_L + "self_attn.k_norm.weight", ("layers/{i}/attn/k_norm/scale",)),
+)
+QWEN3_RULES = LLAMA_RULES + QK_NORM_RULES
+
+# Gemma's four norms per block: input (before attention), post_attention (on its output),
+# pre_feedforward (before the MLP; Llama's `post_attention_layernorm` plays that part) and
+# post_feedforward (on the MLP's output).
+GEMMA3_RULES = tuple(
+    rule for rule in LLAMA_RULES if "post_attention_layernorm" not in rule.hf) + QK_NORM_RULES + (
+    Rule(_L + "post_attention_layernorm.weight", ("layers/{i}/attn_post_norm/scale",)),
+    Rule(_L + "pre_feedforward_layernorm.weight", ("layers/{i}/mlp_norm/scale",)),
+    Rule(_L + "post_feedforward_layernorm.weight", ("layers/{i}/mlp_post_norm/scale",)),
 )
 
 _H = "transformer.h.{i}."
@@ -225,8 +249,21 @@ LLAMA_FAMILY = Family(
 GPT2_FAMILY = Family(
     model_types=("gpt2",), rules=GPT2_RULES,
     prefix="transformer.", ignorable=(r"\.attn\.bias$", r"\.attn\.masked_bias$"))
+QWEN3_FAMILY = Family(model_types=("qwen3",), rules=QWEN3_RULES, prefix="model.",
+                      ignorable=(r"rotary_emb\.inv_freq$",))
+GEMMA3_FAMILY = Family(model_types=("gemma3_text",), rules=GEMMA3_RULES, prefix="model.")
+# Gemma3ForConditionalGeneration: transformers 5 writes `model.language_model.*`, 4 wrote
+# `language_model.model.*` (+ `language_model.lm_head.weight`); the vision tower and projector
+# are not part of the text model.
+GEMMA3_MULTIMODAL_FAMILY = Family(
+    model_types=(GEMMA3_MULTIMODAL,), rules=GEMMA3_RULES, prefix="model.",
+    ignorable=(r"^(model\.)?vision_tower\.", r"^(model\.)?multi_modal_projector\."),
+    renames=((r"^model\.language_model\.", "model."), (r"^language_model\.model\.", "model."),
+             (r"^language_model\.lm_head\.", "lm_head.")))
 
-FAMILIES: dict[str, Family] = {t: f for f in (LLAMA_FAMILY, GPT2_FAMILY) for t in f.model_types}
+FAMILIES: dict[str, Family] = {
+    t: f for f in (LLAMA_FAMILY, GPT2_FAMILY, QWEN3_FAMILY, GEMMA3_FAMILY, GEMMA3_MULTIMODAL_FAMILY)
+    for t in f.model_types}
 assert set(FAMILIES) == set(SUPPORTED_MODEL_TYPES), "name tables and config translation disagree"
 def _param_path(template: str, i: int | None) -> ParamPath:
   parts = template.format(i=i).split("/")
@@ -370,10 +407,14 @@ def load_hf(folder: str | os.PathLike, mesh=None, rules: Mapping | None = None,
   keys: dict[str, tuple[str, Path]] = {}  # canonical key -> (key in the file, file)
   ignorable = [re.compile(p) for p in family.ignorable]
   for key, path in files.items():
-    canonical = key if key in plan or key.startswith(family.prefix) else family.prefix + key
+    renamed = key
+    for pattern, replacement in family.renames:
+      renamed = re.sub(pattern, replacement, renamed)
+    canonical = (renamed if renamed in plan or renamed.startswith(family.prefix)
+                 else family.prefix + renamed)
     if canonical in plan:
       keys[canonical] = (key, path)
-    elif key == "lm_head.weight" and cfg.tie_embeddings:
+    elif renamed == "lm_head.weight" and cfg.tie_embeddings:
       continue  # some exporters still write the tied head; the embedding is the source, as in HF
     elif not any(p.search(key) for p in ignorable):
       raise CheckpointError(f"{path}: tensor {key!r} has no place in a {model_type} model with "
@@ -413,9 +454,7 @@ def load_hf(folder: str | os.PathLike, mesh=None, rules: Mapping | None = None,
 
 def export_tensors(cfg: ModelConfig, params: Params, model_type: str) -> dict[str, np.ndarray]:
   """{HF key: host array} for `params`, in the parameters' own dtype."""
-  if model_type not in FAMILIES:
-    raise CheckpointError(f"cannot export as model_type {model_type!r}; supported: "
-                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+  require_export_type(model_type)
   flat = flatten(params)
   plan = _plan(FAMILIES[model_type], cfg, flat)
   covered = {p for _, paths in plan.values() for p in paths}

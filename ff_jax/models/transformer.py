@@ -1,4 +1,4 @@
-"""One Flax NNX decoder-only transformer for the Llama, Qwen2 and GPT-2 families.
+"""One Flax NNX decoder-only transformer for the Llama, Qwen2/3, Gemma 3 and GPT-2 families.
 
 Every parameter carries logical axis names in its `out_sharding` metadata ('vocab', 'embed',
 'heads', 'kv_heads', 'head_dim', 'mlp', 'norm', 'position'); `ff_jax.parallel` maps them to mesh
@@ -21,6 +21,11 @@ Packed rows (several examples one after another, uncached calls only) pass `segm
 (1, 2, ... per example, 0 on padding) and positions that restart at each example: slot j is then
 visible from slot i iff j <= i and segment_ids[j] == segment_ids[i], so no example sees another
 (padding slots see only padding, which keeps every softmax NaN-free); `kv_mask` is not needed.
+
+Sliding-window layers (`ModelConfig.layer_types`) also need i - j < sliding_window, on every path
+(einsum with or without a cache, fused kernels, packed rows). The window counts slots, as HF's
+masks count cache positions: every layout here keeps a row's (or a segment's) real tokens in
+consecutive slots, so slot distance is position distance.
 """
 
 from __future__ import annotations
@@ -141,22 +146,28 @@ def _adapter_delta(module: nnx.Module, cfg: ModelConfig, name: str, x: jax.Array
 
 
 class Norm(nnx.Module):
-  """RMSNorm (Llama) or LayerNorm with bias (GPT-2); statistics always in fp32."""
+  """RMSNorm (Llama; Gemma's scales by 1 + weight) or LayerNorm with bias (GPT-2) over the last
+  axis of size `size` (default hidden_size; head_dim for q/k norms); statistics always in fp32."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, size: int | None = None):
     pdt = _DTYPES[cfg.param_dtype]
+    size = cfg.hidden_size if size is None else size
     self.kind = cfg.norm
     self.eps = cfg.norm_eps
-    self.scale = _param(rngs, nnx.initializers.ones, (cfg.hidden_size,), ("norm",), pdt)
+    self.plus_one = cfg.norm_plus_one
+    # Gemma stores the offset from 1, so a fresh norm (weight 0) is the identity scale there too.
+    init = nnx.initializers.zeros if cfg.norm_plus_one else nnx.initializers.ones
+    self.scale = _param(rngs, init, (size,), ("norm",), pdt)
     if cfg.norm == "layer":
-      self.bias = _param(rngs, nnx.initializers.zeros, (cfg.hidden_size,), ("norm",), pdt)
+      self.bias = _param(rngs, nnx.initializers.zeros, (size,), ("norm",), pdt)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dtype = x.dtype
     x = x.astype(jnp.float32)
     if self.kind == "rms":
       x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-      return (x * self.scale[...].astype(jnp.float32)).astype(dtype)
+      scale = self.scale[...].astype(jnp.float32)
+      return (x * (1.0 + scale if self.plus_one else scale)).astype(dtype)
     mean = jnp.mean(x, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
     x = (x - mean) * jax.lax.rsqrt(var + self.eps)
@@ -164,10 +175,14 @@ class Norm(nnx.Module):
         dtype)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
-  """Inverse RoPE frequencies, with HF's 'linear' and 'llama3' scaling rules."""
+def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> jax.Array:
+  """Inverse RoPE frequencies, with HF's 'linear' and 'llama3' scaling rules. `local`: those of a
+  sliding-window layer, which has its own unscaled base where `rope_local_theta` is set."""
   hd = cfg.resolved_head_dim
-  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+  exponents = jnp.arange(0, hd, 2, dtype=jnp.float32) / hd
+  if local and cfg.rope_local_theta is not None:
+    return 1.0 / (cfg.rope_local_theta ** exponents)
+  inv_freq = 1.0 / (cfg.rope_theta ** exponents)
   scaling = cfg.rope_scaling
   if scaling.kind == "linear":
     inv_freq = inv_freq / scaling.factor
@@ -196,14 +211,18 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 
 
 class Attention(nnx.Module):
-  """Grouped-query attention with optional q/k/v and output biases and an explicit KV cache."""
+  """Grouped-query attention with optional q/k/v and output biases, q/k norms, a sliding window
+  (layer `layer` of `cfg.layer_types`) and an explicit KV cache."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, layer: int = 0):
     pdt = _DTYPES[cfg.param_dtype]
     d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
     init = nnx.initializers.normal(cfg.initializer_range)
     zeros = nnx.initializers.zeros
     self.cfg = cfg
+    # Static per-layer settings (the parameters never depend on them).
+    self.sliding = cfg.is_sliding(layer)
+    self.window = cfg.sliding_window if self.sliding else None
     self.q = _param(rngs, init, (d, h, hd), ("embed", "heads", "head_dim"), pdt)
     self.k = _param(rngs, init, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pdt)
     self.v = _param(rngs, init, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pdt)
@@ -214,6 +233,9 @@ class Attention(nnx.Module):
       self.v_bias = _param(rngs, zeros, (kv, hd), ("kv_heads", "head_dim"), pdt)
     if cfg.out_bias:
       self.o_bias = _param(rngs, zeros, (d,), ("norm",), pdt)
+    if cfg.qk_norm:
+      self.q_norm = Norm(cfg, rngs, hd)
+      self.k_norm = Norm(cfg, rngs, hd)
     _add_adapter(self, cfg, rngs, "q", (d,), ("embed",), (h, hd), ("heads", "head_dim"))
     _add_adapter(self, cfg, rngs, "k", (d,), ("embed",), (kv, hd), ("kv_heads", "head_dim"))
     _add_adapter(self, cfg, rngs, "v", (d,), ("embed",), (kv, hd), ("kv_heads", "head_dim"))
@@ -234,8 +256,10 @@ class Attention(nnx.Module):
       q = q + self.q_bias[...].astype(dt)
       k = k + self.k_bias[...].astype(dt)
       v = v + self.v_bias[...].astype(dt)
+    if cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
     if cfg.positions == "rope":
-      inv_freq = rope_inv_freq(cfg)
+      inv_freq = rope_inv_freq(cfg, local=self.sliding)
       q = apply_rope(q, positions, inv_freq)
       k = apply_rope(k, positions, inv_freq)
 
@@ -243,7 +267,8 @@ class Attention(nnx.Module):
       raise ValueError("segment_ids (packed rows) are for uncached calls only")
     kernel = attention_kernel(cfg, dt, cached=layer_cache is not None)
     if kernel != "einsum":
-      out = fused_attention(q, k, v, kv_mask, kernel, segment_ids)
+      out = fused_attention(q, k, v, kv_mask, kernel, segment_ids, self.window,
+                            attention_scale(cfg))
     else:
       out, layer_cache = self._einsum_attention(q, k, v, kv_mask, layer_cache, cache_index,
                                                 segment_ids)
@@ -274,7 +299,10 @@ class Attention(nnx.Module):
       layer_cache = {"k": k, "v": v}
       q_slots = cache_index + jnp.arange(length)
     k_slots = jnp.arange(k.shape[2])
-    causal = (k_slots[None, :] <= q_slots[:, None])[None]
+    causal = k_slots[None, :] <= q_slots[:, None]
+    if self.window is not None:
+      causal = causal & (k_slots[None, :] > q_slots[:, None] - self.window)
+    causal = causal[None]
     if segment_ids is None:
       visible = causal & kv_mask[:, None, :].astype(bool)
     else:
@@ -284,12 +312,25 @@ class Attention(nnx.Module):
     q = q.reshape(batch, length, cfg.num_kv_heads, groups, cfg.resolved_head_dim)
     scores = jnp.einsum("btkgd,bksd->bkgts", q, k.astype(dt),
                         preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(cfg.resolved_head_dim)
+    scale = attention_scale(cfg)
+    scores = scores / math.sqrt(cfg.resolved_head_dim) if scale is None else scores * scale
     # A large finite negative (not -inf) keeps fully-masked padding rows NaN-free.
     scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     out = jnp.einsum("bkgts,bksd->btkgd", probs, v.astype(dt))
     return out.reshape(batch, length, cfg.num_heads, cfg.resolved_head_dim), layer_cache
+
+
+def attention_scale(cfg: ModelConfig) -> float | None:
+  """The factor on q·k when it is query_pre_attn_scalar ** -0.5 (Gemma); None for the usual
+  head_dim ** -0.5, which each path keeps in its own form so existing models compute exactly as
+  they always did."""
+  return None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
+
+
+def softcap(x: jax.Array, cap: float) -> jax.Array:
+  """cap · tanh(x / cap): bounds logits smoothly to (-cap, cap)."""
+  return jnp.tanh(x / cap) * cap
 
 
 def attention_kernel(cfg: ModelConfig, dtype, cached: bool) -> str:
@@ -310,7 +351,8 @@ def same_segment(segment_ids: jax.Array) -> jax.Array:
 
 
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_mask: jax.Array,
-                    implementation: str, segment_ids: jax.Array | None = None) -> jax.Array:
+                    implementation: str, segment_ids: jax.Array | None = None,
+                    window: int | None = None, scale: float | None = None) -> jax.Array:
   """Causal grouped-query attention through `jax.nn.dot_product_attention`.
 
   q [B, T, H, D], k/v [B, T, K, D], right-padded rows. Each row's visible keys are its first n
@@ -322,18 +364,30 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_mask: jax.Array
   q/kv offsets, is reachable only through JAX internals), so the same-segment rule goes in as a
   [B, 1, T, T] boolean mask, which cuDNN applies as an additive bias, with its causal mask on top.
   Every slot sees at least itself, so no softmax is empty.
+
+  A sliding `window` is the kernel's left window of window - 1 slots (cuDNN's causal sliding
+  window of `window` slots); with segments it joins the boolean mask instead, which cuDNN already
+  applies, rather than relying on its window and a bias mask together. `scale` multiplies q·k
+  (None: head_dim ** -0.5).
   """
   k, v = k.astype(q.dtype), v.astype(q.dtype)
   if segment_ids is not None:
-    return jax.nn.dot_product_attention(q, k, v, mask=same_segment(segment_ids)[:, None],
+    mask = same_segment(segment_ids)
+    if window is not None:
+      slots = jnp.arange(segment_ids.shape[1])
+      mask = mask & (slots[None, :] > slots[:, None] - window)[None]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale,
                                         is_causal=True, implementation=implementation)
   lengths = jnp.maximum(kv_mask.sum(-1), 1).astype(jnp.int32)
-  return jax.nn.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=lengths,
+  local = None if window is None else (window - 1, 0)
+  return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
+                                      key_value_seq_lengths=lengths, local_window_size=local,
                                       implementation=implementation)
 
 
 class Mlp(nnx.Module):
-  """SwiGLU (Llama, Qwen2) or GELU (GPT-2, tanh approximation) feed-forward block."""
+  """SwiGLU (Llama, Qwen), GeGLU (Gemma) or GELU (GPT-2) feed-forward block; GELU is always the
+  tanh approximation (HF's gelu_new / gelu_pytorch_tanh)."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     pdt = _DTYPES[cfg.param_dtype]
@@ -342,7 +396,8 @@ class Mlp(nnx.Module):
     zeros = nnx.initializers.zeros
     self.kind = cfg.mlp
     self.bias = cfg.mlp_bias
-    if cfg.mlp == "swiglu":
+    gated = cfg.mlp in ("swiglu", "geglu")
+    if gated:
       self.gate = _param(rngs, init, (d, f), ("embed", "mlp"), pdt)
     self.up = _param(rngs, init, (d, f), ("embed", "mlp"), pdt)
     self.down = _param(rngs, init, (f, d), ("mlp", "embed"), pdt)
@@ -350,7 +405,7 @@ class Mlp(nnx.Module):
       self.up_bias = _param(rngs, zeros, (f,), ("mlp",), pdt)
       self.down_bias = _param(rngs, zeros, (d,), ("norm",), pdt)
     self.cfg = cfg
-    if cfg.mlp == "swiglu":
+    if gated:
       _add_adapter(self, cfg, rngs, "gate", (d,), ("embed",), (f,), ("mlp",))
     _add_adapter(self, cfg, rngs, "up", (d,), ("embed",), (f,), ("mlp",))
     _add_adapter(self, cfg, rngs, "down", (f,), ("mlp",), (d,), ("embed",))
@@ -361,9 +416,10 @@ class Mlp(nnx.Module):
     up = dense(x, self.up[...].astype(dt)) + _adapter_delta(self, cfg, "up", x, rng)
     if self.bias:
       up = up + self.up_bias[...].astype(dt)
-    if self.kind == "swiglu":
+    if self.kind in ("swiglu", "geglu"):
       gate = dense(x, self.gate[...].astype(dt)) + _adapter_delta(self, cfg, "gate", x, rng)
-      hidden = jax.nn.silu(gate) * up
+      act = jax.nn.silu(gate) if self.kind == "swiglu" else jax.nn.gelu(gate, approximate=True)
+      hidden = act * up
     else:
       hidden = jax.nn.gelu(up, approximate=True)
     out = dense(hidden, self.down[...].astype(dt)) + _adapter_delta(self, cfg, "down", hidden, rng)
@@ -373,22 +429,34 @@ class Mlp(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); with `post_norms`
+  (Gemma) x + norm(attn(norm(x))), then x + norm(mlp(norm(x))).
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  `layer` (its index) selects the attention kind of `cfg.layer_types`; the parameters do not
+  depend on it, so one block initialiser serves every layer (`ff_jax.models.init_params`)."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, layer: int = 0):
     self.attn_norm = Norm(cfg, rngs)
-    self.attn = Attention(cfg, rngs)
+    self.attn = Attention(cfg, rngs, layer)
     self.mlp_norm = Norm(cfg, rngs)
     self.mlp = Mlp(cfg, rngs)
+    if cfg.post_norms:
+      self.attn_post_norm = Norm(cfg, rngs)
+      self.mlp_post_norm = Norm(cfg, rngs)
+    self.post_norms = cfg.post_norms
 
   def __call__(self, x, positions, kv_mask, layer_cache, cache_index, rng=None,
                segment_ids=None):
     attn_rng, mlp_rng = (None, None) if rng is None else jax.random.split(rng)
     attn_out, layer_cache = self.attn(self.attn_norm(x), positions, kv_mask, layer_cache,
                                       cache_index, attn_rng, segment_ids)
+    if self.post_norms:
+      attn_out = self.attn_post_norm(attn_out)
     x = x + attn_out
-    x = x + self.mlp(self.mlp_norm(x), mlp_rng)
-    return x, layer_cache
+    mlp_out = self.mlp(self.mlp_norm(x), mlp_rng)
+    if self.post_norms:
+      mlp_out = self.mlp_post_norm(mlp_out)
+    return x + mlp_out, layer_cache
 
 
 def _block_forward(block, x, positions, kv_mask, layer_cache, cache_index, rng, segment_ids):
@@ -413,7 +481,7 @@ class Transformer(nnx.Module):
       self.pos_embed = _param(rngs, init, (cfg.max_position_embeddings, cfg.hidden_size),
                               ("position", "embed"), pdt)
     count = cfg.num_layers if num_layers is None else num_layers
-    self.layers = nnx.List([Block(cfg, rngs) for _ in range(count)])
+    self.layers = nnx.List([Block(cfg, rngs, i) for i in range(count)])
     self.final_norm = Norm(cfg, rngs)
     if not cfg.tie_embeddings:
       self.lm_head = _param(rngs, init, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
@@ -433,6 +501,8 @@ class Transformer(nnx.Module):
     cfg = self.cfg
     dt = _DTYPES[cfg.dtype]
     x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
+    if cfg.scale_embeddings:  # rounded to the compute dtype first, as HF does
+      x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dt)
     if cfg.positions == "learned":
       x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)
     forward = _remat_block_forward if cfg.remat else _block_forward
@@ -450,8 +520,12 @@ class Transformer(nnx.Module):
     """Vocabulary logits in fp32 (the loss and sampling need the precision)."""
     dt = hidden.dtype
     if self.cfg.tie_embeddings:
-      return dense(hidden, self.embed[...].astype(dt), transpose_w=True, out_dtype=jnp.float32)
-    return dense(hidden, self.lm_head[...].astype(dt), out_dtype=jnp.float32)
+      out = dense(hidden, self.embed[...].astype(dt), transpose_w=True, out_dtype=jnp.float32)
+    else:
+      out = dense(hidden, self.lm_head[...].astype(dt), out_dtype=jnp.float32)
+    if self.cfg.final_logit_softcap is not None:
+      out = softcap(out, self.cfg.final_logit_softcap)
+    return out
 
   def __call__(self, tokens, positions, kv_mask, cache: Cache | None = None,
                cache_index: Any = 0, last_only: bool = False,

@@ -7,6 +7,7 @@ import pytest
 from ff_jax.models import abstract_model, init_params, tiny_llama
 from ff_jax.models.decoding import SamplingConfig, generate, left_pad
 from tests.helpers.decoding_reference import uncached_greedy
+from tests.models.test_model import FAMILIES
 
 EOS, PAD = 1, 0
 
@@ -33,6 +34,24 @@ def test_batched_left_padded_greedy_equals_one_at_a_time_and_uncached(model):
   assert batched == single
   assert batched == [uncached_greedy(graphdef, params, p, 10, EOS) for p in PROMPTS]
   assert any(len(b) >= 5 for b in batched)
+
+
+def test_sliding_window_decoding_equals_uncached_and_the_window_counts():
+  """A Gemma-3-style model whose first layer sees 3 slots: prompt + generation run far past the
+  window, and the cached, batched decode still equals full forward passes; without the window the
+  same weights decode differently."""
+  # Untied: with a tied head this tiny random model mostly repeats its input token.
+  cfg = FAMILIES["gemma3"].replace(tie_embeddings=False)
+  graphdef, _, _ = abstract_model(cfg)
+  params = jax.tree.map(lambda x: x * 8 if x.ndim > 1 else x, init_params(cfg, 0))
+  sampling = SamplingConfig(max_new_tokens=10)
+  batched = generate(graphdef, params, PROMPTS, eos_id=EOS, pad_id=PAD, sampling=sampling)
+  assert batched == [uncached_greedy(graphdef, params, p, 10, EOS) for p in PROMPTS]
+  assert any(len(b) >= 5 for b in batched)
+  unwindowed, _, _ = abstract_model(cfg.replace(layer_types=None, sliding_window=None,
+                                                rope_local_theta=None))
+  assert generate(unwindowed, params, PROMPTS, eos_id=EOS, pad_id=PAD,
+                  sampling=sampling) != batched
 
 
 def test_stops_on_eos_and_on_stop_sequences(model):

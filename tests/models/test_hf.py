@@ -31,8 +31,9 @@ from ff_jax.parallel import MeshConfig, make_mesh
 from tests.helpers.paths import FIXTURES, REPO
 
 PARITY = FIXTURES / "parity"  # tiny random checkpoints and their golden logits
-NAMES = ["llama", "llama3_rope", "gpt2", "qwen2"]
-MODEL_TYPES = {"llama": "llama", "llama3_rope": "llama", "gpt2": "gpt2", "qwen2": "qwen2"}
+NAMES = ["llama", "llama3_rope", "gpt2", "qwen2", "qwen3", "gemma3"]
+MODEL_TYPES = {"llama": "llama", "llama3_rope": "llama", "gpt2": "gpt2", "qwen2": "qwen2",
+               "qwen3": "qwen3", "gemma3": "gemma3_text"}
 TOL = 1e-4
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
@@ -101,6 +102,17 @@ def test_fixture_configs_cover_the_features():
   assert cfgs["gpt2"].positions == "learned" and cfgs["gpt2"].tie_embeddings
   assert cfgs["qwen2"].qkv_bias and not cfgs["qwen2"].out_bias
   assert cfgs["qwen2"].rope_theta == 1e6
+  qwen3 = cfgs["qwen3"]
+  assert qwen3.qk_norm and not qwen3.qkv_bias and qwen3.tie_embeddings
+  assert qwen3.num_kv_heads < qwen3.num_heads
+  assert qwen3.resolved_head_dim * qwen3.num_heads != qwen3.hidden_size  # explicit head_dim
+  gemma3 = cfgs["gemma3"]
+  assert len(set(gemma3.layer_types)) == 2
+  assert gemma3.sliding_window < len(np.load(PARITY / "gemma3" / "expected.npz")["input_ids"][0])
+  assert gemma3.rope_local_theta != gemma3.rope_theta and gemma3.rope_scaling.kind == "linear"
+  assert gemma3.query_pre_attn_scalar not in (None, gemma3.resolved_head_dim)
+  assert gemma3.mlp == "geglu" and gemma3.tie_embeddings and gemma3.num_kv_heads < gemma3.num_heads
+  assert gemma3.qk_norm and gemma3.norm_plus_one and gemma3.post_norms and gemma3.scale_embeddings
 
 
 LIVE_CONFIGS = {
@@ -120,6 +132,20 @@ LIVE_CONFIGS = {
         model_type="gpt2", vocab_size=96, n_embd=32, n_layer=2, n_head=2, n_positions=32,
         n_inner=80, activation_function="gelu_pytorch_tanh", tie_word_embeddings=False,
         bos_token_id=0, eos_token_id=0)),
+    # Attention biases, a sliding window on the layers from max_window_layers on, untied.
+    "qwen3_sliding_bias": ("Qwen3ForCausalLM", dict(
+        model_type="qwen3", vocab_size=96, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        attention_bias=True, use_sliding_window=True, sliding_window=3, max_window_layers=1,
+        max_position_embeddings=64, tie_word_embeddings=False)),
+    # Softcapped final logits, attention biases, untied; layer kinds and local/global bases given
+    # to transformers in v4 terms (sliding_window_pattern, rope_local_base_freq).
+    "gemma3_softcap": ("Gemma3ForCausalLM", dict(
+        model_type="gemma3_text", vocab_size=96, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+        attention_bias=True, query_pre_attn_scalar=16, sliding_window=5, sliding_window_pattern=2,
+        final_logit_softcapping=1.5, rope_theta=20000.0,
+        rope_local_base_freq=300.0, max_position_embeddings=64, tie_word_embeddings=False)),
 }
 
 
@@ -281,7 +307,7 @@ def test_sharded_load_matches_runtime_shardings():
   from ff_jax.training.steps import ModelRuntime
 
   mesh = make_mesh(MeshConfig())
-  for name in ("llama", "gpt2"):
+  for name in ("llama", "gpt2", "qwen3", "gemma3"):
     cfg, params = hf.load_hf(PARITY / name, mesh=mesh)
     runtime = ModelRuntime.create(cfg, mesh)
     got = jax.tree.map(lambda x: x.sharding, params)
@@ -302,7 +328,7 @@ def test_sharded_load_on_eight_fake_devices():
       from ff_jax.training.steps import ModelRuntime
       assert len(jax.devices()) == 8
       mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
-      for name in ("llama", "qwen2", "gpt2"):
+      for name in ("llama", "qwen2", "gpt2", "qwen3", "gemma3"):
         folder = {str(PARITY)!r} + "/" + name
         cfg, params = hf.load_hf(folder, mesh=mesh)
         runtime = ModelRuntime.create(cfg, mesh)

@@ -25,6 +25,12 @@ FAMILIES = {
     "qwen2": tiny_llama(qkv_bias=True, tie_embeddings=True),
     "gpt2": tiny_llama(norm="layer", positions="learned", mlp="gelu", qkv_bias=True,
                        out_bias=True, mlp_bias=True, tie_embeddings=True, num_kv_heads=4),
+    "qwen3": tiny_llama(qk_norm=True, head_dim=24, tie_embeddings=True),
+    # A window of 3 slots on the first layer: shorter than every multi-token test row here.
+    "gemma3": tiny_llama(mlp="geglu", qk_norm=True, norm_plus_one=True, post_norms=True,
+                         scale_embeddings=True, query_pre_attn_scalar=24.0,
+                         layer_types=("sliding_attention", "full_attention"), sliding_window=3,
+                         rope_local_theta=500.0, tie_embeddings=True),
 }
 
 

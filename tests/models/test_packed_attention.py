@@ -43,10 +43,10 @@ def _packed_logits(graphdef, params, tokens, segments, positions):
 
 
 @pytest.mark.parametrize("kernel", ["einsum", "xla"])
-@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gemma3"])
 def test_each_packed_example_gets_its_logits_alone(name, kernel):
-  """RoPE (llama) and learned positions (gpt2): every segment's logits equal the example's own
-  unpadded forward within 1e-5 (fp32)."""
+  """RoPE (llama), learned positions (gpt2) and a sliding window shorter than the first example
+  (gemma3): every segment's logits equal the example's own unpadded forward within 1e-5 (fp32)."""
   cfg = FAMILIES[name].replace(attention=kernel)
   graphdef, params = _model(cfg)
   tokens, segments, positions, parts = _packed_row()
@@ -88,7 +88,7 @@ def test_segment_ids_are_refused_with_a_cache():
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU backend")
-@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gemma3"])
 def test_cudnn_packed_attention_is_close_to_the_einsum_path(name):
   """cuDNN with the same-segment mask (as an additive bias) against the einsum path, bf16, with
   gradients: the check the CPU suite cannot run."""
