@@ -12,6 +12,11 @@ llama.cpp conventions are undone on the way: tensor shapes are stored in reverse
 order, which the reader already turns back into HF's `[out, in]` row-major layout; and for the
 `llama` architecture the Q/K projection rows are permuted (convert_hf_to_gguf.py's `permute`) so
 that llama.cpp's interleaved-pair RoPE matches HF's half-split RoPE, which ff_jax uses.
+
+Tokenizers are rebuilt as transformers' GGUF converter builds them: byte-level BPE
+(`tokenizer.ggml.model == "gpt2"`: SmolLM, Llama-3, Qwen2) from the stored merges, and
+SentencePiece BPE (`"llama"`: Llama-2, Mistral, TinyLlama) from the piece scores, with
+`<0xNN>` byte fallback and the "▁" space marker.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from ff_jax.errors import CheckpointError
 from ff_jax.models import abstract_model
 from ff_jax.models.config import ModelConfig, RopeScaling
 from ff_jax.models.loading import assemble_params
-from ff_jax.models.tokenizer import TextTokenizer
+from ff_jax.models.tokenizer import TextTokenizer, merges_from_scores, sentencepiece_bpe
 
 log = logging.getLogger(__name__)
 
@@ -402,28 +407,23 @@ def _pre_tokenizer(pre: str, origin: str):
                         f"pre-tokenizers are {known}")
 
 
-def tokenizer_from_gguf(reader: gguf.GGUFReader, origin: str) -> TextTokenizer:
-  """A byte-level BPE TextTokenizer (`tokenizer.ggml.model == "gpt2"`) from GGUF metadata."""
-  model = _meta(reader, "tokenizer.ggml.model", origin)
-  if model != "gpt2":
-    raise CheckpointError(f"{origin}: tokenizer.ggml.model={model!r} is not supported; ff_jax "
-                          f"builds byte-level BPE ('gpt2') tokenizers only")
-  tokens = _meta(reader, "tokenizer.ggml.tokens", origin)
-  merges = _meta(reader, "tokenizer.ggml.merges", origin)
-  types = _meta(reader, "tokenizer.ggml.token_type", origin, [1] * len(tokens))
-  # Files from before the key existed use GPT-2's split (llama.cpp's "default").
-  pre = _meta(reader, "tokenizer.ggml.pre", origin, "default")
-
+def _merge_pairs(merges: list[str], origin: str) -> list[tuple[str, str]]:
   pairs = []
   for merge in merges:
     parts = merge.split(" ")
     if len(parts) != 2:
       raise CheckpointError(f"{origin}: tokenizer.ggml.merges entry {merge!r} is not 'left right'")
     pairs.append((parts[0], parts[1]))
+  return pairs
+
+
+def _byte_level_bpe(reader: gguf.GGUFReader, tokens: list[str],
+                    origin: str) -> tuple[tokenizers.Tokenizer, bool]:
+  """`tokenizer.ggml.model == "gpt2"`: (tokenizer, whether BOS is added by default)."""
+  pairs = _merge_pairs(_meta(reader, "tokenizer.ggml.merges", origin), origin)
+  # Files from before the key existed use GPT-2's split (llama.cpp's "default").
+  pre = _meta(reader, "tokenizer.ggml.pre", origin, "default")
   vocab = {token: i for i, token in enumerate(tokens)}
-  if len(vocab) != len(tokens):
-    raise CheckpointError(f"{origin}: tokenizer.ggml.tokens lists {len(tokens) - len(vocab)} "
-                          f"duplicate token(s)")
   bpe = tokenizers.models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False,
                               ignore_merges=pre in _LLAMA3_PRES)
   tok = tokenizers.Tokenizer(bpe)
@@ -432,14 +432,62 @@ def tokenizer_from_gguf(reader: gguf.GGUFReader, origin: str) -> TextTokenizer:
   tok.pre_tokenizer = _pre_tokenizer(pre, origin)
   tok.decoder = decoders.ByteLevel()
   tok.post_processor = processors.ByteLevel(trim_offsets=False)
-  # Control tokens (<|im_start|>, <|endoftext|>) and user-defined ones (<think>) must match whole
-  # in raw text, as llama.cpp does; only control tokens are dropped by skip_special_tokens.
-  control = [AddedToken(t, special=True, normalized=False)
-             for t, kind in zip(tokens, types) if kind == _CONTROL]
-  user = [AddedToken(t, special=False, normalized=False)
-          for t, kind in zip(tokens, types) if kind == _USER_DEFINED]
-  tok.add_special_tokens(control)
-  tok.add_tokens(user)
+  return tok, pre in _LLAMA3_PRES
+
+
+def _sentencepiece_bpe(reader: gguf.GGUFReader, tokens: list[str],
+                       origin: str) -> tuple[tokenizers.Tokenizer, bool]:
+  """`tokenizer.ggml.model == "llama"` (Llama-2, Mistral, TinyLlama): (tokenizer, BOS default).
+
+  The merges are the file's if it lists any, else those its piece scores imply. llama.cpp adds
+  BOS to these vocabularies unless the file says otherwise.
+  """
+  if "tokenizer.ggml.merges" in reader.fields:
+    pairs = _merge_pairs(_meta(reader, "tokenizer.ggml.merges", origin), origin)
+  else:
+    scores = _meta(reader, "tokenizer.ggml.scores", origin)
+    if len(scores) != len(tokens):
+      raise CheckpointError(f"{origin}: tokenizer.ggml.scores has {len(scores)} entries for "
+                            f"{len(tokens)} tokens")
+    pairs = merges_from_scores(tokens, scores)
+  unk = _meta(reader, "tokenizer.ggml.unknown_token_id", origin, None)
+  tok = sentencepiece_bpe(
+      tokens, pairs, unk_token=tokens[unk] if unk is not None and 0 <= unk < len(tokens) else None,
+      add_space_prefix=bool(_meta(reader, "tokenizer.ggml.add_space_prefix", origin, True)))
+  return tok, True
+
+
+# tokenizer.ggml.model -> builder of the fast tokenizer (before special tokens are added).
+_TOKENIZER_MODELS = {"gpt2": _byte_level_bpe, "llama": _sentencepiece_bpe}
+
+
+def _special_template(tok: tokenizers.Tokenizer, bos: str | None, eos: str | None, add_bos: bool,
+                      add_eos: bool) -> processors.TemplateProcessing:
+  """BOS/EOS around encoded text, as transformers' `update_post_processor` writes them."""
+  first = [bos] if add_bos and bos else []
+  last = [eos] if add_eos and eos else []
+
+  def around(sequence: str, type_id: int) -> str:
+    return " ".join([f"{t}:{type_id}" for t in first] + [f"${sequence}:{type_id}"]
+                    + [f"{t}:{type_id}" for t in last])
+
+  return processors.TemplateProcessing(
+      single=around("A", 0), pair=f"{around('A', 0)} {around('B', 1)}",
+      special_tokens=[(t, tok.token_to_id(t)) for t in dict.fromkeys(first + last)])
+
+
+def tokenizer_from_gguf(reader: gguf.GGUFReader, origin: str) -> TextTokenizer:
+  """A TextTokenizer from GGUF metadata: byte-level BPE ("gpt2") or SentencePiece ("llama")."""
+  model = _meta(reader, "tokenizer.ggml.model", origin)
+  if model not in _TOKENIZER_MODELS:
+    raise CheckpointError(f"{origin}: tokenizer.ggml.model={model!r} is not supported; ff_jax "
+                          f"builds {sorted(_TOKENIZER_MODELS)} tokenizers")
+  tokens = _meta(reader, "tokenizer.ggml.tokens", origin)
+  types = _meta(reader, "tokenizer.ggml.token_type", origin, [1] * len(tokens))
+  if len(set(tokens)) != len(tokens):
+    raise CheckpointError(f"{origin}: tokenizer.ggml.tokens lists {len(tokens) - len(set(tokens))} "
+                          f"duplicate token(s)")
+  tok, bos_by_default = _TOKENIZER_MODELS[model](reader, tokens, origin)
 
   def name_of(key: str) -> str | None:
     token_id = _meta(reader, f"tokenizer.ggml.{key}", origin, None)
@@ -458,7 +506,20 @@ def tokenizer_from_gguf(reader: gguf.GGUFReader, origin: str) -> TextTokenizer:
       "bos_token": name_of("bos_token_id"),
       "pad_token": name_of("padding_token_id"),
       "unk_token": name_of("unknown_token_id"),
-      "add_bos_token": _meta(reader, "tokenizer.ggml.add_bos_token", origin, pre in _LLAMA3_PRES),
+      "add_bos_token": _meta(reader, "tokenizer.ggml.add_bos_token", origin, bos_by_default),
       "chat_template": _meta(reader, "tokenizer.chat_template", origin, None),
   }
+  # Control tokens (<|im_start|>, <s>, [INST]) and user-defined ones (<think>) must match whole
+  # in raw text, as llama.cpp does; the named special tokens too (a SentencePiece <unk> is typed
+  # UNKNOWN, not CONTROL), as transformers adds them. Only special ones are dropped on decode.
+  named = {config[key] for key in ("eos_token", "bos_token", "pad_token", "unk_token")}
+  tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                          for t, kind in zip(tokens, types) if kind == _CONTROL or t in named])
+  tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                  for t, kind in zip(tokens, types) if kind == _USER_DEFINED and t not in named])
+  if model == "llama":
+    # What transformers puts around `encode(text)`; ff_jax's templates add BOS themselves.
+    tok.post_processor = _special_template(
+        tok, config["bos_token"], eos, bool(config["add_bos_token"]),
+        bool(_meta(reader, "tokenizer.ggml.add_eos_token", origin, False)))
   return TextTokenizer.from_tokenizer(tok, config, origin=origin)

@@ -3,6 +3,9 @@
 HF folders (`tokenizer.json` + `tokenizer_config.json`), GGUF files (built from the file's
 metadata in `ff_jax.models.gguf`) and the demo's own trained tokenizer all end up as a
 `TextTokenizer`, so the data layer and the decoder never care where a tokenizer came from.
+
+`sentencepiece_bpe` rebuilds a Llama/Mistral-style SentencePiece BPE vocabulary (pieces and
+scores, as a GGUF file stores them) as a fast tokenizer, the way transformers does.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import tokenizers
+from tokenizers import decoders, pre_tokenizers
 
 from ff_jax.errors import CheckpointError
 
@@ -48,8 +52,12 @@ class TextTokenizer:
       raise CheckpointError("this tokenizer has no chat template; use the plain prompt template")
     from transformers import PreTrainedTokenizerFast  # heavy import, only when templating
 
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=self.tokenizer,
-                                      chat_template=self.chat_template)
+    # Llama-2 and Mistral templates write `bos_token` / `eos_token` themselves.
+    name = self.tokenizer.id_to_token
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=self.tokenizer, chat_template=self.chat_template,
+        bos_token=name(self.bos_id) if self.bos_id is not None else None,
+        eos_token=name(self.eos_id))
     return wrapped.apply_chat_template(messages, tokenize=False,
                                        add_generation_prompt=add_generation_prompt)
 
@@ -113,3 +121,50 @@ class TextTokenizer:
     return cls(tokenizer=tok, eos_id=eos, pad_id=pad, bos_id=token_id("bos_token"),
                add_bos=bool(config.get("add_bos_token", False)),
                chat_template=config.get("chat_template"))
+
+
+SPACE_MARKER = "\u2581"  # SentencePiece's "▁", which stands for a space inside pieces
+
+
+def merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+  """The BPE merges a SentencePiece vocabulary implies, best first.
+
+  SentencePiece BPE keeps no merge list: it joins the adjacent pair whose joined piece scores
+  highest. Every split of a piece into two pieces of the vocabulary becomes a merge ranked by the
+  joined piece's score (ties: longer left part, then longer right part, then vocabulary order),
+  exactly as transformers' `generate_merges` ranks them for its SentencePiece and GGUF converters.
+  """
+  index = {token: i for i, token in enumerate(tokens)}
+  merges: list[tuple[str, str, float]] = []
+  for token, score in zip(tokens, scores):
+    splits = [(token[:cut], token[cut:], score) for cut in range(1, len(token))
+              if token[:cut] in index and token[cut:] in index]
+    splits.sort(key=lambda merge: (index[merge[0]], index[merge[1]]))
+    merges.extend(splits)
+  merges.sort(key=lambda merge: (merge[2], len(merge[0]), len(merge[1])), reverse=True)
+  return [(left, right) for left, right, _ in merges]
+
+
+def sentencepiece_bpe(tokens: list[str], merges: list[tuple[str, str]], unk_token: str | None,
+                      add_space_prefix: bool) -> tokenizers.Tokenizer:
+  """A Llama-2/Mistral SentencePiece BPE tokenizer: "▁" for spaces, `<0xNN>` byte fallback.
+
+  Spaces become "▁" and, with `add_space_prefix` (SentencePiece's dummy prefix), one is put
+  before the text unless it already starts with a space; characters that no piece covers fall
+  back to their UTF-8 bytes as `<0xNN>` tokens. Decoding undoes both. No normalization, as
+  Llama's `normalization_rule_name: identity`. Special tokens are the caller's to add.
+  """
+  vocab = {token: i for i, token in enumerate(tokens)}
+  # <unk> is only reached by a character whose bytes have no <0xNN> token (a vocabulary without
+  # the full 256); naming it keeps such text from being dropped silently.
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=merges, unk_token=unk_token,
+                                                   fuse_unk=True, byte_fallback=True))
+  # "first": the dummy prefix goes before the text only, not after each special token.
+  tok.pre_tokenizer = pre_tokenizers.Metaspace(
+      replacement=SPACE_MARKER, prepend_scheme="first" if add_space_prefix else "never",
+      split=False)
+  steps = [decoders.Replace(SPACE_MARKER, " "), decoders.ByteFallback(), decoders.Fuse()]
+  if add_space_prefix:
+    steps.append(decoders.Strip(content=" ", left=1, right=0))
+  tok.decoder = decoders.Sequence(steps)
+  return tok

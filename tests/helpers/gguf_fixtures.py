@@ -3,6 +3,8 @@
 ff_jax params are turned into HF's `[out, in]` tensors, the llama Q/K rows are permuted for
 llama.cpp's interleaved RoPE, and everything goes through `gguf.GGUFWriter` (F32, or quantized with
 `gguf.quants.quantize`). The permutation here is written independently of the loader's inverse.
+Tokenizer metadata is a byte-level BPE trained here, or a SentencePiece vocabulary (the committed
+tests/fixtures/gguf_sp file's, read back with `read_sentencepiece_metadata`).
 """
 
 from __future__ import annotations
@@ -87,8 +89,54 @@ def hf_tensors(cfg: ModelConfig, params: dict, arch: str) -> dict[str, np.ndarra
   return {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in out.items()}
 
 
+def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: dict, pre: str | None) -> None:
+  """Tokenizer metadata: byte-level BPE (`merges`) or SentencePiece (`model="llama"`, `scores`).
+
+  Special ids and flags default to the BPE fixture's (<|endoftext|> unk, <|im_start|> BOS, ...);
+  a SentencePiece dict (scripts/make_gguf_fixtures.py) carries its own. `pre=None` writes no
+  `tokenizer.ggml.pre`, as llama.cpp's converter does for SentencePiece vocabularies.
+  """
+  model = tokenizer.get("model", "gpt2")
+  writer.add_tokenizer_model(model)
+  if pre is not None:
+    writer.add_tokenizer_pre(pre)
+  writer.add_token_list(tokenizer["tokens"])
+  writer.add_token_types(tokenizer["types"])
+  if "merges" in tokenizer:
+    writer.add_token_merges(tokenizer["merges"])
+  if "scores" in tokenizer:
+    writer.add_token_scores(tokenizer["scores"])
+  for key, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
+                   ("pad", writer.add_pad_token_id), ("unk", writer.add_unk_token_id)):
+    token_id = tokenizer.get(key, {"bos": 1, "eos": 2, "pad": 2, "unk": 0}[key])
+    if token_id is not None:
+      add(token_id)
+  writer.add_add_bos_token(tokenizer.get("add_bos", False))
+  if "add_eos" in tokenizer:
+    writer.add_add_eos_token(tokenizer["add_eos"])
+  if "add_space_prefix" in tokenizer:
+    writer.add_add_space_prefix(tokenizer["add_space_prefix"])
+  writer.add_chat_template(tokenizer.get("chat_template", CHAT_TEMPLATE))
+
+
+def read_sentencepiece_metadata(path: str | Path) -> dict:
+  """The SentencePiece tokenizer dict of a GGUF file, to write variants of it with `write_gguf`."""
+  reader = gguf.GGUFReader(path)
+  value = lambda key: reader.fields[key].contents() if key in reader.fields else None
+  meta = {"model": value("tokenizer.ggml.model"), "tokens": value("tokenizer.ggml.tokens"),
+          "scores": value("tokenizer.ggml.scores"), "types": value("tokenizer.ggml.token_type"),
+          "bos": value("tokenizer.ggml.bos_token_id"), "eos": value("tokenizer.ggml.eos_token_id"),
+          "pad": value("tokenizer.ggml.padding_token_id"),
+          "unk": value("tokenizer.ggml.unknown_token_id"),
+          "add_bos": value("tokenizer.ggml.add_bos_token"),
+          "add_eos": value("tokenizer.ggml.add_eos_token"),
+          "add_space_prefix": value("tokenizer.ggml.add_space_prefix"),
+          "chat_template": value("tokenizer.chat_template")}
+  return {k: v for k, v in meta.items() if v is not None or k in ("bos", "eos", "pad", "unk")}
+
+
 def write_gguf(path: str | Path, cfg: ModelConfig, params: dict, *, arch: str = "llama",
-               tokenizer: dict | None = None, pre: str = "gpt2", skip: tuple[str, ...] = (),
+               tokenizer: dict | None = None, pre: str | None = "gpt2", skip: tuple[str, ...] = (),
                quant: gguf.GGMLQuantizationType | None = None,
                extra_tensors: dict[str, np.ndarray] | None = None) -> Path:
   """Write `params` as a GGUF file; `skip` drops tensors, `quant` quantizes 2-D weights."""
@@ -104,17 +152,7 @@ def write_gguf(path: str | Path, cfg: ModelConfig, params: dict, *, arch: str = 
   writer.add_layer_norm_rms_eps(cfg.norm_eps)
   writer.add_rope_dimension_count(cfg.resolved_head_dim)
   if tokenizer is not None:
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokenizer["tokens"])
-    writer.add_token_types(tokenizer["types"])
-    writer.add_token_merges(tokenizer["merges"])
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_pad_token_id(2)
-    writer.add_unk_token_id(0)
-    writer.add_add_bos_token(False)
-    writer.add_chat_template(CHAT_TEMPLATE)
+    add_tokenizer(writer, tokenizer, pre)
   tensors = hf_tensors(cfg, params, arch)
   tensors.update(extra_tensors or {})
   for name, array in tensors.items():

@@ -1,8 +1,14 @@
-"""GGUF import: tiny llama.cpp-style files written here, and (slow) SmolLM2-135M-Instruct Q4_1."""
+"""GGUF import: tiny llama.cpp-style files written here, and (slow) SmolLM2-135M-Instruct Q4_1.
+
+SentencePiece ("llama") tokenizers are checked on tests/fixtures/gguf_sp, a tiny Llama GGUF with a
+real SentencePiece vocabulary, against transformers' ids and logits for the same file
+(regenerate with scripts/make_gguf_fixtures.py).
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import resource
 import time
@@ -25,9 +31,11 @@ from ff_jax.models.gguf import (
   tokenizer_from_gguf,
 )
 from ff_jax.models.loading import flatten
+from ff_jax.models.tokenizer import merges_from_scores
 from ff_jax.models.transformer import rope_inv_freq
 from tests.helpers import gguf_fixtures as fx
 from tests.helpers.decoding_reference import uncached_greedy
+from tests.helpers.paths import FIXTURES
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -153,6 +161,10 @@ def test_unsupported_architecture_names_key_and_file(tmp_path, bpe):
 def test_unsupported_tokenizer_and_bad_file(tmp_path, bpe):
   _, _, path = make_case(tmp_path, bpe, pre="no-such-pre")
   with pytest.raises(CheckpointError, match=r"tiny-llama\.gguf.*tokenizer\.ggml\.pre"):
+    load_gguf(path)
+  _, meta = bpe
+  _, _, path = make_case(tmp_path, ({}, {**meta, "model": "bert"}))
+  with pytest.raises(CheckpointError, match=r"tiny-llama\.gguf.*tokenizer\.ggml\.model='bert'"):
     load_gguf(path)
   bad = tmp_path / "bad.gguf"
   bad.write_bytes(b"not a gguf file at all")
@@ -318,3 +330,151 @@ def test_config_overrides(tmp_path, bpe):
   got_cfg, got, _ = load_gguf(path, param_dtype="bfloat16", remat=True)
   assert got_cfg == cfg.replace(param_dtype="bfloat16", remat=True)
   assert got["layers"][0]["mlp"]["up"].dtype == jnp.bfloat16
+
+
+# --------------------------------------------------------------------------------------------------
+# SentencePiece ("llama") tokenizers, as in Llama-2 / Mistral / TinyLlama GGUFs.
+
+SP = FIXTURES / "gguf_sp"
+SP_FILE = SP / "tiny-llama-sp.gguf"
+
+
+@pytest.fixture(scope="module")
+def sp_golden() -> dict:
+  return json.loads((SP / "tokens.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def sp_tok():
+  return tokenizer_from_gguf(open_gguf(SP_FILE), str(SP_FILE))
+
+
+def write_sp_variant(tmp_path, **flags) -> Path:
+  """The fixture's SentencePiece vocabulary in a new tiny GGUF, with other tokenizer flags."""
+  meta = {**fx.read_sentencepiece_metadata(SP_FILE), **flags}
+  cfg = tiny_llama(vocab_size=len(meta["tokens"]))
+  return fx.write_gguf(tmp_path / "variant.gguf", cfg, random_params(cfg), tokenizer=meta,
+                       pre=None)
+
+
+def transformers_gguf_tokenizer(path: Path):
+  """transformers' own tokenizer for a GGUF file: the yardstick (skips where it cannot load)."""
+  try:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+  except ImportError as err:
+    pytest.skip(f"transformers cannot read GGUF tokenizers here: {err}")
+
+
+def test_sentencepiece_ids_match_transformers(sp_tok, sp_golden):
+  texts = sp_golden["texts"]
+  assert len(texts) >= 10 and any(t.startswith("   ") for t in texts)
+  for text, ids, with_specials, decoded in zip(texts, sp_golden["ids"],
+                                               sp_golden["ids_with_specials"],
+                                               sp_golden["decoded"]):
+    assert sp_tok.encode(text) == ids, text
+    assert sp_tok.tokenizer.encode(text).ids == with_specials, text  # BOS added, as transformers
+    assert sp_tok.decode(ids) == decoded, text
+
+
+def test_sentencepiece_pieces_byte_fallback_and_round_trip(sp_tok):
+  piece = sp_tok.tokenizer.id_to_token
+  pieces = [piece(i) for i in sp_tok.encode("Straße 🚀 2024")]
+  assert pieces[0].startswith("\u2581")  # the dummy-prefix space
+  # Neither ß nor 🚀 is a piece: their UTF-8 bytes come as byte-fallback tokens.
+  ss = pieces.index("<0xC3>")
+  assert pieces[ss:ss + 2] == ["<0xC3>", "<0x9F>"], pieces
+  rocket = pieces.index("<0xF0>")
+  assert pieces[rocket:rocket + 4] == ["<0xF0>", "<0x9F>", "<0x9A>", "<0x80>"], pieces
+  assert pieces[-4:] == list("2024")  # split_digits: one token per digit
+  for text in ["plain words here", "line one\nline two\n\n\tx", "unseen: 日本語, Straße, 🚀!",
+               "two  inner   spaces", "trailing  ", "café naïve 東京 🙂"]:
+    assert sp_tok.decode(sp_tok.encode(text)) == text, text
+
+
+def test_sentencepiece_special_tokens(sp_tok, sp_golden):
+  assert (sp_tok.bos_id, sp_tok.eos_id) == (sp_golden["bos_token_id"], sp_golden["eos_token_id"])
+  assert (sp_tok.bos_id, sp_tok.eos_id, sp_tok.pad_id, sp_tok.add_bos) == (1, 2, 0, True)
+  inst = sp_tok.tokenizer.token_to_id("[INST]")
+  ids = sp_tok.encode("[INST] hi [/INST] ok</s>")
+  assert ids[0] == inst and ids[-1] == sp_tok.eos_id  # control tokens match whole in raw text
+  assert "INST" not in sp_tok.decode(ids)  # ... and are skipped on decode
+  rendered = sp_tok.render_chat([{"role": "user", "content": "hi"}], add_generation_prompt=False)
+  assert rendered == "[INST] hi [/INST]"  # the file's chat template
+
+
+def test_sentencepiece_chat_template_with_special_tokens(tmp_path):
+  """Mistral's template writes bos_token and eos_token; they are the file's BOS and EOS."""
+  template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+              "{{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}{{ m['content'] + eos_token }}"
+              "{% endif %}{% endfor %}")
+  path = write_sp_variant(tmp_path, chat_template=template)
+  tok = tokenizer_from_gguf(open_gguf(path), str(path))
+  chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+  rendered = tok.render_chat(chat, add_generation_prompt=False)
+  assert rendered == "<s>[INST] hi [/INST]ok</s>"
+  ids = tok.encode(rendered)
+  assert ids[:2] == [tok.bos_id, tok.tokenizer.token_to_id("[INST]")] and ids[-1] == tok.eos_id
+
+
+def test_sentencepiece_flags_follow_the_file(tmp_path):
+  path = write_sp_variant(tmp_path, add_bos=False, add_eos=True)
+  tok = tokenizer_from_gguf(open_gguf(path), str(path))
+  assert not tok.add_bos
+  text = "hello there, 2024"
+  assert tok.tokenizer.encode(text).ids == tok.encode(text) + [tok.eos_id]
+  ref = transformers_gguf_tokenizer(path)
+  assert tok.tokenizer.encode(text).ids == ref.encode(text)
+
+  path = write_sp_variant(tmp_path, add_space_prefix=False)
+  tok = tokenizer_from_gguf(open_gguf(path), str(path))
+  first = tok.tokenizer.id_to_token(tok.encode("hello there")[0])
+  assert not first.startswith("\u2581")  # no dummy prefix
+  assert tok.decode(tok.encode(" hello there")) == " hello there"
+
+
+def test_sentencepiece_tokenizer_is_transformers_own(sp_tok):
+  """Same vocabulary, merges, pre-tokenizer, decoder, post-processor and added tokens.
+
+  The one difference is deliberate: the BPE model names <unk>, so a character without byte
+  tokens is never dropped silently (unreachable with the full 256 <0xNN> tokens).
+  """
+  ref = json.loads(transformers_gguf_tokenizer(SP_FILE).backend_tokenizer.to_str())
+  ours = json.loads(sp_tok.tokenizer.to_str())
+  for key in ("normalizer", "pre_tokenizer", "post_processor", "decoder", "added_tokens"):
+    assert ours[key] == ref[key], key
+  assert ours["model"] == {**ref["model"], "unk_token": "<unk>"}
+
+
+def test_merges_from_scores_rank_like_transformers():
+  """Every split of every piece, ranked as transformers ranks them, on vocabularies whose ids do
+  not follow piece length and whose scores tie (one merged piece has several splits)."""
+  try:
+    from transformers.tokenization_utils_base import generate_merges
+  except ImportError as err:
+    pytest.skip(f"transformers is unavailable: {err}")
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    pieces = {"".join(rng.choice(list("ab\u2581c"), size=rng.integers(1, 5))) for _ in range(60)}
+    tokens = [str(t) for t in rng.permutation(sorted(pieces))]
+    scores = [float(s) for s in rng.integers(-8, 0, size=len(tokens))]  # many ties
+    want = generate_merges({t: i for i, t in enumerate(tokens)}, dict(zip(tokens, scores)))
+    assert merges_from_scores(tokens, scores) == want
+
+
+def test_sentencepiece_gguf_logits_match_transformers(sp_tok, sp_golden):
+  """The tiny Llama GGUF, tokenized and run by ff_jax, gives transformers' logits."""
+  cfg, params, tok = load_gguf(SP_FILE)
+  golden = np.load(SP / "expected.npz")
+  ids, mask = golden["input_ids"], golden["attention_mask"]
+  assert not mask.all(), "the fixture should contain a left-padded row"
+  for row, text_index in enumerate(sp_golden["logit_rows"]):
+    text = sp_golden["texts"][text_index]
+    assert ids[row][mask[row] == 1].tolist() == [tok.bos_id, *tok.encode(text)], text
+  graphdef, _, _ = abstract_model(cfg)
+  have, _ = forward(graphdef, params, jnp.asarray(ids, jnp.int32),
+                    positions_from_mask(jnp.asarray(mask)), jnp.asarray(mask))
+  valid = mask.astype(bool)
+  err = np.abs(np.asarray(have)[valid] - golden["logits"][valid]).max()
+  assert err <= 1e-4, f"max |logit diff| {err:.2e}"
