@@ -1,7 +1,8 @@
 """Data layer: records and their IO, prompt templates and tokenization, batching, the demo world.
 
-Every source becomes a list of `Record`s (`records`), is encoded into token ids with an exact
-prompt/response boundary (`templates`), and is served as fixed-shape numpy batches (`batching`).
+Every source becomes a list of `Record`s (`formats.load_source` reads any source into `records`),
+is encoded into token ids with an exact prompt/response boundary (`templates`), and is served as
+fixed-shape numpy batches (`batching`).
 `demo` generates the built-in, seeded demo world that `ff-jax run` uses by default.
 """
 
@@ -15,9 +16,6 @@ from ff_jax.data.records import (
     KINDS,
     Record,
     fingerprint,
-    load_records,
-    read_csv,
-    read_hf_dataset,
     read_jsonl,
     write_jsonl_atomic,
 )
@@ -33,6 +31,5 @@ from ff_jax.data.templates import (
 __all__ = [
     "KINDS", "PLAIN_TEMPLATE", "EncodedExample", "PromptTemplate", "Record", "TrainIterator",
     "encode_example", "encode_examples", "encode_prompt", "eval_batches", "fingerprint",
-    "load_records", "make_batch", "pick_bucket", "read_csv", "read_hf_dataset", "read_jsonl",
-    "write_jsonl_atomic",
+    "make_batch", "pick_bucket", "read_jsonl", "write_jsonl_atomic",
 ]

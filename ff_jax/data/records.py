@@ -1,9 +1,12 @@
-"""The one record shape every data source becomes, its strict readers, and safe writing.
+"""The one record shape every data source becomes, the line and CSV readers under every source,
+and safe writing.
 
 `{"id", "prompt", "response", "kind", "category", "source", "meta"}` is what the rest of ff_jax
 reads; `kind` ("unsafe" | "safe" | "task" | None) is known only in experiments and is never read by
 the filter. Readers validate every line up front and raise one `DataError` naming the file and line
-(or row, or key), so a bad customer file fails before any compute is spent on it.
+(or row, or key), so a bad customer file fails before any compute is spent on it: bytes that are
+not UTF-8 and truncated gzip streams included. A user's source of any format and row shape is read
+by `ff_jax.data.formats.load_source`; `read_jsonl` reads the files ff_jax writes in this schema.
 """
 
 from __future__ import annotations
@@ -12,12 +15,14 @@ import csv
 import dataclasses
 import gzip
 import hashlib
+import io
 import json
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from ff_jax.atomic_io import write_atomic
+from ff_jax.atomic_io import finite_json, write_atomic
 from ff_jax.errors import DataError
 
 KINDS = ("unsafe", "safe", "task")
@@ -85,7 +90,8 @@ def _check_fields(rec: Mapping[str, Any], where: str) -> None:
     raise DataError(f"{where}: key 'meta' must be an object, got {type(rec['meta']).__name__}")
 
 
-def _check_unique(records: list[Record], where_of: list[str], path: Path) -> None:
+def check_unique(records: list[Record], where_of: list[str], path: Path | str) -> None:
+  """Ids must be unique (the filter's outputs are keyed by id) and a source must hold records."""
   first: dict[str, str] = {}
   for rec, where in zip(records, where_of):
     if rec.id in first:
@@ -95,140 +101,132 @@ def _check_unique(records: list[Record], where_of: list[str], path: Path) -> Non
     raise DataError(f"{path}: no records (the file is empty)")
 
 
-def iter_jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
-  """("file:line", object) for each non-blank line; `.gz` files are decompressed.
+def read_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
+  """(line number, the line's bytes with its newline) of every line of a file, `.gz` decompressed.
 
-  A line that is not valid JSON is a `DataError` naming the file and line.
+  Lines end at b"\\n" only, so line numbers are the ones an editor shows and a line written back is
+  byte-identical. A corrupt or truncated gzip stream is a `DataError` naming the file and the last
+  whole line read.
   """
   path = Path(path)
   if not path.is_file():
     raise DataError(f"{path}: file not found")
-  opener = gzip.open if path.suffix == ".gz" else open
-  with opener(path, "rt", encoding="utf-8") as f:
-    for lineno, line in enumerate(f, start=1):
-      if not line.strip():
+  lineno = 0
+  try:
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")) as handle:
+      for lineno, line in enumerate(handle, start=1):
+        yield lineno, line
+  except (EOFError, OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+    raise DataError(f"{path}:{lineno + 1}: cannot read the file after line {lineno}: corrupt or "
+                    f"truncated ({type(e).__name__}: {e}); copy it again") from None
+
+
+def decode_line(raw: bytes, where: str) -> str:
+  """A line's text; bytes that are not UTF-8 are a `DataError` naming the line and column."""
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise DataError(f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                    "save the file as UTF-8") from None
+
+
+def parse_json_line(raw: bytes, where: str) -> Any:
+  """The JSON value of one JSONL line (a leading byte-order mark is ignored); None if blank."""
+  line = decode_line(raw, where).removeprefix("\ufeff")
+  if not line.strip():
+    return None
+  try:
+    return json.loads(line)
+  except json.JSONDecodeError as e:
+    raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+
+
+def read_text(path: str | Path) -> str:
+  """A whole file's text; bytes that are not UTF-8 are a `DataError` naming the line and column."""
+  path = Path(path)
+  if not path.is_file():
+    raise DataError(f"{path}: file not found")
+  data = path.read_bytes()
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line_start = data.rfind(b"\n", 0, e.start) + 1
+    lineno = data.count(b"\n", 0, e.start) + 1
+    raise DataError(f"{path}:{lineno}: not UTF-8 (byte "
+                    f"{data[e.start]:#04x} at column {e.start - line_start + 1}); save the file "
+                    "as UTF-8") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class CsvRow:
+  """One data row of a CSV file: where it starts, its cells by column, and its exact text."""
+
+  lineno: int
+  cells: dict[str, str]
+  text: str  # the row's lines as in the file (a quoted cell may span several)
+
+
+def read_csv_rows(path: str | Path) -> tuple[str, list[CsvRow]]:
+  """(the header's exact text, the data rows) of a CSV file with a header row; blank lines are
+  skipped. A row with more or fewer cells than the header is a `DataError` naming its line."""
+  path = Path(path)
+  text = read_text(path)
+  # Split as `open(newline="")` does, the way the csv module wants its input.
+  lines = io.StringIO(text, newline="").readlines()
+  reader = csv.reader(lines)
+  try:
+    header = next(reader, None)
+    if header is None:
+      raise DataError(f"{path}: no header row (the file is empty)")
+    header_text = "".join(lines[:reader.line_num])
+    header = [header[0].removeprefix("\ufeff"), *header[1:]] if header else header
+    rows, start = [], reader.line_num
+    for cells in reader:
+      first, start = start, reader.line_num
+      if not cells:
         continue
-      where = f"{path}:{lineno}"
-      try:
-        raw = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-      yield where, raw
+      where = f"{path}:{first + 1}"
+      if len(cells) > len(header):
+        raise DataError(f"{where}: more cells than header columns")
+      if len(cells) < len(header):
+        raise DataError(f"{where}: fewer cells than header columns")
+      rows.append(CsvRow(first + 1, dict(zip(header, cells)), "".join(lines[first:start])))
+  except csv.Error as e:
+    raise DataError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
+  return header_text, rows
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
+  """("file:line", object) for each non-blank line; `.gz` files are decompressed.
+
+  A line that is not UTF-8 or not valid JSON, or a truncated gzip stream, is a `DataError` naming
+  the file and line.
+  """
+  for lineno, raw in read_lines(path):
+    where = f"{path}:{lineno}"
+    value = parse_json_line(raw, where)
+    if value is not None:
+      yield where, value
 
 
 def read_jsonl(path: str | Path) -> list[Record]:
-  """All records of a JSONL file; blank lines are skipped, anything else malformed is an error."""
+  """All records of a JSONL file in ff_jax's schema (what ff_jax itself writes); blank lines are
+  skipped, anything else malformed is an error. A user's file of any shape: `formats.load_source`.
+  """
   path = Path(path)
   records, wheres = [], []
   for where, raw in iter_jsonl(path):
     records.append(Record.from_dict(raw, where))
     wheres.append(where)
-  _check_unique(records, wheres, path)
+  check_unique(records, wheres, path)
   return records
-
-
-def read_csv(path: str | Path, prompt_col: str = "prompt", response_col: str = "response",
-             id_col: str | None = "id", kind_col: str | None = "kind",
-             category_col: str | None = "category", source: str | None = None) -> list[Record]:
-  """Records from a CSV with a header row; other columns go to `meta`.
-
-  `id_col` may be absent from the header, then ids are `row<N>` (N = the data row, from 1). Empty
-  `kind`/`category` cells mean null.
-  """
-  path = Path(path)
-  if not path.is_file():
-    raise DataError(f"{path}: file not found")
-  records, wheres = [], []
-  with path.open(encoding="utf-8", newline="") as f:
-    reader = csv.DictReader(f)
-    header = reader.fieldnames or []
-    for col, key in ((prompt_col, "prompt_col"), (response_col, "response_col")):
-      if col not in header:
-        raise DataError(f"{path}:1: column {col!r} ({key}) not in header {header}")
-    named = {prompt_col, response_col, id_col, kind_col, category_col}
-    for rowno, row in enumerate(reader, start=1):
-      where = f"{path}:{reader.line_num}"
-      if None in row:
-        raise DataError(f"{where}: more cells than header columns")
-      rid = row.get(id_col) if id_col and id_col in header else f"row{rowno}"
-      rec = {
-          "id": rid, "prompt": row.get(prompt_col), "response": row.get(response_col),
-          "kind": (row.get(kind_col) or None) if kind_col else None,
-          "category": (row.get(category_col) or None) if category_col else None,
-          "source": source or path.name,
-          "meta": {k: v for k, v in row.items() if k not in named},
-      }
-      if rec["prompt"] is None or rec["response"] is None:
-        raise DataError(f"{where}: fewer cells than header columns")
-      records.append(Record.from_dict(rec, where))
-      wheres.append(where)
-  _check_unique(records, wheres, path)
-  return records
-
-
-def read_hf_dataset(name_or_path: str, split: str = "train",
-                    fields: Mapping[str, str] | None = None) -> list[Record]:
-  """Records from a Hugging Face dataset (hub name or a `save_to_disk` folder).
-
-  `fields` maps schema keys to dataset columns, e.g. `{"prompt": "question", "response": "answer"}`;
-  unmapped schema keys use the column of the same name if present. Ids default to `<split>-<row>`.
-  """
-  try:
-    import datasets  # optional and heavy: only needed for this source
-  except ImportError:
-    raise DataError(f"hf://{name_or_path}: reading Hugging Face datasets needs the optional "
-                    "`datasets` package (pip install 'ff_jax[datasets]')") from None
-  where0 = f"hf://{name_or_path}:{split}"
-  try:
-    if Path(name_or_path).is_dir():
-      ds = datasets.load_from_disk(name_or_path)
-      if isinstance(ds, datasets.DatasetDict):
-        ds = ds[split]
-    else:
-      ds = datasets.load_dataset(name_or_path, split=split)
-  except Exception as e:  # any loading failure here means the user's source is wrong
-    raise DataError(f"{where0}: cannot load ({type(e).__name__}: {e})") from None
-  fields = dict(fields or {})
-  columns = list(ds.column_names)
-  for key, col in fields.items():
-    if key not in _FIELDS:
-      raise DataError(f"{where0}: field map key {key!r} is not one of {_FIELDS}")
-    if col not in columns:
-      raise DataError(f"{where0}: field map {key}={col!r} is not a column of {columns}")
-  cols = {k: fields.get(k, k) for k in _FIELDS if fields.get(k, k) in columns}
-  records, wheres = [], []
-  for i, row in enumerate(ds):
-    where = f"{where0} row {i}"
-    rec = {k: row[c] for k, c in cols.items()}
-    rec.setdefault("id", f"{split}-{i}")
-    rec.setdefault("source", name_or_path)
-    rec["meta"] = {c: row[c] for c in columns if c not in cols.values()}
-    records.append(Record.from_dict(rec, where))
-    wheres.append(where)
-  _check_unique(records, wheres, Path(where0))
-  return records
-
-
-def load_records(source: str | Path, **kwargs: Any) -> list[Record]:
-  """Dispatch on the source: `*.jsonl`, `*.csv` or `hf://name[:split]`; kwargs go to the reader."""
-  text = str(source)
-  if text.startswith("hf://"):
-    name, _, split = text[len("hf://"):].partition(":")
-    if not name:
-      raise DataError(f"{text}: expected hf://<name>[:<split>]")
-    return read_hf_dataset(name, split or "train", **kwargs)
-  suffix = Path(text).suffix.lower()
-  if suffix == ".jsonl":
-    return read_jsonl(text, **kwargs)
-  if suffix == ".csv":
-    return read_csv(text, **kwargs)
-  raise DataError(f"{text}: unknown data source (expected *.jsonl, *.csv or hf://name[:split])")
 
 
 def write_jsonl_atomic(path: str | Path, items: Iterable[Record | Mapping[str, Any]]) -> None:
-  """Write JSONL so that `path` holds either its old content or the complete new file."""
-  lines = [json.dumps(item.to_dict() if isinstance(item, Record) else dict(item),
-                      ensure_ascii=False) + "\n" for item in items]
+  """Write JSONL so that `path` holds either its old content or the complete new file; strict
+  JSON (a non-finite score becomes null), keys in the items' own order."""
+  lines = [json.dumps(finite_json(item.to_dict() if isinstance(item, Record) else dict(item)),
+                      ensure_ascii=False, allow_nan=False) + "\n" for item in items]
   write_atomic(path, "".join(lines))
 
 

@@ -1,4 +1,4 @@
-"""Adapters from the public datasets of ForgetFilter to `Record`s, and `load_source(spec)`.
+"""Adapters from the public datasets of ForgetFilter to `Record`s (`<adapter>:<path>` sources).
 
 Each adapter takes a path and returns records with deterministic ids built from the source's own
 ids (or its line/row/index where it has none), e.g. `squad:56be4db0acb8001400a502ec`,
@@ -35,11 +35,14 @@ from __future__ import annotations
 import csv
 import html
 import json
-from collections.abc import Callable, Iterator, Mapping
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ff_jax.data.records import Record, iter_jsonl, load_records
+import numpy as np
+
+from ff_jax.data.records import Record, iter_jsonl
 from ff_jax.data.sources_bbq import read_bbq
 from ff_jax.errors import DataError
 
@@ -278,14 +281,19 @@ def read_hh_rlhf(path: str | Path) -> list[Record]:
   return _nonempty(out, path)
 
 
+def jailbreakbench_files(folder: Path) -> list[Path]:
+  """The artifact files under a JailbreakBench folder, in the order they are read."""
+  files = sorted(p for p in folder.rglob("*.json") if p.name != "attack-info.json")
+  if not files:
+    raise DataError(f"{folder}: no JailbreakBench artifact *.json files under this folder")
+  return files
+
+
 def read_jailbreakbench(path: str | Path) -> list[Record]:
   """JailbreakBench artifact JSON, or every artifact under a folder (attack-info.json skipped)."""
   path = Path(path)
   if path.is_dir():
-    files = sorted(p for p in path.rglob("*.json") if p.name != "attack-info.json")
-    if not files:
-      raise DataError(f"{path}: no JailbreakBench artifact *.json files under this folder")
-    return [r for f in files for r in read_jailbreakbench(f)]
+    return [r for f in jailbreakbench_files(path) for r in read_jailbreakbench(f)]
   data = _read_json(path)
   # Ids name the artifact by its place in the artifacts tree: <method>/<mode>/<model>.
   tag = "/".join(path.with_suffix("").parts[-3:])
@@ -317,51 +325,107 @@ ADAPTERS: dict[str, Callable[[Path], list[Record]]] = {
 }
 
 
-def read_tfds(name: str, split: str = "train",
-              fields: Mapping[str, str] | None = None) -> list[Record]:
-  """Records from a TensorFlow Datasets dataset; `fields` maps prompt/response to its features."""
-  try:
-    import tensorflow_datasets as tfds  # optional and heavy: only needed for this source
-  except ImportError:
-    raise DataError(f"tfds://{name}:{split}: reading TFDS datasets needs the optional "
-                    "`tensorflow_datasets` package (pip install tensorflow-datasets)") from None
+# ------------------------------------------------------------------------------------------------
+# TensorFlow Datasets
+
+# TFDS's own default data_dir when neither `data_dir` nor $TFDS_DATA_DIR is given.
+_TFDS_DEFAULT_DATA_DIR = "~/tensorflow_datasets"
+
+
+def _tfds_data_dir(data_dir: str | Path | None) -> Path:
+  # Resolved here, at each call: tensorflow_datasets reads TFDS_DATA_DIR once, at its first import.
+  return Path(data_dir or os.environ.get("TFDS_DATA_DIR") or _TFDS_DEFAULT_DATA_DIR).expanduser()
+
+
+def _tfds_plain(value: Any, where: str, feature: str) -> Any:
+  """A decoded TFDS value as a plain Python (JSON) value: text → str, numpy → int/float/bool/list,
+  nested features → dict."""
+  if isinstance(value, np.generic):
+    value = value.item()
+  if isinstance(value, bytes):
+    try:
+      return value.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise DataError(f"{where}: feature {feature!r} is not UTF-8 text (byte {value[e.start]:#04x} "
+                      f"at offset {e.start}); rows are kept as JSON values, which hold no raw "
+                      "bytes") from None
+  if isinstance(value, Mapping):
+    return {key: _tfds_plain(item, where, f"{feature}/{key}") for key, item in value.items()}
+  if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+    return value.tolist()
+  if isinstance(value, np.ndarray | list | tuple):
+    return [_tfds_plain(item, where, feature) for item in value]
+  return value
+
+
+def _tfds_split(name: str, split: str, data_dir: Path) -> Sequence[Mapping[str, Any]]:
+  """The split's examples (random access, no TensorFlow) of a dataset prepared under data_dir."""
   where0 = f"tfds://{name}:{split}"
-  fields = {"prompt": "prompt", "response": "response", **(fields or {})}
   try:
-    ds = tfds.as_numpy(tfds.load(name, split=split))
-  except Exception as e:  # any loading failure here means the user's source is wrong
-    raise DataError(f"{where0}: cannot load ({type(e).__name__}: {e})") from None
-  out = []
-  for i, row in enumerate(ds):
-    def text(key: str, i=i, row=row) -> str:
-      col = fields[key]
-      if col not in row:
-        raise DataError(f"{where0} row {i}: missing feature {col!r} ({key}); features "
-                        f"{sorted(row)}")
-      value = row[col]
-      return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-    out.append(Record(id=f"tfds:{name}:{split}:{i}", prompt=text("prompt"),
-                      response=text("response"), source=f"tfds:{name}"))
-  return _nonempty(out, where0)
+    import tensorflow_datasets as tfds  # optional: only needed for this source
+  except ImportError:
+    raise DataError(f"{where0}: reading TFDS datasets needs the optional `tensorflow_datasets` "
+                    "package (pip install 'ff_jax[tfds]')") from None
+  try:
+    # From the prepared files only: never the catalog's code, which may download or need TF.
+    builder = tfds.core.read_only_builder.builder_from_files(name, data_dir=data_dir)
+  except tfds.core.DatasetNotFoundError:
+    raise DataError(f"{where0}: no prepared TFDS dataset {name!r} in {data_dir} (searched: the "
+                    "data_dir given, else $TFDS_DATA_DIR, else ~/tensorflow_datasets); ff_jax "
+                    f"never downloads: prepare it there first, e.g. `tfds build {name} "
+                    f"--data_dir {data_dir} --file_format array_record`") from None
+  except Exception as e:  # an unreadable dataset_info.json / features.json: the user's files
+    raise DataError(f"{where0}: cannot open the TFDS dataset in {data_dir} "
+                    f"({type(e).__name__}: {e})") from None
+  try:
+    return builder.as_data_source(split=split)
+  except NotImplementedError:  # tfrecord and riegeli files have no random access
+    raise DataError(f"{where0}: {builder.data_dir} holds {builder.info.file_format.value} files, "
+                    "which only TensorFlow reads; ff_jax reads TFDS datasets from array_record or "
+                    "parquet files: convert it once with `tfds convert_format --dataset_dir "
+                    f"{builder.data_dir} --out_file_format array_record` (that needs TensorFlow) "
+                    "or prepare it with --file_format array_record") from None
+  except (ValueError, KeyError) as e:  # an unknown split or a bad slice
+    raise DataError(f"{where0}: no split {split!r} ({e}); the dataset's splits are "
+                    f"{sorted(builder.info.splits)}") from None
+  except Exception as e:  # e.g. array_record missing (TFDS installs it on Linux only)
+    raise DataError(f"{where0}: cannot open the split's files in {builder.data_dir} "
+                    f"({type(e).__name__}: {e})") from None
 
 
-def load_source(spec: str | Path, **kwargs: Any) -> list[Record]:
-  """Records of a source spec: `<adapter>:<path>`, `hf://name[:split]`, `tfds://name[:split]`,
-  or a plain `*.jsonl` / `*.csv` path in the record schema. Adapters: see `ADAPTERS`."""
-  text = str(spec)
-  if text.startswith("hf://"):
-    return load_records(text, **kwargs)
-  if text.startswith("tfds://"):
-    name, _, split = text[len("tfds://"):].partition(":")
-    if not name:
-      raise DataError(f"{text}: expected tfds://<name>[:<split>]")
-    return read_tfds(name, split or "train", **kwargs)
-  prefix, sep, rest = text.partition(":")
-  if sep and prefix in ADAPTERS:
-    if not rest:
-      raise DataError(f"{text}: expected {prefix}:<path>")
-    return ADAPTERS[prefix](Path(rest), **kwargs)
-  if Path(text).suffix.lower() in (".jsonl", ".csv"):
-    return load_records(text, **kwargs)
-  raise DataError(f"{text}: unknown data source (expected <adapter>:<path> with adapter one of "
-                  f"{sorted(ADAPTERS)}, hf://name[:split], tfds://name[:split], *.jsonl or *.csv)")
+def read_tfds(name: str, split: str = "train", fields: Mapping[str, str] | None = None,
+              data_dir: str | Path | None = None) -> list[dict[str, Any]]:
+  """The rows of a TensorFlow Datasets split (`tfds://name[:split]`), read without TensorFlow.
+
+  The dataset must be prepared (nothing is downloaded) in `data_dir`, else $TFDS_DATA_DIR, else
+  ~/tensorflow_datasets, as array_record or parquet files (`tfds build NAME --file_format
+  array_record`, or `download_and_prepare(file_format="array_record")`); `name` may name a config
+  (`name/config`); the newest version present is read.
+
+  The contract with `ff_jax.data.formats`: rows, not records. Each row is the original example, in
+  the split's order, as a dict of plain Python values (text features → str, numbers → int/float/
+  bool, tensors and sequences → lists, nested features → dicts), so `json.dumps(row)` is its
+  value-identical JSONL line; the rows become records as every table's do (`ff_jax.data.rows`,
+  row i is `tfds://name:split row i`). `fields` is that column map (`{"prompt": "question",
+  "response": "answer", "id": "qid"}`): a feature it names that the dataset lacks is a `DataError`
+  naming the dataset, split, row and feature, as is a feature that is not UTF-8 text.
+  """
+  data_dir = _tfds_data_dir(data_dir)
+  examples = _tfds_split(name, split, data_dir)
+  rows = []
+  for i in range(len(examples)):
+    where = f"tfds://{name}:{split} row {i}"
+    try:
+      example = examples[i]
+    except Exception as e:  # a truncated or corrupt record file under data_dir
+      raise DataError(f"{where}: cannot read it from {data_dir} ({type(e).__name__}: {e}); "
+                      "prepare the dataset again") from None
+    if not isinstance(example, Mapping):
+      raise DataError(f"{where}: expected a dict of features (a FeaturesDict), got "
+                      f"{type(example).__name__}")
+    for key, feature in (fields or {}).items():
+      if feature not in example:
+        raise DataError(f"{where}: no feature {feature!r} (the column map's {key}); the "
+                        f"dataset's features are {sorted(example)}")
+    rows.append({feature: _tfds_plain(value, where, feature) for feature, value in example.items()})
+  return rows

@@ -93,14 +93,19 @@ def _with_where(fn, where: str):
     raise DataError(f"{where}: {e}") from None
 
 
+def bbq_files(folder: Path) -> list[Path]:
+  """The category files of a BBQ folder, in the order they are read."""
+  files = sorted(folder.glob("*.jsonl"))
+  if not files:
+    raise DataError(f"{folder}: no BBQ *.jsonl files in this folder")
+  return files
+
+
 def read_bbq(path: str | Path) -> list[Record]:
   """Records of one BBQ category file (`<Category>.jsonl`) or of every `*.jsonl` in a folder."""
   path = Path(path)
   if path.is_dir():
-    files = sorted(path.glob("*.jsonl"))
-    if not files:
-      raise DataError(f"{path}: no BBQ *.jsonl files in this folder")
-    return [r for f in files for r in read_bbq(f)]
+    return [r for f in bbq_files(path) for r in read_bbq(f)]
   out: list[Record] = []
   seen: dict[str, str] = {}
   for where, raw in iter_jsonl(path):

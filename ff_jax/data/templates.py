@@ -35,15 +35,22 @@ class PromptTemplate:
     if self.mode == "plain" and self.plain.count("{prompt}") != 1:
       raise ConfigError("data.template.plain: must contain '{prompt}' exactly once")
 
-  def render(self, tokenizer: TextTokenizer, prompt: str) -> str:
-    """The text that precedes the response (ends exactly where the response starts)."""
+  def render(self, tokenizer: TextTokenizer, prompt: str,
+             turns: list[dict[str, str]] | None = None) -> str:
+    """The text that precedes the response (ends exactly where the response starts).
+
+    `turns`: a conversation's turns before the response (`meta["prompt_messages"]` of a TRL row,
+    `ff_jax.data.rows`); the chat template renders them, the other modes the prompt text (their
+    transcript).
+    """
     if self.mode == "raw":
       return prompt
     if self.mode == "plain":
       # str.replace, not str.format: prompts may contain braces.
       return self.plain.replace("{prompt}", prompt)
-    messages = [{"role": "system", "content": self.system}] if self.system else []
-    messages.append({"role": "user", "content": prompt})
+    messages = list(turns) if turns else [{"role": "user", "content": prompt}]
+    if self.system and messages[0]["role"] != "system":
+      messages.insert(0, {"role": "system", "content": self.system})
     return tokenizer.render_chat(messages, add_generation_prompt=True)
 
 
@@ -67,8 +74,13 @@ class EncodedExample:
     return int(self.tokens.shape[0])
 
 
-def _prompt_ids(tokenizer: TextTokenizer, prompt: str, template: PromptTemplate) -> list[int]:
-  ids = tokenizer.encode(template.render(tokenizer, prompt))
+def _prompt_ids(tokenizer: TextTokenizer, prompt: Record | str,
+                template: PromptTemplate) -> list[int]:
+  if isinstance(prompt, Record):
+    text = template.render(tokenizer, prompt.prompt, prompt.meta.get("prompt_messages"))
+  else:
+    text = template.render(tokenizer, prompt)
+  ids = tokenizer.encode(text)
   # A chat template may already start with BOS; never add a second one.
   if tokenizer.add_bos and tokenizer.bos_id is not None and ids[:1] != [tokenizer.bos_id]:
     ids = [tokenizer.bos_id] + ids
@@ -99,7 +111,7 @@ def encode_example(tokenizer: TextTokenizer, record: Record, template: PromptTem
   """
   if max_len < 2:
     raise ConfigError(f"data.max_len: must be at least 2, got {max_len}")
-  prompt = _prompt_ids(tokenizer, record.prompt, template)
+  prompt = _prompt_ids(tokenizer, record, template)
   response = tokenizer.encode(record.response) + [tokenizer.eos_id]
   total = len(prompt) + len(response)
   p_drop = r_drop = 0
@@ -164,8 +176,7 @@ def encode_prompt(tokenizer: TextTokenizer, record: Record | str, template: Prom
 
   With `max_len`, the prompt is cut from the left as in `encode_example` (BOS stays).
   """
-  prompt = record.prompt if isinstance(record, Record) else record
-  ids = _prompt_ids(tokenizer, prompt, template)
+  ids = _prompt_ids(tokenizer, record, template)
   if max_len is not None and len(ids) > max_len:
     ids = _cut_prompt_left(ids, max_len, tokenizer.bos_id)
   return np.asarray(ids, dtype=np.int32)

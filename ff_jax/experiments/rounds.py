@@ -1,6 +1,6 @@
 """Long-term safety: interleaved rounds of downstream and safety finetuning (the paper's Fig. 5).
 
-  ff-jax rounds RUN_DIR [--rounds R] [--heldout]
+  ff-jax rounds --run-dir DIR [--rounds R] [--heldout]
 
 On a run whose filter phase is complete, two methods alternate a downstream finetune on the noisy
 data D with a safety finetune on the safe set S, R times:
@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from ff_jax.atomic_io import write_atomic, write_json_atomic
-from ff_jax.data.records import iter_jsonl, read_jsonl
 from ff_jax.errors import ConfigError, DataError
 from ff_jax.pipeline.context import open_run
 from ff_jax.pipeline.evaluate import model_metrics
-from ff_jax.pipeline.layout import FILTERED, FLAGGED, ROUNDS, ROUNDS_REPORT, rounds_seed
+from ff_jax.pipeline.filter import kept_and_flagged
+from ff_jax.pipeline.layout import ROUNDS, ROUNDS_REPORT, rounds_seed
 from ff_jax.pipeline.rundir import RunDir
 from ff_jax.progress import log
 from ff_jax.report.rounds import rounds_markdown
@@ -37,11 +37,10 @@ from ff_jax.training.checkpoints import restore_params
 METHODS = ("sequential", "forgetfilter")
 
 
-def _unsafe_ids(run: RunDir, noisy) -> tuple[set[str], str]:
+def _unsafe_ids(noisy, flagged) -> tuple[set[str], str]:
   if all(r.kind is not None for r in noisy):
     return {r.id for r in noisy if r.kind == "unsafe"}, "unsafe (labels)"
-  flagged = {item["id"] for _, item in iter_jsonl(run.file(FLAGGED))}
-  return flagged, "flagged by the filter (no labels)"
+  return {r.id for r in flagged}, "flagged by the filter (no labels)"
 
 
 def run_rounds(run_dir: str | Path, rounds: int, heldout: bool = False) -> Path:
@@ -51,10 +50,10 @@ def run_rounds(run_dir: str | Path, rounds: int, heldout: bool = False) -> Path:
   run = RunDir(run_dir)
   ctx = open_run(run.read_config(require="clean"))
   cfg, noisy = ctx.cfg, ctx.inputs.noisy
-  unsafe, unsafe_rule = _unsafe_ids(run, noisy)
+  kept, flagged = kept_and_flagged(run, noisy)
+  unsafe, unsafe_rule = _unsafe_ids(noisy, flagged)
   if not unsafe or len(unsafe) == len(noisy):
     raise DataError("rounds need some unsafe (or flagged) examples and some others in data.noisy")
-  kept = read_jsonl(run.file(FILTERED))
   probe = {"unsafe": ctx.encode([r for r in noisy if r.id in unsafe]),
            "other": ctx.encode([r for r in noisy if r.id not in unsafe])}
   downstream = {"sequential": (cfg.noisy, ctx.noisy),

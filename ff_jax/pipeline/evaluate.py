@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 
 from ff_jax.atomic_io import write_json_atomic
-from ff_jax.data import records as records_io
 from ff_jax.data.demo import SAFETY_CATEGORIES, judge
 from ff_jax.data.records import Record
 from ff_jax.data.sources_bbq import bbq_example
@@ -42,7 +41,8 @@ from ff_jax.eval.safety import harmfulness_rate
 from ff_jax.eval.text import rouge1_f, rouge_l_f, squad_scores
 from ff_jax.eval.toxicity import ToxicityScorer, toxicity_summary
 from ff_jax.pipeline.context import RunContext
-from ff_jax.pipeline.layout import FILTERED, FLAGGED, METRICS
+from ff_jax.pipeline.filter import kept_and_flagged
+from ff_jax.pipeline.layout import METRICS
 from ff_jax.training.scoring import generate_texts
 
 MODELS = ("M0", "M1", "M2", "clean")
@@ -155,9 +155,7 @@ def _answer_heldout(ctx: RunContext, params: Any, name: str,
 
 def nll_sets(ctx: RunContext) -> dict[str, Any]:
   """The sets every model's mean NLL is measured on: S, the kept and the flagged examples."""
-  kept = records_io.read_jsonl(ctx.run.file(FILTERED))
-  flagged = [Record.from_dict({k: v for k, v in item.items() if k != "scores"}, where)
-             for where, item in records_io.iter_jsonl(ctx.run.file(FLAGGED))]
+  kept, flagged = kept_and_flagged(ctx.run, ctx.inputs.noisy)
   return {"safe_set": ctx.safe, "kept": ctx.encode(kept), "flagged": ctx.encode(flagged)}
 
 

