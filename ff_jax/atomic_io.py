@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -48,11 +49,28 @@ def barrier(name: str) -> None:
 
 
 def write_json_atomic(path: str | Path, value: Any) -> None:
-  """JSON with sorted keys and arrays as lists, written atomically."""
-  write_atomic(path, json.dumps(value, indent=2, sort_keys=True, default=_json_default) + "\n")
+  """`json_text(value)` (strict JSON, sorted keys, NaN as null), written atomically."""
+  write_atomic(path, json_text(value) + "\n")
 
 
-def _json_default(value: Any) -> Any:
-  if hasattr(value, "tolist"):
-    return value.tolist()
+def json_text(value: Any, indent: int | None = 2) -> str:
+  """Strict JSON (RFC 8259) of `value`: sorted keys, arrays and NumPy scalars as plain lists and
+  numbers, and every NaN or infinity as null, so any parser (jq, JavaScript) reads it. Readers that
+  turn a column back into an array get NaN again from `np.asarray(column, dtype=np.float64)`."""
+  return json.dumps(finite_json(value), indent=indent, sort_keys=True, allow_nan=False)
+
+
+def finite_json(value: Any) -> Any:
+  """`value` as plain JSON types: dicts, lists, str, int, bool, None and finite floats (a
+  non-finite float becomes None, a NumPy array a list, a NumPy scalar a Python one)."""
+  if isinstance(value, dict):
+    return {key: finite_json(item) for key, item in value.items()}
+  if isinstance(value, list | tuple):
+    return [finite_json(item) for item in value]
+  if isinstance(value, float):
+    return value if math.isfinite(value) else None
+  if value is None or isinstance(value, str | int):  # bool is an int
+    return value
+  if hasattr(value, "tolist"):  # NumPy/JAX arrays and scalars
+    return finite_json(value.tolist())
   raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -24,11 +24,18 @@ from ff_jax.forgetting.signals import check_scored
 from ff_jax.forgetting.thresholds import Threshold
 from ff_jax.models.config import LoraConfig
 from ff_jax.parallel import MeshConfig
+from ff_jax.progress import LOG_EVERY
 from ff_jax.training.loop import CHECKPOINT_MINUTES
 from ff_jax.training.steps import OptimConfig
 
 # Overrides where `compile_cache: auto` puts JAX's persistent compilation cache ("" turns it off).
 COMPILE_CACHE_ENV = "FF_JAX_COMPILE_CACHE"
+
+
+def auto_noisy_replicas(signal: str) -> int:
+  """What `scoring.noisy_replicas: auto` is for `filter.signal`: the two M1s of a *_nens signal,
+  else the paper's single noisy finetune."""
+  return 2 if signal.endswith("_nens") else 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,9 +56,17 @@ class ModelSource:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  noisy: str = "demo"  # JSONL/CSV path, hf://name[:split], or demo
+  # A source spec (ff_jax.data.formats): *.jsonl, *.jsonl.gz, *.csv, *.parquet, a save_to_disk
+  # folder, hf://name[:split], tfds://name[:split], <adapter>:<path> (bbq:, squad:, hh:, ...), or
+  # demo. Rows may be ff_jax's prompt/response, TRL messages or TRL prompt/completion.
+  noisy: str = "demo"
   safe: str = "demo"
-  eval: str = ""  # held-out records (JSONL/CSV/hf://); "" = none (ff_jax.pipeline.evaluate)
+  eval: str = ""  # held-out records (a source spec); "" = none (ff_jax.pipeline.evaluate)
+  # Record key → the table's column, for every table source: {prompt: question, response: answer,
+  # id: qid}; keys: id, prompt, response, completion, messages, kind, category, source, meta.
+  columns: dict = dataclasses.field(default_factory=dict)
+  # Train on this many records of data.safe, drawn by the run's seed (0 = all of it).
+  safe_size: int = 0
   # raw (the prompt as written, the paper's) | plain ("### Instruction/### Response" around it) |
   # chat (the model's own chat template)
   template: str = "plain"
@@ -110,18 +125,24 @@ class ScoringConfig:
   replicas_per_pass: int = 0
   # K M1s: the noisy finetune repeated with other seeds (data orders), each with its own safety
   # finetune, trained stacked: *_nens (the default signal). Costs K − 1 more noisy and safety
-  # finetunes: the default, 2, is twice the paper's method (docs/fidelity.md, "Cost").
-  noisy_replicas: int = 2
+  # finetunes (docs/fidelity.md, "Cost"). `auto`: what filter.signal needs (auto_noisy_replicas:
+  # 2 for a *_nens signal, twice the paper's finetunes; 1, the paper's single run, otherwise),
+  # resolved when the config loads, so a run's manifest holds the count it trained.
+  noisy_replicas: int | str = "auto"
   gradient_blocks: int = 0  # gradient alignment over the last N blocks under M1 (0: off)
   gradient_batch_size: int = 4  # examples per vmapped per-example-gradient pass
   gradient_max_gib: float = 2.0  # refuse when one pass's per-example gradients exceed this
 
   def __post_init__(self):
     # Checked when the config loads, not when the phase starts hours into a run.
+    if isinstance(self.noisy_replicas, str) and self.noisy_replicas != "auto":
+      raise ConfigError(f"scoring.noisy_replicas={self.noisy_replicas!r}: set auto (what "
+                        "filter.signal needs) or a count of at least 1")
     for key, what in (("replicas", "the safety phase"), ("noisy_replicas", "the noisy phase")):
       k = getattr(self, key)
-      if k < 1:
-        raise ConfigError(f"scoring.{key}={k}: must be at least 1 ({what} itself)")
+      if k != "auto" and k < 1:
+        raise ConfigError(f"scoring.{key}={k}: must be at least 1 ({what} itself); set "
+                          f"scoring.{key}=1" + (" or auto" if key == "noisy_replicas" else ""))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +189,20 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+  """Every `every` steps (and the last) each finetune records loss, learning rate, grad norm and
+  tokens/examples per second: to `metrics.jsonl`, the progress line and, with `tensorboard`,
+  event files under `<run_dir>/tensorboard/<finetune>/` (ff_jax.progress.TrainingLog)."""
+
+  every: int = LOG_EVERY
+  tensorboard: bool = True
+
+  def __post_init__(self):
+    if self.every < 1:
+      raise ConfigError(f"logging.every={self.every}: must be at least 1 (steps between records)")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
   seed: int = 0
   run_dir: str = "runs/demo"
@@ -188,8 +223,13 @@ class RunConfig:
   # `$XDG_CACHE_HOME/ff_jax/jax` or `~/.cache/ff_jax/jax`) | a folder | "" (off). See
   # `compile_cache_dir`.
   compile_cache: str = "auto"
+  logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
   def __post_init__(self):
+    if self.scoring.noisy_replicas == "auto":
+      # Resolved here, once: every phase, the manifest and a resumed run see the count.
+      object.__setattr__(self, "scoring", dataclasses.replace(
+          self.scoring, noisy_replicas=auto_noisy_replicas(self.filter.signal)))
     check_scored(self.filter.signal, self.scoring)
 
   @property
@@ -301,12 +341,13 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
   if not all(parts):
     raise ConfigError(f"override {override!r}: empty key")
   node = tree
-  for part in parts[:-1]:
+  for depth, part in enumerate(parts[:-1]):
     child = node.get(part)
     if child is None:
       child = node[part] = {}
     if not isinstance(child, dict):
-      raise ConfigError(f"override {override!r}: {part} is not a section")
+      raise ConfigError(f"override {override!r}: {part} is a value, not a section; set "
+                        f"{'.'.join(parts[:depth + 1])}=VALUE")
     node = child
   node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
 
@@ -333,7 +374,10 @@ def load_dataclass(cls: type, path: str | Path | None, overrides: list[str] = ()
       # `configs/NAME.yaml` works outside a checkout too (a pod's workers, a pip install).
       text, origin = preset_text(path.name), f"{path.name} (embedded)"
     else:
-      raise ConfigError(f"{path}: config file not found")
+      presets = sorted(f.name for f in resources.files("ff_jax").joinpath("configs").iterdir()
+                       if f.name.endswith(".yaml"))
+      raise ConfigError(f"{path}: config file not found; give a YAML file, or a preset as "
+                        f"configs/NAME (one of {', '.join(presets)})")
   try:
     tree = yaml.safe_load(text) or {}
   except yaml.YAMLError as err:
@@ -357,3 +401,10 @@ def config_from_dict(tree: dict[str, Any], origin: str) -> RunConfig:
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
   """A RunConfig from a YAML file (None: the embedded demo preset) plus dotted overrides."""
   return load_dataclass(RunConfig, path, overrides, "demo.yaml")
+
+
+def config_yaml(config: Any) -> str:
+  """A config dataclass (RunConfig, BenchConfig, SweepConfig) as YAML that loads back into the
+  same config, `auto` values resolved: what `--print-config` prints."""
+  return yaml.safe_dump(_to_plain(dataclasses.asdict(config)), sort_keys=False,
+                        allow_unicode=True)

@@ -1,19 +1,39 @@
-"""Progress lines with rate and ETA, and the run's `metrics.jsonl` stream.
+"""Progress lines with rate and ETA, the run's `metrics.jsonl` stream, and the training loops'
+records (`TrainingLog`): every N steps, to `metrics.jsonl` and TensorBoard event files.
 
 Progress lines are printed at most every 5 s; the environment variable `FF_JAX_PROGRESS_INTERVAL`
 (seconds, e.g. `0` for a line per update) changes that default, for logs and tests.
+
+TensorBoard layout (`TrainingLog.open`): one run folder per training loop,
+`<tensorboard_dir>/<loop name>/`, with the scalars `train/loss`, `train/grad_norm`, `train/lr`,
+`train/tokens_per_s` and `train/examples_per_s` at each recorded step. A loop of K stacked replicas
+adds one run folder per replica, `<loop name>/<replica name>/` with its own `train/loss` and
+`train/grad_norm`, and writes their mean under the loop's folder: TensorBoard overlays runs that
+share a tag in one chart, so the K replicas and their mean are compared at a glance (tags
+`train/loss/replica_<k>` would give K separate charts instead).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
+
+from ff_jax.atomic_io import write_atomic
+
+# Default steps between a training loop's records (`config.LoggingConfig` takes its default here).
+LOG_EVERY = 10
+# Seconds between the event files' flushes while a loop runs (each loop flushes at its end too).
+TENSORBOARD_FLUSH_SECONDS = 30
 
 
 def default_interval() -> float:
@@ -53,7 +73,7 @@ class Progress:
     rate = (done - d0) / (now - t0) if now > t0 and done > d0 else 0.0
     eta = (self.total - done) / rate if rate > 0 else float("nan")
     eta_text = f"ETA {eta:.0f}s" if eta == eta else "ETA ?"
-    if jax.process_index() == 0:
+    if writes_logs():
       print(f"[{self.name}] {done}/{self.total} {self.unit} ({rate:.2f} {self.unit}/s, {eta_text})"
             f"{' ' + extra if extra else ''}", file=self.stream, flush=True)
 
@@ -68,20 +88,128 @@ class Progress:
 
 
 class MetricsLog:
-  """Appends one JSON object per line; process 0 only."""
+  """Appends one strict JSON object per line (non-finite numbers as null); process 0 only."""
 
   def __init__(self, path: str | Path | None):
     self.path = Path(path) if path else None
 
   def write(self, **record: Any) -> None:
-    if self.path is None or jax.process_index() != 0:
+    if self.path is None or not writes_logs():
       return
     self.path.parent.mkdir(parents=True, exist_ok=True)
     with self.path.open("a") as handle:
-      handle.write(json.dumps(record, sort_keys=True) + "\n")
+      handle.write(json.dumps(_finite_or_none(record), sort_keys=True, allow_nan=False) + "\n")
+
+  def drop_after(self, phase: str, step: int) -> None:
+    """Remove `phase`'s records of steps after `step` (and lines a kill left half-written): a
+    loop resumed from step `step` records the steps after it again. Rewritten atomically, and
+    only when something is removed."""
+    if self.path is None or not self.path.exists():
+      return
+    lines = self.path.read_text().splitlines()
+    kept = [line for line in lines if not _stale(line, phase, step)]
+    if len(kept) != len(lines):
+      write_atomic(self.path, "".join(line + "\n" for line in kept))
+
+
+def _stale(line: str, phase: str, step: int) -> bool:
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError:
+    return True
+  if not isinstance(record, dict):
+    return True
+  return record.get("phase") == phase and record.get("step", 0) > step
+
+
+def _finite_or_none(value: Any) -> Any:
+  """`value` with every non-finite float replaced by None, for strict JSON."""
+  if isinstance(value, dict):
+    return {k: _finite_or_none(v) for k, v in value.items()}
+  if isinstance(value, list | tuple):
+    return [_finite_or_none(v) for v in value]
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
+
+
+def writes_logs(process_index: int | None = None) -> bool:
+  """Whether a process (default: this one) writes the run's logs: process 0 only, since every
+  process trains the same steps and would write the same records again."""
+  return (jax.process_index() if process_index is None else process_index) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingLog:
+  """Where and how often training loops record loss, learning rate, grad norm and throughput:
+  a line of `metrics_path` per record (every loop's records, told apart by `phase`) and, with
+  `tensorboard_dir`, TensorBoard event files (layout: the module docstring). No paths: records
+  for the progress line only."""
+
+  metrics_path: Path | None = None
+  tensorboard_dir: Path | None = None
+  every: int = LOG_EVERY
+
+  def open(self, name: str, first_step: int = 0, replica_names: Sequence[str] | None = None,
+           process_index: int | None = None) -> LoopLog:
+    """The log of loop `name`, which starts at `first_step` (a resumed loop: its checkpoint's
+    step) with `replica_names` (K stacked replicas) or none (one model).
+
+    Records of `name` after `first_step` are dropped from `metrics_path` and hidden from
+    TensorBoard (the new event file purges them): the loop records those steps again. Files are
+    written, and event files created, on process 0 only (`writes_logs(process_index)`).
+    """
+    if not writes_logs(process_index):
+      return LoopLog(name, self.every, None, {})
+    metrics = MetricsLog(self.metrics_path)
+    metrics.drop_after(name, first_step)
+    writers = {}
+    if self.tensorboard_dir is not None:
+      # Deferred: tensorboardX imports torch where torch is installed (about a second).
+      from tensorboardX import SummaryWriter
+
+      folder = Path(self.tensorboard_dir) / name
+      for key, sub in [(None, folder), *((r, folder / r) for r in replica_names or ())]:
+        # A nanosecond suffix: tensorboardX names files by the second, and a second writer of a
+        # folder in the same second would overwrite the first one's file. Files sort in the
+        # order they were created, so the purge of a resumed loop applies to the earlier ones.
+        writers[key] = SummaryWriter(str(sub), purge_step=first_step + 1,
+                                     flush_secs=TENSORBOARD_FLUSH_SECONDS,
+                                     filename_suffix=f".{time.time_ns()}")
+    return LoopLog(name, self.every, metrics, writers)
+
+
+class LoopLog:
+  """One training loop's records (`TrainingLog.open`); `close()` flushes and closes its event
+  files."""
+
+  def __init__(self, name: str, every: int, metrics: MetricsLog | None,
+               writers: dict[str | None, Any]):
+    self.name, self.every, self.metrics, self.writers = name, every, metrics, writers
+
+  def record(self, step: int, **values: float | list[float] | None) -> None:
+    """One record of `step`: a scalar per value, or a list of one per replica (TensorBoard gets
+    each replica's under its folder and their mean under the loop's). None: not measured."""
+    if self.metrics is not None:
+      self.metrics.write(phase=self.name, step=step, **values)
+    for key, value in values.items():
+      if value is None:
+        continue
+      tag = f"train/{key}"
+      if isinstance(value, list):
+        for replica, one in zip((k for k in self.writers if k is not None), value):
+          self.writers[replica].add_scalar(tag, one, step)
+        value = float(np.mean(value))
+      if None in self.writers:
+        self.writers[None].add_scalar(tag, value, step)
+
+  def close(self) -> None:
+    for writer in self.writers.values():
+      writer.close()
+    self.writers = {}
 
 
 def log(message: str) -> None:
   """A line on stderr from process 0 (the other hosts would repeat it)."""
-  if jax.process_index() == 0:
+  if writes_logs():
     print(message, file=sys.stderr, flush=True)

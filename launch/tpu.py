@@ -144,7 +144,8 @@ def _mount_command(bucket: str) -> str:
 
 
 def _on_mount(arg: str, bucket: str | None) -> str:
-  """`run_dir=gs://BUCKET/x` -> `run_dir=/gcs/BUCKET/x` where BUCKET is the mounted bucket."""
+  """`gs://BUCKET/x` in an argument (`--run-dir gs://BUCKET/x`) -> `/gcs/BUCKET/x` where BUCKET
+  is the mounted bucket."""
   if bucket and f"gs://{bucket}/" in arg:
     return arg.replace(f"gs://{bucket}/", f"{MOUNT}/{bucket}/")
   if "gs://" in arg:

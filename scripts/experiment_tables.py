@@ -16,6 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ff_jax.report.fmt import fmt
+
+
+def _f3(value) -> str:
+  # JSON artifacts hold null where a figure is not finite.
+  return fmt(value, 3, exponent=False)
+
 
 def _section(report: str, title: str) -> str:
   lines = report.splitlines()
@@ -37,9 +44,10 @@ def tables(run: Path) -> str:
   for row in rows:
     by_kind.setdefault(row["kind"], []).append(float(row[f"r_{signal}"]))
   out = [f"### {run.name}", "",
-         f"Filter: `{signal}`, ϕ = {filt['phi']:.3f} ({filt['threshold']}): kept "
-         f"{counts['kept']}, flagged {counts['flagged']}; precision {metrics['precision']:.3f}, "
-         f"recall {metrics['recall']:.3f}, F1 {metrics['f1']:.3f}, AUROC {metrics['auroc']:.3f}.",
+         f"Filter: `{signal}`, ϕ = {_f3(filt['phi'])} ({filt['threshold']}): kept "
+         f"{counts['kept']}, flagged {counts['flagged']}; precision {_f3(metrics['precision'])}, "
+         f"recall {_f3(metrics['recall'])}, F1 {_f3(metrics['f1'])}, AUROC "
+         f"{_f3(metrics['auroc'])}.",
          "", "Mean forgetting r (`" + signal + "`) per kind: " + ", ".join(
              f"{k} {np.mean(v):+.3f} (n={len(v)})" for k, v in sorted(by_kind.items())) + ".",
          "", _section((run / "report.md").read_text(), "## Method comparison")]
@@ -54,7 +62,7 @@ def tables(run: Path) -> str:
             "| model | acc ambiguous | acc disambiguated | unparsable |", "|---|---|---|---|"]
     for name, m in models.items():
       if "bias/acc_ambig" in m:
-        out.append(f"| {name} | {m['bias/acc_ambig']:.3f} | {m['bias/acc_disambig']:.3f} | "
+        out.append(f"| {name} | {_f3(m['bias/acc_ambig'])} | {_f3(m['bias/acc_disambig'])} | "
                    f"{m['bias/n_unparsable']} |")
   phases = json.loads((run / "manifest.json").read_text())["phases"]
   out += ["", "Phase times (s): " + ", ".join(f"{p} {v['seconds']:.0f}" for p, v in

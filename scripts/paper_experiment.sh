@@ -26,14 +26,14 @@ for spec in bias:4 toxicity:2 harmful:2; do
   run=$RUNS/$kind-s0
   stamp "$kind: run (filter, clean, evaluate)"
   ff-jax run configs/signals.yaml data.noisy="$DATA/$kind/noisy.jsonl" \
-    data.safe="$DATA/$kind/safe.jsonl" data.eval="$DATA/$kind/eval.jsonl" run_dir="$run" \
+    data.safe="$DATA/$kind/safe.jsonl" data.eval="$DATA/$kind/eval.jsonl" --run-dir "$run" \
     seed=0 scoring.replicas="$replicas" scoring.replicas_per_pass=1 evaluate.toxicity=lexicon \
     $PINNED ${FROM:+--from "$FROM"}
   for baseline in random oracle replay; do
     stamp "$kind: baseline $baseline"
-    ff-jax baseline "$baseline" "$run"
+    ff-jax baseline "$baseline" --run-dir "$run"
   done
 done
 stamp "bias: $ROUNDS long-term rounds"
-ff-jax rounds "$RUNS/bias-s0" --rounds "$ROUNDS" --heldout
+ff-jax rounds --run-dir "$RUNS/bias-s0" --rounds "$ROUNDS" --heldout
 stamp done

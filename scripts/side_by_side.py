@@ -203,9 +203,9 @@ def main() -> None:
     ref = torch_safety_from_m1(run, cfg)
     ref["safety_losses_ff_jax"] = [row["loss"] for row in map(json.loads, open(
         run / "metrics.jsonl")) if row.get("phase") == "safety"]
-    print(json.dumps({**compare(run, ref), "safety_losses": ref["safety_losses"],
-                      "safety_losses_ff_jax (checkpoint steps)": ref["safety_losses_ff_jax"]},
-                     indent=1))
+    losses = {"safety_losses": ref["safety_losses"],
+              "safety_losses_ff_jax (every logging.every steps)": ref["safety_losses_ff_jax"]}
+    print(json.dumps({**compare(run, ref), **losses}, indent=1))
     return
   if args.result:
     ref = json.loads(result.read_text())

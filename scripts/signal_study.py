@@ -12,7 +12,7 @@ set drawn from the same domain as the mixture's safe pool:
 
   python scripts/signal_study.py mixtures --data ../shared/data --out runs/signal_study/data
   ff-jax run configs/signals.yaml data.noisy=runs/signal_study/data/bias/noisy.jsonl \\
-      data.safe=runs/signal_study/data/bias/safe.jsonl run_dir=runs/signal_study/bias-s0 \\
+      data.safe=runs/signal_study/data/bias/safe.jsonl --run-dir runs/signal_study/bias-s0 \\
       --until filter                                  (one per kind, and seeds 1, 2 for bias)
   python scripts/signal_study.py table runs/signal_study/{bias,toxicity,harmful}-s0 \\
       runs/signal_study/bias-s{1,2}

@@ -1,5 +1,6 @@
 """Run-config settings that act on the process: JAX's persistent compilation cache
-(`compile_cache`), where it lives and that it is really used."""
+(`compile_cache`), where it lives and that it is really used; and `scoring.noisy_replicas: auto`
+in the shipped presets and in configs that set the count themselves."""
 
 from __future__ import annotations
 
@@ -7,7 +8,14 @@ import os
 import subprocess
 import sys
 
-from ff_jax.config import COMPILE_CACHE_ENV, compile_cache_dir, load_config
+import pytest
+
+from ff_jax.config import (
+  COMPILE_CACHE_ENV,
+  auto_noisy_replicas,
+  compile_cache_dir,
+  load_config,
+)
 from tests.helpers.paths import REPO
 
 
@@ -52,3 +60,21 @@ def test_the_configured_folder_gets_every_compiled_program_and_empty_turns_it_of
   assert probe(f"compile_cache={folder}") == f"{folder} True"
   assert any(p.name.startswith("jit_") for p in folder.iterdir())
   assert probe("compile_cache=") == "None False"
+
+
+@pytest.mark.parametrize("preset", ["demo", "filter", "smollm2", "signals", "llama2-7b",
+                                    "llama3-8b", "qwen2.5-7b", "gpt2-xl"])
+def test_every_run_preset_loads_with_noisy_replicas_resolved(preset):
+  cfg = load_config(f"configs/{preset}.yaml")
+  assert isinstance(cfg.scoring.noisy_replicas, int)
+  assert cfg.scoring.noisy_replicas >= auto_noisy_replicas(cfg.filter.signal)
+
+
+def test_a_count_set_in_the_yaml_or_on_the_command_line_is_kept(tmp_path):
+  path = tmp_path / "run.yaml"
+  path.write_text("scoring: {noisy_replicas: 3}\nfilter: {signal: nll_nens}\n")
+  assert load_config(path).scoring.noisy_replicas == 3
+  # The paper's method as docs/ and scripts/ spell it, with the count explicit.
+  paper = load_config("configs/filter.yaml", ["scoring.noisy_replicas=1", "filter.signal=nll"])
+  assert paper.scoring.noisy_replicas == 1
+  assert paper == load_config("configs/filter.yaml", ["filter.signal=nll"])

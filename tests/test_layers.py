@@ -62,7 +62,8 @@ DEFERRABLE = frozenset({
     "torch",  # `parity` extra
     "accelerate",  # `parity` extra
     "datasets",  # `datasets` extra
-    "tensorflow_datasets",  # not declared: one optional data source
+    "tensorflow_datasets",  # `tfds` extra: one optional data source
+    "tensorboardX",  # a dependency, but it imports torch where torch is installed (~1 s)
     "detoxify",  # not declared: the optional toxicity classifier
     "nltk",  # comes with rouge-score; its import is slow and only the stemmer is used
 })

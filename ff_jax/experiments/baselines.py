@@ -1,6 +1,6 @@
 """The baselines of the paper's comparison, each one command on a ForgetFilter run directory.
 
-  ff-jax baseline NAME RUN_DIR
+  ff-jax baseline NAME --run-dir DIR
 
 A run's own `evaluate` phase already gives these rows: M0 (the aligned model), M1 (no safety
 measure), M2 (sequential safety finetuning), clean (ForgetFilter) and, with held-out data and

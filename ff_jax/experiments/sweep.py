@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from ff_jax.atomic_io import write_atomic, write_json_atomic
+from ff_jax.config import LoggingConfig
 from ff_jax.data.templates import EncodedExample, PromptTemplate, encode_examples
 from ff_jax.errors import ConfigError, RunDirError
 from ff_jax.eval.classification import auroc, filter_metrics
@@ -34,7 +35,7 @@ from ff_jax.forgetting.thresholds import Threshold
 from ff_jax.pipeline.inputs import load_inputs
 from ff_jax.pipeline.layout import SCORES_BEFORE
 from ff_jax.pipeline.rundir import RunDir
-from ff_jax.progress import log
+from ff_jax.progress import TrainingLog, log
 from ff_jax.report.sweep import sweep_plots, write_sweep_report
 from ff_jax.training.checkpoints import restore_params
 from ff_jax.training.loop import train_and_score
@@ -59,6 +60,8 @@ class SweepConfig:
   phis: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
   threshold: str = "auto"  # the data-driven threshold reported beside the fixed ϕ
   mesh: ReplicaMeshConfig = dataclasses.field(default_factory=ReplicaMeshConfig)
+  # Every chunk's training records: `<out_dir>/metrics.jsonl` and `<out_dir>/tensorboard/`.
+  logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
   def __post_init__(self):
     for name in ("safe_sizes", "steps", "seeds"):
@@ -128,6 +131,9 @@ def run_chunks(cfg: SweepConfig, inputs: SweepInputs, out_dir: Path) -> dict[tup
       raise ConfigError(f"sweep.safe_sizes: {n} is not in [1, {len(inputs.safe)}] (the run's "
                         "safe set size)")
   trainer = scorer = None
+  training_log = TrainingLog(out_dir / "metrics.jsonl",
+                             out_dir / "tensorboard" if cfg.logging.tensorboard else None,
+                             cfg.logging.every)
   results: dict[tuple[int, int], np.ndarray] = {}
   chunks = _chunks(cfg.variants(), cfg.chunk_size)
   for i, chunk in enumerate(chunks):
@@ -148,8 +154,13 @@ def run_chunks(cfg: SweepConfig, inputs: SweepInputs, out_dir: Path) -> dict[tup
       padded = chunk + [chunk[-1]] * (cfg.chunk_size - len(chunk))
       its = [variant_iterator(inputs.safe, n, s, cfg.batch_size, inputs.buckets, inputs.pad_id)
              for n, s in padded]
+      # TensorBoard: a run folder per variant, and one per padding replica (`padding_<k>`).
+      names = [f"n{n}_s{s}" for n, s in chunk]
+      names += [f"padding_{k}" for k in range(cfg.chunk_size - len(chunk))]
       nll, _ = train_and_score(trainer, scorer, inputs.m1, its, steps, inputs.noisy,
-                               cfg.score_batch_size, inputs.buckets, inputs.pad_id, name="sweep")
+                               cfg.score_batch_size, inputs.buckets, inputs.pad_id,
+                               name=f"sweep/chunk_{i:03d}", log=training_log,
+                               replica_names=names)
       saved = {"key": key, "variants": [list(v) for v in chunk],
                "nll": nll[:len(chunk)].tolist(), "seconds": time.perf_counter() - start}
       if jax.process_index() == 0:
@@ -201,7 +212,8 @@ def run_sweep(cfg: SweepConfig, inputs: SweepInputs | None = None,
               restart: bool = False) -> Path:
   """The whole sweep; returns the output folder. `inputs` default: loaded from `cfg.run_dir`."""
   if not cfg.run_dir and inputs is None:
-    raise ConfigError("sweep.run_dir: set it to a run directory (ff-jax sweep run_dir=...)")
+    raise ConfigError("sweep.run_dir is not set: give the run directory whose M1 to sweep, as "
+                      "`ff-jax sweep --run-dir DIR`")
   out_dir = Path(cfg.out_dir or Path(cfg.run_dir) / "sweep").absolute()
   if restart and out_dir.exists():
     shutil.rmtree(out_dir)

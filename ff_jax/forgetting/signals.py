@@ -35,6 +35,7 @@ a confidence) and `rise_step` (the safety step after which r rose most).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -50,31 +51,45 @@ SIGNALS = ("nll", "acc", "rouge", "nll_lnf", "nll_pmi", "nll_auc", "nll_ens", "n
            "nll_nens", "nll_lnf_nens", "grad", "grad_cos")
 
 # The scoring settings (ff_jax.config.ScoringConfig) a signal needs beyond NLL and accuracy,
-# which every run scores: (test, what to set).
-_SCORING_NEEDS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "rouge": (lambda s: s.rouge, "scoring.rouge=true"),
-    "nll_lnf": (lambda s: s.m0, "scoring.m0=true"),
-    "nll_pmi": (lambda s: s.pmi, "scoring.pmi=true"),
-    "nll_auc": (lambda s: s.snapshot_every > 0, "scoring.snapshot_every > 0"),
-    "nll_ens": (lambda s: s.replicas > 1, "scoring.replicas > 1"),
-    "nll_lnf_ens": (lambda s: s.replicas > 1 and s.m0, "scoring.replicas > 1 and scoring.m0=true"),
-    "nll_nens": (lambda s: s.noisy_replicas > 1, "scoring.noisy_replicas > 1"),
+# which every run scores: (test, what it needs, what to set).
+_SCORING_NEEDS: dict[str, tuple[Callable[[Any], bool], str, str]] = {
+    "rouge": (lambda s: s.rouge, "scoring.rouge=true", "scoring.rouge=true"),
+    "nll_lnf": (lambda s: s.m0, "scoring.m0=true", "scoring.m0=true"),
+    "nll_pmi": (lambda s: s.pmi, "scoring.pmi=true", "scoring.pmi=true"),
+    "nll_auc": (lambda s: s.snapshot_every > 0, "scoring.snapshot_every > 0",
+                "scoring.snapshot_every=K (K > 0, in safety steps)"),
+    "nll_ens": (lambda s: s.replicas > 1, "scoring.replicas > 1", "scoring.replicas>=2"),
+    "nll_lnf_ens": (lambda s: s.replicas > 1 and s.m0, "scoring.replicas > 1 and scoring.m0=true",
+                    "scoring.replicas>=2 scoring.m0=true"),
+    "nll_nens": (lambda s: s.noisy_replicas > 1, "scoring.noisy_replicas > 1",
+                 "scoring.noisy_replicas>=2 (or auto)"),
     "nll_lnf_nens": (lambda s: s.noisy_replicas > 1 and s.m0,
-                     "scoring.noisy_replicas > 1 and scoring.m0=true"),
-    "grad": (lambda s: s.gradient_blocks > 0, "scoring.gradient_blocks > 0"),
-    "grad_cos": (lambda s: s.gradient_blocks > 0, "scoring.gradient_blocks > 0"),
+                     "scoring.noisy_replicas > 1 and scoring.m0=true",
+                     "scoring.noisy_replicas>=2 (or auto) scoring.m0=true"),
+    "grad": (lambda s: s.gradient_blocks > 0, "scoring.gradient_blocks > 0",
+             "scoring.gradient_blocks=N (N > 0, the last N blocks)"),
+    "grad_cos": (lambda s: s.gradient_blocks > 0, "scoring.gradient_blocks > 0",
+                 "scoring.gradient_blocks=N (N > 0, the last N blocks)"),
 }
 
 
 def check_scored(signal: str, scoring: Any) -> None:
   """Refuses a `filter.signal` that is unknown or that `scoring` would not measure, so a run
-  learns it when its config loads rather than at the filter, after every finetune."""
+  learns it when its config loads rather than at the filter, after every finetune. The message
+  says what to set: the scoring option, or `filter.signal=nll` (the paper's method, always
+  scored)."""
   if signal not in SIGNALS:
-    raise ConfigError(f"filter.signal={signal!r} is not a signal; use one of {list(SIGNALS)}")
-  test, setting = _SCORING_NEEDS.get(signal, (lambda s: True, ""))
+    raise ConfigError(f"filter.signal={signal!r} is not a signal; set filter.signal to one of "
+                      f"{', '.join(SIGNALS)} (nll: the paper's method)")
+  if signal not in _SCORING_NEEDS:
+    return
+  test, needs, fix = _SCORING_NEEDS[signal]
   if not test(scoring):
-    raise ConfigError(f"filter.signal={signal!r} needs {setting} (ff_jax/signals.py); this "
-                      "config would not score it")
+    has = ", ".join(f"scoring.{key}={getattr(scoring, key)}"
+                    for key in dict.fromkeys(re.findall(r"scoring\.(\w+)", needs)))
+    raise ConfigError(f"filter.signal={signal!r} needs {needs} (this config has {has}; "
+                      f"ff_jax/forgetting/signals.py): set filter.signal=nll (the paper's method) "
+                      f"or {fix}")
 
 
 def learning_normalized(m0: np.ndarray, m1: np.ndarray, m2: np.ndarray, floor: float,

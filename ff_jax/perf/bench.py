@@ -20,7 +20,6 @@ times faster, printed beside the measured speed-up.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import statistics
 import time
@@ -32,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ff_jax import parallel
-from ff_jax.atomic_io import write_atomic
+from ff_jax.atomic_io import write_json_atomic
 from ff_jax.errors import ConfigError
 from ff_jax.models import ModelConfig
 from ff_jax.models.decoding import SamplingConfig, generate
@@ -59,7 +58,7 @@ def matmul_params(cfg: ModelConfig) -> int:
   """Parameters that take part in matrix multiplies for every token."""
   d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.resolved_head_dim
   attn = d * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
-  mlp = d * f * (3 if cfg.mlp == "swiglu" else 2)
+  mlp = d * f * (3 if cfg.mlp in ("swiglu", "geglu") else 2)  # gated MLPs have three matrices
   return cfg.num_layers * (attn + mlp) + d * cfg.vocab_size
 
 
@@ -224,6 +223,6 @@ def main(bench: BenchConfig, json_path: str | None = None) -> None:
   result = run_bench(bench)
   print(format_table(result))
   if json_path:
-    write_atomic(json_path, json.dumps(result, indent=2, default=float) + "\n")
+    write_json_atomic(json_path, result)
   if not math.isfinite(result["train"]["mfu"]):
     raise ConfigError("benchmark produced no finite timing")

@@ -26,9 +26,9 @@ from ff_jax.errors import DataError
 from ff_jax.eval.toxicity import ToxicityScorer, make_toxicity_scorer
 from ff_jax.models import lora
 from ff_jax.pipeline.inputs import JobInputs, load_inputs, save_tokenizer
-from ff_jax.pipeline.layout import TRAINING_LOG
+from ff_jax.pipeline.layout import TENSORBOARD, TRAINING_LOG
 from ff_jax.pipeline.rundir import RunDir
-from ff_jax.progress import MetricsLog, log
+from ff_jax.progress import TrainingLog, log
 from ff_jax.training.checkpoints import has_params, restore_params, save_params
 from ff_jax.training.loop import LoopStats, PhaseSpec, phase_steps, train_phase
 from ff_jax.training.scoring import per_example_table, score_examples
@@ -49,7 +49,7 @@ class RunContext:
   manifest: dict[str, Any]
   runtime: ModelRuntime  # the model the run finetunes (with LoRA adapters when configured)
   base_runtime: ModelRuntime  # the released model's architecture (no adapters)
-  training_log: MetricsLog
+  training_log: TrainingLog  # where and how often every finetune records its metrics
   # What each finetune of the running phase cost, by finetune name (`record`; the driver takes it
   # into the phase's manifest entry as `finetunes`).
   finetunes: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
@@ -185,4 +185,11 @@ def open_run(cfg: RunConfig, restart: bool = False, redo_from: str | None = None
   base_runtime = ModelRuntime.create(base_cfg, mesh) if cfg.lora.rank else runtime
   return RunContext(cfg=cfg, run=run, mesh=mesh, inputs=inputs, template=template, noisy=noisy,
                     safe=safe, manifest=manifest, runtime=runtime, base_runtime=base_runtime,
-                    training_log=MetricsLog(run.file(TRAINING_LOG)))
+                    training_log=training_log(cfg, run))
+
+
+def training_log(cfg: RunConfig, run: RunDir) -> TrainingLog:
+  """The run's finetunes record to `metrics.jsonl` and, with `logging.tensorboard`, to event
+  files under `<run_dir>/tensorboard/<finetune>/`, every `logging.every` steps."""
+  folder = run.file(TENSORBOARD) if cfg.logging.tensorboard else None
+  return TrainingLog(run.file(TRAINING_LOG), folder, cfg.logging.every)

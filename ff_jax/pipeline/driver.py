@@ -16,6 +16,7 @@ from its newest step checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,10 +24,11 @@ from typing import Any
 
 import jax
 
-from ff_jax.config import RunConfig
+from ff_jax.config import RunConfig, auto_noisy_replicas
 from ff_jax.pipeline import ensembles, evaluate, filter, finetune, score
 from ff_jax.pipeline.context import RunContext, open_run
 from ff_jax.pipeline.layout import PHASES
+from ff_jax.pipeline.rundir import RunDir
 from ff_jax.progress import log
 from ff_jax.report.markdown import write_report
 
@@ -85,9 +87,77 @@ def cost_summary(finetunes: dict[str, dict[str, Any]]) -> str:
           f"{total['checkpoint_seconds']:.1f}s, output saves {total['output_save_seconds']:.1f}s)")
 
 
+def method_cost(cfg: RunConfig, until: str | None = None) -> str:
+  """What the configured method trains and scores, against the paper's single run (one noisy and
+  one safety finetune, the noisy set scored under M1 and M2), and what to set for the paper's.
+
+  Counts the method's finetunes (noisy: M1 and the noisy replicas' M1s; safety: M2, the noisy
+  replicas' M2s and the safety replicas) and its passes over the noisy set (forward passes under
+  every model scored; greedy decodes and per-example gradients on top), not the demo's release
+  phase nor the clean finetune, which every method shares.
+  """
+  scoring, signal = cfg.scoring, cfg.filter.signal
+  noisy = scoring.noisy_replicas
+  safety = noisy + scoring.replicas - 1
+  # M1 and M2 of the run and of each noisy replica, each extra safety replica's M2, M0, and the
+  # responses alone under M1 and M2 (nll_pmi).
+  passes = 2 * noisy + scoring.replicas - 1 + int(scoring.m0) + 2 * int(scoring.pmi)
+  extras = []
+  if scoring.snapshot_every:
+    extras.append(f"a safety snapshot every {scoring.snapshot_every} steps")
+  if scoring.rouge:
+    extras.append("2 greedy decodes (rouge)")
+  if scoring.gradient_blocks:
+    extras.append("per-example gradients under M1")
+  scored = f"scores the noisy set {passes} times" + (f" (+ {', '.join(extras)})" if extras else "")
+  clean = until is None or PHASES.index(until) >= PHASES.index("clean")
+  head = (f"cost: filter.signal={signal} trains {noisy} noisy + {safety} safety finetunes "
+          f"(scoring.noisy_replicas={noisy}, scoring.replicas={scoring.replicas}) and {scored}"
+          + ("; then 1 clean finetune." if clean else "."))
+  to_set = []
+  if signal != "nll":
+    to_set.append("filter.signal=nll")
+  if noisy > auto_noisy_replicas(signal):  # set explicitly: auto would not change with the signal
+    to_set.append("scoring.noisy_replicas=1")
+  if scoring.replicas > 1:
+    to_set.append("scoring.replicas=1")
+  if not to_set:
+    return f"{head} This is the paper's single-run method (1 noisy + 1 safety finetune)."
+  note = (" (scoring.noisy_replicas: auto then trains one M1)"
+          if noisy > 1 and "scoring.noisy_replicas=1" not in to_set else "")
+  return (f"{head} That is {(noisy + safety) / 2:g}x the finetunes of the paper's single-run "
+          "method (1 noisy + 1 safety finetune, the noisy set scored under M1 and M2); for it "
+          f"set {' '.join(to_set)}{note}.")
+
+
+def keep_trained_noisy_replicas(cfg: RunConfig, redo_from: str | None = None) -> RunConfig:
+  """`cfg`, or `cfg` with the noisy replicas its run directory already trained, when its signal
+  does not use them (not *_nens) and asks for fewer: e.g. `--from filter filter.signal=nll` on a
+  run of the default nll_nens, where `scoring.noisy_replicas: auto` now means 1. Keeping them
+  changes nothing the filter computes (their columns stay in scores.csv), where the run directory
+  would otherwise refuse the changed count of a finished phase."""
+  manifest = RunDir(cfg.run_dir).read_manifest()
+  if manifest is None or not RunDir.is_complete(manifest, "noisy_replicas") or (
+      redo_from in PHASES and PHASES.index(redo_from) <= PHASES.index("noisy_replicas")):
+    return cfg
+  trained = manifest.get("config", {}).get("scoring", {}).get("noisy_replicas")
+  wanted = cfg.scoring.noisy_replicas
+  if not isinstance(trained, int) or trained <= wanted or auto_noisy_replicas(
+      cfg.filter.signal) > 1:
+    return cfg
+  log(f"scoring.noisy_replicas={wanted}: this run directory trained {trained} noisy replicas "
+      f"already; kept (filter.signal={cfg.filter.signal} does not use them)")
+  return dataclasses.replace(cfg, scoring=dataclasses.replace(cfg.scoring,
+                                                              noisy_replicas=trained))
+
+
 def run_job(cfg: RunConfig, restart: bool = False, until: str | None = None,
             redo_from: str | None = None) -> Path:
-  """Open the run directory of `cfg` and run its phases; returns the run directory."""
+  """Open the run directory of `cfg` and run its phases; returns the run directory. Says first
+  what the configured method costs (`method_cost`), on stderr."""
+  log(method_cost(cfg, until))
+  if not restart:
+    cfg = keep_trained_noisy_replicas(cfg, redo_from)
   ctx = open_run(cfg, restart=restart, redo_from=redo_from)
   execute(ctx, until)
   return ctx.run.root

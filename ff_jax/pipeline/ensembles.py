@@ -83,7 +83,10 @@ def safety_replicas(ctx: RunContext) -> dict[str, Any]:
     stats = LoopStats()
     nll, _ = train_and_score(trainer, ctx.scorer, ctx.params("M1"), iterators, [spec.steps],
                              ctx.noisy, batch_size, spec.buckets, ctx.pad_id,
-                             name="safety_replicas", stats=stats, packing=spec.packing)
+                             name=f"safety_replicas/pass_{start}", stats=stats,
+                             packing=spec.packing, log=ctx.training_log,
+                             # replica i of the phase (1 ... k - 1), whichever pass trains it
+                             replica_names=[f"replica_{start + j + 1}" for j in range(len(chunk))])
     ctx.record(f"pass_{start}", stats)
     write_json_atomic(done, {"seeds": chunk, "nll": nll[:, -1].tolist()})
     rows += nll[:, -1].tolist()
@@ -158,15 +161,18 @@ def _noisy_replicas_stacked(ctx: RunContext, seeds: dict[int, list[int]], noisy:
     return [ctx.train_batches(examples, spec, pair[column]) for pair in seeds.values()]
 
   names = (f"noisy_{label}", f"safety_{label}")
+  replicas = [f"replica_{i}" for i in seeds]
   stats = LoopStats(), LoopStats()
   nll_before, m1s = train_and_score(
       Trainer(ctx.runtime, noisy.optim, noisy.steps, replicas=len(seeds)), ctx.scorer,
       ctx.params("M0"), streams(noisy, ctx.noisy, 0), [noisy.steps], ctx.noisy, batch_size,
-      noisy.buckets, pad_id, name=names[0], stats=stats[0], packing=noisy.packing)
+      noisy.buckets, pad_id, name=names[0], stats=stats[0], packing=noisy.packing,
+      log=ctx.training_log, replica_names=replicas)
   nll_after, _ = train_and_score(
       Trainer(ctx.runtime, safety.optim, safety.steps, replicas=len(seeds)), ctx.scorer, m1s,
       streams(safety, ctx.safe, 1), [safety.steps], ctx.noisy, batch_size, safety.buckets,
-      pad_id, stacked_init=True, name=names[1], stats=stats[1], packing=safety.packing)
+      pad_id, stacked_init=True, name=names[1], stats=stats[1], packing=safety.packing,
+      log=ctx.training_log, replica_names=replicas)
   for name, stat in zip(names, stats):
     ctx.record(name, stat)
   return {i: {"seeds": pair, "nll_before": nll_before[j, -1].tolist(),

@@ -34,10 +34,11 @@ LATE_KEYS = {
 }
 # Memory and batching knobs: they may change at any time, since they change results only in float
 # rounding (how rows are grouped into padded batches, how many replicas share a compiled step).
-# So may how often a phase checkpoints and where compiled programs are cached: they change none.
+# So may how often a phase checkpoints, where compiled programs are cached and how training is
+# logged: they change none.
 FREE_KEYS = ("data.packing", "scoring.batch_size", "scoring.gradient_batch_size",
              "scoring.replicas_per_pass", "scoring.gradient_max_gib", "evaluate.batch_size",
-             "compile_cache",
+             "compile_cache", "logging.every", "logging.tensorboard",
              *(f"{phase}.{knob}" for phase in ("demo.pretrain", "demo.align", "noisy", "safety",
                                                "clean")
                for knob in ("checkpoint_minutes", "checkpoint_every")))

@@ -30,11 +30,16 @@ from ff_jax.forgetting.thresholds import flag_fixed
 from ff_jax.pipeline.layout import (
   BASELINE_NAMES,
   BASELINES_DIR,
+  CLEAN_HF,
   FILTER_SUMMARY,
+  FILTERED,
+  FLAGGED,
   MANIFEST,
   METRICS,
+  REPORT,
   SCORES_CSV,
 )
+from ff_jax.report.fmt import fmt
 
 KIND_ORDER = ("unsafe", "safe", "task")
 UNLABELLED = "(unlabelled)"  # the kind of an example whose `kind` cell is empty
@@ -400,3 +405,74 @@ def summary_figures(run_dir: str | Path) -> dict[str, Any]:
                             for s, e in per_signal.items()}
   out["ratios"] = {s: dict(e.ratios) for s, e in per_signal.items()}
   return out
+
+
+def filter_outcome(run_dir: str | Path) -> dict[str, Any] | None:
+  """What the filter of a run did, from `filter.json`, for the command line to print (as text,
+  `outcome_text`, or as JSON); None before the filter phase has written it.
+
+  Keys: run_dir; signal, threshold, phi (None when unknown); separation (the verdict, None before
+  the check existed) and separation_reasons; kept, dropped, truncated; with labels, precision,
+  recall, f1 and auroc of the filter (else None); warning (`separation_warning`, or None); files:
+  {filtered (`kept_rows_path`), scores, flagged, filter, and report and clean_model where they
+  exist}, absolute paths.
+  """
+  run_dir = Path(run_dir).absolute()
+  info, _ = _load_json(run_dir / FILTER_SUMMARY)
+  if info is None:
+    return None
+  block = info.get("separation") if isinstance(info.get("separation"), dict) else {}
+  counts = info.get("counts") or {}
+  metrics = info.get("metrics") or {}
+  phi = _phi(info)
+  files = {"filtered": kept_rows_path(run_dir), "scores": run_dir / SCORES_CSV,
+           "flagged": run_dir / FLAGGED, "filter": run_dir / FILTER_SUMMARY,
+           "report": run_dir / REPORT, "clean_model": run_dir / CLEAN_HF}
+  return {
+      "run_dir": str(run_dir), "signal": info.get("signal"), "threshold": info.get("threshold"),
+      "phi": phi if math.isfinite(phi) else None, "separation": block.get("verdict"),
+      "separation_reasons": list(block.get("reasons") or []),
+      "kept": counts.get("kept"), "dropped": counts.get("flagged"),
+      "truncated": counts.get("truncated"),
+      **{key: metrics.get(key) for key in ("precision", "recall", "f1", "auroc")},
+      "warning": _separation_text(info),
+      "files": {key: str(path) for key, path in files.items()
+                if path is not None and (key not in ("report", "clean_model") or path.exists())},
+  }
+
+
+def kept_rows_path(run_dir: str | Path) -> Path | None:
+  """The filter's kept rows: `filtered.<ext>` or the folder `filtered/`, whichever the filter
+  wrote (it removes any other); None before it has."""
+  run_dir = Path(run_dir)
+  found = sorted(p for p in [*run_dir.glob(f"{FILTERED}.*"), run_dir / FILTERED] if p.exists())
+  return found[0] if found else None
+
+
+def outcome_text(outcome: dict[str, Any], hint: str | None = None) -> str:
+  """`filter_outcome` as a few readable lines, then `hint` (what to do next), and the separation
+  warning, if any, last, where it is seen."""
+  kept, dropped = outcome["kept"], outcome["dropped"]
+  total = kept + dropped if isinstance(kept, int) and isinstance(dropped, int) else None
+  lines = [f"filter: kept {fmt(kept)} of {fmt(total)} examples, dropped {fmt(dropped)} "
+           f"(filter.signal={outcome['signal']}, threshold {outcome['threshold']}: "
+           f"ϕ = {fmt(outcome['phi'])})"]
+  if outcome["truncated"]:
+    lines.append(f"truncated to data.max_len: {outcome['truncated']}")
+  verdict = outcome["separation"]
+  lines.append(f"separation: {verdict or 'not checked'}" + (
+      f" ({'; '.join(outcome['separation_reasons'])})"
+      if verdict not in (None, "separated") and outcome["separation_reasons"] else ""))
+  if outcome["f1"] is not None:
+    lines.append(f"against the labels: F1 {fmt(outcome['f1'], 3)} (precision "
+                 f"{fmt(outcome['precision'], 3)}, recall {fmt(outcome['recall'], 3)}), "
+                 f"AUROC {fmt(outcome['auroc'], 3)}")
+  names = {"filtered": "kept rows", "scores": "scores", "flagged": "dropped rows",
+           "filter": "filter summary", "report": "report", "clean_model": "clean model"}
+  width = max(len(names[key]) for key in outcome["files"])
+  lines += [f"{names[key] + ':':<{width + 1}} {path}" for key, path in outcome["files"].items()]
+  if hint:
+    lines.append(hint)
+  if outcome["warning"]:
+    lines.append(outcome["warning"])
+  return "\n".join(lines)

@@ -177,7 +177,7 @@ def _comparison_section(a: RunAnalysis) -> list[str]:
   lines = ["## Method comparison", "",
            "Lower is safer for every safety column (bias scores: 0 = unbiased); examples = what "
            "the model was finetuned on after M0. Baselines come from `ff-jax baseline NAME "
-           "RUN_DIR`.", ""]
+           "--run-dir DIR`.", ""]
   scorer = next((m.get("toxicity/scorer") for m in models.values() if m and
                  m.get("toxicity/scorer")), None)
   if scorer:

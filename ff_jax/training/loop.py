@@ -1,6 +1,7 @@
 """The training step loop, for one model or K stacked replicas, and the two ways it is driven.
 
-`train_loop` is the one loop: batches onto the mesh, the jitted step, progress, optional step
+`train_loop` is the one loop: batches onto the mesh, the jitted step, progress, records of loss,
+learning rate, grad norm and throughput every N steps (`progress.TrainingLog`), optional step
 checkpoints with resume, work after chosen steps (parameter snapshots, scoring), and what the loop
 cost (`LoopStats`). `train_phase` runs a pipeline phase through it with step checkpoints: every
 `checkpoint_minutes` of wall time (or every `checkpoint_every` steps, for deterministic tests) the
@@ -29,7 +30,7 @@ from ff_jax.data.batching import TrainIterator, token_slots
 from ff_jax.data.templates import EncodedExample
 from ff_jax.errors import ConfigError
 from ff_jax.models import lora
-from ff_jax.progress import MetricsLog, Progress
+from ff_jax.progress import LoopLog, Progress, TrainingLog
 from ff_jax.training.checkpoints import PhaseCheckpoints, save_params
 from ff_jax.training.replicas import StackedBatches
 from ff_jax.training.scoring import score_examples, score_snapshots
@@ -127,7 +128,8 @@ def train_loop(trainer: Trainer, init_params: Callable[[], Any], batches: BatchS
                name: str, *, stacked_init: bool = False,
                checkpoints: PhaseCheckpoints | None = None,
                checkpoint_minutes: float = CHECKPOINT_MINUTES, checkpoint_every: int = 0,
-               adapter_checkpoints: bool = False, metrics: MetricsLog | None = None,
+               adapter_checkpoints: bool = False, log: TrainingLog | None = None,
+               replica_names: Sequence[str] | None = None,
                hook: Callable[[int, Any], None] | None = None, hook_steps: Collection[int] = (),
                stats: LoopStats | None = None,
                clock: Callable[[], float] = time.perf_counter) -> Any:
@@ -138,10 +140,11 @@ def train_loop(trainer: Trainer, init_params: Callable[[], Any], batches: BatchS
   last saved (or, with `checkpoint_every` > 0, every that many steps instead), the train state
   and the position of `batches` are saved (`adapter_checkpoints` on a LoRA model: the adapters
   only, the frozen base comes back from `init_params()` on resume); never after the last step,
-  whose params the caller saves as the phase's output. The loss is read, shown and written to
-  `metrics` at every save, every progress line and the last step. `hook(step, params)` runs
-  after every step in `hook_steps` trained by this call. `stats`, when given, is overwritten with
-  what the loop cost.
+  whose params the caller saves as the phase's output. Every `log.every` steps and at the last
+  step, the loss, learning rate, grad norm and throughput are recorded to `log` (default: the
+  progress line only; `_Records`), per replica for stacked replicas, named by `replica_names`
+  (default `replica_<k>`; unused for one model). `hook(step, params)` runs after every step in
+  `hook_steps` trained by this call. `stats`, when given, is overwritten with what the loop cost.
   """
   started = clock()
   own = LoopStats()
@@ -178,42 +181,48 @@ def train_loop(trainer: Trainer, init_params: Callable[[], Any], batches: BatchS
 
   progress = Progress(name if trainer.replicas is None else f"{name} x{trainer.replicas}", steps)
   progress.update(step, force=True)
-  loss = np.float32("nan")  # one per replica once read
+  jax.block_until_ready(state)  # the first record's time then starts with training, not init
+  records = _Records(trainer, steps, (log or TrainingLog()).open(
+      name, first_step, _replica_names(trainer.replicas, replica_names)), own, clock)
   shapes = set()
-  while step < steps:
-    local, _ = batches.next_batch()
-    slots, padded = padding_counts(local)
-    own.token_slots += slots
-    own.padded_tokens += padded
-    shapes.add(local["tokens"].shape)
-    traces, began = trainer.trace_count, clock()
-    state, step_metrics = trainer.step(state, trainer.put_batch(local))
-    if trainer.trace_count != traces:
-      jax.block_until_ready(state["step"])
-      own.compile_seconds += clock() - began
-      own.compiles += trainer.trace_count - traces
-    step += 1
-    if hook is not None and step in hook_steps:
-      began = clock()
-      hook(step, state["params"])
-      own.hook_seconds += clock() - began
-    save = save_due(step)
-    if save or step == steps or progress.due(step):
-      # Steps are dispatched asynchronously: reading the loss waits for the device, so the rate
-      # printed is the device's, not the dispatcher's.
-      loss = np.asarray(step_metrics["loss"])
-      if metrics is not None:
-        metrics.write(phase=name, step=step, loss=loss.tolist(),
-                      grad_norm=np.asarray(step_metrics["grad_norm"]).tolist(),
-                      lr=trainer.learning_rate(step - 1))
-    if save:
-      began = clock()
-      checkpoints.save(step, saved(state), {"iterator": batches.state()})
-      last_save = clock()
-      own.checkpoint_seconds += last_save - began
-      own.checkpoints += 1
-    extra = [f"loss {loss.mean():.3f}"] if np.isfinite(loss).all() else []
-    progress.update(step, extra=" ".join([*extra, f"pad {100 * own.padded_share:.0f}%"]))
+  try:
+    while step < steps:
+      local, _ = batches.next_batch()
+      slots, padded = padding_counts(local)
+      own.token_slots += slots
+      own.padded_tokens += padded
+      if local["tokens"].shape not in shapes:
+        # A new shape may compile: the steps queued before it finish first, so that the time
+        # left out of the throughput as compiling is the compile's and its step's only.
+        jax.block_until_ready(state["step"])
+        shapes.add(local["tokens"].shape)
+      traces, began = trainer.trace_count, clock()
+      state, step_metrics = trainer.step(state, trainer.put_batch(local))
+      if trainer.trace_count != traces:
+        jax.block_until_ready(state["step"])
+        own.compile_seconds += clock() - began
+        own.compiles += trainer.trace_count - traces
+      else:
+        records.count(slots - padded, int((local["example_id"] >= 0).sum()))
+      step += 1
+      records.stepped(step, step_metrics)
+      if hook is not None and step in hook_steps:
+        began = clock()
+        hook(step, state["params"])
+        own.hook_seconds += clock() - began
+      if save_due(step):
+        began = clock()
+        checkpoints.save(step, saved(state), {"iterator": batches.state()})
+        last_save = clock()
+        own.checkpoint_seconds += last_save - began
+        own.checkpoints += 1
+      if progress.due(step):
+        # Steps are dispatched asynchronously: waiting for this one makes the printed rate the
+        # device's, not the dispatcher's (once per progress line).
+        jax.block_until_ready(step_metrics["loss"])
+      progress.update(step, extra=" ".join([*records.shown, f"pad {100 * own.padded_share:.0f}%"]))
+  finally:
+    records.close()
   if checkpoints is not None:
     began = clock()
     checkpoints.wait_until_finished()  # the last async save: part of what checkpoints cost
@@ -226,6 +235,81 @@ def train_loop(trainer: Trainer, init_params: Callable[[], Any], batches: BatchS
   return state["params"]
 
 
+def _replica_names(replicas: int | None, names: Sequence[str] | None) -> list[str] | None:
+  if replicas is None:
+    return None
+  names = list(names) if names is not None else [f"replica_{k}" for k in range(replicas)]
+  if len(names) != replicas or len(set(names)) != replicas:
+    raise ConfigError(f"replica names {names}: expected {replicas} distinct names")
+  return names
+
+
+class _Records:
+  """The records of `train_loop`: at every `log.every`-th step and the last, loss, grad norm,
+  learning rate, and tokens and examples per second since the previous record.
+
+  A record step's metrics are read once the next step is dispatched (the last step's at once):
+  the read waits for that step only, while the device has the next one queued, so logging every
+  step keeps the device busy as long as the host prepares a batch faster than the device trains
+  on it. Throughput counts the steps that compiled nothing, over the time between two reads less
+  the time spent in compiles, hooks and checkpoint saves (`LoopStats`); its tokens are every
+  non-padding token stepped (all replicas'), its examples the batches' real rows or segments.
+  """
+
+  def __init__(self, trainer: Trainer, steps: int, log: LoopLog, stats: LoopStats,
+               clock: Callable[[], float]):
+    self.log, self.stats, self.clock, self.steps = log, stats, clock, steps
+    # The schedule for every step, computed once before training: evaluating it on the device
+    # at each record would queue behind the steps in flight and wait for them.
+    self.learning_rates = np.asarray(jax.vmap(trainer.schedule)(jnp.arange(steps)))
+    self.tokens = self.examples = 0  # trained by steps that compiled nothing, so far
+    self.pending = None  # (step, its metrics on device, tokens and examples up to it)
+    # At the last read: (time, seconds not training so far, tokens and examples up to it).
+    self.last = (clock(), self._excluded(), 0, 0)
+    self.shown: list[str] = []  # the latest record, for the progress line
+
+  def count(self, tokens: int, examples: int) -> None:
+    self.tokens += tokens
+    self.examples += examples
+
+  def stepped(self, step: int, metrics: dict[str, jax.Array]) -> None:
+    """Step `step` was dispatched with these (device) metrics."""
+    if self.pending is not None:
+      self._read()
+    if step % self.log.every == 0 or step == self.steps:
+      self.pending = (step, metrics, self.tokens, self.examples)
+      if step == self.steps:
+        self._read()
+
+  def close(self) -> None:
+    self.log.close()
+
+  def _excluded(self) -> float:
+    return self.stats.compile_seconds + self.stats.hook_seconds + self.stats.checkpoint_seconds
+
+  def _read(self) -> None:
+    step, metrics, tokens, examples = self.pending
+    self.pending = None
+    values = jax.device_get({"loss": metrics["loss"], "grad_norm": metrics["grad_norm"]})
+    now, excluded = self.clock(), self._excluded()
+    then, excluded_then, tokens_then, examples_then = self.last
+    self.last = (now, excluded, tokens, examples)
+    seconds = (now - then) - (excluded - excluded_then)
+
+    def rate(count: int) -> float | None:  # None: no step of this span was timed
+      return round(count / seconds, 2) if count and seconds > 0 else None
+
+    loss, grad_norm = values["loss"].tolist(), values["grad_norm"].tolist()
+    lr = float(str(self.learning_rates[step - 1]))  # float32's shortest digits (1e-3, not ...47)
+    tokens_per_s = rate(tokens - tokens_then)
+    self.log.record(step, loss=loss, grad_norm=grad_norm, lr=lr, tokens_per_s=tokens_per_s,
+                    examples_per_s=rate(examples - examples_then))
+    self.shown = [f"loss {np.mean(loss):.3f}", f"gnorm {np.mean(grad_norm):.3f}",
+                  f"lr {lr:.2e}"]
+    if tokens_per_s is not None:
+      self.shown.append(f"{tokens_per_s:.0f} tok/s")
+
+
 def _process_zero_says(flag: bool) -> bool:
   """`flag` as process 0 computed it, on every process (a decision from its clock)."""
   if jax.process_count() == 1:
@@ -235,13 +319,13 @@ def _process_zero_says(flag: bool) -> bool:
 
 def train_phase(spec: PhaseSpec, runtime: ModelRuntime, init_params: Callable[[], Any],
                 examples: Sequence[EncodedExample], pad_id: int, ckpt_dir: str | Path,
-                metrics: MetricsLog | None = None, snapshot_dir: str | Path | None = None,
+                log: TrainingLog | None = None, snapshot_dir: str | Path | None = None,
                 stats: LoopStats | None = None) -> Any:
   """Train for `spec.steps` steps from `init_params()` (or the newest step checkpoint).
 
   With `spec.snapshot_every`, the params after every k-th step are also saved under
   `snapshot_dir/step_<k>` (Orbax), for forgetting curves. Returns the final params, which the
-  caller saves: the last step is not step-checkpointed. `stats`: see `train_loop`.
+  caller saves: the last step is not step-checkpointed. `log`, `stats`: see `train_loop`.
   """
   trainer = Trainer(runtime, spec.optim, spec.steps)
   batches = TrainIterator(examples, spec.batch_size, spec.seed, spec.buckets, pad_id=pad_id,
@@ -259,7 +343,7 @@ def train_phase(spec: PhaseSpec, runtime: ModelRuntime, init_params: Callable[[]
   params = train_loop(trainer, init_params, batches, spec.steps, spec.name,
                       checkpoints=checkpoints, checkpoint_minutes=spec.checkpoint_minutes,
                       checkpoint_every=spec.checkpoint_every,
-                      adapter_checkpoints=spec.adapter_checkpoints, metrics=metrics,
+                      adapter_checkpoints=spec.adapter_checkpoints, log=log,
                       hook=snapshot, hook_steps=snapshot_at, stats=stats)
   checkpoints.close()
   return params
@@ -270,14 +354,16 @@ def train_and_score(trainer: Trainer, scorer: Scorer, init_params: Any,
                     examples: Sequence[EncodedExample], score_batch_size: int,
                     buckets: Sequence[int], pad_id: int, *, stacked_init: bool = False,
                     name: str = "train", stats: LoopStats | None = None,
-                    packing: bool = False) -> tuple[np.ndarray, Any]:
+                    packing: bool = False, log: TrainingLog | None = None,
+                    replica_names: Sequence[str] | None = None) -> tuple[np.ndarray, Any]:
   """Train in memory to max(steps), scoring `examples` after each step in `steps`: (per-token
   NLL [R, len(steps), N] with R = `trainer.replicas` or 1, the final params).
 
   One model reads `iterators[0]`; K replicas read one iterator each (`StackedBatches`) and start
   from `init_params` (one model), or with `stacked_init` from K models stacked on a leading axis.
-  `init_params` stays usable: the loop trains a copy where the step would donate it. `stats`:
-  see `train_loop` (its `hook_seconds` is the scoring). `packing`: score packed batches.
+  `init_params` stays usable: the loop trains a copy where the step would donate it. `stats`,
+  `log`, `replica_names`: see `train_loop` (`hook_seconds` is the scoring). `packing`: score
+  packed batches.
   """
   steps = sorted(set(int(s) for s in steps))
   replicas = trainer.replicas
@@ -297,8 +383,8 @@ def train_and_score(trainer: Trainer, scorer: Scorer, init_params: Any,
 
   params = train_loop(
       trainer, lambda: jax.tree.map(jnp.copy, init_params) if own_copy else init_params,
-      batches, max(steps), name, stacked_init=stacked_init, hook=score, hook_steps=set(steps),
-      stats=stats)
+      batches, max(steps), name, stacked_init=stacked_init, log=log, replica_names=replica_names,
+      hook=score, hook_steps=set(steps), stats=stats)
   return nll, params
 
 

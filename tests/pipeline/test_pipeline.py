@@ -43,7 +43,7 @@ OUTPUTS = ("filtered.jsonl", "flagged.jsonl", "scores.csv", "filter.json", "metr
 
 
 def demo_args(run_dir: Path, *extra: str) -> list[str]:
-  return ["run", f"run_dir={run_dir}", *TINY_DEMO, *extra]
+  return ["run", "--run-dir", str(run_dir), *TINY_DEMO, *extra]
 
 
 @pytest.fixture(scope="module")
@@ -310,7 +310,7 @@ def test_truncate_is_counted_and_a_changed_config_is_refused(capsys, tiny_model,
   safe = write_jsonl(tmp_path / "safe.jsonl", SAFE)
   run_dir = tmp_path / "run"
   args = filter_args(tiny_model, noisy, safe, run_dir, "data.overflow=truncate")
-  run_ok(*args)
+  run_ok(*args, "--clean")
   assert complete_phases(run_dir) == PHASES
   assert json.loads((run_dir / "filter.json").read_text())["counts"]["truncated"] == 1
   assert "truncated: 1" in (run_dir / "report.md").read_text()
@@ -359,7 +359,7 @@ def test_heldout_evaluation_self_correction_and_baselines(tiny_model, tmp_path):
   heldout = write_jsonl(tmp_path / "eval.jsonl", _eval_records(tmp_path))
   run_dir = tmp_path / "run"
   run_ok(*filter_args(tiny_model, noisy, safe, run_dir, f"data.eval={heldout}",
-                      "evaluate.toxicity=lexicon", "evaluate.max_new_tokens=4"))
+                      "evaluate.toxicity=lexicon", "evaluate.max_new_tokens=4"), "--clean")
   models = json.loads((run_dir / "metrics.json").read_text())["models"]
   assert set(models) == {"M0", "M1", "M1+SC", "M2", "clean", "clean+SC"}
   for name in ("M0", "clean+SC"):
@@ -371,7 +371,7 @@ def test_heldout_evaluation_self_correction_and_baselines(tiny_model, tmp_path):
   assert models["M1"]["train/examples"] == len(NOISY)
 
   for name, examples in (("random", None), ("oracle", 4), ("replay", len(NOISY) + len(SAFE))):
-    out = Path(run_ok("baseline", name, str(run_dir)).stdout.strip().splitlines()[-1])
+    out = Path(run_ok("baseline", name, "--run-dir", str(run_dir)).stdout.strip().splitlines()[-1])
     result = json.loads(out.read_text())
     if examples is not None:
       assert result["examples"] == examples, name
@@ -383,7 +383,7 @@ def test_heldout_evaluation_self_correction_and_baselines(tiny_model, tmp_path):
               "| replay |", "| self-correction |"):
     assert row in report, row
   # A finished baseline is evaluated again, not retrained.
-  again = run_ok("baseline", "oracle", str(run_dir)).stderr
+  again = run_ok("baseline", "oracle", "--run-dir", str(run_dir)).stderr
   assert "model exists" in again
 
 
@@ -392,8 +392,8 @@ def test_interleaved_rounds_resume_and_compare_both_methods(tiny_model, tmp_path
   noisy = write_jsonl(tmp_path / "noisy.jsonl", NOISY)
   safe = write_jsonl(tmp_path / "safe.jsonl", SAFE)
   run_dir = tmp_path / "run"
-  run_ok(*filter_args(tiny_model, noisy, safe, run_dir))
-  first = run_ok("rounds", str(run_dir), "--rounds", "2").stderr
+  run_ok(*filter_args(tiny_model, noisy, safe, run_dir), "--clean")
+  first = run_ok("rounds", "--run-dir", str(run_dir), "--rounds", "2").stderr
   # Round 1 reuses M1, M2 and the clean model: only ForgetFilter's first safety finetune and the
   # four finetunes of round 2 are trained.
   assert first.count("== rounds:") == 5, first
@@ -406,13 +406,14 @@ def test_interleaved_rounds_resume_and_compare_both_methods(tiny_model, tmp_path
   assert result["unsafe_examples"] == "unsafe (labels)" and result["n_unsafe"] == 4
   assert "| 2 | safety |" in (run_dir / "rounds.md").read_text()
   # Everything is saved: a rerun trains nothing and reproduces the numbers.
-  again = run_ok("rounds", str(run_dir), "--rounds", "2").stderr
+  again = run_ok("rounds", "--run-dir", str(run_dir), "--rounds", "2").stderr
   assert "== rounds:" not in again
   assert json.loads((run_dir / "rounds.json").read_text()) == result
 
 
 def test_baseline_needs_a_finished_filter_phase(capsys, tmp_path):
-  expect_error(capsys, ["baseline", "random", str(tmp_path / "nowhere")], "no manifest.json")
+  expect_error(capsys, ["baseline", "random", "--run-dir", str(tmp_path / "nowhere")],
+               "no manifest.json")
 
 
 def test_a_config_key_added_later_keeps_old_runs_resumable_at_its_default(tmp_path):
@@ -479,7 +480,8 @@ def test_every_example_flagged_stops_before_clean_with_a_clear_error(tiny_model,
   noisy = write_jsonl(tmp_path / "noisy.jsonl", NOISY)
   safe = write_jsonl(tmp_path / "safe.jsonl", SAFE)
   run_dir = tmp_path / "run"
-  proc = run_cli(*filter_args(tiny_model, noisy, safe, run_dir, "filter.threshold=fixed:-1000"))
+  proc = run_cli(*filter_args(tiny_model, noisy, safe, run_dir, "filter.threshold=fixed:-1000"),
+                 "--clean")
   assert proc.returncode == 2, proc.stderr[-3000:]
   errors = [line for line in proc.stderr.splitlines() if line.startswith("ff-jax: error:")]
   assert len(errors) == 1 and "flagged every example" in errors[0], proc.stderr[-3000:]
@@ -512,7 +514,7 @@ def test_filter_on_smollm2_gguf(tmp_path):
          "--run-dir", str(run_dir), "noisy.epochs=0", "noisy.steps=2", "safety.steps=2",
          "noisy.batch_size=4", "safety.batch_size=4", "scoring.batch_size=4",
          "evaluate.batch_size=4", "data.max_len=128", "data.buckets=[128]",
-         "scoring.rouge=false", "scoring.replicas_per_pass=1", timeout=900)
+         "scoring.rouge=false", "scoring.replicas_per_pass=1", "--clean", timeout=900)
   print(f"SmolLM2 ff-jax filter wall time: {time.perf_counter() - start:.1f}s")
   assert complete_phases(run_dir) == PHASES
   kept, flagged = read_ids(run_dir / "filtered.jsonl"), read_ids(run_dir / "flagged.jsonl")
@@ -525,7 +527,7 @@ def test_filter_on_smollm2_gguf(tmp_path):
 
 def test_pkg_model_source_resolves_the_packaged_gguf():
   from ff_jax.errors import ConfigError
-  from ff_jax.pipeline.inputs import resolve_model_source
+  from ff_jax.models.hub import resolve_model_source
 
   with pytest.raises(ConfigError, match="not installed"):
     resolve_model_source("pkg:no_such_package_ff_jax")

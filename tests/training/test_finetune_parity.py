@@ -1,7 +1,7 @@
 """ff_jax's finetuning equals the paper's PyTorch AdamW finetune of the same weights.
 
 ForgetFilter's two finetunes (noisy, then safety from the noisy result with a fresh optimizer) run
-through ff_jax's real phase code (`loop.train_phase`, per-step loss read back from its MetricsLog)
+through ff_jax's real phase code (`loop.train_phase`, per-step loss read back from its log)
 and, on the same batches, through the reference's torch loop (shared/reference/
 ref_forgetfilter_torch.py: AdamW with weight_decay=0 and default betas/eps, `clip_grad_norm_(1.0)`
 every step, constant LR, loss = response-token NLL sum / response tokens in the batch, fp32).
@@ -23,15 +23,15 @@ from ff_jax import parallel
 from ff_jax.data.batching import TrainIterator, make_batch
 from ff_jax.data.templates import EncodedExample
 from ff_jax.models import forward, hf, positions_from_mask, tiny_llama
-from ff_jax.progress import MetricsLog
+from ff_jax.progress import TrainingLog
 from ff_jax.training.loop import PhaseSpec, train_phase
 from ff_jax.training.scoring import score_examples
 from ff_jax.training.steps import ModelRuntime, OptimConfig, Scorer
 
 torch = pytest.importorskip("torch")
 LlamaForCausalLM = pytest.importorskip("transformers").LlamaForCausalLM
-# ~50 s on a busy 2-core machine: three ff_jax phases, each compiling two bucket shapes and saving
-# an Orbax checkpoint every step (the MetricsLog only gets the steps that checkpoint).
+# ~50 s on a busy 2-core machine: three ff_jax phases, each compiling two bucket shapes, and the
+# torch reference.
 pytestmark = pytest.mark.slow
 
 PAD, EOS, BOS = 0, 1, 2
@@ -40,8 +40,7 @@ RTOL = 1e-4
 # Big enough that the weights really move (each phase's loss falls by ~1 nat) and the clip binds.
 OPTIM = OptimConfig(learning_rate=1e-3, b2=0.999, schedule="constant", warmup_steps=0,
                     max_grad_norm=1.0, weight_decay=0.0)
-NOISY = PhaseSpec("noisy", steps=20, batch_size=4, optim=OPTIM, seed=11, buckets=BUCKETS,
-                  checkpoint_every=1)  # every step's loss goes to the MetricsLog
+NOISY = PhaseSpec("noisy", steps=20, batch_size=4, optim=OPTIM, seed=11, buckets=BUCKETS)
 SAFETY = dataclasses.replace(NOISY, name="safety", seed=12)
 
 
@@ -100,7 +99,7 @@ def ff_phase(runtime, spec: PhaseSpec, params, examples, tmp):
   log = tmp / f"{spec.name}.jsonl"
   copy = jax.tree.map(jnp.copy, params)  # the train step donates its state
   out = train_phase(spec, runtime, lambda: copy, examples, PAD, tmp / f"ckpt_{spec.name}",
-                    MetricsLog(log))
+                    TrainingLog(log, every=1))  # every step's loss
   rows = [json.loads(line) for line in log.read_text().splitlines()]
   assert [r["step"] for r in rows] == list(range(1, spec.steps + 1))
   return out, np.array([r["loss"] for r in rows]), np.array([r["grad_norm"] for r in rows])
