@@ -9,7 +9,9 @@ from it, so a name can never be mapped one way and forgotten the other:
     parameter tree, streams each tensor from the safetensors file(s) one at a time, applies the
     transform's `to_params` and hands `(path, array, key)` to `loading.assemble_params`, which puts
     it straight onto its sharding and checks full coverage;
-  * export expands the same table over the concrete parameters and applies `to_hf`.
+  * export expands the same table over the concrete parameters and applies `to_hf`, one tensor at
+    a time (gathered across processes when sharded), into safetensors shards that process 0
+    alone writes (`save_hf`).
 
 Transforms are small named pairs of exact inverses (transposes and reshapes only), so
 HF -> ff_jax -> HF reproduces every tensor bit for bit.
@@ -22,22 +24,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
-import shutil
 import struct
-import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import ml_dtypes
 import numpy as np
+from jax.experimental import multihost_utils
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from ff_jax import parallel
+from ff_jax.atomic_io import write_folder
 from ff_jax.errors import CheckpointError
 from ff_jax.models import abstract_model
 from ff_jax.models.config import ModelConfig
@@ -55,7 +58,8 @@ from ff_jax.models.tokenizer import TextTokenizer
 
 __all__ = [
     "FAMILIES", "Family", "Rule", "Transform", "SUPPORTED_MODEL_TYPES", "config_from_hf",
-    "export_tensors", "hf_config_from", "hf_model_type", "load_hf", "load_tokenizer", "save_hf",
+    "MAX_SHARD_SIZE", "export_tensors", "generation_config_from", "hf_config_from", "hf_model_type",
+    "load_hf", "load_tokenizer", "save_hf", "shard_files",
 ]
 
 Params = dict[str, Any]
@@ -452,8 +456,38 @@ def load_hf(folder: str | os.PathLike, mesh=None, rules: Mapping | None = None,
   return cfg, params
 
 
-def export_tensors(cfg: ModelConfig, params: Params, model_type: str) -> dict[str, np.ndarray]:
-  """{HF key: host array} for `params`, in the parameters' own dtype."""
+# ------------------------------------------------------------------------------------------------
+# Export: streamed tensor by tensor into safetensors shards, written by process 0 alone.
+
+# Bytes per safetensors file: transformers 4's default ("5GB"; 5.x raised it to 50GB). Process 0
+# holds one shard in host memory while it fills it, so this also bounds the export's host memory.
+MAX_SHARD_SIZE = 5 * 10**9
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+_SAFETENSORS_METADATA = {"format": "pt"}  # what transformers writes; it refuses files without it
+
+
+@dataclasses.dataclass(frozen=True)
+class _ExportItem:
+  """One HF tensor of an export: its key, how it is made, and its size in bytes."""
+
+  key: str
+  rule: Rule
+  paths: tuple[ParamPath, ...]
+  nbytes: int
+
+
+def _natural_key(key: str) -> tuple:
+  """Sort key with numbers compared as numbers, so each layer's tensors sit together, in order."""
+  return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key))
+
+
+def _export_items(cfg: ModelConfig, params: Params, model_type: str
+                  ) -> tuple[dict[ParamPath, Any], list[_ExportItem]]:
+  """(flat params, the export's tensors in HF key order); CheckpointError for a parameter without
+  an HF name. Sizes come from the parameters' shapes (the transforms only move elements), so every
+  process plans the same shards before any tensor is gathered."""
   require_export_type(model_type)
   flat = flatten(params)
   plan = _plan(FAMILIES[model_type], cfg, flat)
@@ -461,42 +495,160 @@ def export_tensors(cfg: ModelConfig, params: Params, model_type: str) -> dict[st
   left = sorted(path_str(p) for p in flat if p not in covered)
   if left:
     raise CheckpointError(f"cannot export as {model_type}: no HF name for parameter(s) {left}")
-  out = {}
-  for key, (rule, paths) in plan.items():
-    arrays = tuple(np.asarray(jax.device_get(flat[p])) for p in paths)
-    out[key] = np.ascontiguousarray(rule.transform.to_hf(arrays, cfg))
-  return out
+  items = []
+  for key in sorted(plan, key=_natural_key):
+    rule, paths = plan[key]
+    nbytes = sum(math.prod(flat[p].shape) * np.dtype(flat[p].dtype).itemsize for p in paths)
+    items.append(_ExportItem(key, rule, paths, nbytes))
+  return flat, items
+
+
+def _host_value(x: Any) -> np.ndarray:
+  """The whole of one parameter in this process's memory.
+
+  A parameter sharded over several processes is gathered with `process_allgather`: a collective,
+  so every process must ask for the same parameters in the same order (the sharding, and so the
+  branch taken, is the same on every process).
+  """
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  if x.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))  # already whole on this process
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _hf_tensor(cfg: ModelConfig, flat: Mapping[ParamPath, Any], item: _ExportItem) -> np.ndarray:
+  """One HF tensor on the host, converted from its parameter(s) with the rule's `to_hf`."""
+  arrays = tuple(_host_value(flat[p]) for p in item.paths)
+  tensor = np.ascontiguousarray(item.rule.transform.to_hf(arrays, cfg))
+  assert tensor.nbytes == item.nbytes, f"{item.key}: {tensor.nbytes} bytes, planned {item.nbytes}"
+  return tensor
+
+
+def export_tensors(cfg: ModelConfig, params: Params, model_type: str) -> dict[str, np.ndarray]:
+  """{HF key: host array} for `params`, in the parameters' own dtype (the whole model at once: for
+  tests and small models; `save_hf` streams)."""
+  flat, items = _export_items(cfg, params, model_type)
+  return {item.key: _hf_tensor(cfg, flat, item) for item in items}
+
+
+def shard_files(sizes: Sequence[tuple[str, int]], max_shard_size: int = MAX_SHARD_SIZE
+                ) -> dict[str, list[str]]:
+  """{file name: keys} for `(key, bytes)` pairs kept in order.
+
+  A file is closed when the next tensor would take it past `max_shard_size`, so a tensor larger
+  than that gets a file of its own. One file is `model.safetensors`; several are named
+  `model-00001-of-00003.safetensors` ... as transformers names them.
+  """
+  groups: list[list[str]] = [[]]
+  size = 0
+  for key, nbytes in sizes:
+    if groups[-1] and size + nbytes > max_shard_size:
+      groups.append([])
+      size = 0
+    groups[-1].append(key)
+    size += nbytes
+  if len(groups) == 1:
+    return {SINGLE_FILE: groups[0]}
+  return {f"model-{i:05d}-of-{len(groups):05d}.safetensors": keys
+          for i, keys in enumerate(groups, start=1)}
+
+
+def generation_config_from(cfg: ModelConfig) -> dict[str, Any]:
+  """`generation_config.json` as transformers' `GenerationConfig.from_model_config` writes it for
+  the exported config.json: the special token ids that are set (no version stamp)."""
+  ids = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+         "pad_token_id": cfg.pad_token_id}
+  return {"_from_model_config": True, **{k: v for k, v in ids.items() if v is not None},
+          "use_cache": True}
+
+
+def _write_json(path: Path, value: Any) -> None:
+  path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def _raise_any_failure(failure: Exception | None, folder: Path) -> None:
+  """Raise this process's failure, or process 0's on the others. On several processes this is
+  also the barrier after which the export is in place."""
+  failed = failure is not None
+  if jax.process_count() > 1:
+    failed = bool(multihost_utils.broadcast_one_to_all(np.int32(failed)))
+  if failure is not None:
+    raise failure
+  if failed:
+    raise CheckpointError(f"{folder}: process 0 could not write the HF export; its log says why")
 
 
 def save_hf(folder: str | os.PathLike, cfg: ModelConfig, params: Params, model_type: str,
-            tokenizer: TextTokenizer | None = None) -> Path:
-  """Write an HF folder (config.json, model.safetensors, tokenizer files) for `params`.
+            tokenizer: TextTokenizer | None = None,
+            max_shard_size: int = MAX_SHARD_SIZE) -> Path:
+  """Write an HF folder for `params`: config.json, generation_config.json, the weights as
+  `model.safetensors` or, past `max_shard_size` bytes, as `model-0000k-of-0000n.safetensors`
+  shards with `model.safetensors.index.json`, and the tokenizer files.
 
   transformers' `AutoModelForCausalLM.from_pretrained` loads it. Tensors keep the parameters'
-  dtype (float32 or bfloat16). The folder is built next to its destination and renamed into place,
-  so a crash never leaves a half-written checkpoint under `folder`. Arrays must be addressable from
-  this process (single host, or gather first).
+  dtype (float32 or bfloat16). The model is never gathered whole: tensors are brought to the host
+  one at a time (on a multi-process mesh, gathered from every process), converted and added to
+  the current shard, which is written out once full. Process 0 alone writes, so its host memory
+  holds at most one shard plus one tensor (GPT-2's fused q/k/v: plus its parts); the other
+  processes hold one tensor at a time. Every process must call this with the same arguments.
+  Process 0 builds the folder next to its destination and renames it into place
+  (`atomic_io.write_folder`), so a crash never leaves a half-written checkpoint under `folder`;
+  the other processes return once it is in place.
   """
   folder = Path(folder)
   config = hf_config_from(cfg, model_type)
-  tensors = export_tensors(cfg, params, model_type)
-  folder.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+  flat, items = _export_items(cfg, params, model_type)  # both raise on every process alike
+  files = shard_files([(item.key, item.nbytes) for item in items], max_shard_size)
+  by_key = {item.key: item for item in items}
+  index = {"metadata": {"total_parameters": sum(math.prod(p.shape) for p in flat.values()),
+                        "total_size": sum(item.nbytes for item in items)},
+           "weight_map": {key: name for name, keys in files.items() for key in keys}}
+
+  def stream(tmp: Path | None) -> None:
+    """Every process gathers every tensor, in the same order; process 0 (`tmp`) also writes. A
+    failed write ends the writing but not the gathers, which the other processes are waiting in;
+    it is raised at the end."""
+    failure = None
+    for name, keys in files.items():
+      shard = {}
+      for key in keys:
+        tensor = _hf_tensor(cfg, flat, by_key[key])  # a gather when sharded over processes
+        if tmp is not None and failure is None:
+          shard[key] = tensor
+      if tmp is not None and failure is None:
+        try:
+          save_file(shard, str(tmp / name), metadata=_SAFETENSORS_METADATA)  # no copies made
+        except Exception as e:
+          failure = e
+    if failure is not None:
+      raise failure
+    if tmp is not None:
+      _write_json(tmp / "config.json", config)
+      _write_json(tmp / GENERATION_CONFIG_FILE, generation_config_from(cfg))
+      if len(files) > 1:
+        _write_json(tmp / INDEX_FILE, index)
+      if tokenizer is not None:
+        tokenizer.save(tmp)
+
+  failure = None
+  gathered = False
+
+  def fill(tmp: Path) -> None:
+    nonlocal gathered
+    gathered = True
+    stream(tmp)
+
   try:
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    if tokenizer is not None:
-      tokenizer.save(tmp)
-    old = None
-    if folder.exists():
-      old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-      folder.rename(old)
-    tmp.rename(folder)
-    if old is not None:
-      shutil.rmtree(old)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+    write_folder(folder, fill)  # process 0 only; no fill if it cannot make the temp folder
+  except Exception as e:
+    failure = e
+  if not gathered:  # the other processes, and process 0 if it failed before filling
+    try:
+      stream(None)
+    except Exception as e:
+      failure = failure or e
+  _raise_any_failure(failure, folder)
   return folder
 
 

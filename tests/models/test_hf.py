@@ -189,14 +189,21 @@ def test_config_round_trip(name):
   assert hf.config_from_hf(json.loads(json.dumps(exported)), "x/config.json") == cfg
 
 
+# Bytes per shard: one file (the default), or several (the fixtures hold 0.3-0.45 MB).
+SHARD_SIZES = {"one_file": hf.MAX_SHARD_SIZE, "shards": 100_000}
+
+
 @needs_torch
+@pytest.mark.parametrize("shards", sorted(SHARD_SIZES))
 @pytest.mark.parametrize("name", NAMES)
-def test_export_loads_in_transformers(tmp_path, name):
+def test_export_loads_in_transformers(tmp_path, name, shards):
   import torch
   import transformers
 
   cfg, params = hf.load_hf(PARITY / name)
-  out = hf.save_hf(tmp_path / "out", cfg, params, MODEL_TYPES[name])
+  out = hf.save_hf(tmp_path / "out", cfg, params, MODEL_TYPES[name],
+                   max_shard_size=SHARD_SIZES[shards])
+  assert (out / "model.safetensors.index.json").exists() == (shards == "shards")
   model = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
   expected = np.load(PARITY / name / "expected.npz")
   with torch.no_grad():
@@ -222,7 +229,8 @@ def test_save_replaces_folder_atomically_with_tokenizer(tmp_path):
   (dest / "stale.txt").write_text("old run")
   hf.save_hf(dest, cfg, params, "llama", tokenizer=tiny_tokenizer())
   assert sorted(p.name for p in dest.iterdir()) == [
-      "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+      "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+      "tokenizer_config.json"]
   assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temp or backup left behind
   tok = hf.load_tokenizer(dest)
   assert (tok.eos_id, tok.pad_id, tok.bos_id) == (2, 3, 1)
@@ -453,3 +461,120 @@ def test_missing_files(tmp_path):
   shutil.copy(PARITY / "llama" / "config.json", tmp_path)
   with pytest.raises(CheckpointError, match="no model.safetensors"):
     hf.load_hf(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Streamed, sharded export.
+
+SHARD_BYTES = SHARD_SIZES["shards"]
+
+
+def test_shard_files_fill_in_order_and_are_named_like_transformers():
+  sizes = [("a", 40), ("b", 50), ("c", 30), ("d", 150), ("e", 10)]
+  assert hf.shard_files(sizes, 100) == {
+      "model-00001-of-00004.safetensors": ["a", "b"],
+      "model-00002-of-00004.safetensors": ["c"],
+      "model-00003-of-00004.safetensors": ["d"],  # larger than a shard: a file of its own
+      "model-00004-of-00004.safetensors": ["e"]}
+  assert hf.shard_files(sizes, 280) == {"model.safetensors": ["a", "b", "c", "d", "e"]}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sharded_export_equals_single_file_and_round_trips(tmp_path, name):
+  cfg, params = hf.load_hf(PARITY / name)
+  single = hf.save_hf(tmp_path / "single", cfg, params, MODEL_TYPES[name])
+  sharded = hf.save_hf(tmp_path / "sharded", cfg, params, MODEL_TYPES[name],
+                       max_shard_size=SHARD_BYTES)
+  shards = sorted(sharded.glob("*.safetensors"))
+  count = len(shards)
+  assert count >= 3
+  assert [p.name for p in shards] == [f"model-{i:05d}-of-{count:05d}.safetensors"
+                                      for i in range(1, count + 1)]
+  for small in ("config.json", "generation_config.json"):
+    assert (sharded / small).read_bytes() == (single / small).read_bytes()
+
+  whole, parts = read_safetensors(single), read_safetensors(sharded)
+  assert sorted(parts) == sorted(whole)
+  for key, value in whole.items():
+    assert parts[key].dtype == value.dtype, key
+    np.testing.assert_array_equal(parts[key], value, err_msg=key)
+
+  index = json.loads((sharded / "model.safetensors.index.json").read_text())
+  assert index["metadata"] == {"total_size": sum(v.nbytes for v in whole.values()),
+                               "total_parameters": sum(v.size for v in whole.values())}
+  placed = {}
+  for shard in shards:
+    with safe_open(str(shard), framework="numpy") as f:
+      keys = list(f.keys())
+    assert sum(whole[k].nbytes for k in keys) <= SHARD_BYTES or len(keys) == 1, shard.name
+    placed.update(dict.fromkeys(keys, shard.name))
+  assert index["weight_map"] == placed
+
+  cfg2, params2 = hf.load_hf(sharded)
+  assert cfg2 == cfg
+  flat, flat2 = flatten(params), flatten(params2)
+  assert sorted(flat2, key=str) == sorted(flat, key=str)
+  for path, value in flat.items():
+    np.testing.assert_array_equal(np.asarray(flat2[path]), np.asarray(value))
+
+
+@needs_torch
+@pytest.mark.parametrize("name", NAMES)
+def test_generation_config_is_what_transformers_derives(tmp_path, name):
+  import transformers
+
+  cfg, params = hf.load_hf(PARITY / name)
+  out = hf.save_hf(tmp_path / "out", cfg, params, MODEL_TYPES[name])
+  written = transformers.GenerationConfig.from_pretrained(out)
+  assert (written.bos_token_id, written.eos_token_id, written.pad_token_id) == (
+      cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id)
+  # What transformers' own save_pretrained writes for the model loaded without it, but the
+  # version stamp.
+  bare = shutil.copytree(out, tmp_path / "bare")
+  (bare / "generation_config.json").unlink()
+  model = transformers.AutoModelForCausalLM.from_pretrained(bare)
+  model.generation_config.save_pretrained(tmp_path / "derived")
+  want = json.loads((tmp_path / "derived" / "generation_config.json").read_text())
+  want.pop("transformers_version")
+  assert json.loads((out / "generation_config.json").read_text()) == want
+
+
+def test_failed_shard_write_stops_writing_and_leaves_destination_untouched(tmp_path,
+                                                                           monkeypatch):
+  cfg, params = hf.load_hf(PARITY / "llama")
+  dest = hf.save_hf(tmp_path / "export", cfg, params, "llama")
+  before = {p.name: p.read_bytes() for p in dest.iterdir()}
+  real_save, written = hf.save_file, []
+
+  def disk_fills_on_second_shard(tensors, path, metadata=None):
+    written.append(Path(path).name)
+    if len(written) == 2:
+      raise OSError(28, "No space left on device")
+    real_save(tensors, path, metadata=metadata)
+
+  monkeypatch.setattr(hf, "save_file", disk_fills_on_second_shard)
+  with pytest.raises(OSError, match="No space left on device"):
+    hf.save_hf(dest, cfg, params, "llama", max_shard_size=SHARD_BYTES)
+  assert len(written) == 2  # nothing more was written after the failure
+  assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
+  assert [p.name for p in tmp_path.iterdir()] == ["export"]  # the temp folder is gone
+
+
+@pytest.mark.slow
+def test_streamed_export_holds_one_shard_not_the_model(tmp_path):
+  """Peak host memory of exporting a 328 MB model in 32 MB shards, against gathering it whole
+  (tests/helpers/export_memory.py; each in a fresh process)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  figures = {}
+  for mode in ("streamed", "whole"):
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.helpers.export_memory", str(tmp_path / mode), mode],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures[mode] = json.loads(result.stdout.strip().splitlines()[-1])
+  streamed, whole = figures["streamed"], figures["whole"]
+  assert streamed["files"] >= 8
+  # One shard plus the largest tensor (16 MB) and its converted copy, and some slack.
+  assert streamed["peak_rise_mb"] < streamed["shard_mb"] + 2 * 16 + 16, figures
+  assert whole["peak_rise_mb"] > 0.75 * whole["model_mb"], figures  # the measure sees a gather
