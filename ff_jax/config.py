@@ -122,7 +122,10 @@ class ScoringConfig:
   replicas: int = 1  # K safety finetunings of M1 differing in seed and order, stacked: *_ens
   # Stack at most this many of the K − 1 extra replicas, safety or noisy (0: all); 1 trains them
   # one at a time with the ordinary steps (and resumes a noisy replica from its checkpoints).
-  replicas_per_pass: int = 0
+  # `auto`: decided when the phase starts, as `ff-jax plan` decides (ff_jax.training.memory
+  # .pass_size): one at a time on a CPU, else the largest stack whose compiled steps fit the
+  # device's memory; the phase's manifest entry records the count it used.
+  replicas_per_pass: int | str = "auto"
   # K M1s: the noisy finetune repeated with other seeds (data orders), each with its own safety
   # finetune, trained stacked: *_nens (the default signal). Costs K − 1 more noisy and safety
   # finetunes (docs/fidelity.md, "Cost"). `auto`: what filter.signal needs (auto_noisy_replicas:
@@ -135,6 +138,10 @@ class ScoringConfig:
 
   def __post_init__(self):
     # Checked when the config loads, not when the phase starts hours into a run.
+    if self.replicas_per_pass != "auto" and (
+        isinstance(self.replicas_per_pass, str) or self.replicas_per_pass < 0):
+      raise ConfigError(f"scoring.replicas_per_pass={self.replicas_per_pass!r}: set auto (as "
+                        "many as fit, one at a time on a CPU), a count, or 0 (all at once)")
     if isinstance(self.noisy_replicas, str) and self.noisy_replicas != "auto":
       raise ConfigError(f"scoring.noisy_replicas={self.noisy_replicas!r}: set auto (what "
                         "filter.signal needs) or a count of at least 1")

@@ -14,6 +14,14 @@ memory (`--hbm-gib`, else what the device reports, else the TPU generation's HBM
 does not fit is refused with the largest batch found to fit: compiled at the smallest batch the
 mesh allows, then a few candidates between, each compiled and checked (see `largest_batch`).
 
+Replica passes (`scoring.replicas` > 1 or `scoring.noisy_replicas` > 1): the stacked train steps
+and the stacked score step of a pass of K replicas (`Trainer(..., replicas=K)`) are compiled the
+same way, with what the pass keeps alive beside them (the model it starts from; its moments
+while it scores; ff_jax.training.memory.PassPlan). The plan sets how many replicas a pass stacks
+as the run will (`pass_size`: `scoring.replicas_per_pass: auto` stacks on an accelerator only,
+as many as fit) and never more than fit the device memory: a stack that does not fit is lowered,
+down to one at a time, and the plan is refused only when even one replica per pass does not fit.
+
 On CPU the analysis is an upper bound for accelerators: XLA:CPU gathers FSDP-sharded weights
 without a memory-aware schedule, so its temporaries hold whole gathered layers at once; plan
 for TPU with `--topology` (libtpu) or on the GPU itself.
@@ -27,20 +35,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from jax.experimental import topologies
 
 from ff_jax import parallel
 from ff_jax.config import RunConfig
 from ff_jax.errors import ConfigError
 from ff_jax.pipeline.inputs import planned_model_config
-from ff_jax.training.steps import ModelRuntime, OptimConfig, Scorer, Trainer
-
-GIB = 2.0**30
+from ff_jax.training.memory import (
+  GIB,
+  PassFinetune,
+  PassPlan,
+  Planner,
+  StepPlan,
+  device_memory_gib,
+  pass_size,
+)
+from ff_jax.training.steps import ModelRuntime
 
 # Cloud TPU slices by name -> (topology for jax.experimental.topologies, HBM per chip in GiB).
 TPU_SLICES = {
@@ -50,39 +63,6 @@ TPU_SLICES = {
     "v5p-8": ("v5p:2x2x1", 95), "v5p-32": ("v5p:2x2x4", 95),
     "v6e-8": ("v6e:2x4", 32), "v6e-16": ("v6e:4x4", 32),
 }
-
-
-@dataclasses.dataclass
-class StepPlan:
-  """Per-device memory of one compiled step (bytes)."""
-
-  name: str
-  batch: int
-  seq_len: int
-  params: int
-  optimizer: int
-  batch_bytes: int
-  arguments: int
-  outputs: int
-  aliased: int
-  temp: int
-  compile_s: float
-  largest_batch: int | None = None  # set when the step does not fit
-  smallest_total: int | None = None  # total at the smallest batch, when it does not fit
-
-  @property
-  def total(self) -> int:
-    return self.arguments + self.outputs - self.aliased + self.temp
-
-
-def shard_bytes(tree: Any) -> int:
-  """Bytes of one device's shards of a tree of ShapeDtypeStructs with shardings (the largest
-  shard where uneven)."""
-  total = 0
-  for leaf in jax.tree.leaves(tree):
-    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
-    total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
-  return total
 
 
 def topology_devices(name: str) -> tuple[list[Any], float]:
@@ -98,95 +78,58 @@ def topology_devices(name: str) -> tuple[list[Any], float]:
   return list(desc.devices), float(hbm)
 
 
-def device_memory_gib(devices: list[Any]) -> float | None:
-  """What the first device reports as its memory limit (GPU/TPU), else None (CPU)."""
-  try:
-    stats = devices[0].memory_stats()
-  except Exception:  # noqa: BLE001 - CPU and some runtimes have no memory stats
-    return None
-  limit = (stats or {}).get("bytes_limit")
-  return limit / GIB if limit else None
+def replica_phases(cfg: RunConfig) -> list[tuple[str, int, list[PassFinetune]]]:
+  """(phase, extra replicas, the finetunes of one pass) of each ensemble phase the run trains,
+  as ff_jax.pipeline.ensembles trains them."""
+  phases = []
+  if cfg.scoring.replicas > 1:
+    phases.append(("safety_replicas", cfg.scoring.replicas - 1,
+                   [PassFinetune("safety", cfg.safety.optim, cfg.safety.batch_size)]))
+  if cfg.scoring.noisy_replicas > 1:
+    phases.append(("noisy_replicas", cfg.scoring.noisy_replicas - 1, [
+        PassFinetune("noisy", cfg.noisy.optim, cfg.noisy.batch_size),
+        PassFinetune("safety", cfg.safety.optim, cfg.safety.batch_size, stacked_init=True)]))
+  return phases
 
 
-def _abstract_batch(runtime: ModelRuntime, batch: int, seq_len: int) -> dict[str, Any]:
-  parallel.check_batch_rows(batch, runtime.mesh, runtime.rules)
-  shardings = parallel.batch_shardings(runtime.mesh, runtime.rules)
-  shapes = {key: (batch, seq_len)[:rank] for key, rank in parallel.BATCH_RANKS.items()}
-  return {key: jax.ShapeDtypeStruct(shapes[key], jnp.int32, sharding=shardings[key])
-          for key in shardings}
+def plan_passes(cfg: RunConfig, planner: Planner, platform: str,
+                limit_gib: float | None) -> list[dict[str, Any]]:
+  """Each ensemble phase's replica passes: the stacked steps compiled at the stack the config
+  asks for, and the stack the run uses, lowered to what fits `limit_gib`."""
+  limit = limit_gib * GIB if limit_gib else None
+  entries = []
+  for phase, extra, finetunes in replica_phases(cfg):
+    plan = PassPlan(planner, finetunes, cfg.scoring.batch_size, cfg.data.max_len)
+    # LoRA trains one replica at a time (the stacked step would train every parameter).
+    setting = 1 if cfg.lora.rank else cfg.scoring.replicas_per_pass
+    most = extra if setting in ("auto", 0) else min(setting, extra)
+    print(f"[plan] compiling {phase}: a pass of {most} of {extra} replicas ...", flush=True)
+    plan.peak(most)  # what the configured stack needs, reported even where it is not used
+    fit = most if limit is None else plan.largest_fitting(most, limit)
+    wanted, why = pass_size(setting, extra, platform, limit, plan)
+    per_pass = min(wanted, fit)
+    if 0 < per_pass < wanted:
+      why = (f"{wanted} per pass needs {plan.peak(wanted) / GIB:.2f} GiB: lowered to "
+             f"{per_pass}, the largest stack that fits"
+             + ("" if setting == "auto" else f" (set scoring.replicas_per_pass={per_pass})"))
+    # The stack asked for, the one used, and one replica (the ordinary steps) to compare.
+    shown = sorted({most, max(per_pass, 1), 1}, reverse=True)
+    entries.append({
+        "phase": phase, "replicas": extra, "setting": setting, "per_pass": per_pass,
+        "fits": fit if limit is not None else None, "why": why,
+        "stacks": [{"k": k, "peak": plan.peak(k),
+                    "steps": [_step_dict(step) for step in plan.steps(k)]} for k in shown]})
+  return entries
 
 
-def _compile(fn, *args) -> tuple[Any, float]:
-  start = time.perf_counter()
-  compiled = fn.lower(*args).compile()
-  return compiled.memory_analysis(), time.perf_counter() - start
-
-
-def _analysis_bytes(analysis: Any) -> tuple[int, int, int, int]:
-  if analysis is None:
-    return 0, 0, 0, 0
-  return (int(analysis.argument_size_in_bytes), int(analysis.output_size_in_bytes),
-          int(analysis.alias_size_in_bytes), int(analysis.temp_size_in_bytes))
-
-
-class Planner:
-  """Compiles a run's steps for its mesh without allocating; see the module docstring."""
-
-  def __init__(self, runtime: ModelRuntime):
-    self.runtime = runtime
-    self.params = runtime.abstract_with_shardings()
-    self.param_bytes = shard_bytes(self.params)
-    self.min_batch = math.prod(runtime.mesh.shape[a]
-                               for a in parallel.data_axes(runtime.mesh, runtime.rules))
-
-  def train_step(self, name: str, optim: OptimConfig, batch: int, seq_len: int) -> StepPlan:
-    trainer = Trainer(self.runtime, optim, total_steps=1)
-    state = trainer.abstract_state()
-    data = _abstract_batch(self.runtime, batch, seq_len)
-    analysis, seconds = _compile(trainer.step, state, data)
-    return StepPlan(name, batch, seq_len, self.param_bytes, shard_bytes(state["opt_state"]),
-                    shard_bytes(data), *_analysis_bytes(analysis), seconds)
-
-  def score_step(self, batch: int, seq_len: int) -> StepPlan:
-    scorer = Scorer(self.runtime)
-    data = _abstract_batch(self.runtime, batch, seq_len)
-    analysis, seconds = _compile(scorer.step, self.params, data)
-    return StepPlan("score", batch, seq_len, self.param_bytes, 0, shard_bytes(data),
-                    *_analysis_bytes(analysis), seconds)
-
-  def largest_batch(self, plan: StepPlan, limit: float, recompile,
-                    tries: int = 4) -> tuple[int, StepPlan | None]:
-    """(the largest batch found to fit `limit`, 0 when not even the smallest batch the mesh
-    allows fits; the plan at that smallest batch, None when the state alone does not fit).
-
-    Temporaries are roughly linear in the batch, but XLA changes strategy at some sizes, so every
-    candidate is compiled and checked: a secant search between the largest batch known to fit
-    and the smallest known not to, at most `tries` compiles beyond the smallest batch.
-    """
-    step = self.min_batch
-    if plan.total - plan.temp > limit:  # the state alone does not fit: no batch will
-      return 0, None
-    small = recompile(step)
-    if small.total > limit:
-      return 0, small
-    fits, fails = small, plan
-    for _ in range(tries):
-      if fails.batch - fits.batch <= step:
-        break
-      per_row = max((fails.total - fits.total) / (fails.batch - fits.batch), 1.0)
-      guess = fits.batch + int((limit - fits.total) // per_row) // step * step
-      guess = min(max(guess, fits.batch + step), fails.batch - step)
-      candidate = recompile(guess)
-      if candidate.total <= limit:
-        fits = candidate
-      else:
-        fails = candidate
-    return fits.batch, small
+def _step_dict(step: StepPlan) -> dict[str, Any]:
+  return {**dataclasses.asdict(step), "total": step.total}
 
 
 def plan_run(cfg: RunConfig, hbm_gib: float | None = None,
              topology: str | None = None) -> dict[str, Any]:
-  """Compile and measure every step of `cfg`'s run; raises ConfigError when one does not fit."""
+  """Compile and measure every step of `cfg`'s run, and its replica passes; `refusal` says
+  whether it fits."""
   model_cfg = planned_model_config(cfg).replace(lora=cfg.lora)
   devices, slice_hbm = topology_devices(topology) if topology else (jax.devices(), None)
   limit_gib = hbm_gib or device_memory_gib(devices) or slice_hbm
@@ -201,29 +144,25 @@ def plan_run(cfg: RunConfig, hbm_gib: float | None = None,
           "train (safety)", cfg.safety.optim, b, seq)),
       ("score", cfg.scoring, lambda b: planner.score_step(b, seq)),
   ]
-  steps, compiled = [], {}
+  steps = []
   for name, phase, compile_at in specs:
-    key = (name.split()[0], phase.batch_size)
-    if key in compiled:  # noisy and safety steps of one shape: the same program
-      steps.append(dataclasses.replace(compiled[key], name=name))
-      continue
     print(f"[plan] compiling {name} at batch {phase.batch_size} x {seq} ...", flush=True)
-    step = compiled[key] = compile_at(phase.batch_size)
+    step = compile_at(phase.batch_size)  # a program of one shape is compiled once (Planner)
     if limit_gib is not None and step.total > limit_gib * GIB:
       step.largest_batch, smallest = planner.largest_batch(step, limit_gib * GIB, compile_at)
       step.smallest_total = smallest.total if smallest is not None else None
     steps.append(step)
   n_params = sum(math.prod(a.shape) for a in jax.tree.leaves(runtime.abstract_params))
-  result = {
+  return {
       "model": {"source": cfg.model.source, "params_B": n_params / 1e9,
                 "dtype": model_cfg.dtype, "param_dtype": model_cfg.param_dtype,
                 "layers": model_cfg.num_layers, "hidden": model_cfg.hidden_size},
       "mesh": dict(mesh.shape), "devices": len(devices),
       "platform": devices[0].platform, "topology": topology,
       "device_memory_gib": limit_gib,
-      "steps": [{**dataclasses.asdict(s), "total": s.total} for s in steps],
+      "steps": [_step_dict(s) for s in steps],
+      "replica_passes": plan_passes(cfg, planner, devices[0].platform, limit_gib),
   }
-  return result
 
 
 def refusal(result: dict[str, Any]) -> str | None:
@@ -250,13 +189,20 @@ def refusal(result: dict[str, Any]) -> str | None:
       advice = (f"{step['smallest_total'] / GIB:.2f} GiB at the smallest batch the mesh allows: "
                 "no batch fits (shard over more devices with mesh.fsdp, model.remat, LoRA)")
     lines.append(f"{need}; {advice}")
+  for entry in result.get("replica_passes", []):
+    if entry["per_pass"] == 0 and not lines:  # a step that does not fit is the cause: said above
+      one = next(s for s in entry["stacks"] if s["k"] == 1)
+      lines.append(f"{entry['phase']}: even one replica per pass needs {one['peak'] / GIB:.2f} "
+                   "GiB per device with the model it starts from (shard over more devices with "
+                   "mesh.fsdp, lower scoring.batch_size, or use LoRA)")
   if not lines:
     return None
   return f"plan does not fit {limit:g} GiB per device: " + "; ".join(lines)
 
 
 def table(result: dict[str, Any]) -> str:
-  """A readable summary: one row per step, GiB per device."""
+  """A readable summary: one row per step and per stacked pass's step, GiB per device, and
+  how many replicas each ensemble phase's pass stacks."""
   model = result["model"]
   size = (f"{model['params_B']:.2f}B" if model["params_B"] >= 1 else
           f"{model['params_B'] * 1e3:.1f}M")
@@ -267,12 +213,24 @@ def table(result: dict[str, Any]) -> str:
           + (f", {result['device_memory_gib']:g} GiB each" if result["device_memory_gib"]
              else ", device memory unknown (pass --hbm-gib)"))
   cols = ("step", "batch x seq", "params", "optimizer", "batch", "XLA args", "XLA out",
-          "donated", "XLA temp", "total", "compile s")
+          "donated", "XLA temp", "held", "total", "compile s")
+  passes = result.get("replica_passes", [])
+  named = [("", s) for s in result["steps"]]
+  named += [(f"{e['phase']}: ", s) for e in passes for stack in e["stacks"]
+            for s in stack["steps"]]
   rows = [cols]
-  for s in result["steps"]:
+  for prefix, s in named:
     gib = [f"{s[k] / GIB:.3f}" for k in ("params", "optimizer", "batch_bytes", "arguments",
-                                           "outputs", "aliased", "temp", "total")]
-    rows.append((s["name"], f"{s['batch']} x {s['seq_len']}", *gib, f"{s['compile_s']:.1f}"))
+                                           "outputs", "aliased", "temp", "resident", "total")]
+    rows.append((prefix + s["name"], f"{s['batch']} x {s['seq_len']}", *gib,
+                 f"{s['compile_s']:.1f}"))
   widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
   lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-  return "\n".join([head, "GiB per device:", *lines])
+  lines += [f"{e['phase']}: {e['replicas']} more replicas, "
+            + (f"{e['per_pass']} per pass ({e['why']})" if e["per_pass"] else
+               "not even one per pass fits")
+            + "; peak per device: " + ", ".join(f"{s['peak'] / GIB:.3f} GiB at {s['k']} stacked"
+                                                 for s in e["stacks"])
+            for e in passes]
+  return "\n".join([head, "GiB per device (held: what a replica pass keeps alive beside the "
+                           "step):", *lines])

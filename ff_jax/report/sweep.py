@@ -94,9 +94,10 @@ def _mean_std(stats: tuple[float, float, float, float] | None) -> str | None:
 
 
 def write_sweep_report(cfg: SweepSetup, rows: list[dict[str, Any]], out_dir: Path,
-                       plots: list[Path], seconds: dict[str, float]) -> Path:
-  """Writes `<out_dir>/report.md`: F1 and AUROC per (n, t) over the seeds, the best setting, the
-  plots and the time taken; returns its path."""
+                       plots: list[Path], seconds: dict[str, float], optimizer: str) -> Path:
+  """Writes `<out_dir>/report.md`: the optimizer the variants trained with (`optimizer`: the
+  run's safety optimizer or the sweep's override), F1 and AUROC per (n, t) over the seeds, the
+  best setting, the plots and the time taken; returns its path."""
   auto = str(Threshold.parse(cfg.threshold))
   sizes, steps = sorted(set(cfg.safe_sizes)), sorted(set(cfg.steps))
   f1 = _mean_spread([r for r in rows if r["threshold"] == auto], ("n", "t"))
@@ -104,7 +105,8 @@ def write_sweep_report(cfg: SweepSetup, rows: list[dict[str, Any]], out_dir: Pat
   lines = ["# ForgetFilter sweep", "",
            f"Run: `{cfg.run_dir}`. Variants: safe sizes {list(sizes)} × seeds {list(cfg.seeds)}, "
            f"scored at t = {steps}; batch {cfg.batch_size}, lr {cfg.optim.learning_rate:g} "
-           f"({cfg.optim.schedule}); {cfg.chunk_size} replicas per chunk, vmapped.", ""]
+           f"({cfg.optim.schedule}); {cfg.chunk_size} replicas per chunk, vmapped.", "",
+           f"Optimizer: {optimizer}.", ""]
   if f1:
     header = ["n", *(f"t={t}" for t in steps)]
     lines += [f"## F1 with the {auto} threshold (mean ± std over seeds)", ""]

@@ -1,4 +1,5 @@
-"""`ff-jax sweep`: stacked replicas equal separate runs, shard over a replica axis, and resume."""
+"""`ff-jax sweep`: stacked replicas equal separate runs, shard over a replica axis, and resume;
+variants train with the run's safety optimizer and batch size unless the sweep overrides them."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 from ff_jax import parallel
 from ff_jax.data.templates import EncodedExample
-from ff_jax.errors import RunDirError
+from ff_jax.errors import ConfigError, RunDirError
 from ff_jax.experiments import sweep
 from ff_jax.models import tiny_llama
 from ff_jax.progress import Progress
@@ -27,6 +28,7 @@ from ff_jax.training.replicas import (
   variant_iterator,
 )
 from ff_jax.training.steps import ModelRuntime, OptimConfig, Scorer, Trainer
+from tests.helpers.pipeline_helpers import TINY_DEMO, manifest, run_ok
 
 BUCKETS = (16, 32)
 PAD = 0
@@ -144,7 +146,8 @@ def _inputs(mesh):
   noisy = _examples(12, 5)
   return sweep.SweepInputs(runtime=runtime, m1=runtime.init_params(seed=0), safe=_examples(16, 4),
                      noisy=noisy, nll_before=np.full(len(noisy), 5.0),
-                     is_unsafe=np.arange(len(noisy)) % 2 == 0, buckets=BUCKETS, pad_id=PAD)
+                     is_unsafe=np.arange(len(noisy)) % 2 == 0, buckets=BUCKETS, pad_id=PAD,
+                     safety_optim=OPTIM, safety_batch_size=4)
 
 
 def test_resume_skips_finished_chunks(tmp_path, monkeypatch):
@@ -184,6 +187,67 @@ def test_resume_skips_finished_chunks(tmp_path, monkeypatch):
   with pytest.raises(RunDirError, match="another config"):
     sweep.run_sweep(dataclasses.replace(cfg, batch_size=2), inputs)
 
+def test_variants_train_with_the_runs_safety_optimizer_unless_the_sweep_overrides_it(
+    tmp_path, monkeypatch, capsys):
+  mesh = make_replica_mesh(ReplicaMeshConfig(1, 1, 1, 1), jax.devices()[:1])
+  inputs = _inputs(mesh)
+  trained_with = []
+  real = sweep.train_and_score
+
+  def recording(trainer, scorer, init, its, *args, **kwargs):
+    trained_with.append((trainer.optim, its[0].batch_size))
+    return real(trainer, scorer, init, its, *args, **kwargs)
+
+  monkeypatch.setattr(sweep, "train_and_score", recording)
+  cfg = sweep.SweepConfig(out_dir=str(tmp_path / "run"), safe_sizes=(4,), seeds=(0,), steps=(1,),
+                          chunk_size=1, score_batch_size=6, phis=(0.0,))
+  out = sweep.run_sweep(cfg, inputs)
+  assert trained_with == [(OPTIM, 4)]  # the run's, as `inputs` carry them
+  said = "the run's safety optimizer (lr 0.003, batch 4)"
+  assert f"optimizer: {said}" in capsys.readouterr().err
+  assert f"Optimizer: {said}." in (out / "report.md").read_text()
+  rows = json.loads((out / "results.json").read_text())
+  assert {(r["optimizer"], r["learning_rate"], r["batch_size"]) for r in rows} == {
+      ("the run's safety optimizer", 0.003, 4)}
+  assert "optimizer,learning_rate,batch_size" in (out / "results.csv").read_text()
+
+  trained_with.clear()
+  own = OptimConfig(learning_rate=1e-3, warmup_steps=2)
+  override = dataclasses.replace(cfg, out_dir=str(tmp_path / "own"), optim=own, batch_size=2)
+  out = sweep.run_sweep(override, inputs)
+  assert trained_with == [(own, 2)]
+  assert "Optimizer: sweep override (lr 0.001, batch 2)." in (out / "report.md").read_text()
+  assert {r["optimizer"] for r in json.loads((out / "results.json").read_text())} == {
+      "sweep override"}
+  part = sweep.sweep_training(dataclasses.replace(cfg, batch_size=8), inputs)
+  assert (part.optim, part.batch_size) == (OPTIM, 8)
+  assert part.describe() == ("the run's safety optimizer, sweep override of the batch size "
+                             "(lr 0.003, batch 8)")
+  with pytest.raises(ConfigError, match="no run's safety finetune to take them from"):
+    sweep.sweep_training(cfg, dataclasses.replace(inputs, safety_optim=None))
+
+
+@pytest.mark.slow
+def test_a_sweep_of_a_run_directory_takes_its_safety_finetune(tmp_path):
+  """`ff-jax sweep` on a real run directory: the optimizer and batch of its manifest config.
+
+  The run goes on to its safety replicas (`scoring.replicas_per_pass: auto`, the default): on a
+  CPU one at a time, as `ff-jax plan` decides, and the manifest records the count it used."""
+  run_dir = tmp_path / "run"
+  ran = run_ok("run", *TINY_DEMO, f"run_dir={run_dir}", "safety.optim.learning_rate=0.002",
+               "scoring.replicas_per_pass=auto", "--until", "safety_replicas", timeout=900)
+  assert "2 more replicas, 1 per pass (cpu: one replica already keeps the cores busy" in ran.stderr
+  run = manifest(run_dir)
+  assert run["config"]["scoring"]["replicas_per_pass"] == "auto"
+  assert run["phases"]["safety_replicas"]["replicas_per_pass"] == 1
+  assert set(run["phases"]["safety_replicas"]["finetunes"]) == {"pass_0", "pass_1"}
+  safety = run["config"]["safety"]
+  assert (safety["optim"]["learning_rate"], safety["batch_size"]) == (0.002, 4)
+  proc = run_ok("sweep", "--run-dir", run_dir, "safe_sizes=[4]", "seeds=[0]", "steps=[1]",
+                "chunk_size=1", "score_batch_size=12", "phis=[0.0]", timeout=900)
+  assert "optimizer: the run's safety optimizer (lr 0.002, batch 4)" in proc.stderr
+  rows = json.loads((run_dir / "sweep" / "results.json").read_text())
+  assert {(r["learning_rate"], r["batch_size"]) for r in rows} == {(0.002, 4)}
 
 
 def test_progress_is_due_at_the_first_update_each_interval_and_the_end():

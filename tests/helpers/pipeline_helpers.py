@@ -39,6 +39,7 @@ TINY_DEMO = [
   "safety.steps=6", "safety.batch_size=4", "safety.checkpoint_every=2",
   "scoring.batch_size=12", "scoring.max_new_tokens=6", "scoring.snapshot_every=3",
   "scoring.replicas=3", "scoring.gradient_blocks=1", "scoring.noisy_replicas=2", "scoring.pmi=true",
+  "scoring.replicas_per_pass=0",  # stacked even on a CPU (auto trains one at a time there)
   "evaluate.max_new_tokens=6",
 ]
 

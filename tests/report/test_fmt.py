@@ -58,7 +58,10 @@ def test_sweep_report_tables(tmp_path):
   rows = [{"n": n, "t": t, "seed": seed, "threshold": "auto:gmm", "phi": 0.25, "kept": 5,
            "f1": 0.8 if n == 4 else 0.5 + 0.1 * seed, "auroc": 0.9}
           for n in (4, 8) for t in (1, 2) for seed in (0, 1, 2)]
-  text = write_sweep_report(_sweep_setup(), rows, tmp_path, [], {"total": 12.345}).read_text()
+  optimizer = "the run's safety optimizer (lr 0.001, batch 16)"
+  text = write_sweep_report(_sweep_setup(), rows, tmp_path, [], {"total": 12.345},
+                            optimizer).read_text()
+  assert f"Optimizer: {optimizer}." in text
   # Equal F1s over the seeds have a std of ~1e-16: shown as 0, not in exponent notation.
   assert "| 4 | 0.800 ± 0.000 | 0.800 ± 0.000 |" in text
   assert "| 8 | 0.600 ± 0.082 | 0.600 ± 0.082 |" in text
@@ -66,7 +69,7 @@ def test_sweep_report_tables(tmp_path):
   assert "Best single setting: n=4, seed=0, t=1, auto:gmm (ϕ=0.250): F1 0.800, kept 5." in text
   assert "- total: 12.3s" in text
   unlabelled = [dict(r, f1=None, auroc=None) for r in rows]
-  text = write_sweep_report(_sweep_setup(), unlabelled, tmp_path, [], {}).read_text()
+  text = write_sweep_report(_sweep_setup(), unlabelled, tmp_path, [], {}, optimizer).read_text()
   assert "The noisy set has no labels" in text and "## F1" not in text
 
 
