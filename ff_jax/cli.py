@@ -295,13 +295,6 @@ def _dispatch(args: argparse.Namespace) -> int:
     bench_main(cfg, args.json)
     return 0
 
-  if args.command == "sweep":
-    from ff_jax.experiments.sweep import run_sweep
-
-    out = run_sweep(cfg, restart=args.restart)
-    print(f"report: {out / 'report.md'}")
-    return 0
-
   if args.command == "plan":
     from ff_jax.perf.plan import plan_run, refusal, table
 
@@ -320,6 +313,12 @@ def _dispatch(args: argparse.Namespace) -> int:
   from ff_jax import parallel
 
   parallel.initialize_distributed()
+  if args.command == "sweep":
+    from ff_jax.experiments.sweep import run_sweep
+
+    out = run_sweep(cfg, restart=args.restart)
+    print(f"report: {out / 'report.md'}")
+    return 0
   if args.command == "baseline":
     from ff_jax.experiments.baselines import run_baseline
 

@@ -25,7 +25,8 @@ from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
 
-from ff_jax.data.kept import Source, write_folder, write_json, write_lines
+from ff_jax.atomic_io import write_folder
+from ff_jax.data.kept import Source, write_json, write_lines
 from ff_jax.data.records import Record, check_unique, iter_jsonl, read_csv_rows, read_lines
 from ff_jax.data.sources import ADAPTERS, jailbreakbench_files
 from ff_jax.data.sources_bbq import bbq_files

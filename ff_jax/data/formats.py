@@ -38,9 +38,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ff_jax.atomic_io import write_atomic
+from ff_jax.atomic_io import write_atomic, write_folder
 from ff_jax.data.adapter_rows import adapter_source
-from ff_jax.data.kept import Source, write_folder, write_lines
+from ff_jax.data.kept import Source, write_lines
 from ff_jax.data.records import parse_json_line, read_csv_rows, read_lines
 from ff_jax.data.rows import check_columns, records_from_rows
 from ff_jax.data.sources import ADAPTERS, read_tfds

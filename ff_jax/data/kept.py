@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
-import shutil
-import tempfile
 from collections.abc import Callable, Collection, Hashable
 from pathlib import Path
 from typing import Any
@@ -57,16 +55,3 @@ def write_lines(path: Path, lines: list[bytes], gz: bool) -> None:
 def write_json(path: Path, value: Any) -> None:
   """A JSON document (value-identical to the input's structure, not its whitespace)."""
   write_atomic(path, json.dumps(value, ensure_ascii=False, indent=2) + "\n")
-
-
-def write_folder(path: Path, fill: Callable[[Path], None]) -> None:
-  """A folder written by `fill` into a temp folder beside it and renamed into place."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-  try:
-    fill(tmp)
-    if path.exists():
-      shutil.rmtree(path)
-    tmp.rename(path)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ff_jax.atomic_io import write_json_atomic
+from ff_jax.atomic_io import barrier, is_primary, write_json_atomic
 from ff_jax.data.records import Record
 from ff_jax.errors import ConfigError, DataError
 from ff_jax.pipeline.context import open_run
@@ -77,6 +77,7 @@ def run_baseline(run_dir: str | Path, name: str) -> Path:
   metrics["train/examples"] = len(records)
   path = run.file(BASELINES_DIR) / f"{name}.json"
   write_json_atomic(path, {"name": name, "examples": len(records), "metrics": metrics})
-  if RunDir.is_complete(ctx.manifest, "evaluate"):
+  if RunDir.is_complete(ctx.manifest, "evaluate") and is_primary():  # the others' would not write
     write_report(run.root)
+  barrier(f"baseline {name} finished")
   return path

@@ -23,7 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ff_jax.atomic_io import write_atomic, write_json_atomic
+from ff_jax.atomic_io import barrier, write_atomic, write_json_atomic
 from ff_jax.errors import ConfigError, DataError
 from ff_jax.pipeline.context import open_run
 from ff_jax.pipeline.evaluate import model_metrics
@@ -91,4 +91,5 @@ def run_rounds(run_dir: str | Path, rounds: int, heldout: bool = False) -> Path:
   path = run.file(ROUNDS)
   write_json_atomic(path, out)
   write_atomic(run.file(ROUNDS_REPORT), rounds_markdown(out))
+  barrier("rounds finished")
   return path

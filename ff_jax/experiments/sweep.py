@@ -2,8 +2,10 @@
 
 A sweep reads a completed run directory (M1, scores_before.json, the tokenizer and the run's config)
 and finetunes M1 once per variant (safe size n, seed) on its own seeded size-n subset of the safe
-set. Variants are trained together, `chunk_size` at a time, as vmapped replicas
-(`ff_jax.training.replicas`); the noisy set is scored under every replica at every t in `steps`.
+set, with the run's safety optimizer and batch size unless the sweep config sets its own (said at
+start, and in results and report). Variants are trained together, `chunk_size` at a time, as
+vmapped replicas (`ff_jax.training.replicas`); the noisy set is scored under every replica at every
+t in `steps`.
 Forgetting r_nll = NLL(after) - NLL(before, under M1) feeds the filter at each fixed ϕ in `phis` and
 at the auto threshold; with labels, precision/recall/F1/AUROC of every (n, seed, t, threshold) go to
 `<out_dir>/results.csv|json`, plots and `report.md`.
@@ -18,15 +20,13 @@ import csv
 import dataclasses
 import io
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
-from ff_jax.atomic_io import write_atomic, write_json_atomic
+from ff_jax.atomic_io import barrier, is_primary, remove, write_atomic, write_json_atomic
 from ff_jax.config import LoggingConfig
 from ff_jax.data.templates import EncodedExample, PromptTemplate, encode_examples
 from ff_jax.errors import ConfigError, RunDirError
@@ -52,9 +52,10 @@ class SweepConfig:
   safe_sizes: tuple[int, ...] = (8, 16, 32, 48, 72)
   steps: tuple[int, ...] = (5, 10, 20)  # train to max(steps), score at each
   seeds: tuple[int, ...] = (0, 1, 2)
-  batch_size: int = 16
-  optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(
-      learning_rate=1e-3, warmup_steps=2, schedule="constant"))
+  # The safety finetune of every variant: None takes the run's (its manifest config's
+  # safety.batch_size and safety.optim), so an ablation ablates the run; set them to override.
+  batch_size: int | None = None
+  optim: OptimConfig | None = None
   chunk_size: int = 8  # replicas trained at once; a multiple of mesh.replica
   score_batch_size: int = 48
   phis: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
@@ -94,6 +95,36 @@ class SweepInputs:
   is_unsafe: np.ndarray | None  # [N] bool, None without labels
   buckets: tuple[int, ...]
   pad_id: int
+  # The run's safety finetune, what a variant trains with unless the sweep config overrides it.
+  safety_optim: OptimConfig | None = None
+  safety_batch_size: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepTraining:
+  """The optimizer and batch size every variant trains with, and where they come from."""
+
+  optim: OptimConfig
+  batch_size: int
+  source: str  # "the run's safety optimizer", "sweep override", or which part is overridden
+
+  def describe(self) -> str:
+    return f"{self.source} (lr {self.optim.learning_rate:g}, batch {self.batch_size})"
+
+
+def sweep_training(cfg: SweepConfig, inputs: SweepInputs) -> SweepTraining:
+  """The run's safety optimizer and batch size, each unless `cfg` sets its own."""
+  optim = cfg.optim if cfg.optim is not None else inputs.safety_optim
+  batch_size = cfg.batch_size if cfg.batch_size is not None else inputs.safety_batch_size
+  if optim is None or batch_size is None:
+    raise ConfigError("sweep.optim and sweep.batch_size: not set, and no run's safety finetune "
+                      "to take them from; set both")
+  source = {(False, False): "the run's safety optimizer",
+            (True, True): "sweep override",
+            (True, False): "sweep override of the optimizer, the run's batch size",
+            (False, True): "the run's safety optimizer, sweep override of the batch size",
+            }[(cfg.optim is not None, cfg.batch_size is not None)]
+  return SweepTraining(optim, batch_size, source)
 
 
 def load_run(run_dir: str | Path, mesh) -> SweepInputs:
@@ -112,7 +143,8 @@ def load_run(run_dir: str | Path, mesh) -> SweepInputs:
   labelled = all(r.kind is not None for r in inputs.noisy)
   is_unsafe = np.asarray([r.kind == "unsafe" for r in inputs.noisy]) if labelled else None
   return SweepInputs(runtime, m1, safe, noisy, np.asarray(before["nll"], np.float64), is_unsafe,
-                     tuple(cfg.data.buckets), tok.pad_id)
+                     tuple(cfg.data.buckets), tok.pad_id, safety_optim=cfg.safety.optim,
+                     safety_batch_size=cfg.safety.batch_size)
 
 
 def _chunks(variants: list[tuple[int, int]], size: int) -> list[list[tuple[int, int]]]:
@@ -124,7 +156,6 @@ def run_chunks(cfg: SweepConfig, inputs: SweepInputs, out_dir: Path) -> dict[tup
   """Train and score every variant (skipping saved chunks): (n, seed) -> NLL [len(steps), N]."""
   steps = sorted(set(cfg.steps))
   folder = out_dir / "chunks"
-  folder.mkdir(parents=True, exist_ok=True)
   key = cfg.key()
   for n in cfg.safe_sizes:  # fail before any training, not in the middle of the sweep
     if not 1 <= n <= len(inputs.safe):
@@ -163,17 +194,17 @@ def run_chunks(cfg: SweepConfig, inputs: SweepInputs, out_dir: Path) -> dict[tup
                                replica_names=names)
       saved = {"key": key, "variants": [list(v) for v in chunk],
                "nll": nll[:len(chunk)].tolist(), "seconds": time.perf_counter() - start}
-      if jax.process_index() == 0:
-        write_json_atomic(path, saved)
+      write_json_atomic(path, saved)
       log(f"== sweep chunk {i + 1}/{len(chunks)}: done in {saved['seconds']:.1f}s")
     for v, arr in zip(chunk, saved["nll"]):
       results[v] = np.asarray(arr, np.float64)
   return results
 
 
-def evaluate(cfg: SweepConfig, inputs: SweepInputs,
-             nll: dict[tuple[int, int], np.ndarray]) -> list[dict[str, Any]]:
-  """One row per (n, seed, t, threshold): ϕ, kept, and P/R/F1/AUROC when labels exist."""
+def evaluate(cfg: SweepConfig, inputs: SweepInputs, nll: dict[tuple[int, int], np.ndarray],
+             training: SweepTraining) -> list[dict[str, Any]]:
+  """One row per (n, seed, t, threshold): ϕ, kept, P/R/F1/AUROC when labels exist, and the
+  optimizer the variants trained with."""
   steps = sorted(set(cfg.steps))
   specs = [Threshold.parse(cfg.threshold)] + [Threshold.parse(f"fixed:{p}") for p in cfg.phis]
   rows = []
@@ -186,7 +217,9 @@ def evaluate(cfg: SweepConfig, inputs: SweepInputs,
         row = {"variant": f"n{n}_s{seed}", "n": n, "t": t, "seed": seed, "threshold": str(spec),
                "phi": float(phi), "kept": int((~flags).sum()), "flagged": int(flags.sum()),
                "precision": None, "recall": None, "f1": None, "auroc": area,
-               "mean_r_nll": float(np.nanmean(r))}
+               "mean_r_nll": float(np.nanmean(r)), "optimizer": training.source,
+               "learning_rate": training.optim.learning_rate,
+               "batch_size": training.batch_size}
         if inputs.is_unsafe is not None:
           m = filter_metrics(flags, inputs.is_unsafe)
           row.update(precision=m["precision"], recall=m["recall"], f1=m["f1"])
@@ -195,7 +228,7 @@ def evaluate(cfg: SweepConfig, inputs: SweepInputs,
 
 
 COLUMNS = ["variant", "n", "t", "seed", "threshold", "phi", "precision", "recall", "f1", "auroc",
-           "kept", "flagged", "mean_r_nll"]
+           "kept", "flagged", "mean_r_nll", "optimizer", "learning_rate", "batch_size"]
 
 
 def write_results(rows: list[dict[str, Any]], out_dir: Path) -> None:
@@ -215,19 +248,24 @@ def run_sweep(cfg: SweepConfig, inputs: SweepInputs | None = None,
     raise ConfigError("sweep.run_dir is not set: give the run directory whose M1 to sweep, as "
                       "`ff-jax sweep --run-dir DIR`")
   out_dir = Path(cfg.out_dir or Path(cfg.run_dir) / "sweep").absolute()
-  if restart and out_dir.exists():
-    shutil.rmtree(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
+  if restart:
+    remove(out_dir)
+  barrier("sweep folder cleared")  # before any process looks for saved chunks in it
   start = time.perf_counter()
   if inputs is None:
     inputs = load_run(cfg.run_dir, make_replica_mesh(cfg.mesh))
+  training = sweep_training(cfg, inputs)
+  log(f"optimizer: {training.describe()}")
+  cfg = dataclasses.replace(cfg, optim=training.optim, batch_size=training.batch_size)
   nll = run_chunks(cfg, inputs, out_dir)
   trained = time.perf_counter() - start
-  rows = evaluate(cfg, inputs, nll)
-  if jax.process_index() == 0:
-    write_results(rows, out_dir)
+  rows = evaluate(cfg, inputs, nll, training)
+  write_results(rows, out_dir)
+  if is_primary():  # rendering only: the others' writes would do nothing
     plots = sweep_plots(cfg, rows, out_dir)
     write_sweep_report(cfg, rows, out_dir, plots,
                        {"train + score (this invocation)": trained,
-                        "total (this invocation)": time.perf_counter() - start})
+                        "total (this invocation)": time.perf_counter() - start},
+                       optimizer=training.describe())
+  barrier("sweep finished")
   return out_dir

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import jax
 
 from ff_jax import parallel
+from ff_jax.atomic_io import remove
 from ff_jax.config import PhaseConfig, RunConfig
 from ff_jax.data.batching import TrainIterator
 from ff_jax.data.templates import EncodedExample, PromptTemplate, encode_examples
@@ -99,13 +99,18 @@ class RunContext:
                      adapter_checkpoints=self.cfg.lora.adapter_checkpoints,
                      packing=self.cfg.data.packing)
 
-  def train_batches(self, examples: Sequence[EncodedExample], spec: PhaseSpec,
-                    seed: int) -> TrainIterator:
+  def train_batches(self, examples: Sequence[EncodedExample], spec: PhaseSpec, seed: int,
+                    stacked: bool = False) -> TrainIterator:
     """The batch stream of finetune `spec` with `seed` (packed with `data.packing`), as
-    `train_phase` builds it for the run's own finetunes."""
+    `train_phase` builds it for the run's own finetunes: this host's rows of every batch. A
+    stream of stacked replicas (`stacked`) gives whole batches, the same on every host: the
+    stacked trainer places a [K, B, T] batch whole (`Trainer.put_batch`)."""
+    hosts = {} if stacked else {"process_index": jax.process_index(),
+                                "process_count": jax.process_count()}
     return TrainIterator(examples, spec.batch_size, seed, spec.buckets, pad_id=self.pad_id,
                          packing=spec.packing,
-                         row_multiple=self.runtime.row_multiple(spec.optim.grad_accum_steps))
+                         row_multiple=self.runtime.row_multiple(spec.optim.grad_accum_steps),
+                         **hosts)
 
   def finetune(self, name: str, phase: PhaseConfig, init: Callable[[], Any],
                examples: Sequence[EncodedExample], output: str, seed: int,
@@ -145,8 +150,7 @@ class RunContext:
 
   def drop_step_checkpoints(self, name: str) -> None:
     # A finetune's output is saved on its own; step checkpoints only serve a resume of it.
-    if jax.process_index() == 0:
-      shutil.rmtree(self.run.ckpt(name), ignore_errors=True)
+    remove(self.run.ckpt(name))
 
   def mean_nll(self, params: Any, examples: Sequence[EncodedExample], name: str) -> float:
     """Mean per-token response NLL of `examples` (NaN for none): one number per set."""
@@ -176,8 +180,7 @@ def open_run(cfg: RunConfig, restart: bool = False, redo_from: str | None = None
   noisy, safe = encode(inputs.noisy), encode(inputs.safe)
   manifest = run.open(cfg.to_dict(), inputs.fingerprints, restart=restart,
                       defaults=RunConfig().to_dict(), redo_from=redo_from)
-  if jax.process_index() == 0:
-    save_tokenizer(inputs.tokenizer, run)
+  save_tokenizer(inputs.tokenizer, run)
   # With LoRA the run's model is M0's architecture plus adapters; the released model itself
   # (demo release phase, M0's files) has none.
   base_cfg = inputs.model_config

@@ -22,8 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jax
-
+from ff_jax.atomic_io import barrier, is_primary
 from ff_jax.config import RunConfig, auto_noisy_replicas
 from ff_jax.pipeline import ensembles, evaluate, filter, finetune, score
 from ff_jax.pipeline.context import RunContext, open_run
@@ -68,9 +67,11 @@ def execute(ctx: RunContext, until: str | None = None) -> dict[str, Any]:
       info["finetunes"] = ctx.finetunes
     ctx.run.mark_complete(ctx.manifest, name, seconds, **info)
     log(f"== {name}: done in {seconds:.1f}s{cost_summary(ctx.finetunes)}")
-  if ctx.run.is_complete(ctx.manifest, "evaluate") and jax.process_index() == 0:
-    # Written after the manifest is final, so the report's timing table has every phase.
+  if ctx.run.is_complete(ctx.manifest, "evaluate") and is_primary():
+    # Written after the manifest is final, so the report's timing table has every phase. Only
+    # process 0 renders it: the others' writes would do nothing.
     write_report(ctx.run.root)
+  barrier("run finished")
   times = {p: ctx.manifest["phases"].get(p, {}).get("seconds") for p in phases}
   log("phase times (s): " + ", ".join(f"{p} {t:.1f}" for p, t in times.items() if t is not None))
   log(f"wall time this invocation: {time.perf_counter() - total:.1f}s")

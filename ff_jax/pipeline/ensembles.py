@@ -19,8 +19,6 @@ import dataclasses
 import json
 from typing import Any
 
-import jax
-
 from ff_jax.atomic_io import write_json_atomic
 from ff_jax.data.batching import TrainIterator
 from ff_jax.pipeline.context import RunContext
@@ -33,20 +31,36 @@ from ff_jax.pipeline.layout import (
 )
 from ff_jax.progress import log
 from ff_jax.training.loop import LoopStats, PhaseSpec, train_and_score, train_phase
+from ff_jax.training.memory import (
+  GIB,
+  PassFinetune,
+  PassPlan,
+  Planner,
+  device_memory_gib,
+  pass_size,
+)
 from ff_jax.training.steps import Trainer
 
 
-def replicas_per_pass(ctx: RunContext, extra: int) -> int:
-  """How many of `extra` replicas one stacked pass trains (`scoring.replicas_per_pass`).
+def replicas_per_pass(ctx: RunContext, extra: int, finetunes: list[PassFinetune]) -> int:
+  """How many of `extra` replicas one stacked pass of `finetunes` trains
+  (`scoring.replicas_per_pass`; `auto` is decided as `ff-jax plan` decides, `pass_size`).
 
   Memory grows with the stack (copies of params, moments and activations); passes bound it and
   give the same replicas, each with its own batch stream. LoRA trains one at a time: the stacked
-  step trains every parameter, not just the adapters; so do several processes (a pod): stacked
-  batches are built whole on one host.
+  step trains every parameter, not just the adapters. On several processes (a pod) a stacked
+  pass reads whole [K, B, T] batches on every host (`RunContext.train_batches`).
   """
-  if ctx.cfg.lora.rank or jax.process_count() > 1:
+  if ctx.cfg.lora.rank:
     return 1
-  return ctx.cfg.scoring.replicas_per_pass or extra
+  devices = list(ctx.mesh.devices.flat)
+  limit = device_memory_gib(devices)
+  plan = PassPlan(Planner(ctx.runtime), finetunes, ctx.cfg.scoring.batch_size,
+                  ctx.cfg.data.max_len)
+  size, why = pass_size(ctx.cfg.scoring.replicas_per_pass, extra, devices[0].platform,
+                        limit * GIB if limit else None, plan)
+  log(f"{extra} more replicas, {size} per pass ({why})")
+  return size
 
 
 def _specs(ctx: RunContext) -> tuple[PhaseSpec, PhaseSpec]:
@@ -64,7 +78,8 @@ def safety_replicas(ctx: RunContext) -> dict[str, Any]:
     return {"replicas": 1}
   spec = _specs(ctx)[1]
   seeds = [spec.seed + REPLICA_SEED_STRIDE * i for i in range(1, k)]
-  per_pass = replicas_per_pass(ctx, len(seeds))
+  per_pass = replicas_per_pass(ctx, len(seeds), [PassFinetune("safety", spec.optim,
+                                                                spec.batch_size)])
   batch_size = ctx.cfg.scoring.batch_size
   single = None
   rows = []
@@ -74,7 +89,8 @@ def safety_replicas(ctx: RunContext) -> dict[str, Any]:
     if done.exists() and json.loads(done.read_text())["seeds"] == chunk:
       rows += json.loads(done.read_text())["nll"]
       continue
-    iterators = [ctx.train_batches(ctx.safe, spec, seed) for seed in chunk]
+    iterators = [ctx.train_batches(ctx.safe, spec, seed, stacked=len(chunk) > 1)
+                 for seed in chunk]
     if len(chunk) == 1:
       # One replica: the ordinary (unvmapped) step, compiled once for every pass.
       trainer = single = single or Trainer(ctx.runtime, spec.optim, spec.steps)
@@ -93,7 +109,7 @@ def safety_replicas(ctx: RunContext) -> dict[str, Any]:
     log(f"safety replicas: {start + len(chunk)}/{len(seeds)} trained")
   write_json_atomic(ctx.run.file(SCORES_REPLICAS),
                     {"seeds": seeds, "steps": spec.steps, "nll": rows})
-  return {"replicas": k}
+  return {"replicas": k, "replicas_per_pass": per_pass}
 
 
 def noisy_replicas(ctx: RunContext) -> dict[str, Any]:
@@ -105,7 +121,9 @@ def noisy_replicas(ctx: RunContext) -> dict[str, Any]:
   noisy, safety = _specs(ctx)
   seeds = {i: [noisy.seed + REPLICA_SEED_STRIDE * i, safety.seed + REPLICA_SEED_STRIDE * i]
            for i in range(1, k)}
-  per_pass = replicas_per_pass(ctx, k - 1)
+  per_pass = replicas_per_pass(ctx, k - 1, [
+      PassFinetune("noisy", noisy.optim, noisy.batch_size),
+      PassFinetune("safety", safety.optim, safety.batch_size, stacked_init=True)])
   rows = {}
   for start in range(1, k, per_pass):
     chunk = list(range(start, min(k, start + per_pass)))
@@ -129,7 +147,7 @@ def noisy_replicas(ctx: RunContext) -> dict[str, Any]:
                     {"seeds": [row["seeds"] for row in ordered],
                      "nll_before": [row["nll_before"] for row in ordered],
                      "nll_after": [row["nll_after"] for row in ordered]})
-  return {"noisy_replicas": k}
+  return {"noisy_replicas": k, "replicas_per_pass": per_pass}
 
 
 def _noisy_replica_alone(ctx: RunContext, i: int, seeds: list[int], noisy: PhaseSpec,
@@ -158,7 +176,8 @@ def _noisy_replicas_stacked(ctx: RunContext, seeds: dict[int, list[int]], noisy:
   label = f"{min(seeds)}-{max(seeds)}"
 
   def streams(spec: PhaseSpec, examples, column: int) -> list[TrainIterator]:
-    return [ctx.train_batches(examples, spec, pair[column]) for pair in seeds.values()]
+    return [ctx.train_batches(examples, spec, pair[column], stacked=True)
+            for pair in seeds.values()]
 
   names = (f"noisy_{label}", f"safety_{label}")
   replicas = [f"replica_{i}" for i in seeds]

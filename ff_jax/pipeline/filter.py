@@ -25,12 +25,11 @@ import csv
 import io
 import json
 import math
-import shutil
 from typing import Any
 
 import numpy as np
 
-from ff_jax.atomic_io import barrier, is_primary, write_atomic, write_json_atomic
+from ff_jax.atomic_io import barrier, remove, write_atomic, write_json_atomic
 from ff_jax.config import RunConfig
 from ff_jax.data.kept import Source
 from ff_jax.data.records import Record, write_jsonl_atomic
@@ -132,8 +131,7 @@ def filter_records(cfg: RunConfig, run: RunDir, records: list[Record], truncated
   for i, rec in enumerate(records):
     writer.writerow([rec.id, rec.kind or "", rec.category or "", int(tokens[i]),
                      *(_fmt(col[i]) for col in columns.values()), int(flags[i])])
-  if is_primary():
-    write_atomic(run.file(SCORES_CSV), buffer.getvalue())
+  write_atomic(run.file(SCORES_CSV), buffer.getvalue())
   if verdict["verdict"] != "separated" and cfg.filter.on_no_separation == "refuse":
     _refuse(run, signal, str(threshold), verdict)
 
@@ -144,14 +142,13 @@ def filter_records(cfg: RunConfig, run: RunDir, records: list[Record], truncated
       item = rec.to_dict()
       item["scores"] = {f"r_{k}": float(v[i]) for k, v in signals.items()}
       dropped.append(item)
-  if is_primary():
-    if source is None:
-      written = run.file(FILTERED_DEMO)
-      write_jsonl_atomic(written, kept)
-    else:
-      written = source.write_kept(run.root, {rec.id for rec in kept})
-    _remove_filtered(run, but=written.name)  # one of another format, from other data, is stale
-    write_jsonl_atomic(run.file(FLAGGED), dropped)
+  if source is None:
+    written = run.file(FILTERED_DEMO)
+    write_jsonl_atomic(written, kept)
+  else:  # the kept rows in the source's own format (its writers are atomic_io's: process 0)
+    written = source.write_kept(run.root, {rec.id for rec in kept})
+  _remove_filtered(run, but=written.name)  # another format's: stale
+  write_jsonl_atomic(run.file(FLAGGED), dropped)
 
   labelled = all(rec.kind is not None for rec in records)
   metrics = None
@@ -164,8 +161,7 @@ def filter_records(cfg: RunConfig, run: RunDir, records: list[Record], truncated
              "info": info, "separation": verdict, "metrics": metrics,
              "signals": signal_report(signals, records, threshold),
              "counts": {"kept": len(kept), "flagged": len(dropped), "truncated": int(truncated)}}
-  if is_primary():
-    write_json_atomic(run.file(FILTER_SUMMARY), summary)
+  write_json_atomic(run.file(FILTER_SUMMARY), summary)
   barrier("filter outputs written")
   return {"kept": len(kept), "flagged": len(dropped), "phi": float(phi),
           "f1": metrics["f1"] if metrics else None, "separation": verdict["verdict"]}
@@ -174,10 +170,9 @@ def filter_records(cfg: RunConfig, run: RunDir, records: list[Record], truncated
 def _refuse(run: RunDir, signal: str, threshold: str, verdict: dict[str, Any]) -> None:
   """Raises `NoSeparationError` for `filter.on_no_separation: refuse`, after removing what an
   earlier filter run wrote: no filtered set is left for the clean phase or the user to take."""
-  if is_primary():
-    _remove_filtered(run)
-    for name in (FLAGGED, FILTER_SUMMARY):
-      run.file(name).unlink(missing_ok=True)
+  _remove_filtered(run)
+  for name in (FLAGGED, FILTER_SUMMARY):
+    remove(run.file(name))
   barrier("filter outputs removed")
   raise NoSeparationError(
       f"the filter cannot tell groups apart in filter.signal={signal!r} (filter.threshold="
@@ -191,12 +186,8 @@ def _remove_filtered(run: RunDir, but: str | None = None) -> None:
   """Remove every filtered output (filtered.<ext>, filtered/) an earlier filter run wrote, except
   the one named `but`."""
   for path in [*run.root.glob(f"{FILTERED}.*"), run.file(FILTERED)]:
-    if path.name == but or not path.exists():
-      continue
-    if path.is_dir():
-      shutil.rmtree(path)
-    else:
-      path.unlink()
+    if path.name != but:
+      remove(path)
 
 
 def kept_and_flagged(run: RunDir, records: list[Record]) -> tuple[list[Record], list[Record]]:

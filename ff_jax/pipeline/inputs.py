@@ -13,13 +13,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ff_jax.atomic_io import write_folder
 from ff_jax.config import RunConfig
 from ff_jax.data import records as records_io
 from ff_jax.data.demo import DemoWorld, build_demo_world, train_demo_tokenizer
@@ -99,15 +98,10 @@ def _demo_tokenizer(world: DemoWorld, run: RunDir) -> TextTokenizer:
 
 
 def save_tokenizer(tokenizer: TextTokenizer, run: RunDir) -> None:
-  """Keep the tokenizer in the run directory (atomically: a temp folder renamed into place)."""
+  """Keep the tokenizer in the run directory (`write_folder`: atomically, by process 0)."""
   if (run.tokenizer / "tokenizer.json").exists():
     return
-  run.root.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(dir=run.root, prefix=".tokenizer."))
-  tokenizer.save(tmp)
-  if run.tokenizer.exists():
-    shutil.rmtree(run.tokenizer)
-  tmp.rename(run.tokenizer)
+  write_folder(run.tokenizer, tokenizer.save)
 
 
 def _read_source(cfg: RunConfig, role: str) -> Source:

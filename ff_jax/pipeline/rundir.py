@@ -10,12 +10,11 @@ overwritten on the rerun.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from ff_jax.atomic_io import barrier, is_primary, write_json_atomic
+from ff_jax.atomic_io import barrier, remove, write_json_atomic
 from ff_jax.config import RunConfig, config_from_dict
 from ff_jax.errors import RunDirError
 from ff_jax.pipeline.layout import MANIFEST, PHASES
@@ -99,8 +98,8 @@ class RunDir:
     config lacks (one a newer ff_jax added) is compared with its value in `defaults`: an old run
     resumes as long as the new key keeps its default, which is what the old code did.
     """
-    if restart and self.root.exists() and is_primary():
-      shutil.rmtree(self.root)
+    if restart:
+      remove(self.root)
     barrier("run directory cleared")
     manifest = self.read_manifest()
     occupied = self.root.exists() and any(self.root.iterdir())
@@ -149,8 +148,7 @@ class RunDir:
     return bool(matches) and not cls.is_complete(manifest, LATE_KEYS[max(matches, key=len)])
 
   def write(self, manifest: dict[str, Any]) -> None:
-    if is_primary():
-      write_json_atomic(self.manifest_path, manifest)
+    write_json_atomic(self.manifest_path, manifest)
 
   def mark_complete(self, manifest: dict[str, Any], phase: str, seconds: float,
                     **info: Any) -> None:

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ff_jax.atomic_io import write_atomic
+from ff_jax.atomic_io import remove, write_atomic
 from ff_jax.errors import DataError
 from ff_jax.pipeline.layout import PHASES, PLOTS, REPORT
 from ff_jax.report.analysis import RunAnalysis, analyse_run
@@ -279,7 +279,7 @@ def write_report(run_dir: str | Path) -> Path:
     # A plot this run no longer produces (e.g. labels dropped) must not linger beside the report.
     stale = run_dir / PLOTS / f"{name}.png"
     if made is None and stale.is_file():
-      stale.unlink()
+      remove(stale)
   path = run_dir / REPORT
   write_atomic(path, render_markdown(a, plots))
   return path

@@ -109,7 +109,9 @@ def variant_iterator(safe: Sequence[EncodedExample], n: int, seed: int, batch_si
                      buckets: Sequence[int], pad_id: int) -> TrainIterator:
   """The batch stream of variant (n, seed): its subset, in an order seeded by `seed`.
 
-  A subset smaller than the batch gets filler rows; a small subset just cycles its epochs.
+  A subset smaller than the batch gets filler rows; a small subset just cycles its epochs. Whole
+  batches on every host, as every stacked stream: the stacked trainer places a [K, B, T] batch
+  whole (`Trainer.put_batch`; each host transfers its own devices' shards).
   """
   subset = [safe[i] for i in variant_subset(len(safe), n, seed)]
   return TrainIterator(subset, batch_size, seed, buckets, pad_id=pad_id)

@@ -32,8 +32,9 @@ from tests.helpers.pipeline_helpers import (
   read_ids,
 )
 
-# Stacked replicas are not a multi-host path (`scoring.replicas_per_pass=1` trains them one by
-# one); everything else of the demo's scoring is on.
+# Replicas one at a time (`scoring.replicas_per_pass=1`: each host loads its rows of every batch);
+# stacked replicas on several hosts are tests/pipeline/test_pods.py's. Everything else of the
+# demo's scoring is on.
 ARGS = [*TINY_DEMO, "scoring.replicas=2", "scoring.replicas_per_pass=1", "--until", "filter"]
 TIMEOUT = 600
 

@@ -1,0 +1,216 @@
+"""A pod of four hosts on localhost against one host: every phase and command, each artifact
+written once.
+
+Four CPU processes with two fake devices each (one 8-device mesh, `jax.distributed` over gloo)
+run the tiny demo through every phase to `evaluate`, then `ff-jax baseline random`, `ff-jax
+rounds --rounds 1` and a small `ff-jax sweep`, each started as users start a pod here
+(`launch/tpu.py local`); one process of the first run is SIGKILLed in the middle of `noisy` (the
+launcher then stops the others) and the whole pod restarted. Every artifact must equal, byte for
+byte, the one a single process with eight devices writes, except the numbers that cross hosts
+(`NUMERIC`, within `RTOL`/`ATOL`), and the write logs (`FF_JAX_WRITE_LOG`) must show that process 0
+alone wrote each.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from ff_jax import atomic_io
+from ff_jax.atomic_io import WRITE_LOG_ENV
+from tests.helpers.local_pod import LocalPod, process_env
+from tests.helpers.pipeline_helpers import PROGRESS, REPO, TINY_DEMO, ff_jax_cmd, progress_lines
+
+PROCESSES, DEVICES = 4, 2
+# The tiny demo; every batch a multiple of the 8 data-parallel shards; two more safety and two
+# more noisy replicas, each pair trained stacked (one pass).
+ARGS = [*TINY_DEMO, "safety.batch_size=8", "scoring.batch_size=16",
+        "scoring.gradient_batch_size=8", "evaluate.batch_size=8", "scoring.noisy_replicas=3",
+        "scoring.replicas_per_pass=2"]
+SWEEP = ["safe_sizes=[4,8]", "steps=[2]", "seeds=[0]", "batch_size=8", "chunk_size=2",
+         "score_batch_size=16"]
+TIMEOUT = 1200
+
+# Not artifacts of the method: Orbax checkpoints and models (every process writes its shards),
+# and what records wall time (the manifest's phase seconds, throughput in metrics.jsonl, event
+# files, the reports' timing tables, a sweep chunk's seconds).
+VOLATILE = ("models/", "ckpt/", "snapshots/", "tensorboard/", "manifest.json", "metrics.jsonl",
+            "report.md", "sweep/report.md", "sweep/metrics.jsonl")
+# Artifacts whose numbers cannot be byte-identical: sums across hosts run through gloo, in
+# another order than one process's in-process collectives, so float32 results differ in their
+# last bits (measured: per-example NLL and forgetting by <= 1.3e-6, metrics' mean NLLs by
+# <= 2e-7). Their structure, ids, kinds, flags, counts and texts must still be identical; every
+# float within `RTOL`/`ATOL` of one host's. filter.json also holds the mixture fit of the scores:
+# log-likelihoods summed over every example, and differences of them (delta_bic) that cancel
+# most digits, measured <= 7e-5 apart: `FIT_ATOL` there.
+NUMERIC = ("scores_before.json", "scores_after.json", "scores_replicas.json",
+           "scores_noisy_replicas.json", "replicas/", "scores.csv", "flagged.jsonl",
+           "filter.json", "metrics.json", "baselines/", "rounds.json", "sweep/chunks/",
+           "sweep/results.csv", "sweep/results.json")
+RTOL, ATOL = 1e-4, 1e-5
+FIT_ATOL = 1e-3
+# Rendered from those numbers: compared as present, not byte for byte. The clean model's weights
+# (safetensors) are compared as arrays, with the same tolerance.
+RENDERED = (".png",)
+WEIGHTS = (".safetensors",)
+
+
+def _commands(run_dir: Path) -> list[list[str]]:
+  return [ff_jax_cmd("run", f"run_dir={run_dir}", *ARGS),
+          ff_jax_cmd("baseline", "random", "--run-dir", run_dir),
+          ff_jax_cmd("rounds", "--run-dir", run_dir, "--rounds", "1"),
+          ff_jax_cmd("sweep", "--run-dir", run_dir, *SWEEP)]
+
+
+def _artifacts(run_dir: Path) -> dict[str, Path]:
+  out = {}
+  for path in sorted(run_dir.rglob("*")):
+    rel = path.relative_to(run_dir).as_posix()
+    if path.is_file() and not any(rel == v or rel.startswith(v) or f"/{v}" in f"/{rel}"
+                                  for v in VOLATILE):
+      out[rel] = path
+  return out
+
+
+def _parsed(rel: str, path: Path) -> Any:
+  text = path.read_text(encoding="utf-8")
+  if rel.endswith(".csv"):
+    return [[_number(cell) for cell in row] for row in csv.reader(io.StringIO(text))]
+  if rel.endswith(".jsonl"):
+    return [json.loads(line) for line in text.splitlines()]
+  value = json.loads(text)
+  if rel.startswith("sweep/chunks/"):
+    value.pop("seconds")  # the chunk's training time
+  return value
+
+
+def _number(cell: str) -> Any:
+  try:
+    return float(cell)
+  except ValueError:
+    return cell
+
+
+def _leaves(value: Any, at: str = "") -> list[tuple[str, Any]]:
+  if isinstance(value, dict):
+    return [leaf for key in sorted(value) for leaf in _leaves(value[key], f"{at}.{key}")]
+  if isinstance(value, list):
+    return [leaf for i, item in enumerate(value) for leaf in _leaves(item, f"{at}[{i}]")]
+  return [(at, value)]
+
+
+def _differences(rel: str, want: Path, got: Path) -> list[str]:
+  """What differs between one host's artifact `want` and the pod's `got` (empty: the same)."""
+  if rel.endswith(RENDERED):
+    return []
+  if rel.endswith(WEIGHTS):
+    a, b = load_file(str(want)), load_file(str(got))
+    if a.keys() != b.keys():
+      return [f"{rel}: tensors {sorted(a)} != {sorted(b)}"]
+    return [f"{rel}:{key}" for key in a
+            if not np.allclose(b[key], a[key], rtol=RTOL, atol=ATOL)]
+  if not rel.startswith(NUMERIC):
+    return [] if want.read_bytes() == got.read_bytes() else [f"{rel}: bytes differ"]
+  a, b = _leaves(_parsed(rel, want)), _leaves(_parsed(rel, got))
+  if [k for k, _ in a] != [k for k, _ in b]:
+    return [f"{rel}: structure differs"]
+  out = []
+  atol = FIT_ATOL if rel == "filter.json" else ATOL
+  for (key, x), (_, y) in zip(a, b):
+    if isinstance(x, float) and isinstance(y, float):
+      if not np.isclose(y, x, rtol=RTOL, atol=atol, equal_nan=True):
+        out.append(f"{rel}{key}: {y!r} != {x!r}")
+    elif x != y:
+      out.append(f"{rel}{key}: {y!r} != {x!r}")
+  return out
+
+
+def _in_noisy(lines: list[str], at: int = 3) -> bool:
+  return any((m := PROGRESS.match(line)) and m["name"] == "noisy"
+             and at <= int(m["done"]) < int(m["total"]) for line in lines)
+
+
+def _writes(folder: Path) -> dict[str, list[int]]:
+  """Path -> the processes that wrote it, once per write, from every `writes.<i>.log`."""
+  out: dict[str, list[int]] = {}
+  for log in sorted(folder.glob("writes.*.log")):
+    for line in log.read_text().splitlines():
+      pid, path = line.split(" ", 1)
+      out.setdefault(path, []).append(int(pid))
+  return out
+
+
+@pytest.mark.slow
+def test_four_hosts_write_what_one_host_writes(tmp_path):
+  single, pod = tmp_path / "single", tmp_path / "pod"
+  single_log, pod_log = tmp_path / "writes_single", tmp_path / "writes_pod"
+  env = process_env(8, {WRITE_LOG_ENV: str(single_log)})
+  for cmd in _commands(single):
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+  env = {WRITE_LOG_ENV: str(pod_log)}
+  first = LocalPod(_commands(pod)[0], PROCESSES, DEVICES, tmp_path / "logs_killed", env)
+  first.kill_worker_when(_in_noisy, victim=PROCESSES - 1, timeout=TIMEOUT)
+  assert not (pod / "scores.csv").exists()
+  lines = LocalPod(_commands(pod)[0], PROCESSES, DEVICES, tmp_path / "logs_run", env).wait(TIMEOUT)
+  assert "== release: complete, skipped" in lines
+  # Resumed from a noisy checkpoint (every 2 steps; saves are asynchronous), not from step 0.
+  assert progress_lines(lines, "noisy")[0][0] in (2, 4, 6), progress_lines(lines, "noisy")
+  for stacked in ("safety_replicas/pass_0 x2", "noisy_1-2 x2", "safety_1-2 x2"):
+    assert progress_lines(lines, stacked), f"{stacked}: not trained stacked"
+  for i, cmd in enumerate(_commands(pod)[1:]):
+    LocalPod(cmd, PROCESSES, DEVICES, tmp_path / f"logs_{i}", env).wait(TIMEOUT)
+
+  want, got = _artifacts(single), _artifacts(pod)
+  assert sorted(got) == sorted(want)
+  differ = [d for rel in want for d in _differences(rel, want[rel], got[rel])]
+  assert differ == [], differ[:20]
+
+  writes = _writes(pod_log)
+  assert {pid for pids in writes.values() for pid in pids} == {0}
+  assert not list(pod_log.glob("writes.[1-9]*.log"))
+  written = {Path(p).relative_to(pod).as_posix() for p in writes}
+  # Each artifact as often as one process writes it: a command whose hosts did not form one
+  # cluster would have four processes 0, each writing everything.
+  alone = _writes(single_log)
+  assert {rel: len(writes.get(str(pod / rel), [])) for rel in want} == {
+    rel: len(alone.get(str(single / rel), [])) for rel in want}
+  # clean_hf/ is the HF export (ff_jax.models.hf.save_hf, its own multi-host writer).
+  assert {rel for rel in want if not rel.startswith("clean_hf/")} <= written, \
+    "artifacts not written through ff_jax.atomic_io"
+
+
+def test_the_guarded_writer_logs_each_file_it_writes(tmp_path, monkeypatch):
+  log = tmp_path / "writes"
+  monkeypatch.setenv(WRITE_LOG_ENV, str(log))
+  atomic_io.write_json_atomic(tmp_path / "a" / "x.json", {"b": float("nan"), "a": 1})
+  atomic_io.write_folder(tmp_path / "f", lambda tmp: (tmp / "y.txt").write_text("one"))
+  atomic_io.write_folder(tmp_path / "f", lambda tmp: (tmp / "z.txt").write_text("two"))
+  assert (tmp_path / "a" / "x.json").read_text() == '{\n  "a": 1,\n  "b": null\n}\n'
+  assert sorted(p.name for p in (tmp_path / "f").iterdir()) == ["z.txt"]  # replaced whole
+  assert not list(tmp_path.rglob(".*"))  # no temp file or folder left
+  assert (log / "writes.0.log").read_text().splitlines() == [
+    f"0 {tmp_path / 'a' / 'x.json'}", f"0 {tmp_path / 'f' / 'y.txt'}",
+    f"0 {tmp_path / 'f' / 'z.txt'}"]
+  atomic_io.remove(tmp_path / "f")
+  atomic_io.remove(tmp_path / "f")  # gone already: nothing to do
+  assert not (tmp_path / "f").exists()
+
+
+def test_only_process_zero_writes(tmp_path, monkeypatch):
+  monkeypatch.setenv(WRITE_LOG_ENV, str(tmp_path / "writes"))
+  (tmp_path / "old.txt").write_text("old")
+  monkeypatch.setattr(atomic_io.jax, "process_index", lambda: 1)
+  atomic_io.write_atomic(tmp_path / "x.txt", "x")
+  atomic_io.write_folder(tmp_path / "f", lambda tmp: (tmp / "y.txt").write_text("y"))
+  atomic_io.remove(tmp_path / "old.txt")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["old.txt"]
