@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from importlib import metadata
 from pathlib import Path
 
 from ff_jax.errors import ConfigError
@@ -24,11 +25,26 @@ REPO = Path(__file__).resolve().parent.parent
 SOURCES = ("pyproject.toml", "README.md", "LICENSE", "ff_jax")
 
 
+def _can_build_wheels() -> bool:
+  """Whether this Python's setuptools builds wheels without build isolation: setuptools 70.1 and
+  later have bdist_wheel built in; older ones need the `wheel` package (a fresh venv has
+  neither)."""
+  if importlib.util.find_spec("wheel") is not None:
+    return importlib.util.find_spec("setuptools") is not None
+  try:
+    version = metadata.version("setuptools")
+  except metadata.PackageNotFoundError:
+    return False
+  major, minor = (int(part) for part in (version.split(".") + ["0"])[:2])
+  return (major, minor) >= (70, 1)
+
+
 def build_wheel(dist: Path) -> Path:
   """Build the checkout's wheel into `dist` (no index, no build isolation) and return its path."""
-  if importlib.util.find_spec("setuptools") is None:
-    raise ConfigError("building the ff-jax wheel needs setuptools>=68 in the Python that runs "
-                      "launch/tpu.py: `python -m pip install 'setuptools>=68'`, or pass --wheel")
+  if not _can_build_wheels():
+    raise ConfigError("building the ff-jax wheel offline needs setuptools>=70.1 (or the `wheel` "
+                      "package) in the Python that runs launch/tpu.py: `python -m pip install "
+                      "'setuptools>=70.1'`, or pass --wheel")
   dist.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(prefix="ff-jax-wheel-") as tmp:
     source, built = Path(tmp) / "source", Path(tmp) / "wheels"
