@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from ff_jax import parallel
-from ff_jax.data.templates import EncodedExample
 from ff_jax.errors import ConfigError, RunDirError
 from ff_jax.experiments import sweep
 from ff_jax.models import tiny_llama
@@ -28,24 +27,11 @@ from ff_jax.training.replicas import (
   variant_iterator,
 )
 from ff_jax.training.steps import ModelRuntime, OptimConfig, Scorer, Trainer
+from tests.helpers.encoded import random_examples
 from tests.helpers.pipeline_helpers import TINY_DEMO, manifest, run_ok
 
 BUCKETS = (16, 32)
 PAD = 0
-
-
-def _examples(n, seed, lo=6, hi=30):
-  rng = np.random.default_rng(seed)
-  out = []
-  for i in range(n):
-    length = int(rng.integers(lo, hi))
-    prompt = int(rng.integers(2, length - 2))
-    tokens = rng.integers(3, 256, length).astype(np.int32)
-    loss_mask = np.zeros(length, np.int32)
-    loss_mask[prompt:] = 1
-    out.append(EncodedExample(tokens=tokens, loss_mask=loss_mask, prompt_len=prompt,
-                              truncated=False, id=f"ex{i}"))
-  return out
 
 
 def _cfg():
@@ -61,7 +47,7 @@ def test_vmapped_replicas_match_each_variant_alone():
   mesh = parallel.make_mesh(parallel.MeshConfig(1, 1, 1), devices)
   runtime = ModelRuntime.create(_cfg(), mesh)
   params = runtime.init_params(seed=0)
-  safe, noisy = _examples(20, 1), _examples(10, 2)
+  safe, noisy = random_examples(20, 1), random_examples(10, 2)
   # Different sizes (one smaller than the batch: filler rows) and seeds; different bucket
   # lengths per replica and step exercise the common-length padding.
   variants = [(3, 0), (12, 0), (20, 1)]
@@ -93,7 +79,7 @@ def test_replica_axis_puts_each_replica_on_its_own_devices():
   runtime = ModelRuntime.create(_cfg(), mesh)
   trainer = Trainer(runtime, OPTIM, 3, replicas=4)
   state = trainer.init_state(runtime.init_params(seed=0))
-  safe = _examples(16, 3)
+  safe = random_examples(16, 3)
   its = [variant_iterator(safe, 8 + 2 * k, k, 4, BUCKETS, PAD) for k in range(4)]
   batch = stacked_batch([it.next_batch()[0] for it in its], PAD)
   state, metrics = trainer.step(state, trainer.put_batch(batch))
@@ -121,7 +107,7 @@ def test_stacked_replicas_resume_from_a_step_checkpoint(tmp_path):
   mesh = make_replica_mesh(ReplicaMeshConfig(1, 1, 1, 1), jax.devices()[:1])
   runtime = ModelRuntime.create(_cfg(), mesh)
   params = runtime.init_params(seed=0)
-  safe = _examples(12, 6)
+  safe = random_examples(12, 6)
 
   def train(steps, ckpt_dir):
     trainer = Trainer(runtime, OPTIM, 4, replicas=2)
@@ -143,11 +129,12 @@ def test_stacked_replicas_resume_from_a_step_checkpoint(tmp_path):
 
 def _inputs(mesh):
   runtime = ModelRuntime.create(_cfg(), mesh)
-  noisy = _examples(12, 5)
-  return sweep.SweepInputs(runtime=runtime, m1=runtime.init_params(seed=0), safe=_examples(16, 4),
-                     noisy=noisy, nll_before=np.full(len(noisy), 5.0),
-                     is_unsafe=np.arange(len(noisy)) % 2 == 0, buckets=BUCKETS, pad_id=PAD,
-                     safety_optim=OPTIM, safety_batch_size=4)
+  noisy = random_examples(12, 5)
+  return sweep.SweepInputs(runtime=runtime, m1=runtime.init_params(seed=0),
+                           safe=random_examples(16, 4), noisy=noisy,
+                           nll_before=np.full(len(noisy), 5.0),
+                           is_unsafe=np.arange(len(noisy)) % 2 == 0, buckets=BUCKETS, pad_id=PAD,
+                           safety_optim=OPTIM, safety_batch_size=4)
 
 
 def test_resume_skips_finished_chunks(tmp_path, monkeypatch):

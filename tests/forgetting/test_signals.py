@@ -10,7 +10,6 @@ import pytest
 
 from ff_jax import parallel
 from ff_jax.data.records import Record
-from ff_jax.data.templates import EncodedExample
 from ff_jax.errors import ConfigError
 from ff_jax.forgetting.gradients import GradientAlignment, split_blocks, subset_bytes
 from ff_jax.forgetting.signals import (
@@ -25,6 +24,7 @@ from ff_jax.models import tiny_llama
 from ff_jax.report.signals import signal_table_markdown
 from ff_jax.training.scoring import score_examples
 from ff_jax.training.steps import ModelRuntime, Scorer
+from tests.helpers.encoded import random_examples
 
 # -- learning-normalized forgetting ---------------------------------------------------------------
 
@@ -159,20 +159,6 @@ def test_signal_report_per_signal_and_per_category():
 BUCKETS = (16, 32)
 
 
-def _examples(n, seed):
-  rng = np.random.default_rng(seed)
-  out = []
-  for i in range(n):
-    length = int(rng.integers(8, 30))
-    prompt = int(rng.integers(2, length - 2))
-    loss_mask = np.zeros(length, np.int32)
-    loss_mask[prompt:] = 1
-    out.append(EncodedExample(tokens=rng.integers(3, 256, length).astype(np.int32),
-                              loss_mask=loss_mask, prompt_len=prompt, truncated=False,
-                              id=f"ex{i}"))
-  return out
-
-
 def _runtime(mesh_cfg=None, devices=1):
   mesh_cfg = mesh_cfg or parallel.MeshConfig(1, 1, 1)
   cfg = tiny_llama(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2,
@@ -188,7 +174,7 @@ def _per_token_nll(runtime, params, examples):
 def test_gradient_alignment_predicts_the_first_order_change_of_each_loss():
   runtime = _runtime()
   params = runtime.init_params(seed=0)
-  safe, noisy = _examples(6, 1), _examples(10, 2)
+  safe, noisy = random_examples(6, 1, lo=8), random_examples(10, 2, lo=8)
   aligner = GradientAlignment(runtime, n_blocks=2, batch_size=4, max_gib=1.0)
   g_safe = aligner.safe_gradient(params, safe, BUCKETS, 0, batch_size=4)
   out = aligner.align(params, g_safe, noisy, BUCKETS, 0)
@@ -211,7 +197,7 @@ def test_gradient_alignment_predicts_the_first_order_change_of_each_loss():
 def test_an_example_aligned_with_itself_has_cosine_minus_one():
   runtime = _runtime()
   params = runtime.init_params(seed=1)
-  one = _examples(1, 3)
+  one = random_examples(1, 3, lo=8)
   aligner = GradientAlignment(runtime, n_blocks=1, batch_size=2, max_gib=1.0)
   g = aligner.safe_gradient(params, one, BUCKETS, 0, batch_size=2)
   out = aligner.align(params, g, one, BUCKETS, 0)
@@ -221,7 +207,7 @@ def test_an_example_aligned_with_itself_has_cosine_minus_one():
 
 @pytest.mark.slow  # several compiled meshes or precisions: CI runs it, the fast loop skips it
 def test_gradient_alignment_is_the_same_on_a_sharded_mesh():
-  noisy, safe = _examples(8, 4), _examples(4, 5)
+  noisy, safe = random_examples(8, 4, lo=8), random_examples(4, 5, lo=8)
   outs = []
   for mesh_cfg, devices in ((parallel.MeshConfig(1, 1, 1), 1), (parallel.MeshConfig(2, 2, 2), 8)):
     runtime = _runtime(mesh_cfg, devices)
