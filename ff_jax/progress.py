@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -28,7 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ff_jax.atomic_io import write_atomic
+from ff_jax.atomic_io import json_text, write_atomic
 
 # Default steps between a training loop's records (`config.LoggingConfig` takes its default here).
 LOG_EVERY = 10
@@ -98,7 +97,7 @@ class MetricsLog:
       return
     self.path.parent.mkdir(parents=True, exist_ok=True)
     with self.path.open("a") as handle:
-      handle.write(json.dumps(_finite_or_none(record), sort_keys=True, allow_nan=False) + "\n")
+      handle.write(json_text(record, indent=None) + "\n")
 
   def drop_after(self, phase: str, step: int) -> None:
     """Remove `phase`'s records of steps after `step` (and lines a kill left half-written): a
@@ -120,17 +119,6 @@ def _stale(line: str, phase: str, step: int) -> bool:
   if not isinstance(record, dict):
     return True
   return record.get("phase") == phase and record.get("step", 0) > step
-
-
-def _finite_or_none(value: Any) -> Any:
-  """`value` with every non-finite float replaced by None, for strict JSON."""
-  if isinstance(value, dict):
-    return {k: _finite_or_none(v) for k, v in value.items()}
-  if isinstance(value, list | tuple):
-    return [_finite_or_none(v) for v in value]
-  if isinstance(value, float) and not math.isfinite(value):
-    return None
-  return value
 
 
 def writes_logs(process_index: int | None = None) -> bool:
