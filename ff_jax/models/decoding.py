@@ -5,6 +5,10 @@ slot (one `dynamic_update_slice` per step). Positions come from the padding mask
 slot index: a row with k pad slots still starts at position 0, which is what makes batched output
 equal one-at-a-time output. Rows stop on EOS or on a stop token sequence; the loop exits when every
 row is done or the budget is spent.
+
+Rows never interact, so a batch whose rows are split over a mesh's data-parallel axes (each host
+building only its own rows, `decode_batch(row_sharding=...)`) gives every row the tokens that the
+whole batch on one device gives it; `generate` is the one-process form.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from ff_jax.models import forward, init_cache, positions_from_mask
 
@@ -77,10 +82,11 @@ def _ends_with(generated: jax.Array, length: jax.Array, stops: jax.Array) -> jax
   return jnp.any(jnp.all(match, axis=-1), axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "temperature", "top_p"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "temperature", "top_p",
+                                             "rows"))
 def _generate(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, mask: jax.Array,
               stops: jax.Array, eos_id: jax.Array, pad_id: jax.Array, rng: jax.Array, *,
-              max_new: int, temperature: float, top_p: float):
+              max_new: int, temperature: float, top_p: float, rows: NamedSharding | None):
   batch, prompt_len = tokens.shape
   total = prompt_len + max_new
   cache = init_cache(graphdef, params, batch, total)
@@ -115,7 +121,8 @@ def _generate(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, mask: jax.
 
   carry = (jnp.ones((), jnp.int32), out, cache, kv_mask, done, next_pos, rng)
   _, out, *_ = jax.lax.while_loop(cond, body, carry)
-  return out
+  # Each device keeps the new tokens of its own rows; the caller gathers them.
+  return out if rows is None else jax.lax.with_sharding_constraint(out, rows)
 
 
 def _stop_array(stop_sequences: Sequence[Sequence[int]]) -> np.ndarray:
@@ -129,20 +136,29 @@ def _stop_array(stop_sequences: Sequence[Sequence[int]]) -> np.ndarray:
   return arr
 
 
-def generate(graphdef: nnx.GraphDef, params: Any, prompts: Sequence[Sequence[int]], *,
-             eos_id: int, pad_id: int, sampling: SamplingConfig = SamplingConfig(),
-             stop_sequences: Sequence[Sequence[int]] = (), prompt_length: int | None = None,
-             ) -> list[list[int]]:
-  """New tokens for each prompt, cut after EOS / a stop sequence (both excluded)."""
-  tokens, mask = left_pad(prompts, pad_id, prompt_length)
-  stops = _stop_array(stop_sequences)
-  out = _generate(graphdef, params, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(stops),
-                  jnp.int32(eos_id), jnp.int32(pad_id), jax.random.key(sampling.seed),
-                  max_new=int(sampling.max_new_tokens), temperature=float(sampling.temperature),
-                  top_p=float(sampling.top_p))
-  out = np.asarray(out)
+def decode_batch(graphdef: nnx.GraphDef, params: Any, tokens: Any, mask: Any, *, eos_id: int,
+                 pad_id: int, sampling: SamplingConfig = SamplingConfig(),
+                 stop_sequences: Sequence[Sequence[int]] = (),
+                 row_sharding: NamedSharding | None = None) -> jax.Array:
+  """New tokens [B, max_new_tokens] of a left-padded batch (`left_pad`), uncut, on device.
+
+  `tokens` and `mask` are numpy arrays on one process, or global arrays whose rows are split over
+  the mesh's data-parallel axes (`ff_jax.parallel.global_batch`); `row_sharding` is then theirs,
+  and the output stays split the same way: each device decodes only its rows, with the
+  parameters on their own shardings.
+  """
+  return _generate(graphdef, params, jnp.asarray(tokens), jnp.asarray(mask),
+                   jnp.asarray(_stop_array(stop_sequences)), jnp.int32(eos_id),
+                   jnp.int32(pad_id), jax.random.key(sampling.seed),
+                   max_new=int(sampling.max_new_tokens), temperature=float(sampling.temperature),
+                   top_p=float(sampling.top_p), rows=row_sharding)
+
+
+def cut_rows(out: np.ndarray, eos_id: int,
+             stop_sequences: Sequence[Sequence[int]] = ()) -> list[list[int]]:
+  """Each row of `decode_batch`'s output cut before EOS / its first stop sequence."""
   results = []
-  for row in out:
+  for row in np.asarray(out):
     row = row.tolist()
     cut = len(row)
     if eos_id in row:
@@ -155,3 +171,15 @@ def generate(graphdef: nnx.GraphDef, params: Any, prompts: Sequence[Sequence[int
           break
     results.append(row[:cut])
   return results
+
+
+def generate(graphdef: nnx.GraphDef, params: Any, prompts: Sequence[Sequence[int]], *,
+             eos_id: int, pad_id: int, sampling: SamplingConfig = SamplingConfig(),
+             stop_sequences: Sequence[Sequence[int]] = (), prompt_length: int | None = None,
+             ) -> list[list[int]]:
+  """New tokens for each prompt, cut after EOS / a stop sequence (both excluded); one process.
+  (Prompts split over the hosts of a pod: `ff_jax.training.scoring.generate_texts`.)"""
+  tokens, mask = left_pad(prompts, pad_id, prompt_length)
+  out = decode_batch(graphdef, params, tokens, mask, eos_id=eos_id, pad_id=pad_id,
+                     sampling=sampling, stop_sequences=stop_sequences)
+  return cut_rows(np.asarray(out), eos_id, stop_sequences)

@@ -8,6 +8,7 @@ paper's signal, one decode). `ff_jax.forgetting.signals` turns such tables into 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,11 +20,14 @@ from jax.experimental import multihost_utils
 from ff_jax import parallel
 from ff_jax.data.batching import eval_batches
 from ff_jax.data.templates import EncodedExample
+from ff_jax.errors import ConfigError
 from ff_jax.eval.text import rouge1_f_batch
-from ff_jax.models.decoding import SamplingConfig, generate
+from ff_jax.models.decoding import SamplingConfig, cut_rows, decode_batch, left_pad
 from ff_jax.models.tokenizer import TextTokenizer
 from ff_jax.progress import Progress
 from ff_jax.training.steps import ModelRuntime, Scorer
+
+log = logging.getLogger(__name__)
 
 
 def per_example(step: Callable[[Any, dict[str, Any]], dict[str, Any]], runtime: ModelRuntime,
@@ -90,21 +94,57 @@ def score_snapshots(scorer: Scorer, stacked_params: Any, examples: Sequence[Enco
 def generate_texts(runtime: ModelRuntime, params: Any, tokenizer: TextTokenizer,
                    prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int,
                    name: str = "generate") -> list[str]:
-  """Greedy continuations of token prompts, decoded; fixed batch and prompt widths (one compile)."""
+  """Greedy continuations of token prompts, decoded, in prompt order on every host.
+
+  Batches of `batch_size` prompts (the last one filled up with empty prompts), all left-padded to
+  one width: one compile. Each host left-pads only its rows of each batch, the rows are decoded
+  split over the mesh's data-parallel axes, and the new tokens are gathered by prompt index.
+  """
   if not prompts:
     return []
+  rows_multiple = runtime.row_multiple()
+  if batch_size < 1 or batch_size % rows_multiple:
+    raise ConfigError(f"{name}: batch_size {batch_size} must be a positive multiple of "
+                      f"{rows_multiple}, the data-parallel shards and processes of mesh "
+                      f"{dict(runtime.mesh.shape)} (each builds and decodes its own rows)")
   width = max(16, -(-max(len(p) for p in prompts) // 16) * 16)
   sampling = SamplingConfig(max_new_tokens=max_new_tokens)
-  texts: list[str] = []
+  params = jax.device_put(params, runtime.param_shardings)  # a no-op where they are already
+  rows = runtime.batch_sharding()
+  local_rows = batch_size // jax.process_count()
+  first_row = jax.process_index() * local_rows
+  texts: list[str | None] = [None] * len(prompts)
   progress = Progress(name, len(prompts), unit="examples")
   for start in range(0, len(prompts), batch_size):
-    chunk = [list(p) for p in prompts[start:start + batch_size]]
-    filler = batch_size - len(chunk)
-    outs = generate(runtime.graphdef, params, chunk + [[]] * filler, eos_id=tokenizer.eos_id,
-                    pad_id=tokenizer.pad_id, sampling=sampling, prompt_length=width)
-    texts.extend(tokenizer.decode(o).strip() for o in outs[:len(chunk)])
-    progress.update(len(texts))
+    ids = [start + first_row + r for r in range(local_rows)]
+    ids = [i if i < len(prompts) else -1 for i in ids]
+    tokens, mask = left_pad([list(prompts[i]) if i >= 0 else [] for i in ids], tokenizer.pad_id,
+                            width)
+    batch = parallel.global_batch({"tokens": tokens, "mask": mask,
+                                   "example_id": np.asarray(ids, np.int32)},
+                                  runtime.mesh, runtime.rules)
+    if start == 0:
+      log.info("%s: process %d of %d decodes %d of the %d rows of each of %d batches", name,
+               jax.process_index(), jax.process_count(), _rows_held(batch["tokens"]), batch_size,
+               -(-len(prompts) // batch_size))
+    out = decode_batch(runtime.graphdef, params, batch["tokens"], batch["mask"],
+                       eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, sampling=sampling,
+                       row_sharding=rows)
+    out, gathered = map(np.asarray, multihost_utils.process_allgather(
+        (out, batch["example_id"]), tiled=True))
+    real = gathered >= 0
+    for i, new in zip(gathered[real], cut_rows(out[real], tokenizer.eos_id)):
+      texts[i] = tokenizer.decode(new).strip()
+    progress.update(min(start + batch_size, len(prompts)))
   return texts
+
+
+def _rows_held(array: jax.Array) -> int:
+  """How many distinct rows of `array` this process's devices hold (and compute on)."""
+  held = set()
+  for shard in array.addressable_shards:
+    held.update(range(*shard.index[0].indices(array.shape[0])))
+  return len(held)
 
 
 def per_example_table(stats: dict[str, np.ndarray], generations: Sequence[str] | None,
