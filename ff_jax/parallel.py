@@ -187,6 +187,44 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
           for key, value in local_batch.items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class StackBlock:
+  """The part of a stacked [K, B, ...] batch that one process holds: the replicas `replicas`, and
+  of each of them block `row_block` of its rows cut into `row_blocks` equal blocks (what a
+  `TrainIterator` builds as `process_index`/`process_count`)."""
+
+  replicas: range
+  row_block: int
+  row_blocks: int
+
+
+def stacked_batch_block(mesh: Mesh, rules: Mapping[str, tuple[str, ...] | None] = DEFAULT_RULES,
+                        replicas: int = 1) -> StackBlock:
+  """The block of a stacked batch of `replicas` streams that this process holds under
+  `batch_shardings(stacked=True)`: K over the `replica` axis where the mesh has one, rows over the
+  data-parallel axes. On a mesh without a `replica` axis that is every replica and the rows
+  `global_batch` takes (block `process_index` of `process_count`); with one, only the replicas
+  whose slice has devices of this process, and their rows split over the processes of a slice.
+  A process whose devices do not hold one contiguous block is refused."""
+  process_index = jax.process_index()
+  sharding = batch_shardings(mesh, rules, stacked=True)["example_id"]
+  row_units = math.prod(mesh.shape[a] for a in data_axes(mesh, rules))  # one unit per shard
+  held_k: set[int] = set()
+  held_rows: set[int] = set()
+  for device, index in sharding.devices_indices_map((replicas, row_units)).items():
+    if device.process_index == process_index:
+      held_k.update(range(*index[0].indices(replicas)))
+      held_rows.update(range(*index[1].indices(row_units)))
+  ks, rows = sorted(held_k), sorted(held_rows)
+  contiguous = (ks and rows and ks == list(range(ks[0], ks[-1] + 1))
+                and rows == list(range(rows[0], rows[-1] + 1)) and rows[0] % len(rows) == 0)
+  if not contiguous:
+    raise MeshError(f"process {process_index} holds replicas {ks} and row shards {rows} of a "
+                    f"stacked batch on mesh {dict(mesh.shape)}, not one contiguous block of each; "
+                    "build the mesh with parallel.make_mesh or training.replicas.make_replica_mesh")
+  return StackBlock(range(ks[0], ks[-1] + 1), rows[0] // len(rows), row_units // len(rows))
+
+
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None,
                            process_id: int | None = None) -> bool:

@@ -65,12 +65,19 @@ def _check_sharding(batch_size: int, process_index: int, process_count: int) -> 
                       f"{process_count}")
 
 
+def bucket_width(examples: Sequence[EncodedExample], indices: Sequence[int],
+                 buckets: Sequence[int]) -> int:
+  """The width of the unpacked global batch `indices`: the smallest bucket that holds its longest
+  example (the same on every host)."""
+  return pick_bucket(max((len(examples[i]) for i in indices if i >= 0), default=1), buckets)
+
+
 def make_batch(examples: Sequence[EncodedExample], indices: Sequence[int], buckets: Sequence[int],
-               pad_id: int, process_index: int = 0,
-               process_count: int = 1) -> dict[str, np.ndarray]:
-  """This host's rows of the global batch `indices` (-1 = filler row)."""
-  longest = max((len(examples[i]) for i in indices if i >= 0), default=1)
-  t = pick_bucket(longest, buckets)
+               pad_id: int, process_index: int = 0, process_count: int = 1,
+               width: int | None = None) -> dict[str, np.ndarray]:
+  """This host's rows of the global batch `indices` (-1 = filler row), `width` tokens wide
+  (default: `bucket_width`; wider to stack it with other streams' batches)."""
+  t = bucket_width(examples, indices, buckets) if width is None else width
   rows = len(indices) // process_count
   local = list(indices)[process_index * rows:(process_index + 1) * rows]
   tokens = np.full((rows, t), pad_id, dtype=np.int32)
@@ -177,16 +184,29 @@ def _fill_packed(examples: Sequence[EncodedExample], rows: Sequence[Sequence[int
           "segment_ids": segment_ids, "positions": positions, "example_id": example_id}
 
 
-def pack_batch(examples: Sequence[EncodedExample], indices: Sequence[int], buckets: Sequence[int],
-               pad_id: int, row_multiple: int = 1, process_index: int = 0,
-               process_count: int = 1) -> dict[str, np.ndarray]:
-  """This host's rows of the global batch `indices` (-1 = no example), packed (`packed_layout`,
-  rows a multiple of `row_multiple` and of the process count), with one example id per index."""
+def packed_rows(examples: Sequence[EncodedExample], indices: Sequence[int],
+                buckets: Sequence[int], row_multiple: int = 1,
+                process_count: int = 1) -> tuple[int, int, list[list[int]]]:
+  """(rows, width, dataset indices per row) of the global batch `indices` packed
+  (`packed_layout`, rows a multiple of `row_multiple` and of the process count): the same on every
+  host."""
   real = [i for i in indices if i >= 0]
   num_rows, width, packed = packed_layout([len(examples[i]) for i in real],
                                           PACKED_WIDTH_FACTOR * max(buckets),
                                           math.lcm(row_multiple, process_count))
-  rows = [[real[p] for p in row] for row in packed]
+  return num_rows, width, [[real[p] for p in row] for row in packed]
+
+
+def pack_batch(examples: Sequence[EncodedExample], indices: Sequence[int], buckets: Sequence[int],
+               pad_id: int, row_multiple: int = 1, process_index: int = 0,
+               process_count: int = 1,
+               shape: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+  """This host's rows of the global batch `indices` (-1 = no example), packed (`packed_rows`),
+  with one example id per index. `shape`: the global (rows, width) to pad the batch to before it
+  is split over the hosts (to stack it with other streams' batches; empty rows go last)."""
+  num_rows, width, rows = packed_rows(examples, indices, buckets, row_multiple, process_count)
+  if shape is not None:
+    num_rows, width = shape
   local = num_rows // process_count
   return _fill_packed(examples, rows[process_index * local:(process_index + 1) * local], local,
                       width, len(indices), pad_id)
@@ -277,20 +297,40 @@ class TrainIterator:
                       f"{self.steps_per_epoch} batches")
     self.epoch, self.position = state["epoch"], state["position"]
 
-  def next_batch(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  def next_indices(self) -> list[int]:
+    """The dataset indices of the next global batch (-1: filler row); moves the stream on."""
     if self.position >= self.steps_per_epoch:
       self.epoch, self.position = self.epoch + 1, 0
     order = self.epoch_order(self.epoch)
     start = self.position * self.batch_size
     idx = order[start:start + self.batch_size].tolist()
     idx += [-1] * (self.batch_size - len(idx))  # filler rows keep the last batch's shape
-    if self.packing:
-      batch = pack_batch(self.examples, idx, self.buckets, self.pad_id, self.row_multiple,
-                         self.process_index, self.process_count)
-    else:
-      batch = make_batch(self.examples, idx, self.buckets, self.pad_id, self.process_index,
-                         self.process_count)
     self.position += 1
+    return idx
+
+  def batch_shape(self, indices: Sequence[int]) -> tuple[int, int]:
+    """(rows, width) of the global batch of `indices`, known on every host without building it."""
+    if self.packing:
+      rows, width, _ = packed_rows(self.examples, indices, self.buckets, self.row_multiple,
+                                   self.process_count)
+      return rows, width
+    return len(indices), bucket_width(self.examples, indices, self.buckets)
+
+  def make(self, indices: Sequence[int],
+           shape: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """This host's rows of the global batch of `indices`, padded to the global (rows, width)
+    `shape` when given (at least `batch_shape(indices)`; unpacked batches keep their rows)."""
+    if self.packing:
+      return pack_batch(self.examples, indices, self.buckets, self.pad_id, self.row_multiple,
+                        self.process_index, self.process_count, shape)
+    if shape is not None and shape[0] != len(indices):
+      raise ConfigError(f"an unpacked batch of {len(indices)} rows cannot be padded to "
+                        f"{shape[0]} rows: give every stacked stream the same batch_size")
+    return make_batch(self.examples, indices, self.buckets, self.pad_id, self.process_index,
+                      self.process_count, None if shape is None else shape[1])
+
+  def next_batch(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    batch = self.make(self.next_indices())
     return batch, self.state()
 
   def __iter__(self):

@@ -183,7 +183,10 @@ def run_chunks(cfg: SweepConfig, inputs: SweepInputs, out_dir: Path) -> dict[tup
         scorer = Scorer(inputs.runtime)
       # Padding replicas repeat the last variant; their results are dropped.
       padded = chunk + [chunk[-1]] * (cfg.chunk_size - len(chunk))
-      its = [variant_iterator(inputs.safe, n, s, cfg.batch_size, inputs.buckets, inputs.pad_id)
+      # Each host builds its block of every stacked batch (its replicas' rows, `stack_block`).
+      block = trainer.stack_block
+      its = [variant_iterator(inputs.safe, n, s, cfg.batch_size, inputs.buckets, inputs.pad_id,
+                              block.row_block, block.row_blocks)
              for n, s in padded]
       # TensorBoard: a run folder per variant, and one per padding replica (`padding_<k>`).
       names = [f"n{n}_s{s}" for n, s in chunk]

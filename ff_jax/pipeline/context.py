@@ -99,18 +99,16 @@ class RunContext:
                      adapter_checkpoints=self.cfg.lora.adapter_checkpoints,
                      packing=self.cfg.data.packing)
 
-  def train_batches(self, examples: Sequence[EncodedExample], spec: PhaseSpec, seed: int,
-                    stacked: bool = False) -> TrainIterator:
+  def train_batches(self, examples: Sequence[EncodedExample], spec: PhaseSpec,
+                    seed: int) -> TrainIterator:
     """The batch stream of finetune `spec` with `seed` (packed with `data.packing`), as
-    `train_phase` builds it for the run's own finetunes: this host's rows of every batch. A
-    stream of stacked replicas (`stacked`) gives whole batches, the same on every host: the
-    stacked trainer places a [K, B, T] batch whole (`Trainer.put_batch`)."""
-    hosts = {} if stacked else {"process_index": jax.process_index(),
-                                "process_count": jax.process_count()}
+    `train_phase` builds it for the run's own finetunes: this host's rows of every batch, for
+    one model or as one of stacked replicas (the run's mesh has no `replica` axis, so the stacked
+    trainer's `stack_block` is every replica and these rows)."""
     return TrainIterator(examples, spec.batch_size, seed, spec.buckets, pad_id=self.pad_id,
                          packing=spec.packing,
                          row_multiple=self.runtime.row_multiple(spec.optim.grad_accum_steps),
-                         **hosts)
+                         process_index=jax.process_index(), process_count=jax.process_count())
 
   def finetune(self, name: str, phase: PhaseConfig, init: Callable[[], Any],
                examples: Sequence[EncodedExample], output: str, seed: int,

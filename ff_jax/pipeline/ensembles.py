@@ -89,8 +89,7 @@ def safety_replicas(ctx: RunContext) -> dict[str, Any]:
     if done.exists() and json.loads(done.read_text())["seeds"] == chunk:
       rows += json.loads(done.read_text())["nll"]
       continue
-    iterators = [ctx.train_batches(ctx.safe, spec, seed, stacked=len(chunk) > 1)
-                 for seed in chunk]
+    iterators = [ctx.train_batches(ctx.safe, spec, seed) for seed in chunk]
     if len(chunk) == 1:
       # One replica: the ordinary (unvmapped) step, compiled once for every pass.
       trainer = single = single or Trainer(ctx.runtime, spec.optim, spec.steps)
@@ -176,8 +175,7 @@ def _noisy_replicas_stacked(ctx: RunContext, seeds: dict[int, list[int]], noisy:
   label = f"{min(seeds)}-{max(seeds)}"
 
   def streams(spec: PhaseSpec, examples, column: int) -> list[TrainIterator]:
-    return [ctx.train_batches(examples, spec, pair[column], stacked=True)
-            for pair in seeds.values()]
+    return [ctx.train_batches(examples, spec, pair[column]) for pair in seeds.values()]
 
   names = (f"noisy_{label}", f"safety_{label}")
   replicas = [f"replica_{i}" for i in seeds]

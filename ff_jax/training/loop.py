@@ -369,7 +369,8 @@ def train_and_score(trainer: Trainer, scorer: Scorer, init_params: Any,
   replicas = trainer.replicas
   if len(iterators) != (replicas or 1):
     raise ConfigError(f"{len(iterators)} batch streams for {replicas or 1} replicas")
-  batches = iterators[0] if replicas is None else StackedBatches(iterators, pad_id)
+  batches = (iterators[0] if replicas is None
+             else StackedBatches(iterators, pad_id, trainer.stack_block))
   # Broadcasting one model to K replicas makes new arrays; otherwise the first step would
   # donate the caller's.
   own_copy = replicas is None or stacked_init

@@ -7,7 +7,9 @@ program and one dispatch per step instead of K. Each replica reads its own batch
 batches of a step are padded to one common bucket length ([K, B, T], `StackedBatches`) so shapes
 stay fixed. On a mesh with a `replica` axis the leading axis is sharded over it: each replica's
 params, moments and batches live on their own slice of devices, and inside a slice the usual
-rules (fsdp/tensor/data) apply.
+rules (fsdp/tensor/data) apply. On several hosts each process builds only its block of every
+stacked batch, the replicas and rows its devices hold (`parallel.stacked_batch_block`), and
+`Trainer.put_batch` assembles the global array from every process's block.
 
 The mesh here has axes ('replica', 'data', 'fsdp', 'tensor'); a `ModelRuntime` built on it plans
 the per-replica shardings (its rules never name 'replica', so they are replicated over it) and the
@@ -73,14 +75,40 @@ def stacked_batch(locals_: Sequence[dict[str, np.ndarray]], pad_id: int) -> dict
 
 
 class StackedBatches:
-  """K batch streams read in lockstep as one: [K, B, T] batches (`stacked_batch`) and one
-  resumable state holding every stream's position."""
+  """K batch streams read in lockstep as one: this host's block of every [K, B, T] batch
+  (`stacked_batch`) and one resumable state holding every stream's position.
 
-  def __init__(self, iterators: Sequence[TrainIterator], pad_id: int):
+  `block` (`Trainer.stack_block`; default: all of it) is the part of the stacked batch this
+  process holds: its replicas, and the row block that each stream must have been built to give
+  (`process_index`/`process_count`). Every stream moves on at each step and every host works out
+  the common global shape of the K batches from their indices alone; only this host's rows of its
+  replicas are built. Packed batches grow to the common row count before they are split over the
+  hosts, so the global batch is the same on any number of processes.
+  """
+
+  def __init__(self, iterators: Sequence[TrainIterator], pad_id: int,
+               block: parallel.StackBlock | None = None):
     self.iterators, self.pad_id = list(iterators), pad_id
+    self.block = (parallel.StackBlock(range(len(self.iterators)), 0, 1) if block is None
+                  else block)
+    if self.block.replicas.stop > len(self.iterators):
+      raise ConfigError(f"{len(self.iterators)} batch streams, but this process holds replicas "
+                        f"{list(self.block.replicas)}")
+    for k in self.block.replicas:
+      it = self.iterators[k]
+      if (it.process_index, it.process_count) != (self.block.row_block, self.block.row_blocks):
+        raise ConfigError(
+            f"batch stream {k} builds row block {it.process_index} of {it.process_count}, but "
+            f"this process holds block {self.block.row_block} of {self.block.row_blocks} of the "
+            "stacked batch: build stacked streams with process_index=block.row_block and "
+            "process_count=block.row_blocks (Trainer.stack_block)")
 
   def next_batch(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    batch = stacked_batch([it.next_batch()[0] for it in self.iterators], self.pad_id)
+    indices = [it.next_indices() for it in self.iterators]
+    shape = tuple(int(n) for n in np.max(
+        [it.batch_shape(idx) for it, idx in zip(self.iterators, indices)], axis=0))
+    batch = stacked_batch([self.iterators[k].make(indices[k], shape) for k in self.block.replicas],
+                          self.pad_id)
     return batch, self.state()
 
   def state(self) -> dict[str, Any]:
@@ -106,12 +134,14 @@ def variant_subset(num_safe: int, n: int, seed: int) -> np.ndarray:
 
 
 def variant_iterator(safe: Sequence[EncodedExample], n: int, seed: int, batch_size: int,
-                     buckets: Sequence[int], pad_id: int) -> TrainIterator:
+                     buckets: Sequence[int], pad_id: int, process_index: int = 0,
+                     process_count: int = 1) -> TrainIterator:
   """The batch stream of variant (n, seed): its subset, in an order seeded by `seed`.
 
-  A subset smaller than the batch gets filler rows; a small subset just cycles its epochs. Whole
-  batches on every host, as every stacked stream: the stacked trainer places a [K, B, T] batch
-  whole (`Trainer.put_batch`; each host transfers its own devices' shards).
+  A subset smaller than the batch gets filler rows; a small subset just cycles its epochs. Each
+  host builds row block `process_index` of `process_count` of every batch: the stacked trainer's
+  `stack_block` (`StackedBatches` checks it).
   """
   subset = [safe[i] for i in variant_subset(len(safe), n, seed)]
-  return TrainIterator(subset, batch_size, seed, buckets, pad_id=pad_id)
+  return TrainIterator(subset, batch_size, seed, buckets, pad_id=pad_id,
+                       process_index=process_index, process_count=process_count)

@@ -310,10 +310,8 @@ class Trainer:
     def init_opt(params):
       return self.tx.init(trainable_params(params)[0])
 
-    metric_sharding = repl
     if replicas is not None:
       state_shardings = jax.tree.map(parallel.stack_sharding, state_shardings)
-      metric_sharding = parallel.stack_sharding(repl)  # one value per replica
       step_fn, init_opt = jax.vmap(step_fn), jax.vmap(init_opt)
 
       def broadcast(params):
@@ -321,6 +319,10 @@ class Trainer:
 
       self._broadcast = jax.jit(broadcast, out_shardings=state_shardings["params"])
     self.state_shardings = state_shardings
+    # Stacked replicas: the part of every [K, B, T] batch this process builds and passes to
+    # `put_batch` (its `StackedBatches` block; the streams' process_index/process_count).
+    self.stack_block = (None if replicas is None
+                        else parallel.stacked_batch_block(mesh, runtime.rules, replicas))
     # Packed batches: rows a multiple of this (pass it to the TrainIterator).
     self.row_multiple = runtime.row_multiple(optim.grad_accum_steps)
     self.trace_count = 0
@@ -332,7 +334,9 @@ class Trainer:
     self.step = jax.jit(counted,
                         in_shardings=(state_shardings,
                                       runtime.batch_sharding(stacked=replicas is not None)),
-                        out_shardings=(state_shardings, metric_sharding), donate_argnums=(0,))
+                        # Metrics (one value per replica when stacked) replicated: every host
+                        # reads them, also where the replicas live on other hosts' devices.
+                        out_shardings=(state_shardings, repl), donate_argnums=(0,))
     self._init_opt = jax.jit(init_opt, out_shardings=state_shardings["opt_state"])
 
   def init_state(self, params: Any, stacked: bool = False) -> TrainState:
@@ -357,13 +361,23 @@ class Trainer:
     """A host batch placed on `batch_shardings`, ready for `step`.
 
     One model: each process passes only its own rows (`parallel.global_batch`). Stacked
-    replicas: the whole [K, B, T] batch, the same on every process.
+    replicas: each process passes its block of the [K, B, T] batch (`stack_block`: its replicas,
+    and its rows of each), and the global array is assembled from every process's.
     """
+    mesh, rules = self.runtime.mesh, self.runtime.rules
     if self.replicas is None:
-      return parallel.global_batch(local, self.runtime.mesh, self.runtime.rules)
-    shardings = parallel.batch_shardings(self.runtime.mesh, self.runtime.rules, stacked=True,
-                                         packed=is_packed(local))
-    return jax.tree.map(jax.device_put, local, shardings)
+      return parallel.global_batch(local, mesh, rules)
+    block = self.stack_block
+    held, rows = local["tokens"].shape[:2]
+    if held != len(block.replicas):
+      raise ConfigError(f"a stacked batch of {held} replicas, but this process holds "
+                        f"{len(block.replicas)} of the {self.replicas} (`Trainer.stack_block`)")
+    parallel.check_batch_rows(rows * block.row_blocks, mesh, rules)
+    shardings = parallel.batch_shardings(mesh, rules, stacked=True, packed=is_packed(local))
+    return {key: jax.make_array_from_process_local_data(
+                shardings[key], value,
+                (self.replicas, rows * block.row_blocks, *value.shape[2:]))
+            for key, value in local.items()}
 
   def learning_rate(self, step: int) -> float:
     return float(self.schedule(step))
