@@ -52,6 +52,7 @@ class ModelSource:
   param_dtype: str = "float32"  # stored parameters of imported models (bfloat16 halves them)
   remat: bool = False
   attention: str = "auto"  # attention kernel of imported models (ModelConfig.attention)
+  scan_layers: bool = True  # imported models' blocks as one scan (ModelConfig.scan_layers)
 
 
 @dataclasses.dataclass(frozen=True)

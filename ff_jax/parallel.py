@@ -39,6 +39,9 @@ DEFAULT_RULES: dict[str, tuple[str, ...] | None] = {
     "head_dim": None,
     "norm": None,
     "position": None,
+    # The stacked blocks' leading axis: each device holds every layer's shard of a weight, which
+    # the scan over layers then slices locally (sharding it would be pipeline parallelism).
+    "layers": None,
 }
 
 

@@ -87,16 +87,17 @@ def test_parameter_shardings_follow_the_rules_and_the_step_traces_once():
   _need_devices(8)
   runtime, trainer, state, *_ = _run(parallel.MeshConfig(2, 2, 2), jax.devices(), steps=4)
   params = state["params"]
-  attn = params["layers"][0]["attn"]
-  assert attn["q"].sharding.spec == P("fsdp", "tensor", None)
-  assert attn["k"].sharding.spec == P("fsdp", "tensor", None)
-  assert attn["o"].sharding.spec == P("tensor", None, "fsdp")
-  assert params["layers"][0]["mlp"]["down"].sharding.spec == P("tensor", "fsdp")
+  # Block parameters are stacked over layers; that leading axis stays unsharded.
+  attn = params["layers"]["attn"]
+  assert attn["q"].sharding.spec == P(None, "fsdp", "tensor", None)
+  assert attn["k"].sharding.spec == P(None, "fsdp", "tensor", None)
+  assert attn["o"].sharding.spec == P(None, "tensor", None, "fsdp")
+  assert params["layers"]["mlp"]["down"].sharding.spec == P(None, "tensor", "fsdp")
   assert params["embed"].sharding.spec == P("tensor", "fsdp")
   assert params["final_norm"]["scale"].sharding.spec == P(None)
   # Optimizer moments are sharded like their parameters, not replicated.
   adam = trainer.state_shardings["opt_state"][1][0]
-  assert adam.mu["layers"][0]["attn"]["q"].spec == P("fsdp", "tensor", None)
+  assert adam.mu["layers"]["attn"]["q"].spec == P(None, "fsdp", "tensor", None)
   assert trainer.trace_count == 1
 
 
@@ -114,8 +115,8 @@ def test_sharded_init_never_materialises_the_whole_model():
   per_device = memory.output_size_in_bytes + memory.temp_size_in_bytes
   assert per_device < total_bytes / 2, (per_device, total_bytes)
   params = runtime.init_params(0)
-  shard = params["layers"][0]["mlp"]["up"].addressable_shards[0]
-  assert shard.data.shape == (256 // 8, 1024)
+  shard = params["layers"]["mlp"]["up"].addressable_shards[0]
+  assert shard.data.shape == (2, 256 // 8, 1024)
   for array, sharding in zip(jax.tree.leaves(params), jax.tree.leaves(shardings)):
     assert array.sharding == sharding
 

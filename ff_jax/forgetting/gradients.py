@@ -43,22 +43,24 @@ from ff_jax.training.steps import ModelRuntime, token_nll
 GIB = 2**30
 
 
-def split_blocks(params: dict[str, Any], n_blocks: int) -> tuple[dict[int, Any], dict[str, Any]]:
-  """(the last `n_blocks` layers, everything else); `merge_blocks` undoes it."""
+def split_blocks(params: dict[str, Any], n_blocks: int) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(the last `n_blocks` layers, everything else), each block parameter sliced along its stacked
+  'layers' axis; `merge_blocks` undoes it."""
   layers = params["layers"]
-  last = sorted(layers)[len(layers) - n_blocks:]
-  rest = {**params, "layers": {i: v for i, v in layers.items() if i not in last}}
-  return {i: layers[i] for i in last}, rest
+  first = jax.tree.leaves(layers)[0].shape[0] - n_blocks
+  rest = {**params, "layers": jax.tree.map(lambda a: a[:first], layers)}
+  return jax.tree.map(lambda a: a[first:], layers), rest
 
 
-def merge_blocks(subset: dict[int, Any], rest: dict[str, Any]) -> dict[str, Any]:
-  return {**rest, "layers": {**rest["layers"], **subset}}
+def merge_blocks(subset: dict[str, Any], rest: dict[str, Any]) -> dict[str, Any]:
+  return {**rest, "layers": jax.tree.map(lambda head, tail: jnp.concatenate([head, tail]),
+                                         rest["layers"], subset)}
 
 
 def subset_bytes(abstract_params: dict[str, Any], n_blocks: int) -> int:
   """Bytes of one gradient of the last `n_blocks` blocks (gradients have the params' dtypes)."""
-  subset, _ = split_blocks(abstract_params, n_blocks)
-  return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(subset))
+  return sum(n_blocks * math.prod(a.shape[1:]) * np.dtype(a.dtype).itemsize
+             for a in jax.tree.leaves(abstract_params["layers"]))
 
 
 def _dot(a: Any, b: Any) -> jax.Array:
@@ -112,7 +114,8 @@ class GradientAlignment:
 
     batch_shardings = parallel.batch_shardings(runtime.mesh, runtime.rules)
     rows = batch_shardings["example_id"]
-    subset_sh, _ = split_blocks(runtime.param_shardings, n_blocks)
+    # A slice along the unsharded 'layers' axis keeps its parameter's sharding.
+    subset_sh = runtime.param_shardings["layers"]
     repl = parallel.replicated(runtime.mesh)
     self._safe_step = jax.jit(safe_step, in_shardings=(runtime.param_shardings, batch_shardings),
                               out_shardings=(subset_sh, repl))

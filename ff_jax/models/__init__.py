@@ -1,8 +1,10 @@
 """Models: the NNX decoder, its functional boundary, and checkpoint/tokenizer import.
 
 The rest of ff_jax holds a model as `(graphdef, params)`: a static NNX GraphDef and a pure nested
-dict of arrays (`{'embed': ..., 'layers': {0: {'attn': {'q': ...}}}}`). Pure dicts go through
-`jax.jit`, optax, vmap and Orbax unchanged; `forward` merges them back into a module inside a trace.
+dict of arrays (`{'embed': ..., 'layers': {'attn': {'q': [L, D, H, hd]}, ...}}`: the blocks'
+parameters stacked over layers, run by one scan). Pure dicts go through `jax.jit`, optax, vmap and
+Orbax unchanged; `forward` merges them back into a module inside a trace. Checkpoint files name
+layers one by one; `ff_jax.models.loading` stacks and unstacks them.
 """
 
 from __future__ import annotations
@@ -14,7 +16,13 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from ff_jax.models.config import ModelConfig, RopeScaling, tiny_llama
-from ff_jax.models.transformer import Block, Cache, Transformer, positions_from_mask
+from ff_jax.models.transformer import (
+  Cache,
+  Transformer,
+  layer_keys,
+  positions_from_mask,
+  stacked_blocks,
+)
 
 __all__ = [
     "Cache", "ModelConfig", "RopeScaling", "Transformer", "abstract_model", "forward",
@@ -50,26 +58,26 @@ def logical_axes(state: nnx.State) -> Params:
 def init_params(cfg: ModelConfig, seed: int, shardings: Params | None = None) -> Params:
   """Freshly initialised parameters, each created directly on its sharding (if given).
 
-  The embeddings/final norm and the blocks are created by separate jitted programs, and one
-  compiled block initialiser is reused for every layer (keyed by `fold_in(key, layer)`): compile
-  time does not grow with depth, and nothing is materialised unsharded.
+  The embeddings/final norm and the stacked blocks are created by separate jitted programs; the
+  blocks' program vmaps one block initialiser over the layers (layer i keyed by
+  `fold_in(key, i)`), so its compile time does not grow with depth, and nothing is materialised
+  unsharded.
   """
   key = jax.random.key(seed)
   top_shardings = block_shardings = None
   if shardings is not None:
     top_shardings = {k: v for k, v in shardings.items() if k != "layers"}
-    block_shardings = shardings["layers"][0] if cfg.num_layers else None
+    block_shardings = shardings["layers"]
 
   def top(key):
     state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(key), num_layers=0))[1]
     return {k: v for k, v in nnx.to_pure_dict(state).items() if k != "layers"}
 
-  def block(key):
-    return nnx.to_pure_dict(nnx.split(Block(cfg, nnx.Rngs(key)))[1])
+  def blocks(key):
+    return nnx.to_pure_dict(nnx.split(stacked_blocks(cfg, layer_keys(key, cfg.num_layers)))[1])
 
   params = jax.jit(top, out_shardings=top_shardings)(jax.random.fold_in(key, cfg.num_layers))
-  make_block = jax.jit(block, out_shardings=block_shardings)
-  params["layers"] = {i: make_block(jax.random.fold_in(key, i)) for i in range(cfg.num_layers)}
+  params["layers"] = jax.jit(blocks, out_shardings=block_shardings)(key)
   return params
 
 

@@ -109,6 +109,10 @@ class ModelConfig:
   dtype: Literal["float32", "bfloat16"] = "float32"
   param_dtype: Literal["float32", "bfloat16"] = "float32"
   remat: bool = False  # recompute each block's activations in the backward pass
+  # Run the stacked blocks as one `nnx.scan` (one compiled block, whatever the depth); False
+  # unrolls the same scan into straight-line code, which compiles in time linear in depth and is
+  # kept for benchmarks and debugging (the parameters are stacked either way).
+  scan_layers: bool = True
   # Attention kernel of uncached calls (training, scoring): "auto" takes cuDNN's fused kernel
   # (`jax.nn.dot_product_attention`) on a GPU in bfloat16 and the einsum path elsewhere; "xla" is
   # the same call with JAX's reference implementation (to check the fused path where cuDNN is

@@ -53,7 +53,7 @@ from ff_jax.models.hf_config import (
   model_type_of,
   require_export_type,
 )
-from ff_jax.models.loading import assemble_params, flatten, path_str
+from ff_jax.models.loading import LayerSlice, assemble_params, flatten, layer_slices, path_str
 from ff_jax.models.tokenizer import TextTokenizer
 
 __all__ = [
@@ -404,7 +404,7 @@ def load_hf(folder: str | os.PathLike, mesh=None, rules: Mapping | None = None,
   shardings = None
   if mesh is not None:
     shardings = parallel.tree_shardings(abstract, logical, mesh, rules or parallel.DEFAULT_RULES)
-  planned = flatten(abstract)
+  planned = layer_slices(flatten(abstract))  # per-layer paths, as the file names them
   plan = _plan(family, cfg, planned)
 
   files = _checkpoint_index(folder)
@@ -489,7 +489,7 @@ def _export_items(cfg: ModelConfig, params: Params, model_type: str
   an HF name. Sizes come from the parameters' shapes (the transforms only move elements), so every
   process plans the same shards before any tensor is gathered."""
   require_export_type(model_type)
-  flat = flatten(params)
+  flat = layer_slices(flatten(params))  # per-layer paths, as the file names them
   plan = _plan(FAMILIES[model_type], cfg, flat)
   covered = {p for _, paths in plan.values() for p in paths}
   left = sorted(path_str(p) for p in flat if p not in covered)
@@ -508,8 +508,11 @@ def _host_value(x: Any) -> np.ndarray:
 
   A parameter sharded over several processes is gathered with `process_allgather`: a collective,
   so every process must ask for the same parameters in the same order (the sharding, and so the
-  branch taken, is the same on every process).
+  branch taken, is the same on every process). One layer of a stacked parameter is sliced on
+  device first, so only that layer comes to the host.
   """
+  if isinstance(x, LayerSlice):
+    x = x.value()
   if not isinstance(x, jax.Array) or x.is_fully_addressable:
     return np.asarray(jax.device_get(x))
   if x.is_fully_replicated:

@@ -1,7 +1,8 @@
 """LoRA adapters as parameter-tree operations: split, combine, initialise, merge.
 
 The factors live in the model's own parameter tree, next to the weight they adapt
-(`layers/i/attn/q_lora_a`, `q_lora_b`; see `transformer._add_adapter`), so sharding, checkpoints
+(`layers/attn/q_lora_a`, `q_lora_b`, stacked over layers like the weight; see
+`transformer._add_adapter`), so sharding, checkpoints
 and the pure forward pass treat them like any other parameter. Training differentiates the
 adapter subtree only (`split`/`combine`), a released base model gets fresh adapters with
 `add_adapters`, and `merge` folds W + (alpha / r) · A B back into plain weights for an export
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from ff_jax.models.config import ModelConfig
-from ff_jax.models.loading import flatten, unflatten
+from ff_jax.models.loading import LAYERS, flatten, unflatten
 
 Params = dict
 
@@ -49,7 +50,8 @@ def add_adapters(base: Params, abstract: Params, shardings: Params | None, seed:
     if str(path[-1]).endswith("_lora_b"):
       make = lambda key, leaf=leaf: jnp.zeros(leaf.shape, leaf.dtype)  # noqa: E731
     else:
-      fan_in = leaf.size // leaf.shape[-1]
+      layers = leaf.shape[0] if path[0] == LAYERS else 1  # a stacked factor: per layer's fan-in
+      fan_in = leaf.size // (layers * leaf.shape[-1])
       make = lambda key, leaf=leaf, fan_in=fan_in: (  # noqa: E731
           jax.random.normal(key, leaf.shape, jnp.float32) / jnp.sqrt(fan_in)).astype(leaf.dtype)
     out[path] = jax.jit(make, out_shardings=placements.get(path))(jax.random.fold_in(key, index))
@@ -64,6 +66,9 @@ def merge(params: Params, cfg: ModelConfig) -> Params:
     name = str(path[-1]).removesuffix("_lora_a")
     a, b = flat[path], flat[path[:-1] + (f"{name}_lora_b",)]
     weight = path[:-1] + (name,)
-    delta = jnp.tensordot(a.astype(jnp.float32), b.astype(jnp.float32), axes=1) * cfg.lora.scale
+    product = lambda a, b: jnp.tensordot(a, b, axes=1)  # noqa: E731  [*in, r] x [r, *out]
+    if path[0] == LAYERS:  # stacked over layers: one product per layer
+      product = jax.vmap(product)
+    delta = product(a.astype(jnp.float32), b.astype(jnp.float32)) * cfg.lora.scale
     out[weight] = (out[weight].astype(jnp.float32) + delta).astype(out[weight].dtype)
   return unflatten(out)

@@ -40,7 +40,15 @@ from flax import nnx
 
 from ff_jax.models.config import LORA_TARGETS, ModelConfig
 
-Cache = list[dict[str, jax.Array]]
+# Logical name of the stacked blocks' leading axis.
+LAYERS_AXIS = "layers"
+
+# The KV cache of every layer, stacked like the blocks: {'k': [L, B, K, S, D], 'v': ...}.
+Cache = dict[str, jax.Array]
+
+# A layer's attention kind inside the scan over blocks: a Python bool where every layer has the
+# same kind (the static path, unchanged from a single block), else a traced scalar bool.
+Sliding = bool | jax.Array
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -212,17 +220,19 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 
 class Attention(nnx.Module):
   """Grouped-query attention with optional q/k/v and output biases, q/k norms, a sliding window
-  (layer `layer` of `cfg.layer_types`) and an explicit KV cache."""
+  and an explicit KV cache.
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, layer: int = 0):
+  Whether a call is a sliding-window layer comes with the call (`sliding`), not the module: the
+  blocks are one stacked module run by a scan, so every layer shares this code and its kind is
+  data where a model mixes kinds (Gemma 3's five local layers to one global).
+  """
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     pdt = _DTYPES[cfg.param_dtype]
     d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
     init = nnx.initializers.normal(cfg.initializer_range)
     zeros = nnx.initializers.zeros
     self.cfg = cfg
-    # Static per-layer settings (the parameters never depend on them).
-    self.sliding = cfg.is_sliding(layer)
-    self.window = cfg.sliding_window if self.sliding else None
     self.q = _param(rngs, init, (d, h, hd), ("embed", "heads", "head_dim"), pdt)
     self.k = _param(rngs, init, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pdt)
     self.v = _param(rngs, init, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pdt)
@@ -242,7 +252,7 @@ class Attention(nnx.Module):
     _add_adapter(self, cfg, rngs, "o", (h, hd), ("heads", "head_dim"), (d,), ("embed",))
 
   def __call__(self, x, positions, kv_mask, layer_cache, cache_index, rng=None,
-               segment_ids=None):
+               segment_ids=None, sliding: Sliding = False):
     cfg = self.cfg
     dt = x.dtype
     q = dense(x, self.q[...].astype(dt))
@@ -259,7 +269,10 @@ class Attention(nnx.Module):
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     if cfg.positions == "rope":
-      inv_freq = rope_inv_freq(cfg, local=self.sliding)
+      if isinstance(sliding, bool):
+        inv_freq = rope_inv_freq(cfg, local=sliding)
+      else:  # both frequency tables are [D/2] constants: selecting one costs nothing
+        inv_freq = jnp.where(sliding, rope_inv_freq(cfg, local=True), rope_inv_freq(cfg))
       q = apply_rope(q, positions, inv_freq)
       k = apply_rope(k, positions, inv_freq)
 
@@ -267,18 +280,24 @@ class Attention(nnx.Module):
       raise ValueError("segment_ids (packed rows) are for uncached calls only")
     kernel = attention_kernel(cfg, dt, cached=layer_cache is not None)
     if kernel != "einsum":
-      out = fused_attention(q, k, v, kv_mask, kernel, segment_ids, self.window,
-                            attention_scale(cfg))
+      def fused(window):
+        return fused_attention(q, k, v, kv_mask, kernel, segment_ids, window,
+                               attention_scale(cfg))
+      if isinstance(sliding, bool):
+        out = fused(cfg.sliding_window if sliding else None)
+      else:  # the kernels take their window statically: one branch per kind
+        out = jax.lax.cond(sliding, lambda: fused(cfg.sliding_window), lambda: fused(None))
     else:
       out, layer_cache = self._einsum_attention(q, k, v, kv_mask, layer_cache, cache_index,
-                                                segment_ids)
+                                                segment_ids, sliding)
     adapted = _adapter_delta(self, cfg, "o", out, rng)
     out = dense(out, self.o[...].astype(dt), 2) + adapted
     if cfg.out_bias:
       out = out + self.o_bias[...].astype(dt)
     return out, layer_cache
 
-  def _einsum_attention(self, q, k, v, kv_mask, layer_cache, cache_index, segment_ids=None):
+  def _einsum_attention(self, q, k, v, kv_mask, layer_cache, cache_index, segment_ids=None,
+                        sliding: Sliding = False):
     """Attention by slot visibility (any padding, with or without a KV cache, or packed segments
     without one): [B, T, H, D]."""
     cfg = self.cfg
@@ -300,8 +319,9 @@ class Attention(nnx.Module):
       q_slots = cache_index + jnp.arange(length)
     k_slots = jnp.arange(k.shape[2])
     causal = k_slots[None, :] <= q_slots[:, None]
-    if self.window is not None:
-      causal = causal & (k_slots[None, :] > q_slots[:, None] - self.window)
+    if sliding is not False:
+      in_window = k_slots[None, :] > q_slots[:, None] - cfg.sliding_window
+      causal = causal & (in_window if sliding is True else in_window | ~sliding)
     causal = causal[None]
     if segment_ids is None:
       visible = causal & kv_mask[:, None, :].astype(bool)
@@ -432,12 +452,12 @@ class Block(nnx.Module):
   """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); with `post_norms`
   (Gemma) x + norm(attn(norm(x))), then x + norm(mlp(norm(x))).
 
-  `layer` (its index) selects the attention kind of `cfg.layer_types`; the parameters do not
-  depend on it, so one block initialiser serves every layer (`ff_jax.models.init_params`)."""
+  Every layer is the same Block (its attention kind comes with the call), so the model holds one
+  Block whose parameters are stacked over layers (`Transformer.layers`)."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, layer: int = 0):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.attn_norm = Norm(cfg, rngs)
-    self.attn = Attention(cfg, rngs, layer)
+    self.attn = Attention(cfg, rngs)
     self.mlp_norm = Norm(cfg, rngs)
     self.mlp = Mlp(cfg, rngs)
     if cfg.post_norms:
@@ -446,10 +466,10 @@ class Block(nnx.Module):
     self.post_norms = cfg.post_norms
 
   def __call__(self, x, positions, kv_mask, layer_cache, cache_index, rng=None,
-               segment_ids=None):
+               segment_ids=None, sliding: Sliding = False):
     attn_rng, mlp_rng = (None, None) if rng is None else jax.random.split(rng)
     attn_out, layer_cache = self.attn(self.attn_norm(x), positions, kv_mask, layer_cache,
-                                      cache_index, attn_rng, segment_ids)
+                                      cache_index, attn_rng, segment_ids, sliding)
     if self.post_norms:
       attn_out = self.attn_post_norm(attn_out)
     x = x + attn_out
@@ -459,20 +479,30 @@ class Block(nnx.Module):
     return x + mlp_out, layer_cache
 
 
-def _block_forward(block, x, positions, kv_mask, layer_cache, cache_index, rng, segment_ids):
-  return block(x, positions, kv_mask, layer_cache, cache_index, rng, segment_ids)
+def stacked_blocks(cfg: ModelConfig, keys: jax.Array) -> Block:
+  """One Block whose parameters are stacked over `keys` ([L] keys, one per layer).
+
+  Layer i is `Block(cfg, nnx.Rngs(keys[i]))`, and each parameter's logical axes gain a leading
+  'layers' axis (`ff_jax.parallel` leaves it unsharded)."""
+
+  @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
+  def make(key):
+    return Block(cfg, nnx.Rngs(key))
+
+  return make(keys)
 
 
-# Recomputes each block's activations in the backward pass: memory for FLOPs.
-_remat_block_forward = nnx.remat(_block_forward)
+def layer_keys(key: jax.Array, num_layers: int) -> jax.Array:
+  """[L] keys, fold_in(key, i) for layer i."""
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num_layers))
 
 
 class Transformer(nnx.Module):
   """Decoder-only language model. See the module docstring for the call contract."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, num_layers: int | None = None):
-    # `num_layers=0` builds only the non-layer parameters; `ff_jax.models.init_params` creates the
-    # blocks one by one with a single compiled program instead of tracing all of them at once.
+    # `num_layers=0` builds only the non-layer parameters (`ff_jax.models.init_params` creates the
+    # stacked blocks in a program of their own).
     pdt = _DTYPES[cfg.param_dtype]
     self.cfg = cfg
     init = nnx.initializers.normal(cfg.initializer_range)
@@ -481,7 +511,8 @@ class Transformer(nnx.Module):
       self.pos_embed = _param(rngs, init, (cfg.max_position_embeddings, cfg.hidden_size),
                               ("position", "embed"), pdt)
     count = cfg.num_layers if num_layers is None else num_layers
-    self.layers = nnx.List([Block(cfg, rngs, i) for i in range(count)])
+    if count:
+      self.layers = stacked_blocks(cfg, layer_keys(rngs.params(), count))
     self.final_norm = Norm(cfg, rngs)
     if not cfg.tie_embeddings:
       self.lm_head = _param(rngs, init, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
@@ -490,10 +521,9 @@ class Transformer(nnx.Module):
   def init_cache(self, batch: int, length: int) -> Cache:
     """An empty KV cache of `length` slots, in the compute dtype."""
     cfg = self.cfg
-    shape = (batch, cfg.num_kv_heads, length, cfg.resolved_head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.resolved_head_dim)
     dtype = _DTYPES[cfg.dtype]
-    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-            for _ in range(cfg.num_layers)]
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
   def hidden_states(self, tokens, positions, kv_mask, cache: Cache | None = None,
                     cache_index: Any = 0, dropout_rng: jax.Array | None = None,
@@ -505,15 +535,24 @@ class Transformer(nnx.Module):
       x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dt)
     if cfg.positions == "learned":
       x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)
-    forward = _remat_block_forward if cfg.remat else _block_forward
-    new_cache = None if cache is None else []
-    for i, block in enumerate(self.layers):
-      layer_cache = None if cache is None else cache[i]
-      rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-      x, layer_cache = forward(block, x, positions, kv_mask, layer_cache, cache_index, rng,
-                               segment_ids)
-      if cache is not None:
-        new_cache.append(layer_cache)
+    kinds = {cfg.is_sliding(i) for i in range(cfg.num_layers)}
+    # One kind for every layer stays a static bool; mixed kinds become one flag per layer.
+    sliding = (kinds.pop() if len(kinds) == 1 else
+               jnp.asarray([cfg.is_sliding(i) for i in range(cfg.num_layers)]))
+
+    def block_forward(block, x, layer, layer_cache, layer_sliding):
+      rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, layer)
+      return block(x, positions, kv_mask, layer_cache, cache_index, rng, segment_ids,
+                   sliding if layer_sliding is None else layer_sliding)
+
+    if cfg.remat:  # recompute each block's activations in the backward pass: memory for FLOPs
+      block_forward = nnx.remat(block_forward, prevent_cse=False)
+    # The scan traces and compiles one block whatever the depth; layer i reads slice i of every
+    # stacked parameter (and of the cache), and the updated caches come out stacked again.
+    scan = nnx.scan(block_forward, in_axes=(0, nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0),
+                    unroll=1 if cfg.scan_layers else True)
+    x, new_cache = scan(self.layers, x, jnp.arange(cfg.num_layers), cache,
+                        None if isinstance(sliding, bool) else sliding)
     return self.final_norm(x), new_cache
 
   def logits(self, hidden: jax.Array) -> jax.Array:

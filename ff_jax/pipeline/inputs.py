@@ -217,9 +217,11 @@ def planned_model_config(cfg: RunConfig) -> ModelConfig:
 
 
 def _run_settings(cfg: RunConfig, model_cfg: ModelConfig) -> ModelConfig:
-  """An imported architecture with the run's dtypes, remat and attention kernel (validated)."""
+  """An imported architecture with the run's dtypes, remat, attention kernel and layer scan
+  (validated)."""
   return model_cfg.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-                           remat=cfg.model.remat, attention=cfg.model.attention)
+                           remat=cfg.model.remat, attention=cfg.model.attention,
+                           scan_layers=cfg.model.scan_layers)
 
 
 def load_inputs(cfg: RunConfig, run: RunDir) -> JobInputs:

@@ -11,7 +11,7 @@ import pytest
 from ff_jax import parallel
 from ff_jax.data.records import Record
 from ff_jax.errors import ConfigError
-from ff_jax.forgetting.gradients import GradientAlignment, split_blocks, subset_bytes
+from ff_jax.forgetting.gradients import GradientAlignment, merge_blocks, split_blocks, subset_bytes
 from ff_jax.forgetting.signals import (
   compute_signals,
   curve_area,
@@ -186,7 +186,7 @@ def test_gradient_alignment_predicts_the_first_order_change_of_each_loss():
   def moved(sign):
     subset, rest = split_blocks(params, 2)
     subset = jax.tree.map(lambda p, g: p - sign * eps * g / norm, subset, g_safe)
-    return {**rest, "layers": {**rest["layers"], **subset}}
+    return merge_blocks(subset, rest)
 
   slope = (_per_token_nll(runtime, moved(1), noisy)
            - _per_token_nll(runtime, moved(-1), noisy)) / (2 * eps)

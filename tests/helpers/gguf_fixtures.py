@@ -18,6 +18,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from ff_jax.models.config import ModelConfig
+from ff_jax.models.loading import unstack_layers
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
@@ -63,6 +64,7 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def hf_tensors(cfg: ModelConfig, params: dict, arch: str) -> dict[str, np.ndarray]:
   """GGUF tensor name -> HF-layout [out, in] numpy array (Q/K permuted for llama)."""
+  params = unstack_layers(params)  # a GGUF file names each layer's tensors on their own
   d, hd = cfg.hidden_size, cfg.resolved_head_dim
   h, kv = cfg.num_heads, cfg.num_kv_heads
   perm = (lambda w, n: permute(w, n)) if arch == "llama" else (lambda w, n: w)

@@ -79,9 +79,9 @@ def test_gemma3_fixture_depends_on_each_feature(ablation):
 def test_qwen3_fixture_depends_on_the_qk_norms():
   cfg, params = hf.load_hf(PARITY / "qwen3")
   assert fixture_logits_diff(cfg, params, "qwen3") <= TOL
-  for layer in params["layers"].values():  # unit q/k norm weights: the plain RMS normalisation
-    for norm in ("q_norm", "k_norm"):
-      layer["attn"][norm]["scale"] = np.ones_like(layer["attn"][norm]["scale"])
+  attn = params["layers"]["attn"]  # unit q/k norm weights: the plain RMS normalisation
+  for norm in ("q_norm", "k_norm"):
+    attn[norm]["scale"] = np.ones_like(attn[norm]["scale"])
   assert fixture_logits_diff(cfg, params, "qwen3") > 1e-2
 
 
@@ -364,7 +364,9 @@ def test_lora_on_every_target_merges_exactly(name):
   graph, _, _ = abstract_model(cfg)
   params = init_params(cfg, 0)
   adapters, base = lora.split(params)
-  assert len(flatten(adapters)) == 2 * 7 * base_cfg.num_layers
+  stacked = flatten(adapters)  # 2 factors x 7 targets, each stacked over the layers
+  assert len(stacked) == 2 * 7
+  assert {a.shape[0] for a in stacked.values()} == {base_cfg.num_layers}
   tokens = np.asarray([[3, 4, 5, 6, 7, 8, 9, 10]])
   mask = np.ones_like(tokens)
   positions = positions_from_mask(mask)
@@ -386,9 +388,9 @@ def test_lora_on_every_target_merges_exactly(name):
 def test_new_norms_are_replicated_and_projections_sharded():
   mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
   runtime = ModelRuntime.create(FAMILIES["gemma3"], mesh)
-  layer = runtime.param_shardings["layers"][0]
+  layer = runtime.param_shardings["layers"]  # stacked: a leading, unsharded layers axis
   for norm in (layer["attn"]["q_norm"], layer["attn"]["k_norm"], layer["attn_post_norm"],
                layer["mlp_post_norm"], layer["mlp_norm"]):
-    assert norm["scale"].spec == PartitionSpec(None)
-  assert layer["attn"]["q"].spec == PartitionSpec("fsdp", "tensor", None)
-  assert layer["mlp"]["gate"].spec == PartitionSpec("fsdp", "tensor")
+    assert norm["scale"].spec == PartitionSpec(None, None)
+  assert layer["attn"]["q"].spec == PartitionSpec(None, "fsdp", "tensor", None)
+  assert layer["mlp"]["gate"].spec == PartitionSpec(None, "fsdp", "tensor")

@@ -109,8 +109,8 @@ def test_load_onto_mesh(tmp_path, bpe):
   for key, sharding in flatten(want).items():
     array = flatten(got)[key]
     assert array.sharding.is_equivalent_to(sharding, array.ndim), key
-  np.testing.assert_array_equal(np.asarray(got["layers"][1]["attn"]["q"]),
-                                params["layers"][1]["attn"]["q"])
+  np.testing.assert_array_equal(np.asarray(got["layers"]["attn"]["q"][1]),
+                                params["layers"]["attn"]["q"][1])
 
 
 def test_tokenizer_matches_trained_bpe(tmp_path, bpe):
@@ -329,7 +329,7 @@ def test_config_overrides(tmp_path, bpe):
   cfg, params, path = make_case(tmp_path, bpe)
   got_cfg, got, _ = load_gguf(path, param_dtype="bfloat16", remat=True)
   assert got_cfg == cfg.replace(param_dtype="bfloat16", remat=True)
-  assert got["layers"][0]["mlp"]["up"].dtype == jnp.bfloat16
+  assert got["layers"]["mlp"]["up"].dtype == jnp.bfloat16
 
 
 # --------------------------------------------------------------------------------------------------

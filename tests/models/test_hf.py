@@ -341,8 +341,8 @@ def test_sharded_load_on_eight_fake_devices():
         cfg, params = hf.load_hf(folder, mesh=mesh)
         runtime = ModelRuntime.create(cfg, mesh)
         assert jax.tree.map(lambda x: x.sharding, params) == runtime.param_shardings
-        q = params["layers"][0]["attn"]["q"].sharding.spec
-        assert q == jax.sharding.PartitionSpec("fsdp", "tensor", None), q
+        q = params["layers"]["attn"]["q"].sharding.spec
+        assert q == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None), q
         _, plain = hf.load_hf(folder)
         for path, value in flatten(plain).items():
           np.testing.assert_array_equal(np.asarray(flatten(params)[path]), np.asarray(value))

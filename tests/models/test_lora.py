@@ -56,11 +56,11 @@ def test_fresh_adapters_compute_the_base_model(adapted):
   base_rt, rt, base, params, _ = adapted
   batch = _batch(np.random.default_rng(1))
   np.testing.assert_array_equal(_logits(rt, params, batch), _logits(base_rt, base, batch))
-  # 7 targets x 2 factors in each of the 2 blocks, each sharded like the weight it adapts.
+  # 7 targets x 2 factors, stacked over the 2 blocks, each sharded like the weight it adapts.
   adapters = flatten(lora.split(params)[0])
-  assert len(adapters) == 28
-  q_a = params["layers"][0]["attn"]["q_lora_a"]
-  assert q_a.shape == (64, 4) and q_a.sharding.spec[0] == "fsdp"
+  assert len(adapters) == 14
+  q_a = params["layers"]["attn"]["q_lora_a"]  # stacked over the 2 layers
+  assert q_a.shape == (2, 64, 4) and q_a.sharding.spec[1] == "fsdp"
 
 
 def test_only_adapters_train_and_have_optimizer_state(adapted):
@@ -68,9 +68,10 @@ def test_only_adapters_train_and_have_optimizer_state(adapted):
   trained = flatten(state["params"])
   for path, value in flatten(base).items():  # every base weight bit-identical after training
     np.testing.assert_array_equal(np.asarray(trained[path]), np.asarray(value), err_msg=str(path))
-  changed = [p for p, v in flatten(lora.split(params)[0]).items()
-             if not np.array_equal(np.asarray(trained[p]), np.asarray(v))]
-  assert len(changed) == 28  # B moves off zero, A with it
+  # Each layer's factors (slice i of each stacked factor): B moves off zero, A with it.
+  changed = [(p, i) for p, v in flatten(lora.split(params)[0]).items() for i in range(2)
+             if not np.array_equal(np.asarray(trained[p][i]), np.asarray(v[i]))]
+  assert len(changed) == 28
   moments = {leaf.shape for leaf in jax.tree.leaves(state["opt_state"]) if leaf.ndim}
   adapter_shapes = {v.shape for v in flatten(lora.split(params)[0]).values()}
   assert moments <= adapter_shapes
