@@ -1,12 +1,12 @@
 """Compile time and step time of the train step against depth: scanned blocks vs the same blocks
 unrolled into straight-line code (what a Python loop over layers compiles to).
 
-For each depth, a fresh model of one width is built and its train step is called: the first call
-(trace + compile + one step) and then `--steps` warm steps, whose median is the step time. Both
-modes run in this one process on the same batches, so their ratios are comparable on a noisy
-machine; the first call minus the warm median is reported as the compile time.
+For each depth, one model of the given width is built per mode. Each mode's train step is traced,
+lowered and compiled explicitly (the compile time, no persistent cache), and then the modes take
+turns, one warm step each, for `--steps` rounds on the same batches: the step time is each mode's
+median, and interleaving keeps a noisy machine's slow spells from landing on one mode only.
 
-  python scripts/bench_layers.py [--depths 4,16,32] [--steps 7] [--modes scan,unrolled]
+  python scripts/bench_layers.py [--depths 4,16,32] [--steps 11] [--modes scan,unrolled]
 
 On a checkout from before the scan (no `ModelConfig.scan_layers`) the only mode is "loop".
 """
@@ -43,58 +43,70 @@ def batch(rows: int, length: int, vocab: int, seed: int) -> dict[str, np.ndarray
           "example_id": np.arange(rows, dtype=np.int32)}
 
 
-def measure(cfg: ModelConfig, steps: int, rows: int, length: int) -> tuple[float, float]:
-  """(seconds of the first call, median seconds of a warm step)."""
-  runtime = ModelRuntime.create(cfg, parallel.make_mesh(parallel.MeshConfig(1, 1, 1)))
-  trainer = Trainer(runtime, OptimConfig(learning_rate=1e-4, warmup_steps=0,
-                                         schedule="constant"), steps + 1)
-  state = trainer.init_state(runtime.init_params(seed=0))
-  batches = [trainer.put_batch(batch(rows, length, cfg.vocab_size, s)) for s in range(steps + 1)]
-  start = time.perf_counter()
-  state, metrics = trainer.step(state, batches[0])
-  jax.block_until_ready(metrics)
-  first = time.perf_counter() - start
-  times = []
-  for b in batches[1:]:
+class Timed:
+  """One mode's train step: compiled explicitly, then stepped one warm step at a time."""
+
+  def __init__(self, cfg: ModelConfig, steps: int, rows: int, length: int):
+    runtime = ModelRuntime.create(cfg, parallel.make_mesh(parallel.MeshConfig(1, 1, 1)))
+    self.trainer = Trainer(runtime, OptimConfig(learning_rate=1e-4, warmup_steps=0,
+                                                schedule="constant"), steps + 1)
+    self.state = self.trainer.init_state(runtime.init_params(seed=0))
+    self.batches = [self.trainer.put_batch(batch(rows, length, cfg.vocab_size, s))
+                    for s in range(steps + 1)]
     start = time.perf_counter()
-    state, metrics = trainer.step(state, b)
+    self.trainer.step.lower(self.state, self.batches[0]).compile()
+    self.compile_seconds = time.perf_counter() - start
+    jax.clear_caches()  # the first call traces and compiles again
+    self.first_call = self.step(0)
+    self.times: list[float] = []
+
+  def step(self, index: int) -> float:
+    start = time.perf_counter()
+    self.state, metrics = self.trainer.step(self.state, self.batches[index])
     jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
-  return first, statistics.median(times)
+    return time.perf_counter() - start
 
 
 def main() -> None:
   ap = argparse.ArgumentParser()
   ap.add_argument("--depths", default="4,16,32")
-  ap.add_argument("--steps", type=int, default=7)
+  ap.add_argument("--steps", type=int, default=11)
   ap.add_argument("--modes", default="scan,unrolled" if HAS_SCAN else "loop")
-  ap.add_argument("--hidden", type=int, default=256)
+  ap.add_argument("--hidden", type=int, default=512)
   ap.add_argument("--rows", type=int, default=8)
   ap.add_argument("--length", type=int, default=128)
   args = ap.parse_args()
   depths = [int(d) for d in args.depths.split(",")]
   modes = args.modes.split(",")
   print(f"train step, hidden {args.hidden}, batch {args.rows}x{args.length}, "
-        f"{os.cpu_count()} CPUs, {jax.default_backend()}, median of {args.steps} warm steps")
+        f"{os.cpu_count()} CPUs, {jax.default_backend()}, median of {args.steps} warm steps "
+        f"(modes interleaved)")
   results = {}
   for depth in depths:
+    timed = {}
     for mode in modes:
       cfg = ModelConfig(vocab_size=1024, hidden_size=args.hidden, num_layers=depth, num_heads=4,
                         num_kv_heads=2, intermediate_size=3 * args.hidden,
                         max_position_embeddings=args.length)
       if HAS_SCAN:
         cfg = cfg.replace(scan_layers=mode == "scan")
-      first, step = measure(cfg, args.steps, args.rows, args.length)
-      results[(depth, mode)] = (first, step)
-      print(f"{depth:3d} layers {mode:9s} first call {first:7.2f}s  compile ~{first - step:7.2f}s"
-            f"  step {1000 * step:8.1f} ms", flush=True)
+      timed[mode] = Timed(cfg, args.steps, args.rows, args.length)
+    for index in range(1, args.steps + 1):
+      for mode in modes:
+        timed[mode].times.append(timed[mode].step(index))
+    for mode, t in timed.items():
+      results[(depth, mode)] = (t.compile_seconds, t.first_call, statistics.median(t.times))
+      print(f"{depth:3d} layers {mode:9s} compile {t.compile_seconds:6.2f}s  first call "
+            f"{t.first_call:6.2f}s  step {1000 * results[(depth, mode)][2]:8.1f} ms", flush=True)
+    del timed
   low, high = min(depths), max(depths)
   for mode in modes:
-    first_low, first_high = results[(low, mode)][0], results[(high, mode)][0]
-    print(f"{mode}: first call at {high} layers / at {low} layers = {first_high / first_low:.2f}x")
+    (c_low, f_low, _), (c_high, f_high, _) = results[(low, mode)], results[(high, mode)]
+    print(f"{mode}: at {high} layers / at {low} layers: compile {c_high / c_low:.2f}x, first "
+          f"call {f_high / f_low:.2f}x")
   if "scan" in modes and "unrolled" in modes:
     for depth in depths:
-      ratio = results[(depth, "scan")][1] / results[(depth, "unrolled")][1]
+      ratio = results[(depth, "scan")][2] / results[(depth, "unrolled")][2]
       print(f"{depth} layers: scan step / unrolled step = {ratio:.3f}")
 
 
