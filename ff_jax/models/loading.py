@@ -31,7 +31,7 @@ LAYERS = "layers"
 
 
 def flatten(tree: dict) -> dict[Path, Any]:
-  """{('layers', 0, 'attn', 'q'): leaf, ...} for a nested pure dict."""
+  """{('layers', 'attn', 'q'): leaf, ...} for a nested pure dict."""
   out: dict[Path, Any] = {}
 
   def walk(node, prefix):
