@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+from ff_jax.cpu_devices import cpu_device_flags
 from ff_jax.errors import ConfigError
 
 # The workers' virtual environment, under their home directory: Python >= 3.11 and ff-jax.
@@ -38,7 +39,7 @@ def local_env(port: int, processes: int, process_id: int, devices: int) -> dict[
   return {**common_env(), "FF_JAX_COORDINATOR": f"localhost:{port}",
           "FF_JAX_NUM_PROCESSES": str(processes), "FF_JAX_PROCESS_ID": str(process_id),
           "JAX_PLATFORMS": "cpu",
-          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+          "XLA_FLAGS": cpu_device_flags(devices)}
 
 
 def worker_argv(command: list[str], env: dict[str, str], bucket: str | None = None) -> list[str]:

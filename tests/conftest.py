@@ -2,8 +2,10 @@
 
 import os
 
+from ff_jax.cpu_devices import cpu_device_flags
+
 # XLA reads this once, when the CPU backend starts; setting it later has no effect.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("XLA_FLAGS", cpu_device_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import sys  # noqa: E402

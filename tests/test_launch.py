@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from ff_jax import cli
+from ff_jax.cpu_devices import cpu_device_flags
 from launch import tpu
 from launch.worker import VENV, on_mount
 from tests.helpers.pipeline_helpers import REPO, TINY_DEMO, cli_env
@@ -209,7 +210,7 @@ def test_local_runs_the_pods_worker_command_with_a_local_cluster_environment(tmp
     assert env == {"FF_JAX_PROGRESS_INTERVAL": "30", "PYTHONUNBUFFERED": "1",
                    "FF_JAX_NUM_PROCESSES": "2", "FF_JAX_PROCESS_ID": str(pid),
                    "JAX_PLATFORMS": "cpu",
-                   "XLA_FLAGS": "--xla_force_host_platform_device_count=3"}
+                   "XLA_FLAGS": cpu_device_flags(3)}
   assert not list(tmp_path.iterdir())  # a dry run starts nothing
 
 

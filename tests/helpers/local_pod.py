@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ff_jax.cpu_devices import cpu_device_flags
 from tests.helpers.paths import REPO
 from tests.helpers.pipeline_helpers import cli_env
 
@@ -21,7 +22,7 @@ from tests.helpers.pipeline_helpers import cli_env
 def process_env(devices: int, extra: dict[str, str] | None = None) -> dict[str, str]:
   """The environment of one process alone with `devices` fake CPU devices."""
   env = cli_env()
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = cpu_device_flags(devices)
   env.update(extra or {})
   return env
 

@@ -22,6 +22,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from ff_jax.cpu_devices import cpu_device_flags
 from ff_jax.errors import CheckpointError
 from ff_jax.models import abstract_model, forward, hf, positions_from_mask
 from ff_jax.models.config import ModelConfig
@@ -348,7 +349,7 @@ def test_sharded_load_on_eight_fake_devices():
           np.testing.assert_array_equal(np.asarray(flatten(params)[path]), np.asarray(value))
       print("ok")
   """)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=cpu_device_flags(8),
              JAX_PLATFORMS="cpu")
   result = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
                           text=True, timeout=300)

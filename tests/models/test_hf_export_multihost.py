@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ff_jax.cpu_devices import cpu_device_flags
 from ff_jax.models import hf
 from tests.helpers.paths import FIXTURES, REPO
 from tests.helpers.pipeline_helpers import cli_env
@@ -36,7 +37,7 @@ def _run_pair(root: Path, folder: str, names: list[str]) -> list[list[str]]:
   procs = []
   for pid in (0, 1):
     env = cli_env()
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONPATH=str(REPO),
+    env.update(XLA_FLAGS=cpu_device_flags(2), PYTHONPATH=str(REPO),
                FF_JAX_COORDINATOR=f"127.0.0.1:{port}", FF_JAX_NUM_PROCESSES="2",
                FF_JAX_PROCESS_ID=str(pid))
     procs.append(subprocess.Popen(

@@ -12,6 +12,7 @@ import pytest
 
 from ff_jax import parallel
 from ff_jax.config import load_config
+from ff_jax.cpu_devices import cpu_device_flags
 from ff_jax.errors import ConfigError
 from ff_jax.models import tiny_llama
 from ff_jax.perf.plan import plan_passes, plan_run, refusal, table, topology_devices
@@ -142,7 +143,7 @@ def test_a_small_hbm_lowers_the_stack_in_the_table_and_json(tmp_path):
   limit = (one["peak"] + two["peak"]) / 2 / GIB
   out = tmp_path / "plan.json"
   env = cli_env()
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={len(jax.devices())}"  # as here
+  env["XLA_FLAGS"] = cpu_device_flags(len(jax.devices()))  # as here
   proc = subprocess.run(ff_jax_cmd("plan", *overrides, "--hbm-gib", f"{limit:.6f}", "--json",
                                    str(out)),
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -170,7 +171,7 @@ def test_llama2_7b_preset_on_8_fake_devices(tmp_path):
   """No weights here: the preset's architecture is planned. On 8 devices of 8 GiB, fp32 params
   and AdamW state alone (9.4 GiB per device) do not fit: refused whatever the batch."""
   env = cli_env()
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  env["XLA_FLAGS"] = cpu_device_flags(8)
   out = tmp_path / "plan.json"
   proc = subprocess.run(
       ff_jax_cmd("plan", "configs/llama2-7b.yaml", "mesh.fsdp=8", "data.max_len=128",

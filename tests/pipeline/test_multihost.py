@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ff_jax.cpu_devices import cpu_device_flags
 from tests.helpers.pipeline_helpers import (
   PROGRESS,
   REPO,
@@ -41,7 +42,7 @@ TIMEOUT = 600
 
 def _env(devices: int, process_id: int | None = None, port: int | None = None) -> dict[str, str]:
   env = cli_env()
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = cpu_device_flags(devices)
   if process_id is not None:
     env.update(FF_JAX_COORDINATOR=f"127.0.0.1:{port}", FF_JAX_NUM_PROCESSES="2",
                FF_JAX_PROCESS_ID=str(process_id))
