@@ -83,10 +83,12 @@ def run_reference(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 def phase_table(run: dict[str, Any]) -> list[str]:
   rows = []
   for name, p in run["phases"].items():
+    if not p["seconds"] >= 0.05:  # phases this method skips (release, replicas)
+      continue
     share = p["padded_share"]
-    rows.append([name, round(p["seconds"], 1), round(p["compute_seconds"], 1),
-                 round(p["compile_seconds"], 1), round(p["checkpoint_seconds"], 1),
-                 round(p["output_save_seconds"], 1), round(p["hook_seconds"], 1),
+    seconds = [p[key] for key in ("seconds", "compute_seconds", "compile_seconds",
+                                  "checkpoint_seconds", "output_save_seconds", "hook_seconds")]
+    rows.append([name, *(f"{value:.1f}" for value in seconds),
                  "" if share is None else f"{100 * share:.1f}%"])
   return markdown_table(["phase", "wall s", "compute s", "compile s", "step checkpoints s",
                          "output saves s", "after-step work s", "padded slots"], rows)

@@ -97,8 +97,8 @@ class LoopStats:
 
   steps: int = 0  # steps trained by this call
   seconds: float = 0.0  # the whole call: restore or init, steps, hooks, saves
-  # Steps that traced (and compiled, or loaded from JAX's persistent cache) a new program: their
-  # call and their execution (waited for), so this includes one step's run per program.
+  # JAX's own tracing, lowering and compiling (or loading from its persistent cache) of the new
+  # programs (`CompileTimer`); the first step of each runs on top of this and counts as compute.
   compile_seconds: float = 0.0
   compiles: int = 0  # programs traced by this call (0 when the trainer had them already)
   compiled_shapes: int = 0  # distinct batch shapes stepped (each one a program of the trainer)
@@ -115,6 +115,33 @@ class LoopStats:
   @property
   def padded_share(self) -> float:
     return self.padded_tokens / self.token_slots if self.token_slots else 0.0
+
+
+class CompileTimer:
+  """Seconds JAX spends tracing, lowering and compiling programs (or loading them from the
+  persistent compilation cache) while entered, from the durations it reports through
+  `jax.monitoring`: the compile alone, without the first run of the program that a wall clock
+  around a jitted call would add (a whole train step of a real model)."""
+
+  # One event of each per program: jits nested in it are traced within its trace, which JAX
+  # reports once (checked on jax 0.10), and lowered and compiled with it.
+  EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+            "/jax/core/compile/jaxpr_to_mlir_module_duration",
+            "/jax/core/compile/backend_compile_duration")
+
+  def __init__(self):
+    self.seconds = 0.0
+
+  def _record(self, event: str, duration: float, **_: Any) -> None:
+    if event in self.EVENTS:
+      self.seconds += duration
+
+  def __enter__(self) -> CompileTimer:
+    jax.monitoring.register_event_duration_secs_listener(self._record)
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    jax.monitoring.unregister_event_duration_listener(self._record)
 
 
 def padding_counts(batch: dict[str, np.ndarray]) -> tuple[int, int]:
@@ -192,18 +219,17 @@ def train_loop(trainer: Trainer, init_params: Callable[[], Any], batches: BatchS
       own.token_slots += slots
       own.padded_tokens += padded
       if local["tokens"].shape not in shapes:
-        # A new shape may compile: the steps queued before it finish first, so that the time
-        # left out of the throughput as compiling is the compile's and its step's only.
+        # A new shape may compile: the steps queued before it finish first, so that on a CPU
+        # they do not share its cores and the compile time measured is the compile's own.
         jax.block_until_ready(state["step"])
         shapes.add(local["tokens"].shape)
-      traces, began = trainer.trace_count, clock()
-      state, step_metrics = trainer.step(state, trainer.put_batch(local))
+      traces = trainer.trace_count
+      with CompileTimer() as compiling:
+        state, step_metrics = trainer.step(state, trainer.put_batch(local))
       if trainer.trace_count != traces:
-        jax.block_until_ready(state["step"])
-        own.compile_seconds += clock() - began
+        own.compile_seconds += compiling.seconds
         own.compiles += trainer.trace_count - traces
-      else:
-        records.count(slots - padded, int((local["example_id"] >= 0).sum()))
+      records.count(slots - padded, int((local["example_id"] >= 0).sum()))
       step += 1
       records.stepped(step, step_metrics)
       if hook is not None and step in hook_steps:
@@ -251,8 +277,8 @@ class _Records:
   A record step's metrics are read once the next step is dispatched (the last step's at once):
   the read waits for that step only, while the device has the next one queued, so logging every
   step keeps the device busy as long as the host prepares a batch faster than the device trains
-  on it. Throughput counts the steps that compiled nothing, over the time between two reads less
-  the time spent in compiles, hooks and checkpoint saves (`LoopStats`); its tokens are every
+  on it. Throughput counts every step, over the time between two reads less the time spent in
+  compiling, hooks and checkpoint saves (`LoopStats`); its tokens are every
   non-padding token stepped (all replicas'), its examples the batches' real rows or segments.
   """
 
@@ -262,7 +288,7 @@ class _Records:
     # The schedule for every step, computed once before training: evaluating it on the device
     # at each record would queue behind the steps in flight and wait for them.
     self.learning_rates = np.asarray(jax.vmap(trainer.schedule)(jnp.arange(steps)))
-    self.tokens = self.examples = 0  # trained by steps that compiled nothing, so far
+    self.tokens = self.examples = 0  # trained so far
     self.pending = None  # (step, its metrics on device, tokens and examples up to it)
     # At the last read: (time, seconds not training so far, tokens and examples up to it).
     self.last = (clock(), self._excluded(), 0, 0)

@@ -3,6 +3,8 @@ step) and what it reports about itself (`LoopStats`)."""
 
 from __future__ import annotations
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +14,14 @@ from ff_jax.data.batching import TrainIterator
 from ff_jax.data.templates import EncodedExample
 from ff_jax.models import tiny_llama
 from ff_jax.training.checkpoints import PhaseCheckpoints
-from ff_jax.training.loop import LoopStats, PhaseSpec, padding_counts, train_loop, train_phase
+from ff_jax.training.loop import (
+  CompileTimer,
+  LoopStats,
+  PhaseSpec,
+  padding_counts,
+  train_loop,
+  train_phase,
+)
 from ff_jax.training.steps import ModelRuntime, OptimConfig, Trainer
 
 BUCKETS = (16, 32)
@@ -137,6 +146,29 @@ def test_stats_count_compiles_shapes_and_padding():
   assert set(first.as_dict()) == {
       "steps", "seconds", "compile_seconds", "compiles", "compiled_shapes", "checkpoint_seconds",
       "checkpoints", "hook_seconds", "token_slots", "padded_tokens"}
+
+
+def test_compile_timer_counts_the_compile_not_the_first_run():
+  """A program whose run sleeps 2 s on the host: its first call takes over 2 s, of which the
+  timer counts only the trace, lowering and compile (a fraction of a second), a nested jit's
+  with its caller's; a second call compiles nothing."""
+
+  def slow(x):
+    time.sleep(2.0)
+    return x
+
+  inner = jax.jit(lambda x: x * 2)
+  program = jax.jit(
+      lambda x: inner(jax.pure_callback(slow, jax.ShapeDtypeStruct((), x.dtype), x)) + 1)
+  x = jnp.float32(1.0)
+  began = time.perf_counter()
+  with CompileTimer() as timer:
+    jax.block_until_ready(program(x))
+  wall = time.perf_counter() - began
+  assert wall >= 2.0 and 0 < timer.seconds < wall - 1.5
+  with CompileTimer() as again:
+    jax.block_until_ready(program(x))
+  assert again.seconds == 0.0
 
 
 def test_padding_counts_filler_rows_and_right_padding():
