@@ -414,7 +414,7 @@ def _mode_failures(fit: dict[str, Any], min_delta_bic: float, min_ashman_d: floa
   failed = []
   if fit["delta_bic"] < min_delta_bic:
     failed.append(f"one mode: a 2-component fit is not better than 1 "
-                  f"(ΔBIC {fit['delta_bic']:.1f} < {min_delta_bic:g})")
+                  f"(ΔBIC {fit['delta_bic']:.2f} < {min_delta_bic:g})")
   elif fit["valley_depth"] < min_valley:
     failed.append(f"one mode: no clear valley between the 2 fitted components "
                   f"(depth {fit['valley_depth']:.2f} < {min_valley:g})")
@@ -499,7 +499,7 @@ def separation(r: Any, flags: Any = None, max_drop_fraction: float = 0.6,
         failed.append("two modes only on the signed-log scale, which stretches scores near 0 "
                       f"apart; on r itself: {'; '.join(raw_failed)}")
     if not failed:
-      passed.append(f"two modes: ΔBIC {fit['delta_bic']:.1f} ≥ {min_delta_bic:g}, valley depth "
+      passed.append(f"two modes: ΔBIC {fit['delta_bic']:.2f} ≥ {min_delta_bic:g}, valley depth "
                     f"{fit['valley_depth']:.2f} ≥ {min_valley:g}, Ashman D "
                     f"{fit['ashman_d']:.2f} ≥ {min_ashman_d:g}")
 
