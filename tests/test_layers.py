@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
     "ff_jax.errors": 0,
     "ff_jax.atomic_io": 0,
     "ff_jax.progress": 0,
+    "ff_jax.cpu_devices": 0,  # XLA flags for fake CPU devices; imports nothing
     "ff_jax.parallel": 1,
     "ff_jax.eval": 1,
     "ff_jax.models": 1,
