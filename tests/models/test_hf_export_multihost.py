@@ -14,10 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ff_jax.cpu_devices import cpu_device_flags
 from ff_jax.models import hf
+from tests.helpers.local_pod import process_env
 from tests.helpers.paths import FIXTURES, REPO
-from tests.helpers.pipeline_helpers import cli_env
 
 NAMES = ["llama", "gpt2", "gemma3"]  # plain, fused q/k/v (several params -> one tensor), norms
 MAX_SHARD_SIZE = 100_000  # bytes: 4-5 shards for each of these fixtures
@@ -36,10 +35,8 @@ def _run_pair(root: Path, folder: str, names: list[str]) -> list[list[str]]:
   port = _free_port()
   procs = []
   for pid in (0, 1):
-    env = cli_env()
-    env.update(XLA_FLAGS=cpu_device_flags(2), PYTHONPATH=str(REPO),
-               FF_JAX_COORDINATOR=f"127.0.0.1:{port}", FF_JAX_NUM_PROCESSES="2",
-               FF_JAX_PROCESS_ID=str(pid))
+    env = process_env(2, {"PYTHONPATH": str(REPO), "FF_JAX_COORDINATOR": f"127.0.0.1:{port}",
+                          "FF_JAX_NUM_PROCESSES": "2", "FF_JAX_PROCESS_ID": str(pid)})
     procs.append(subprocess.Popen(
         [sys.executable, "-m", "tests.helpers.hf_export_worker", folder, str(MAX_SHARD_SIZE),
          *names], cwd=root / f"p{pid}", env=env, stdout=subprocess.PIPE,

@@ -12,14 +12,14 @@ import pytest
 
 from ff_jax import parallel
 from ff_jax.config import load_config
-from ff_jax.cpu_devices import cpu_device_flags
 from ff_jax.errors import ConfigError
 from ff_jax.models import tiny_llama
 from ff_jax.perf.plan import plan_passes, plan_run, refusal, table, topology_devices
 from ff_jax.pipeline.inputs import planned_model_config
 from ff_jax.training.memory import GIB, Planner, largest_stack, pass_size, shard_bytes
 from ff_jax.training.steps import ModelRuntime, OptimConfig, Trainer
-from tests.helpers.pipeline_helpers import REPO, TINY_DEMO, cli_env, ff_jax_cmd, make_tiny_hf_model
+from tests.helpers.local_pod import process_env
+from tests.helpers.pipeline_helpers import REPO, TINY_DEMO, ff_jax_cmd, make_tiny_hf_model
 
 
 def test_per_device_bytes_match_the_placed_shards():
@@ -142,8 +142,7 @@ def test_a_small_hbm_lowers_the_stack_in_the_table_and_json(tmp_path):
   assert max(step["total"] for step in free["steps"]) < one["peak"]
   limit = (one["peak"] + two["peak"]) / 2 / GIB
   out = tmp_path / "plan.json"
-  env = cli_env()
-  env["XLA_FLAGS"] = cpu_device_flags(len(jax.devices()))  # as here
+  env = process_env(len(jax.devices()))  # as here
   proc = subprocess.run(ff_jax_cmd("plan", *overrides, "--hbm-gib", f"{limit:.6f}", "--json",
                                    str(out)),
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -170,8 +169,7 @@ def test_topology_needs_libtpu_or_names_the_slice():
 def test_llama2_7b_preset_on_8_fake_devices(tmp_path):
   """No weights here: the preset's architecture is planned. On 8 devices of 8 GiB, fp32 params
   and AdamW state alone (9.4 GiB per device) do not fit: refused whatever the batch."""
-  env = cli_env()
-  env["XLA_FLAGS"] = cpu_device_flags(8)
+  env = process_env(8)
   out = tmp_path / "plan.json"
   proc = subprocess.run(
       ff_jax_cmd("plan", "configs/llama2-7b.yaml", "mesh.fsdp=8", "data.max_len=128",

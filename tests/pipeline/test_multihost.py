@@ -22,12 +22,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ff_jax.cpu_devices import cpu_device_flags
+from tests.helpers.local_pod import process_env
 from tests.helpers.pipeline_helpers import (
   PROGRESS,
   REPO,
   TINY_DEMO,
-  cli_env,
   ff_jax_cmd,
   progress_lines,
   read_ids,
@@ -41,12 +40,11 @@ TIMEOUT = 600
 
 
 def _env(devices: int, process_id: int | None = None, port: int | None = None) -> dict[str, str]:
-  env = cli_env()
-  env["XLA_FLAGS"] = cpu_device_flags(devices)
-  if process_id is not None:
-    env.update(FF_JAX_COORDINATOR=f"127.0.0.1:{port}", FF_JAX_NUM_PROCESSES="2",
-               FF_JAX_PROCESS_ID=str(process_id))
-  return env
+  if process_id is None:
+    return process_env(devices)
+  return process_env(devices, {"FF_JAX_COORDINATOR": f"127.0.0.1:{port}",
+                               "FF_JAX_NUM_PROCESSES": "2",
+                               "FF_JAX_PROCESS_ID": str(process_id)})
 
 
 def _free_port() -> int:
