@@ -89,14 +89,15 @@ def main() -> None:
 
   def sequential():
     return np.concatenate([train_and_score(trainer, scorer, params, [it], steps, noisy, 48,
-                                           BUCKETS, 0)[0] for it in its()])
+                                           BUCKETS, 0)[0]["nll"] for it in its()])
 
   rruntime = ModelRuntime.create(cfg, make_replica_mesh(ReplicaMeshConfig(1, 1, 1, 1)))
   rtrainer = Trainer(rruntime, optim, max(steps), replicas=args.k)
   rscorer = Scorer(rruntime)
 
   def vmapped():
-    return train_and_score(rtrainer, rscorer, params, its(), steps, noisy, 48, BUCKETS, 0)[0]
+    return train_and_score(rtrainer, rscorer, params, its(), steps, noisy, 48, BUCKETS,
+                           0)[0]["nll"]
 
   times = {}
   for name, fn in (("sequential", sequential), ("vmapped", vmapped)):

@@ -5,6 +5,8 @@ A default (signal, ϕ, template, optimizer) is chosen on the *tuning* mixture an
 
   tuning:      BBQ Age; task rows from the even-numbered SQuAD articles and Alpaca rows; prompts
                as the readers write them ("Context: …\\nQuestion: …", the BBQ question and options)
+               in `tune-Age`, and the same rows with every prompt in a layout of the tuning side's
+               own ("Request: … / Answer:", a cue shared with the safe set) in `tune-Age-cue`
   validation:  BBQ Disability_status, Nationality, Physical_appearance (one mixture each); task rows
                from the odd-numbered SQuAD articles and Alpaca rows; every prompt in the Alpaca
                "### Instruction / ### Input / ### Response" layout
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import itertools
 import json
 import re
@@ -70,8 +73,19 @@ def alpaca_layout(record: Record) -> Record:
                 category=record.category, source=record.source, meta=record.meta)
 
 
+def cue_layout(record: Record) -> Record:
+  """The record with its prompt, as the reader wrote it, between a "Request:" header and an
+  "Answer:" cue: the tuning side's own shared layout (the validation side uses Alpaca's)."""
+  return dataclasses.replace(record, prompt=f"Request:\n{record.prompt}\n\nAnswer:\n")
+
+
+# Mixture name suffix -> how its prompts are laid out (tuning side only).
+TUNING_LAYOUTS = {"": None, "-cue": cue_layout}
+
+
 def build(data: Path, category: str, side: str, seed: int) -> tuple[list[Record], list[Record]]:
-  """(noisy mixture, safe set) of one BBQ category on one side of the protocol."""
+  """(noisy mixture, safe set) of one BBQ category on one side of the protocol, prompts as the
+  readers write them on the tuning side and in the Alpaca layout on the validation side."""
   split = split_bbq(read_bbq(data / "bbq" / f"{category}.jsonl"), {"unsafe": 0.5, "safe": 0.5},
                     seed)
   noisy = build_noisy_mixture(split["unsafe"], split["safe"], task_pools(data, side), n=N,
@@ -86,9 +100,12 @@ def cmd_mixtures(args: argparse.Namespace) -> None:
   data = Path(args.data)
   prompts: dict[str, set[str]] = {}
   for side, categories in (("tuning", TUNING), ("validation", VALIDATION)):
-    for category in categories:
+    layouts = TUNING_LAYOUTS if side == "tuning" else {"": None}
+    for category, (suffix, layout) in itertools.product(categories, layouts.items()):
       noisy, safe = build(data, category, side, args.seed)
-      name = f"{'tune' if side == 'tuning' else 'val'}-{category}"
+      if layout is not None:  # the same rows as the plain mixture, so only the layout differs
+        noisy, safe = [layout(r) for r in noisy], [layout(r) for r in safe]
+      name = f"{'tune' if side == 'tuning' else 'val'}-{category}{suffix}"
       manifest = write_mixture(Path(args.out) / name, noisy, safe)
       prompts.setdefault(side, set()).update(r.prompt for r in [*noisy, *safe])
       print(name, json.dumps({k: v["by_kind"] for k, v in manifest["files"].items()}))
@@ -183,7 +200,7 @@ def main() -> None:
   mix.add_argument("--seed", type=int, default=0, help="mixture seed (runs vary the train seed)")
   tab = sub.add_parser("table", help="AUROC / F1 / task rows dropped of finished runs")
   tab.add_argument("runs", nargs="+")
-  tab.add_argument("--signals", nargs="+", default=["nll", "nll_lnf", "nll_ctl"])
+  tab.add_argument("--signals", nargs="+", default=["nll", "nll_lnf", "nll_pmi"])
   ens = sub.add_parser("ensembles", help="single runs and two-run averages of one signal")
   ens.add_argument("runs", nargs="+", help="runs named <mixture>-s<seed>")
   ens.add_argument("--signal", default="nll")

@@ -191,12 +191,12 @@ def run_chunks(cfg: SweepConfig, inputs: SweepInputs, out_dir: Path) -> dict[tup
       # TensorBoard: a run folder per variant, and one per padding replica (`padding_<k>`).
       names = [f"n{n}_s{s}" for n, s in chunk]
       names += [f"padding_{k}" for k in range(cfg.chunk_size - len(chunk))]
-      nll, _ = train_and_score(trainer, scorer, inputs.m1, its, steps, inputs.noisy,
-                               cfg.score_batch_size, inputs.buckets, inputs.pad_id,
-                               name=f"sweep/chunk_{i:03d}", log=training_log,
-                               replica_names=names)
+      means, _ = train_and_score(trainer, scorer, inputs.m1, its, steps, inputs.noisy,
+                                 cfg.score_batch_size, inputs.buckets, inputs.pad_id,
+                                 name=f"sweep/chunk_{i:03d}", log=training_log,
+                                 replica_names=names)
       saved = {"key": key, "variants": [list(v) for v in chunk],
-               "nll": nll[:len(chunk)].tolist(), "seconds": time.perf_counter() - start}
+               "nll": means["nll"][:len(chunk)].tolist(), "seconds": time.perf_counter() - start}
       write_json_atomic(path, saved)
       log(f"== sweep chunk {i + 1}/{len(chunks)}: done in {saved['seconds']:.1f}s")
     for v, arr in zip(chunk, saved["nll"]):

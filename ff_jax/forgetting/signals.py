@@ -13,6 +13,13 @@ replicas, each an M1 and M2 of their own):
                     token, `filter.lnf_floor`, raised to a quantile of the mixture's learning by
                     `filter.lnf_floor_quantile`) keeps examples the noisy phase barely moved from
                     dividing by ~0: their forgetting is measured against the floor instead.
+  nll_tail          r_nll without the first target of each response: the forgetting of the response
+                    given how it opens. A safety finetune whose answers all open alike ("The
+                    answer is …") teaches what follows the prompt's cue to open that way, and the
+                    first token of every response written otherwise loses likelihood, whatever its
+                    content; a short task answer's mean NLL then rises as far as a biased answer's
+                    (docs/fidelity.md). Unlearnt content sits in the tokens after the opening.
+                    The score pass gives it along with nll, at no extra cost
   nll_pmi           forgetting of what the prompt adds to the response: r_nll minus the same rise
                     of the response after an empty prompt, i.e. the drop of the pointwise mutual
                     information log p(y|x) − log p(y) from M1 to M2. A safety finetune whose
@@ -27,6 +34,7 @@ replicas, each an M1 and M2 of their own):
   nll_nens          mean r_nll over K noisy replicas: M1s finetuned with other seeds (data orders),
                     each followed by its own safety finetune; the run's own M1 → M2 is the first
   nll_lnf_nens      mean nll_lnf over the K noisy replicas (each against its own M1)
+  nll_tail_nens     mean nll_tail over the K noisy replicas
   grad, grad_cos    gradient alignment with the safe set under M1 (ff_jax.forgetting.gradients)
 
 Extra columns that are not thresholded: `nll_ens_std` and `nll_nens_std` (the replicas' spread,
@@ -47,8 +55,8 @@ from ff_jax.eval.classification import auprc, auroc, best_f1, filter_metrics
 from ff_jax.forgetting.thresholds import Threshold
 
 # Every signal the filter can use, in report order.
-SIGNALS = ("nll", "acc", "rouge", "nll_lnf", "nll_pmi", "nll_auc", "nll_ens", "nll_lnf_ens",
-           "nll_nens", "nll_lnf_nens", "grad", "grad_cos")
+SIGNALS = ("nll", "acc", "rouge", "nll_lnf", "nll_tail", "nll_pmi", "nll_auc", "nll_ens",
+           "nll_lnf_ens", "nll_nens", "nll_lnf_nens", "nll_tail_nens", "grad", "grad_cos")
 
 # The scoring settings (ff_jax.config.ScoringConfig) a signal needs beyond NLL and accuracy,
 # which every run scores: (test, what it needs, what to set).
@@ -63,6 +71,8 @@ _SCORING_NEEDS: dict[str, tuple[Callable[[Any], bool], str, str]] = {
                     "scoring.replicas>=2 scoring.m0=true"),
     "nll_nens": (lambda s: s.noisy_replicas > 1, "scoring.noisy_replicas > 1",
                  "scoring.noisy_replicas>=2 (or auto)"),
+    "nll_tail_nens": (lambda s: s.noisy_replicas > 1, "scoring.noisy_replicas > 1",
+                      "scoring.noisy_replicas>=2 (or auto)"),
     "nll_lnf_nens": (lambda s: s.noisy_replicas > 1 and s.m0,
                      "scoring.noisy_replicas > 1 and scoring.m0=true",
                      "scoring.noisy_replicas>=2 (or auto) scoring.m0=true"),
@@ -146,6 +156,8 @@ def compute_signals(before: Mapping[str, Any], after: Mapping[str, Any],
   extra: dict[str, np.ndarray] = {}
   nll1, nll2 = _arr(before, "nll"), _arr(after, "nll")
   signals["nll"] = nll2 - nll1
+  if "nll_tail" in before and "nll_tail" in after:  # runs scored before it existed have none
+    signals["nll_tail"] = _arr(after, "nll_tail") - _arr(before, "nll_tail")
   for key in ("acc", "rouge"):
     if key in before and key in after:
       signals[key] = _arr(before, key) - _arr(after, key)
@@ -175,6 +187,12 @@ def compute_signals(before: Mapping[str, Any], after: Mapping[str, Any],
     extra["nll_nens_std"] = (m2_k - m1_k).std(0)
     if m0 is not None:
       signals["nll_lnf_nens"] = learning_normalized(m0, m1_k, m2_k, *lnf).mean(0)
+    # Replicas trained before nll_tail existed (a resumed old run) have None for it.
+    tail_before, tail_after = (noisy_replicas.get(f"nll_tail_{when}") or [None]
+                               for when in ("before", "after"))
+    if "nll_tail" in signals and None not in tail_before + tail_after:
+      tail_k = np.asarray(tail_after, np.float64) - np.asarray(tail_before, np.float64)
+      signals["nll_tail_nens"] = np.concatenate([signals["nll_tail"][None], tail_k]).mean(0)
   if "grad" in before:
     signals["grad"] = _arr(before["grad"], "grad")
     signals["grad_cos"] = _arr(before["grad"], "grad_cos")

@@ -31,7 +31,7 @@ from ff_jax.pipeline.rundir import RunDir
 from ff_jax.progress import TrainingLog, log
 from ff_jax.training.checkpoints import has_params, restore_params, save_params
 from ff_jax.training.loop import LoopStats, PhaseSpec, phase_steps, train_phase
-from ff_jax.training.scoring import per_example_table, score_examples
+from ff_jax.training.scoring import per_token_means, score_examples
 from ff_jax.training.steps import ModelRuntime, Scorer
 
 
@@ -158,13 +158,14 @@ class RunContext:
                            self.cfg.data.buckets, self.pad_id, name, self.cfg.data.packing)
     return float(stats["nll_sum"].sum() / max(stats["tokens"].sum(), 1.0))
 
-  def noisy_nll(self, params: Any, name: str,
-                examples: Sequence[EncodedExample] | None = None) -> list[float]:
-    """Per-token NLL of every noisy example (or of `examples`, encoded from them)."""
+  def noisy_means(self, params: Any, name: str,
+                  examples: Sequence[EncodedExample] | None = None) -> dict[str, list[float]]:
+    """{nll, nll_tail}: per-token means of every noisy example (or of `examples`, encoded from
+    them), as `per_token_means` computes them."""
     stats = score_examples(self.scorer, params, self.noisy if examples is None else examples,
                            self.cfg.scoring.batch_size, self.cfg.data.buckets, self.pad_id, name,
                            self.cfg.data.packing)
-    return per_example_table(stats, None, ())["nll"].tolist()
+    return {key: value.tolist() for key, value in per_token_means(stats).items()}
 
 
 def open_run(cfg: RunConfig, restart: bool = False, redo_from: str | None = None) -> RunContext:

@@ -41,6 +41,10 @@ from ff_jax.training.memory import (
 )
 from ff_jax.training.steps import Trainer
 
+# What `scores_noisy_replicas.json` keeps per noisy replica: its seeds, and the noisy set's
+# per-token means (`per_token_means`) under its M1 and its M2.
+REPLICA_COLUMNS = ("seeds", "nll_before", "nll_after", "nll_tail_before", "nll_tail_after")
+
 
 def replicas_per_pass(ctx: RunContext, extra: int, finetunes: list[PassFinetune]) -> int:
   """How many of `extra` replicas one stacked pass of `finetunes` trains
@@ -96,15 +100,16 @@ def safety_replicas(ctx: RunContext) -> dict[str, Any]:
     else:
       trainer = Trainer(ctx.runtime, spec.optim, spec.steps, replicas=len(chunk))
     stats = LoopStats()
-    nll, _ = train_and_score(trainer, ctx.scorer, ctx.params("M1"), iterators, [spec.steps],
-                             ctx.noisy, batch_size, spec.buckets, ctx.pad_id,
-                             name=f"safety_replicas/pass_{start}", stats=stats,
-                             packing=spec.packing, log=ctx.training_log,
-                             # replica i of the phase (1 ... k - 1), whichever pass trains it
-                             replica_names=[f"replica_{start + j + 1}" for j in range(len(chunk))])
+    means, _ = train_and_score(trainer, ctx.scorer, ctx.params("M1"), iterators,
+                               [spec.steps], ctx.noisy, batch_size, spec.buckets, ctx.pad_id,
+                               name=f"safety_replicas/pass_{start}", stats=stats,
+                               packing=spec.packing, log=ctx.training_log,
+                               # replica i of the phase (1 ... k - 1), whichever pass trains it
+                               replica_names=[f"replica_{start + j + 1}"
+                                              for j in range(len(chunk))])
     ctx.record(f"pass_{start}", stats)
-    write_json_atomic(done, {"seeds": chunk, "nll": nll[:, -1].tolist()})
-    rows += nll[:, -1].tolist()
+    write_json_atomic(done, {"seeds": chunk, "nll": means["nll"][:, -1].tolist()})
+    rows += means["nll"][:, -1].tolist()
     log(f"safety replicas: {start + len(chunk)}/{len(seeds)} trained")
   write_json_atomic(ctx.run.file(SCORES_REPLICAS),
                     {"seeds": seeds, "steps": spec.steps, "nll": rows})
@@ -143,9 +148,7 @@ def noisy_replicas(ctx: RunContext) -> dict[str, Any]:
     log(f"noisy replicas: {chunk[-1]}/{k - 1} trained")
   ordered = [rows[i] for i in range(1, k)]
   write_json_atomic(ctx.run.file(SCORES_NOISY_REPLICAS),
-                    {"seeds": [row["seeds"] for row in ordered],
-                     "nll_before": [row["nll_before"] for row in ordered],
-                     "nll_after": [row["nll_after"] for row in ordered]})
+                    {key: [row.get(key) for row in ordered] for key in REPLICA_COLUMNS})
   return {"noisy_replicas": k, "replicas_per_pass": per_pass}
 
 
@@ -158,13 +161,14 @@ def _noisy_replica_alone(ctx: RunContext, i: int, seeds: list[int], noisy: Phase
                    lambda: ctx.params("M0"), ctx.noisy, ctx.pad_id, ctx.run.ckpt(names[0]),
                    ctx.training_log, stats=stats[0])
   ctx.record(names[0], stats[0])
-  nll_before = ctx.noisy_nll(m1, f"{names[0]}/score")
+  before = ctx.noisy_means(m1, f"{names[0]}/score")
   m2 = train_phase(dataclasses.replace(safety, name=names[1], seed=seeds[1]), ctx.runtime,
                    lambda: m1, ctx.safe, ctx.pad_id, ctx.run.ckpt(names[1]), ctx.training_log,
                    stats=stats[1])
   ctx.record(names[1], stats[1])
-  return {"seeds": seeds, "nll_before": nll_before,
-          "nll_after": ctx.noisy_nll(m2, f"{names[1]}/score")}
+  after = ctx.noisy_means(m2, f"{names[1]}/score")
+  return {"seeds": seeds, **{f"{key}_before": value for key, value in before.items()},
+          **{f"{key}_after": value for key, value in after.items()}}
 
 
 def _noisy_replicas_stacked(ctx: RunContext, seeds: dict[int, list[int]], noisy: PhaseSpec,
@@ -180,18 +184,19 @@ def _noisy_replicas_stacked(ctx: RunContext, seeds: dict[int, list[int]], noisy:
   names = (f"noisy_{label}", f"safety_{label}")
   replicas = [f"replica_{i}" for i in seeds]
   stats = LoopStats(), LoopStats()
-  nll_before, m1s = train_and_score(
+  before, m1s = train_and_score(
       Trainer(ctx.runtime, noisy.optim, noisy.steps, replicas=len(seeds)), ctx.scorer,
       ctx.params("M0"), streams(noisy, ctx.noisy, 0), [noisy.steps], ctx.noisy, batch_size,
       noisy.buckets, pad_id, name=names[0], stats=stats[0], packing=noisy.packing,
       log=ctx.training_log, replica_names=replicas)
-  nll_after, _ = train_and_score(
+  after, _ = train_and_score(
       Trainer(ctx.runtime, safety.optim, safety.steps, replicas=len(seeds)), ctx.scorer, m1s,
       streams(safety, ctx.safe, 1), [safety.steps], ctx.noisy, batch_size, safety.buckets,
       pad_id, stacked_init=True, name=names[1], stats=stats[1], packing=safety.packing,
       log=ctx.training_log, replica_names=replicas)
   for name, stat in zip(names, stats):
     ctx.record(name, stat)
-  return {i: {"seeds": pair, "nll_before": nll_before[j, -1].tolist(),
-              "nll_after": nll_after[j, -1].tolist()}
+  return {i: {"seeds": pair,
+              **{f"{key}_before": value[j, -1].tolist() for key, value in before.items()},
+              **{f"{key}_after": value[j, -1].tolist() for key, value in after.items()}}
           for j, (i, pair) in enumerate(seeds.items())}

@@ -46,7 +46,7 @@ def _score(ctx: RunContext, model: str, name: str, pmi: bool = False) -> dict[st
   out = {key: np.asarray(value).tolist() for key, value in table.items()}
   if pmi:
     alone = encode_responses_alone(tok, ctx.inputs.noisy, ctx.template, cfg.data.max_len)
-    out["nll_alone"] = ctx.noisy_nll(params, f"{name}/alone", alone)
+    out["nll_alone"] = ctx.noisy_means(params, f"{name}/alone", alone)["nll"]
   if generations is not None:
     out["generations"] = generations
   return out

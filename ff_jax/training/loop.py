@@ -33,7 +33,7 @@ from ff_jax.models import lora
 from ff_jax.progress import LoopLog, Progress, TrainingLog
 from ff_jax.training.checkpoints import PhaseCheckpoints, save_params
 from ff_jax.training.replicas import StackedBatches
-from ff_jax.training.scoring import score_examples, score_snapshots
+from ff_jax.training.scoring import per_token_means, score_examples, score_snapshots
 from ff_jax.training.steps import ModelRuntime, OptimConfig, Scorer, Trainer
 
 # Default wall time between step checkpoints: a kill loses at most this much training, and a save
@@ -381,9 +381,11 @@ def train_and_score(trainer: Trainer, scorer: Scorer, init_params: Any,
                     buckets: Sequence[int], pad_id: int, *, stacked_init: bool = False,
                     name: str = "train", stats: LoopStats | None = None,
                     packing: bool = False, log: TrainingLog | None = None,
-                    replica_names: Sequence[str] | None = None) -> tuple[np.ndarray, Any]:
-  """Train in memory to max(steps), scoring `examples` after each step in `steps`: (per-token
-  NLL [R, len(steps), N] with R = `trainer.replicas` or 1, the final params).
+                    replica_names: Sequence[str] | None = None
+                    ) -> tuple[dict[str, np.ndarray], Any]:
+  """Train in memory to max(steps), scoring `examples` after each step in `steps`: ({nll,
+  nll_tail}: per-token means [R, len(steps), N] with R = `trainer.replicas` or 1
+  (`per_token_means`), the final params).
 
   One model reads `iterators[0]`; K replicas read one iterator each (`StackedBatches`) and start
   from `init_params` (one model), or with `stacked_init` from K models stacked on a leading axis.
@@ -400,19 +402,21 @@ def train_and_score(trainer: Trainer, scorer: Scorer, init_params: Any,
   # Broadcasting one model to K replicas makes new arrays; otherwise the first step would
   # donate the caller's.
   own_copy = replicas is None or stacked_init
-  nll = np.full((replicas or 1, len(steps), len(examples)), np.nan)
+  means: dict[str, np.ndarray] = {}
 
   def score(step: int, params: Any) -> None:
     score_fn = score_examples if replicas is None else score_snapshots
     stats = score_fn(scorer, params, examples, score_batch_size, buckets, pad_id,
                      name=f"{name}/score@{step}", packing=packing)
-    nll[:, steps.index(step)] = stats["nll_sum"] / np.maximum(stats["tokens"], 1.0)
+    for key, value in per_token_means(stats).items():
+      shape = (replicas or 1, len(steps), len(examples))
+      means.setdefault(key, np.full(shape, np.nan))[:, steps.index(step)] = value
 
   params = train_loop(
       trainer, lambda: jax.tree.map(jnp.copy, init_params) if own_copy else init_params,
       batches, max(steps), name, stacked_init=stacked_init, log=log, replica_names=replica_names,
       hook=score, hook_steps=set(steps), stats=stats)
-  return nll, params
+  return means, params
 
 
 def snapshot_steps(snapshot_dir: str | Path) -> list[int]:

@@ -1,9 +1,10 @@
 """Per-example statistics and forgetting.
 
 For every example of the noisy set and a model (or a stack of parameter snapshots): the summed
-response NLL, the number of target tokens and the number of correctly predicted tokens (one forward
-pass), and optionally the greedy generation scored by ROUGE-1 F against the target response (the
-paper's signal, one decode). `ff_jax.forgetting.signals` turns such tables into forgetting signals.
+response NLL, that of its first target alone, the number of target tokens and the number of
+correctly predicted tokens (one forward pass), and optionally the greedy generation scored by
+ROUGE-1 F against the target response (the paper's signal, one decode).
+`ff_jax.forgetting.signals` turns such tables into forgetting signals.
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ def per_example(step: Callable[[Any, dict[str, Any]], dict[str, Any]], runtime: 
 def score_examples(scorer: Scorer, params: Any, examples: Sequence[EncodedExample],
                    batch_size: int, buckets: Sequence[int], pad_id: int,
                    name: str = "score", packing: bool = False) -> dict[str, np.ndarray]:
-  """{nll_sum, tokens, correct}: float arrays [N] in dataset order (`packing`: from packed
-  batches; the same values up to float summation order)."""
+  """{nll_sum, tokens, correct, first_nll}: float arrays [N] in dataset order (`packing`: from
+  packed batches; the same values up to float summation order)."""
   return per_example(scorer.step, scorer.runtime, params, examples, batch_size, buckets, pad_id,
                      name, packing)
 
@@ -147,11 +148,21 @@ def _rows_held(array: jax.Array) -> int:
   return len(held)
 
 
+def per_token_means(stats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """{nll, nll_tail}: the mean response NLL per token, and the same without the first target
+  (`first_nll`): the response given how it opens. A response of one target has no tail: 0."""
+  tokens = np.maximum(stats["tokens"], 1.0)
+  tail_tokens = np.maximum(stats["tokens"] - 1.0, 1.0)
+  return {"nll": stats["nll_sum"] / tokens,
+          "nll_tail": (stats["nll_sum"] - stats["first_nll"]) / tail_tokens}
+
+
 def per_example_table(stats: dict[str, np.ndarray], generations: Sequence[str] | None,
                       targets: Sequence[str]) -> dict[str, np.ndarray]:
-  """{nll, acc, rouge?, tokens}: per-token mean NLL, token accuracy, ROUGE-1 F of generations."""
+  """{nll, nll_tail, acc, rouge?, tokens}: per-token mean NLL (`per_token_means`), token
+  accuracy, ROUGE-1 F of generations."""
   tokens = np.maximum(stats["tokens"], 1.0)
-  table = {"tokens": stats["tokens"], "nll": stats["nll_sum"] / tokens,
+  table = {"tokens": stats["tokens"], **per_token_means(stats),
            "acc": stats["correct"] / tokens}
   if generations is not None:
     table["rouge"] = rouge1_f_batch(list(targets), list(generations))

@@ -141,21 +141,35 @@ def token_nll(graphdef: nnx.GraphDef, params: Any, batch: Batch, loss_on: str = 
   return nll * weights, correct * weights, weights
 
 
+# What the score step gives per example (`make_score_fn`).
+SCORE_KEYS = ("nll_sum", "tokens", "correct", "first_nll")
+
+
 def make_score_fn(graphdef: nnx.GraphDef) -> Callable[[Any, Batch], dict[str, jax.Array]]:
   """Unjitted per-example statistics, for vmapping over parameter snapshots: [B] per row, or
-  [B, S] per segment of packed rows (the example of `example_id[b, s]`)."""
+  [B, S] per segment of packed rows (the example of `example_id[b, s]`).
+
+  `first_nll` is the NLL of each example's first response target alone: where the response
+  opens, which a safety finetune whose answers all open alike moves for every response written
+  otherwise (the `nll_tail` signal leaves it out; ff_jax.forgetting.signals).
+  """
 
   def score(params, batch):
     nll, correct, weights = token_nll(graphdef, params, batch, "response")
-    stats = {"nll_sum": nll, "tokens": weights, "correct": correct}
     if not is_packed(batch):
-      return {key: value.sum(-1) for key, value in stats.items()}
-    # Target t+1 belongs to the segment of token t+1. A masked sum, not a one-hot matmul: matmul
+      first = jnp.cumsum(weights, axis=-1) * weights == 1
+      return {"nll_sum": nll.sum(-1), "tokens": weights.sum(-1), "correct": correct.sum(-1),
+              "first_nll": jnp.where(first, nll, 0.0).sum(-1)}
+    # Target t+1 belongs to the segment of token t+1. Masked sums, not one-hot matmuls: matmul
     # precision on GPU/TPU would round the per-example sums.
     segments = batch["segment_ids"][:, 1:, None] == jnp.arange(
         1, batch["example_id"].shape[1] + 1)
-    return {key: jnp.where(segments, value[..., None], 0.0).sum(1)
-            for key, value in stats.items()}
+    per_segment = jnp.where(segments, weights[..., None], 0.0)  # [B, T-1, S]
+    first = jnp.cumsum(per_segment, axis=1) * per_segment == 1
+    stats = {key: jnp.where(segments, value[..., None], 0.0).sum(1)
+             for key, value in (("nll_sum", nll), ("correct", correct))}
+    return {**stats, "tokens": per_segment.sum(1),
+            "first_nll": jnp.where(first, nll[..., None], 0.0).sum(1)}
 
   return score
 
@@ -397,11 +411,10 @@ class Scorer:
     rows = runtime.batch_sharding()
     score = make_score_fn(runtime.graphdef)
     self.step = jax.jit(score, in_shardings=(runtime.param_shardings, rows),
-                        out_shardings={"nll_sum": rows, "tokens": rows, "correct": rows})
+                        out_shardings=dict.fromkeys(SCORE_KEYS, rows))
     self.stacked_param_shardings = jax.tree.map(parallel.stack_sharding,
                                                 runtime.param_shardings)
     stacked_rows = parallel.stack_sharding(rows)
     self.stacked_step = jax.jit(jax.vmap(score, in_axes=(0, None)),
                                 in_shardings=(self.stacked_param_shardings, rows),
-                                out_shardings={"nll_sum": stacked_rows, "tokens": stacked_rows,
-                                               "correct": stacked_rows})
+                                out_shardings=dict.fromkeys(SCORE_KEYS, stacked_rows))

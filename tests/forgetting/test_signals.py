@@ -119,6 +119,18 @@ def test_compute_signals_from_score_tables():
   np.testing.assert_allclose(extra["nll_nens_std"], [0.75, 0.2, 0.0])
   np.testing.assert_allclose(signals["nll_lnf_nens"], [0.75, 0.6, 0.0])
   assert "nll_ens" not in signals
+  # The tail (each response without its first target): r_tail = [0.5, 0, −0.25] for the run, and
+  # [0.5, 1.0, 0.0] for its noisy replica.
+  tail_before, tail_after = {**before, "nll_tail": [1.0, 1.0, 2.0]}, {**after, "nll_tail": [
+      1.5, 1.0, 1.75]}
+  tail_noisy = {**noisy, "nll_tail_before": [[1.0, 1.0, 1.0]], "nll_tail_after": [[1.5, 2.0, 1.0]]}
+  signals, _ = compute_signals(tail_before, tail_after, None, 0.05, 4, tail_noisy)
+  np.testing.assert_allclose(signals["nll_tail"], [0.5, 0.0, -0.25])
+  np.testing.assert_allclose(signals["nll_tail_nens"], [0.5, 0.5, -0.125])
+  # Replicas of a run resumed from before nll_tail was scored have none: no nll_tail_nens.
+  old = {**noisy, "nll_tail_before": [None], "nll_tail_after": [None]}
+  signals, _ = compute_signals(tail_before, tail_after, None, 0.05, 4, old)
+  assert "nll_tail" in signals and "nll_tail_nens" not in signals
   # Each response after an empty prompt: its rise under the safety finetune is style, not content.
   alone_before = {**before, "nll_alone": [3.0, 2.0, 1.0]}
   alone_after = {**after, "nll_alone": [3.5, 2.1, 1.2]}

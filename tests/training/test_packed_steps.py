@@ -4,6 +4,8 @@ The examples run from 2 to 62 tokens (buckets 16/32/64), so a packed row holds u
 and the unpacked batches pad most of their slots.
 """
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from ff_jax.data.batching import TrainIterator
 from ff_jax.data.templates import EncodedExample
 from ff_jax.models import tiny_llama
 from ff_jax.training.replicas import StackedBatches
-from ff_jax.training.scoring import score_examples, score_snapshots
+from ff_jax.training.scoring import per_token_means, score_examples, score_snapshots
 from ff_jax.training.steps import ModelRuntime, OptimConfig, Scorer, Trainer
 
 BUCKETS = (16, 32, 64)
@@ -65,6 +67,32 @@ def test_packed_scores_equal_unpacked(name):
   nll_got = got["nll_sum"] / got["tokens"]
   assert np.isfinite(nll_want).all() and nll_want.std() > 0.1  # the examples really differ
   np.testing.assert_allclose(nll_got, nll_want, rtol=0, atol=1e-5)
+  np.testing.assert_allclose(got["first_nll"], want["first_nll"], rtol=0, atol=1e-4)
+
+
+def test_first_nll_is_the_nll_of_the_first_response_target_alone():
+  """`first_nll` equals the NLL of the example scored with only its first response target in the
+  loss mask, packed and unpacked; the rest of the sum is the tail `nll_tail` averages."""
+  runtime = _runtime(FAMILIES["llama"])
+  params = _params(runtime)
+  examples = _examples(21, seed=3)
+  first_only = []
+  for e in examples:
+    mask = np.zeros_like(e.loss_mask)
+    mask[e.prompt_len] = 1
+    first_only.append(dataclasses.replace(e, loss_mask=mask))
+  scorer = Scorer(runtime)
+  want = score_examples(scorer, params, first_only, 8, BUCKETS, PAD)
+  assert (want["tokens"] == 1).all() and want["nll_sum"].std() > 0.1
+  for packing in (False, True):
+    got = score_examples(scorer, params, examples, 8, BUCKETS, PAD, packing=packing)
+    np.testing.assert_allclose(got["first_nll"], want["nll_sum"], rtol=0, atol=1e-4)
+  longer = got["tokens"] > 1
+  assert 0 < longer.sum() < len(examples)  # both kinds are here
+  tail = per_token_means(got)["nll_tail"]
+  np.testing.assert_allclose(tail[longer], ((got["nll_sum"] - want["nll_sum"])
+                                            / (got["tokens"] - 1))[longer], rtol=1e-4)
+  np.testing.assert_allclose(tail[~longer], 0.0, atol=1e-4)  # one target: no tail
 
 
 def test_packed_snapshot_scores_equal_unpacked():
