@@ -155,11 +155,13 @@ class ScoringConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FilterConfig:
-  # A column of ff_jax.forgetting.signals.SIGNALS. The default, the paper's NLL forgetting averaged
-  # over two M1s (two noisy finetunes with other data orders, each with its own safety finetune)
-  # with the automatic threshold, was chosen on a tuning bias mixture and measured on three
-  # validation mixtures of other BBQ categories, task rows and prompt layout (docs/fidelity.md).
-  signal: str = "nll_nens"
+  # A column of ff_jax.forgetting.signals.SIGNALS. The default, the paper's NLL forgetting without
+  # each response's first token (how it opens, which a safety finetune moves for every answer
+  # written otherwise), averaged over two M1s (two noisy finetunes with other data orders, each
+  # with its own safety finetune), with the automatic threshold, was chosen on two tuning bias
+  # mixtures and measured on three validation mixtures of other BBQ categories, task rows and
+  # prompt layout (docs/fidelity.md).
+  signal: str = "nll_tail_nens"
   # auto (= auto:gmm, fitted on the signed-log scale) | auto:otsu | auto:gmm:linear | fixed:PHI
   # | PHI (a bare number, the paper's ϕ) | quantile:Q (ff_jax.forgetting.thresholds.Threshold)
   threshold: str | float = "auto"

@@ -38,6 +38,7 @@ from ff_jax.data.sources import read_alpaca, read_squad
 from ff_jax.data.sources_bbq import read_bbq, split_bbq
 from ff_jax.eval.classification import auroc, best_f1, filter_metrics
 from ff_jax.forgetting.thresholds import Threshold
+from ff_jax.training.checkpoints import restore_params
 
 TUNING = ("Age",)
 VALIDATION = ("Disability_status", "Nationality", "Physical_appearance")
@@ -150,10 +151,16 @@ def cmd_table(args: argparse.Namespace) -> None:
 
 
 def _signal(run: Path, name: str) -> tuple[dict[str, float], dict[str, str]]:
-  """({id: r}, {id: kind}) of one finished run's scores.csv."""
+  """({id: r}, {id: kind}) of one finished run's scores.csv; `nll_tail` of a run scored before
+  it existed comes from its `rescored.json` (`rescore`)."""
   with open(run / "scores.csv", newline="") as f:
     rows = list(csv.DictReader(f))
-  return ({r["id"]: float(r[f"r_{name}"]) for r in rows}, {r["id"]: r["kind"] for r in rows})
+  kinds = {r["id"]: r["kind"] for r in rows}
+  if f"r_{name}" not in rows[0] and name == "nll_tail" and (run / "rescored.json").exists():
+    table = json.loads((run / "rescored.json").read_text())
+    rise = np.subtract(table["M2"]["nll_tail"], table["M1"]["nll_tail"])
+    return dict(zip(table["id"], rise.tolist())), kinds
+  return {r["id"]: float(r[f"r_{name}"]) for r in rows}, kinds
 
 
 def _quality(r: np.ndarray, kinds: np.ndarray, threshold: Threshold) -> dict[str, float]:
@@ -191,6 +198,28 @@ def cmd_ensembles(args: argparse.Namespace) -> None:
             f"{q['task_dropped']:.1%} |")
 
 
+def cmd_rescore(args: argparse.Namespace) -> None:
+  """The per-token tables of runs trained before the score pass gave `first_nll`: their saved M1
+  and M2 scored again as the pipeline scores them (same config, same score step), into
+  `<run>/rescored.json`; the run's own files are left as they are."""
+  import tempfile
+
+  from ff_jax.config import config_from_dict
+  from ff_jax.pipeline.context import open_run
+
+  for run in map(Path, args.runs):
+    tree = json.loads((run / "manifest.json").read_text())["config"]
+    with tempfile.TemporaryDirectory() as scratch:
+      ctx = open_run(config_from_dict({**tree, "run_dir": scratch}, str(run / "manifest.json")))
+      tables = {}
+      for model in ("M1", "M2"):
+        params = restore_params(run / "models" / model, ctx.runtime.abstract_with_shardings())
+        tables[model] = ctx.noisy_means(params, f"{run.name}/{model}")
+    ids = [r.id for r in ctx.inputs.noisy]
+    (run / "rescored.json").write_text(json.dumps({"id": ids, **tables}))
+    print(f"{run}: rescored {len(ids)} examples")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest="cmd", required=True)
@@ -205,8 +234,11 @@ def main() -> None:
   ens.add_argument("runs", nargs="+", help="runs named <mixture>-s<seed>")
   ens.add_argument("--signal", default="nll")
   ens.add_argument("--threshold", default="auto")
+  res = sub.add_parser("rescore", help="per-token tables of older runs' saved M1 and M2")
+  res.add_argument("runs", nargs="+")
   args = parser.parse_args()
-  {"mixtures": cmd_mixtures, "table": cmd_table, "ensembles": cmd_ensembles}[args.cmd](args)
+  {"mixtures": cmd_mixtures, "table": cmd_table, "ensembles": cmd_ensembles,
+   "rescore": cmd_rescore}[args.cmd](args)
 
 
 if __name__ == "__main__":

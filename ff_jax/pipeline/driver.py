@@ -134,7 +134,7 @@ def method_cost(cfg: RunConfig, until: str | None = None) -> str:
 def keep_trained_noisy_replicas(cfg: RunConfig, redo_from: str | None = None) -> RunConfig:
   """`cfg`, or `cfg` with the noisy replicas its run directory already trained, when its signal
   does not use them (not *_nens) and asks for fewer: e.g. `--from filter filter.signal=nll` on a
-  run of the default nll_nens, where `scoring.noisy_replicas: auto` now means 1. Keeping them
+  run of the default nll_tail_nens, where `scoring.noisy_replicas: auto` now means 1. Keeping them
   changes nothing the filter computes (their columns stay in scores.csv), where the run directory
   would otherwise refuse the changed count of a finished phase."""
   manifest = RunDir(cfg.run_dir).read_manifest()

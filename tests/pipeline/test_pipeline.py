@@ -149,8 +149,8 @@ def test_the_manifest_says_what_each_finetune_cost(reference):
 @pytest.mark.slow
 def test_every_signal_is_a_column_and_in_the_signal_report(reference):
   rows = read_scores(reference)
-  for name in ("nll", "acc", "rouge", "nll_lnf", "nll_pmi", "nll_auc", "nll_ens", "nll_lnf_ens",
-               "nll_nens", "nll_lnf_nens", "grad", "grad_cos"):
+  for name in ("nll", "acc", "rouge", "nll_lnf", "nll_tail", "nll_pmi", "nll_auc", "nll_ens",
+               "nll_lnf_ens", "nll_nens", "nll_lnf_nens", "nll_tail_nens", "grad", "grad_cos"):
     assert all(row[f"r_{name}"] for row in rows), name
   # nll_pmi: the paper's r minus the rise of each response after an empty prompt.
   alone = [np.array(json.loads((reference / f"scores_{when}.json").read_text())["nll_alone"])
@@ -170,6 +170,16 @@ def test_every_signal_is_a_column_and_in_the_signal_report(reference):
   r_nens = (np.array([float(row["r_nll"]) for row in rows])
             + np.array(noisy["nll_after"][0]) - np.array(noisy["nll_before"][0])) / 2
   np.testing.assert_allclose([float(row["r_nll_nens"]) for row in rows], r_nens, atol=1e-5)
+  # The same mean for the tail of each response (without its first target).
+  tails = {when: np.array(json.loads((reference / f"scores_{when}.json").read_text())["nll_tail"])
+           for when in ("before", "after")}
+  r_tail = tails["after"] - tails["before"]
+  np.testing.assert_allclose([float(row["r_nll_tail"]) for row in rows], r_tail, atol=1e-5)
+  assert np.max(np.abs(r_tail - [float(row["r_nll"]) for row in rows])) > 1e-3
+  r_tail_nens = (r_tail + np.array(noisy["nll_tail_after"][0])
+                 - np.array(noisy["nll_tail_before"][0])) / 2
+  np.testing.assert_allclose([float(row["r_nll_tail_nens"]) for row in rows], r_tail_nens,
+                             atol=1e-5)
   replicas = json.loads((reference / "scores_replicas.json").read_text())
   assert len(replicas["nll"]) == 2 and len(set(replicas["seeds"])) == 2
   report = json.loads((reference / "filter.json").read_text())["signals"]
