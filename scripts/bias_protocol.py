@@ -28,16 +28,20 @@ import dataclasses
 import itertools
 import json
 import re
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from ff_jax.atomic_io import write_json_atomic
+from ff_jax.config import config_from_dict
 from ff_jax.data.mixture import build_noisy_mixture, sample_safe_set, write_mixture
 from ff_jax.data.records import Record
 from ff_jax.data.sources import read_alpaca, read_squad
 from ff_jax.data.sources_bbq import read_bbq, split_bbq
 from ff_jax.eval.classification import auroc, best_f1, filter_metrics
 from ff_jax.forgetting.thresholds import Threshold
+from ff_jax.pipeline.context import open_run
 from ff_jax.training.checkpoints import restore_params
 
 TUNING = ("Age",)
@@ -202,11 +206,6 @@ def cmd_rescore(args: argparse.Namespace) -> None:
   """The per-token tables of runs trained before the score pass gave `first_nll`: their saved M1
   and M2 scored again as the pipeline scores them (same config, same score step), into
   `<run>/rescored.json`; the run's own files are left as they are."""
-  import tempfile
-
-  from ff_jax.config import config_from_dict
-  from ff_jax.pipeline.context import open_run
-
   for run in map(Path, args.runs):
     tree = json.loads((run / "manifest.json").read_text())["config"]
     with tempfile.TemporaryDirectory() as scratch:
@@ -216,7 +215,7 @@ def cmd_rescore(args: argparse.Namespace) -> None:
         params = restore_params(run / "models" / model, ctx.runtime.abstract_with_shardings())
         tables[model] = ctx.noisy_means(params, f"{run.name}/{model}")
     ids = [r.id for r in ctx.inputs.noisy]
-    (run / "rescored.json").write_text(json.dumps({"id": ids, **tables}))
+    write_json_atomic(run / "rescored.json", {"id": ids, **tables})
     print(f"{run}: rescored {len(ids)} examples")
 
 

@@ -403,13 +403,13 @@ def train_and_score(trainer: Trainer, scorer: Scorer, init_params: Any,
   # donate the caller's.
   own_copy = replicas is None or stacked_init
   means: dict[str, np.ndarray] = {}
+  shape = (replicas or 1, len(steps), len(examples))
 
   def score(step: int, params: Any) -> None:
     score_fn = score_examples if replicas is None else score_snapshots
     stats = score_fn(scorer, params, examples, score_batch_size, buckets, pad_id,
                      name=f"{name}/score@{step}", packing=packing)
     for key, value in per_token_means(stats).items():
-      shape = (replicas or 1, len(steps), len(examples))
       means.setdefault(key, np.full(shape, np.nan))[:, steps.index(step)] = value
 
   params = train_loop(
