@@ -63,13 +63,16 @@ def test_same_losses_on_one_device_and_on_sharded_meshes():
     _assert_same_scores(scores, ref_scores, str(shape))
 
 
-def test_fused_attention_on_a_sharded_mesh():
-  # jax.nn.dot_product_attention (the call cuDNN gets on a GPU) under data, FSDP and tensor
-  # sharding, against the einsum path on one device.
+@pytest.mark.parametrize("kernel", ["xla", "splash"])
+def test_fused_attention_on_a_sharded_mesh(kernel):
+  # jax.nn.dot_product_attention (the call cuDNN gets on a GPU), and splash attention (a
+  # per-device Pallas kernel under shard_map: rows over data and FSDP, heads over tensor; Pallas
+  # interpret mode here), under data, FSDP and tensor sharding, against the einsum path on one
+  # device.
   _need_devices(8)
   devices = jax.devices()
   _, _, _, ref_loss, ref_scores = _run(parallel.MeshConfig(1, 1, 1), devices[:1])
-  _, _, _, loss, scores = _run(parallel.MeshConfig(2, 2, 2), devices, attention="xla")
+  _, _, _, loss, scores = _run(parallel.MeshConfig(2, 2, 2), devices, attention=kernel)
   np.testing.assert_allclose(loss, ref_loss, atol=1e-5)
   _assert_same_scores(scores, ref_scores)
 

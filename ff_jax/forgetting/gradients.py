@@ -37,6 +37,7 @@ from ff_jax import parallel
 from ff_jax.data.batching import eval_batches
 from ff_jax.data.templates import EncodedExample
 from ff_jax.errors import ConfigError
+from ff_jax.models.layout import UNSHARDED
 from ff_jax.training.scoring import per_example
 from ff_jax.training.steps import ModelRuntime, token_nll
 
@@ -91,16 +92,18 @@ class GradientAlignment:
     self.bytes_per_example, self.bound_bytes = per_example, need
     graphdef = runtime.graphdef
 
-    def nll_sum(subset, rest, batch):
-      nll, _, weights = token_nll(graphdef, merge_blocks(subset, rest), batch)
+    layout = runtime.step_layout()
+
+    def nll_sum(subset, rest, batch, layout=UNSHARDED):
+      nll, _, weights = token_nll(graphdef, merge_blocks(subset, rest), batch, layout=layout)
       return nll.sum(), weights.sum()
 
     def safe_step(params, batch):
       subset, rest = split_blocks(params, n_blocks)
-      grads, tokens = jax.grad(nll_sum, has_aux=True)(subset, rest, batch)
+      grads, tokens = jax.grad(nll_sum, has_aux=True)(subset, rest, batch, layout)
       return grads, tokens
 
-    def example_loss(subset, rest, row):
+    def example_loss(subset, rest, row):  # under vmap over rows: one unsharded row
       total, tokens = nll_sum(subset, rest, jax.tree.map(lambda x: x[None], row))
       return total / jnp.maximum(tokens, 1.0)
 

@@ -16,6 +16,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from ff_jax.models.config import ModelConfig, RopeScaling, tiny_llama
+from ff_jax.models.layout import UNSHARDED, StepLayout
 from ff_jax.models.transformer import (
   Cache,
   Transformer,
@@ -26,7 +27,7 @@ from ff_jax.models.transformer import (
 
 __all__ = [
     "Cache", "ModelConfig", "RopeScaling", "Transformer", "abstract_model", "forward",
-    "init_params", "logical_axes", "positions_from_mask", "tiny_llama",
+    "forward_hidden", "init_params", "logical_axes", "positions_from_mask", "tiny_llama",
 ]
 
 Params = dict[str, Any]
@@ -92,6 +93,20 @@ def forward(graphdef: nnx.GraphDef, params: Params, tokens, positions, kv_mask,
   model = nnx.merge(graphdef, params)
   return model(tokens, positions, kv_mask, cache, cache_index, last_only, dropout_rng,
                segment_ids)
+
+
+def forward_hidden(graphdef: nnx.GraphDef, params: Params, tokens, positions, kv_mask,
+                   dropout_rng: Any = None, segment_ids: Any = None,
+                   layout: StepLayout = UNSHARDED):
+  """Pure uncached forward pass up to the final norm: `(hidden [B, T, D], head weight, Head)`,
+  for steps that apply the LM head only where they have targets (`ff_jax.models.head`), with
+  the activations pinned as `layout` says."""
+  model = nnx.merge(graphdef, params)
+  layout = layout.for_rows(tokens.shape[0])
+  hidden, _ = model.hidden_states(tokens, positions, kv_mask, dropout_rng=dropout_rng,
+                                  segment_ids=segment_ids, layout=layout)
+  weight, head = model.head()
+  return hidden, weight, head
 
 
 def init_cache(graphdef: nnx.GraphDef, params: Params, batch: int, length: int) -> Cache:

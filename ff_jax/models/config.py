@@ -113,11 +113,13 @@ class ModelConfig:
   # unrolls the same scan into straight-line code, which compiles in time linear in depth and is
   # kept for benchmarks and debugging (the parameters are stacked either way).
   scan_layers: bool = True
-  # Attention kernel of uncached calls (training, scoring): "auto" takes cuDNN's fused kernel
-  # (`jax.nn.dot_product_attention`) on a GPU in bfloat16 and the einsum path elsewhere; "xla" is
-  # the same call with JAX's reference implementation (to check the fused path where cuDNN is
-  # absent). Decoding with a KV cache always uses the einsum path.
-  attention: Literal["auto", "einsum", "cudnn", "xla"] = "auto"
+  # Attention kernel of uncached calls (training, scoring; `ff_jax.models.kernels`): "auto"
+  # takes Pallas splash attention on a TPU, cuDNN's fused kernel (`jax.nn.dot_product_attention`)
+  # on a GPU in bfloat16 and the einsum path elsewhere; "xla" is the cuDNN call with JAX's
+  # reference implementation, and "splash" off a TPU runs in Pallas interpret mode (both to
+  # check the fused paths where their hardware is absent). Decoding with a KV cache always uses
+  # the einsum path.
+  attention: Literal["auto", "einsum", "splash", "cudnn", "xla"] = "auto"
   lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)  # rank 0: no adapters
   initializer_range: float = 0.02
   # Token ids the tokenizer uses; kept here so decoding and batching agree with the checkpoint.
@@ -147,8 +149,8 @@ class ModelConfig:
     need(self.dtype in ("float32", "bfloat16"), "dtype", f"unsupported dtype {self.dtype!r}")
     need(self.param_dtype in ("float32", "bfloat16"), "param_dtype",
          f"unsupported dtype {self.param_dtype!r}")
-    need(self.attention in ("auto", "einsum", "cudnn", "xla"), "attention",
-         f"must be 'auto', 'einsum', 'cudnn' or 'xla', got {self.attention!r}")
+    need(self.attention in ("auto", "einsum", "splash", "cudnn", "xla"), "attention",
+         f"must be 'auto', 'einsum', 'splash', 'cudnn' or 'xla', got {self.attention!r}")
     if self.attention == "cudnn":
       need(self.dtype == "bfloat16", "attention",
            f"cuDNN's fused attention needs dtype bfloat16, got {self.dtype!r}")

@@ -39,6 +39,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ff_jax.models.config import LORA_TARGETS, ModelConfig
+from ff_jax.models.head import Head
+from ff_jax.models.kernels import (
+  attention_kernel,
+  fused_attention,
+  same_segment,
+  splash_attention,
+)
+from ff_jax.models.layout import UNSHARDED, StepLayout
 
 # Logical name of the stacked blocks' leading axis.
 LAYERS_AXIS = "layers"
@@ -252,7 +260,7 @@ class Attention(nnx.Module):
     _add_adapter(self, cfg, rngs, "o", (h, hd), ("heads", "head_dim"), (d,), ("embed",))
 
   def __call__(self, x, positions, kv_mask, layer_cache, cache_index, rng=None,
-               segment_ids=None, sliding: Sliding = False):
+               segment_ids=None, sliding: Sliding = False, layout: StepLayout = UNSHARDED):
     cfg = self.cfg
     dt = x.dtype
     q = dense(x, self.q[...].astype(dt))
@@ -278,9 +286,12 @@ class Attention(nnx.Module):
 
     if segment_ids is not None and layer_cache is not None:
       raise ValueError("segment_ids (packed rows) are for uncached calls only")
-    kernel = attention_kernel(cfg, dt, cached=layer_cache is not None)
+    kernel = attention_kernel(cfg, dt, cached=layer_cache is not None, platform=layout.platform)
     if kernel != "einsum":
       def fused(window):
+        if kernel == "splash":
+          return splash_attention(q, k, v, kv_mask, segment_ids, window, attention_scale(cfg),
+                                  layout.heads, interpret=layout.platform != "tpu")
         return fused_attention(q, k, v, kv_mask, kernel, segment_ids, window,
                                attention_scale(cfg))
       if isinstance(sliding, bool):
@@ -353,58 +364,6 @@ def softcap(x: jax.Array, cap: float) -> jax.Array:
   return jnp.tanh(x / cap) * cap
 
 
-def attention_kernel(cfg: ModelConfig, dtype, cached: bool) -> str:
-  """'einsum', 'cudnn' or 'xla': which attention one call runs (see `ModelConfig.attention`)."""
-  if cached or cfg.attention == "einsum":
-    return "einsum"
-  if cfg.attention != "auto":
-    return cfg.attention
-  # cuDNN's flash kernels take fp16/bf16 and head dims that are multiples of 8 up to 128.
-  hd = cfg.resolved_head_dim
-  on_gpu = jax.default_backend() == "gpu"
-  return "cudnn" if on_gpu and dtype == jnp.bfloat16 and hd % 8 == 0 and hd <= 128 else "einsum"
-
-
-def same_segment(segment_ids: jax.Array) -> jax.Array:
-  """[B, T, T] bool: query slot i and key slot j hold the same example of a packed row."""
-  return segment_ids[:, :, None] == segment_ids[:, None, :]
-
-
-def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_mask: jax.Array,
-                    implementation: str, segment_ids: jax.Array | None = None,
-                    window: int | None = None, scale: float | None = None) -> jax.Array:
-  """Causal grouped-query attention through `jax.nn.dot_product_attention`.
-
-  q [B, T, H, D], k/v [B, T, K, D], right-padded rows. Each row's visible keys are its first n
-  slots, so the kernel gets lengths (cuDNN's padding-causal mask) and never builds a [T, S] mask;
-  query slots past n see the same keys as in the einsum path. A filler row (n = 0, zero loss
-  weight) keeps one key so its softmax is not 0/0.
-
-  Packed rows (`segment_ids`): the public kernel takes no segment ids (cuDNN's packed layout,
-  q/kv offsets, is reachable only through JAX internals), so the same-segment rule goes in as a
-  [B, 1, T, T] boolean mask, which cuDNN applies as an additive bias, with its causal mask on top.
-  Every slot sees at least itself, so no softmax is empty.
-
-  A sliding `window` is the kernel's left window of window - 1 slots (cuDNN's causal sliding
-  window of `window` slots); with segments it joins the boolean mask instead, which cuDNN already
-  applies, rather than relying on its window and a bias mask together. `scale` multiplies q·k
-  (None: head_dim ** -0.5).
-  """
-  k, v = k.astype(q.dtype), v.astype(q.dtype)
-  if segment_ids is not None:
-    mask = same_segment(segment_ids)
-    if window is not None:
-      slots = jnp.arange(segment_ids.shape[1])
-      mask = mask & (slots[None, :] > slots[:, None] - window)[None]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale,
-                                        is_causal=True, implementation=implementation)
-  lengths = jnp.maximum(kv_mask.sum(-1), 1).astype(jnp.int32)
-  local = None if window is None else (window - 1, 0)
-  return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
-                                      key_value_seq_lengths=lengths, local_window_size=local,
-                                      implementation=implementation)
-
-
 class Mlp(nnx.Module):
   """SwiGLU (Llama, Qwen), GeGLU (Gemma) or GELU (GPT-2) feed-forward block; GELU is always the
   tanh approximation (HF's gelu_new / gelu_pytorch_tanh)."""
@@ -466,10 +425,10 @@ class Block(nnx.Module):
     self.post_norms = cfg.post_norms
 
   def __call__(self, x, positions, kv_mask, layer_cache, cache_index, rng=None,
-               segment_ids=None, sliding: Sliding = False):
+               segment_ids=None, sliding: Sliding = False, layout: StepLayout = UNSHARDED):
     attn_rng, mlp_rng = (None, None) if rng is None else jax.random.split(rng)
     attn_out, layer_cache = self.attn(self.attn_norm(x), positions, kv_mask, layer_cache,
-                                      cache_index, attn_rng, segment_ids, sliding)
+                                      cache_index, attn_rng, segment_ids, sliding, layout)
     if self.post_norms:
       attn_out = self.attn_post_norm(attn_out)
     x = x + attn_out
@@ -527,14 +486,24 @@ class Transformer(nnx.Module):
 
   def hidden_states(self, tokens, positions, kv_mask, cache: Cache | None = None,
                     cache_index: Any = 0, dropout_rng: jax.Array | None = None,
-                    segment_ids: jax.Array | None = None):
+                    segment_ids: jax.Array | None = None, layout: StepLayout = UNSHARDED):
+    """The final-normed residual stream [B, T, D] and the new cache. `layout`: the residual
+    stream's sharding constraint at every block boundary, and the attention kernels' placement
+    (`ff_jax.models.layout`)."""
     cfg = self.cfg
+
+    def pinned(x):
+      if layout.activations is None:
+        return x
+      return jax.lax.with_sharding_constraint(x, layout.activations)
+
     dt = _DTYPES[cfg.dtype]
     x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
     if cfg.scale_embeddings:  # rounded to the compute dtype first, as HF does
       x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dt)
     if cfg.positions == "learned":
       x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)
+    x = pinned(x)
     kinds = {cfg.is_sliding(i) for i in range(cfg.num_layers)}
     # One kind for every layer stays a static bool; mixed kinds become one flag per layer.
     sliding = (kinds.pop() if len(kinds) == 1 else
@@ -542,8 +511,9 @@ class Transformer(nnx.Module):
 
     def block_forward(block, x, layer, layer_cache, layer_sliding):
       rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, layer)
-      return block(x, positions, kv_mask, layer_cache, cache_index, rng, segment_ids,
-                   sliding if layer_sliding is None else layer_sliding)
+      x, layer_cache = block(x, positions, kv_mask, layer_cache, cache_index, rng, segment_ids,
+                             sliding if layer_sliding is None else layer_sliding, layout)
+      return pinned(x), layer_cache
 
     # What the backward pass keeps of each block: with `remat`, only its input (everything is
     # recomputed: memory for FLOPs); otherwise its matmul outputs, with the elementwise ops on
@@ -561,15 +531,21 @@ class Transformer(nnx.Module):
                         None if isinstance(sliding, bool) else sliding)
     return self.final_norm(x), new_cache
 
+  def head(self) -> tuple[jax.Array, Head]:
+    """The LM head: its weight in the compute dtype ([D, V], or the tied embedding [V, D]) and
+    how it is applied (`ff_jax.models.head` applies it where a step has targets)."""
+    dt = _DTYPES[self.cfg.dtype]
+    weight = self.embed if self.cfg.tie_embeddings else self.lm_head
+    return weight[...].astype(dt), Head(self.cfg.tie_embeddings, self.cfg.final_logit_softcap)
+
   def logits(self, hidden: jax.Array) -> jax.Array:
-    """Vocabulary logits in fp32 (the loss and sampling need the precision)."""
-    dt = hidden.dtype
-    if self.cfg.tie_embeddings:
-      out = dense(hidden, self.embed[...].astype(dt), transpose_w=True, out_dtype=jnp.float32)
-    else:
-      out = dense(hidden, self.lm_head[...].astype(dt), out_dtype=jnp.float32)
-    if self.cfg.final_logit_softcap is not None:
-      out = softcap(out, self.cfg.final_logit_softcap)
+    """Vocabulary logits in fp32 (sampling needs the precision), [..., V] for every position of
+    `hidden`: for decoding and parity checks; train and score steps use
+    `ff_jax.models.head.target_cross_entropy` instead."""
+    weight, head = self.head()
+    out = dense(hidden, weight, transpose_w=head.transposed, out_dtype=jnp.float32)
+    if head.softcap is not None:
+      out = softcap(out, head.softcap)
     return out
 
   def __call__(self, tokens, positions, kv_mask, cache: Cache | None = None,

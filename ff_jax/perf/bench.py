@@ -6,11 +6,13 @@ call (compilation, timed separately), repeats the call several times, and report
 the spread (min and max).
 
 FLOPs per token follow PaLM's accounting (Chowdhury et al. 2022, appendix B): 6·N for a training
-step (2·N forward), N the parameters that take part in matrix multiplies (the LM head included,
-embedding lookups not), plus 12·L·H·d_head·T for attention scores and values (4·L·H·d_head·T
-forward). The attention term counts the full T×T square, which the einsum path computes; cuDNN's
-causal kernel (`model.attention`) skips the upper half, so its MFU is overstated by half the
-attention term's share (about 3 points for a 1B model at T = 1024).
+step (2·N forward), N the parameters that take part in matrix multiplies (embedding lookups not),
+plus 12·L·H·d_head·T for attention scores and values (4·L·H·d_head·T forward); the LM head counts
+only at the positions that have a target, the only ones the steps apply it to
+(`ff_jax.models.head`; three in four positions of the bench's rows). The attention term counts
+the full T×T square, which the einsum path computes; the causal fused kernels (cuDNN, splash;
+`model.attention`) skip the upper half, so their MFU is overstated by half the attention term's
+share (about 3 points for a 1B model at T = 1024).
 
 Decoding is measured the same way (`decode_flops`), which bounds what batching can buy: both sides
 do the same model FLOPs, so batched decoding can be at most (one-at-a-time time) / (FLOPs / peak)
@@ -62,11 +64,16 @@ def matmul_params(cfg: ModelConfig) -> int:
   return cfg.num_layers * (attn + mlp) + d * cfg.vocab_size
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, train: bool) -> float:
+def flops_per_token(cfg: ModelConfig, seq_len: int, train: bool,
+                    target_share: float = 1.0) -> float:
+  """Model FLOPs per token, the LM head counted at the `target_share` of positions that have a
+  target."""
+  head = cfg.hidden_size * cfg.vocab_size
+  params = matmul_params(cfg) - head + target_share * head
   attn = cfg.num_layers * cfg.num_heads * cfg.resolved_head_dim * seq_len
   if train:
-    return 6.0 * matmul_params(cfg) + 12.0 * attn
-  return 2.0 * matmul_params(cfg) + 4.0 * attn
+    return 6.0 * params + 12.0 * attn
+  return 2.0 * params + 4.0 * attn
 
 
 def decode_flops(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int) -> float:
@@ -144,7 +151,10 @@ def run_bench(bench: BenchConfig) -> dict[str, Any]:
       "batch_size": bench.batch_size, "seq_len": bench.seq_len,
       "peak_tflops": peak / 1e12, "peak": peak_timing.summary()}
   tokens = bench.batch_size * bench.seq_len
-  batch = parallel.global_batch(_batch(cfg, bench.batch_size, bench.seq_len, bench.seed), mesh)
+  host_batch = _batch(cfg, bench.batch_size, bench.seq_len, bench.seed)
+  targets = float(host_batch["loss_mask"][:, 1:].mean())  # position t-1 predicts target t
+  out["target_share"] = targets
+  batch = parallel.global_batch(host_batch, mesh)
 
   trainer = Trainer(runtime, OptimConfig(learning_rate=1e-5), total_steps=1000)
   holder = {"state": trainer.init_state(params)}
@@ -154,14 +164,14 @@ def run_bench(bench: BenchConfig) -> dict[str, Any]:
     return metrics["loss"]
 
   train = measure(train_step, bench.repeats)
-  train_flops = flops_per_token(cfg, bench.seq_len, train=True) * tokens
+  train_flops = flops_per_token(cfg, bench.seq_len, train=True, target_share=targets) * tokens
   out["train"] = {**train.summary(), "tokens_per_s": tokens / train.median,
                   "mfu": train_flops / train.median / peak, "traces": trainer.trace_count}
 
   scorer = Scorer(runtime)
   trained = holder["state"]["params"]
   score = measure(lambda: scorer.step(trained, batch), bench.repeats)
-  score_flops = flops_per_token(cfg, bench.seq_len, train=False) * tokens
+  score_flops = flops_per_token(cfg, bench.seq_len, train=False, target_share=targets) * tokens
   out["score"] = {**score.summary(), "examples_per_s": bench.batch_size / score.median,
                   "mfu": score_flops / score.median / peak}
 
@@ -206,7 +216,7 @@ def format_table(result: dict[str, Any]) -> str:
   ]
   head = (f"{result['device']} x{result['devices']}, {result['dtype']}, "
           f"{result['params_matmul_M']}M matmul params, batch {result['batch_size']} x "
-          f"seq {result['seq_len']}")
+          f"seq {result['seq_len']}, targets at {100 * result['target_share']:.0f}% of positions")
   lines = [head, f"{'path':<20}{'throughput':>22}{'MFU':>8}{'median (min-max) s':>26}"
            f"{'first call s':>14}"]
   lines += [f"{a:<20}{b:>22}{c:>8}{d:>26}{e:>14}" for a, b, c, d, e in rows]

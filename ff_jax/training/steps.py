@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ff_jax import parallel
 from ff_jax.data.batching import is_packed
@@ -36,10 +36,13 @@ from ff_jax.models import (
   ModelConfig,
   abstract_model,
   forward,
+  forward_hidden,
   init_params,
   lora,
   positions_from_mask,
 )
+from ff_jax.models.head import target_cross_entropy
+from ff_jax.models.layout import FULL_LOGITS, UNSHARDED, StepLayout, tile_positions
 
 Batch = dict[str, jax.Array]
 TrainState = dict[str, Any]  # {"params", "opt_state", "step"}
@@ -124,28 +127,35 @@ def trainable_params(params: Any) -> tuple[Any, Any]:
 
 
 def token_nll(graphdef: nnx.GraphDef, params: Any, batch: Batch, loss_on: str = "response",
-              dropout_rng: jax.Array | None = None):
-  """Per-token NLL and correctness [B, T-1], and the target weights (`dropout_rng`: LoRA dropout
-  while training)."""
+              dropout_rng: jax.Array | None = None, layout: StepLayout = UNSHARDED):
+  """Per-token NLL and correctness [B, T-1] (0 where no target), and the target weights
+  (`dropout_rng`: LoRA dropout while training). The LM head runs only at target positions
+  (`ff_jax.models.head`); `layout` from `ModelRuntime.step_layout`."""
   mask = batch["mask"]
-  if is_packed(batch):
-    logits, _ = forward(graphdef, params, batch["tokens"], batch["positions"], mask,
-                        dropout_rng=dropout_rng, segment_ids=batch["segment_ids"])
-  else:
-    logits, _ = forward(graphdef, params, batch["tokens"], positions_from_mask(mask), mask,
-                        dropout_rng=dropout_rng)
-  logits = logits[:, :-1]
+  packed = is_packed(batch)
+  positions = batch["positions"] if packed else positions_from_mask(mask)
+  segment_ids = batch["segment_ids"] if packed else None
   targets, weights = _target_weights(batch, loss_on)
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-  return nll * weights, correct * weights, weights
+  if layout == FULL_LOGITS:
+    logits, _ = forward(graphdef, params, batch["tokens"], positions, mask,
+                        dropout_rng=dropout_rng, segment_ids=segment_ids)
+    logits = logits[:, :-1]
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return nll * weights, correct * weights, weights
+  hidden, weight, head = forward_hidden(graphdef, params, batch["tokens"], positions, mask,
+                                        dropout_rng=dropout_rng, segment_ids=segment_ids,
+                                        layout=layout)
+  nll, correct = target_cross_entropy(hidden[:, :-1], weight, targets, weights, head, layout)
+  return nll, correct, weights
 
 
 # What the score step gives per example (`make_score_fn`).
 SCORE_KEYS = ("nll_sum", "tokens", "correct", "first_nll")
 
 
-def make_score_fn(graphdef: nnx.GraphDef) -> Callable[[Any, Batch], dict[str, jax.Array]]:
+def make_score_fn(graphdef: nnx.GraphDef, layout: StepLayout = UNSHARDED
+                  ) -> Callable[[Any, Batch], dict[str, jax.Array]]:
   """Unjitted per-example statistics, for vmapping over parameter snapshots: [B] per row, or
   [B, S] per segment of packed rows (the example of `example_id[b, s]`).
 
@@ -155,7 +165,7 @@ def make_score_fn(graphdef: nnx.GraphDef) -> Callable[[Any, Batch], dict[str, ja
   """
 
   def score(params, batch):
-    nll, correct, weights = token_nll(graphdef, params, batch, "response")
+    nll, correct, weights = token_nll(graphdef, params, batch, "response", layout=layout)
     if not is_packed(batch):
       first = jnp.cumsum(weights, axis=-1) * weights == 1
       return {"nll_sum": nll.sum(-1), "tokens": weights.sum(-1), "correct": correct.sum(-1),
@@ -175,7 +185,7 @@ def make_score_fn(graphdef: nnx.GraphDef) -> Callable[[Any, Batch], dict[str, ja
 
 
 def make_train_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: OptimConfig,
-                  lora_dropout: bool = False):
+                  lora_dropout: bool = False, layout: StepLayout = UNSHARDED):
   """Unjitted train step with gradient accumulation over `cfg.grad_accum_steps` micro-batches.
 
   The optimizer state covers `trainable_params(params)`: every parameter, or only the LoRA
@@ -186,7 +196,7 @@ def make_train_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg:
 
   def micro_loss(trainable, frozen, micro, total_tokens, rng):
     params = lora.combine(trainable, frozen) if frozen else trainable
-    nll, _, _ = token_nll(graphdef, params, micro, cfg.loss_on, dropout_rng=rng)
+    nll, _, _ = token_nll(graphdef, params, micro, cfg.loss_on, dropout_rng=rng, layout=layout)
     # Dividing by the whole batch's token count makes the accumulated gradient equal the
     # full-batch token-mean gradient, however the rows are split into micro-batches.
     return nll.sum() / total_tokens
@@ -255,6 +265,12 @@ def optimizer_shardings(tx: optax.GradientTransformation, abstract_params: Any,
   return jax.tree_util.tree_map_with_path(pick, jax.eval_shape(tx.init, abstract_params))
 
 
+def replica_axis(mesh: Mesh) -> str | None:
+  """The mesh axis a vmapped stack of replicas is sharded over (`parallel.stack_sharding`), for
+  `jax.vmap(spmd_axis_name=...)`: the sharding constraints inside a step then keep it."""
+  return parallel.REPLICA_AXIS if parallel.REPLICA_AXIS in mesh.shape else None
+
+
 @dataclasses.dataclass
 class ModelRuntime:
   """A model planned on a mesh: graphdef, abstract params and their shardings."""
@@ -288,6 +304,30 @@ class ModelRuntime:
     shards = math.prod(self.mesh.shape[a] for a in parallel.data_axes(self.mesh, self.rules))
     return math.lcm(shards, jax.process_count(), micro_batches)
 
+  def step_layout(self) -> StepLayout:
+    """The train and score steps' sharding constraints, attention placement and LM-head tiles
+    on this mesh (`ff_jax.models.layout`): activations and head tiles by rows over the
+    data-parallel axes (one row group per shard), attention heads like the q projection's, the
+    head's logits and gradient by vocabulary like the head."""
+    mesh, rows = self.mesh, parallel.data_axes(self.mesh, self.rules)
+    tied = self.cfg.tie_embeddings
+    spec = tuple(self.param_shardings["embed" if tied else "lm_head"].spec)
+    spec += (None,) * (2 - len(spec))
+    head_grad = spec if tied else spec[::-1]  # the gradient is accumulated as [V, D]
+    vocab = head_grad[0]
+    vocab = (vocab,) if isinstance(vocab, str) else tuple(vocab or ())
+    if set(vocab) & set(rows):  # custom rules that split both by one axis: rows win
+      vocab = ()
+    ways = math.prod(mesh.shape[a] for a in vocab)
+    heads = parallel.spec_for(PartitionSpec("heads"), (self.cfg.num_heads,), mesh, self.rules)[0]
+    return StepLayout(
+        groups=math.prod(mesh.shape[a] for a in rows),
+        tile=tile_positions(self.cfg.vocab_size // ways),
+        activations=NamedSharding(mesh, PartitionSpec(rows or None, None, None)),
+        heads=NamedSharding(mesh, PartitionSpec(rows or None, None, heads, None)),
+        logits=NamedSharding(mesh, PartitionSpec(rows or None, None, vocab or None)),
+        head_grad=NamedSharding(mesh, PartitionSpec(*head_grad)))
+
   def batch_sharding(self, stacked: bool = False) -> NamedSharding:
     """One sharding for a whole batch, as a jit pytree prefix: every key is split by rows alike,
     so one jitted step takes unpacked and packed batches (whose keys differ)."""
@@ -304,7 +344,7 @@ class Trainer:
   """
 
   def __init__(self, runtime: ModelRuntime, optim: OptimConfig, total_steps: int,
-               replicas: int | None = None):
+               replicas: int | None = None, layout: StepLayout | None = None):
     mesh = runtime.mesh
     if replicas is not None:
       ways = mesh.shape.get(parallel.REPLICA_AXIS, 1)
@@ -319,14 +359,15 @@ class Trainer:
     state_shardings = {"params": runtime.param_shardings, "opt_state": opt_shardings,
                        "step": repl}
     step_fn = make_train_fn(runtime.graphdef, self.tx, optim,
-                            lora_dropout=runtime.cfg.lora.rank > 0 and runtime.cfg.lora.dropout > 0)
+                            lora_dropout=runtime.cfg.lora.rank > 0 and runtime.cfg.lora.dropout > 0,
+                            layout=layout or runtime.step_layout())
 
     def init_opt(params):
       return self.tx.init(trainable_params(params)[0])
 
     if replicas is not None:
       state_shardings = jax.tree.map(parallel.stack_sharding, state_shardings)
-      step_fn, init_opt = jax.vmap(step_fn), jax.vmap(init_opt)
+      step_fn, init_opt = jax.vmap(step_fn, spmd_axis_name=replica_axis(mesh)), jax.vmap(init_opt)
 
       def broadcast(params):
         return jax.tree.map(lambda x: jnp.broadcast_to(x, (replicas, *x.shape)), params)
@@ -405,16 +446,17 @@ class Scorer:
   batch in one vmapped pass: [K, B] outputs.
   """
 
-  def __init__(self, runtime: ModelRuntime):
+  def __init__(self, runtime: ModelRuntime, layout: StepLayout | None = None):
     self.runtime = runtime
     # Outputs ([B] per row, or [B, S] per segment) are split by rows like the batch.
     rows = runtime.batch_sharding()
-    score = make_score_fn(runtime.graphdef)
+    score = make_score_fn(runtime.graphdef, layout or runtime.step_layout())
     self.step = jax.jit(score, in_shardings=(runtime.param_shardings, rows),
                         out_shardings=dict.fromkeys(SCORE_KEYS, rows))
     self.stacked_param_shardings = jax.tree.map(parallel.stack_sharding,
                                                 runtime.param_shardings)
     stacked_rows = parallel.stack_sharding(rows)
-    self.stacked_step = jax.jit(jax.vmap(score, in_axes=(0, None)),
+    self.stacked_step = jax.jit(jax.vmap(score, in_axes=(0, None),
+                                         spmd_axis_name=replica_axis(runtime.mesh)),
                                 in_shardings=(self.stacked_param_shardings, rows),
                                 out_shardings=dict.fromkeys(SCORE_KEYS, stacked_rows))

@@ -183,24 +183,34 @@ def fused_vs_einsum(name: str, kernel: str, dtype: str):
 
   (_, want), g_want = jax.value_and_grad(lambda p: loss(graphdef, p), has_aux=True)(params)
   (_, got), g_got = jax.value_and_grad(lambda p: loss(fused_graph, p), has_aux=True)(params)
-  rows = np.asarray(mask.sum(-1)) > 0  # the filler row's outputs differ and carry no weight
-  return (np.asarray(want)[rows], np.asarray(got)[rows],
+  # The filler row's outputs differ and carry no weight; splash gives padded query slots only
+  # padding to see (a segment of their own), which no real slot and no loss reads.
+  real = (np.asarray(mask) > 0) if kernel == "splash" else np.asarray(mask.sum(-1))[:, None] > 0
+  real = np.broadcast_to(real, mask.shape)
+  return (np.asarray(want)[real], np.asarray(got)[real],
           jax.tree_util.tree_leaves_with_path(g_want), jax.tree.leaves(g_got))
 
 
+@pytest.mark.parametrize("kernel", ["xla", "splash"])
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_fused_attention_equals_the_einsum_path(name):
-  # The call cuDNN gets on a GPU, with JAX's reference implementation: row lengths and the causal
-  # flag must select the same keys as the einsum path's slot mask, padded query slots included.
-  want, got, g_want, g_got = fused_vs_einsum(name, "xla", "float32")
+def test_fused_attention_equals_the_einsum_path(name, kernel):
+  # xla: the call cuDNN gets on a GPU, with JAX's reference implementation: row lengths and the
+  # causal flag must select the same keys as the einsum path's slot mask, padded query slots
+  # included. splash: the TPU kernel in Pallas interpret mode (rows padded to 128 slots, GQA, the
+  # sliding window of gemma3's first layer, Gemma's q scale).
+  want, got, g_want, g_got = fused_vs_einsum(name, kernel, "float32")
   assert np.isfinite(got).all()
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # Splash's backward pass recomputes the probabilities block by block from the saved
+  # log-normalisers and sums dq, dk, dv in another order: float32 gradients agree to ~3e-4
+  # relative where terms cancel.
+  rtol, atol = (1e-3, 1e-5) if kernel == "splash" else (1e-4, 1e-6)
   for (path, a), b in zip(g_want, g_got):
-    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(b, a, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
 
 
 def test_attention_kernel_choice():
-  from ff_jax.models.transformer import attention_kernel
+  from ff_jax.models.kernels import attention_kernel
 
   cfg = tiny_llama(dtype="bfloat16")
   assert attention_kernel(cfg, jnp.bfloat16, cached=False) == (

@@ -1,6 +1,6 @@
 """Packed rows in the decoder: attention stays inside each example, positions come from the caller,
-on the einsum path and on the fused one (`jax.nn.dot_product_attention`, JAX's reference kernel
-here, cuDNN on a GPU)."""
+on the einsum path and on the fused ones (`jax.nn.dot_product_attention`, JAX's reference kernel
+here, cuDNN on a GPU; splash attention in Pallas interpret mode here, compiled on a TPU)."""
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +42,7 @@ def _packed_logits(graphdef, params, tokens, segments, positions):
   return np.asarray(logits)
 
 
-@pytest.mark.parametrize("kernel", ["einsum", "xla"])
+@pytest.mark.parametrize("kernel", ["einsum", "xla", "splash"])
 @pytest.mark.parametrize("name", ["llama", "gpt2", "gemma3"])
 def test_each_packed_example_gets_its_logits_alone(name, kernel):
   """RoPE (llama), learned positions (gpt2) and a sliding window shorter than the first example
@@ -61,7 +61,7 @@ def test_each_packed_example_gets_its_logits_alone(name, kernel):
     start += len(part)
 
 
-@pytest.mark.parametrize("kernel", ["einsum", "xla"])
+@pytest.mark.parametrize("kernel", ["einsum", "xla", "splash"])
 def test_attention_does_not_leak_across_segments(kernel):
   """Changing the first example's tokens changes none of the other examples' logits (exactly, up
   to 1e-6), and does change its own."""
