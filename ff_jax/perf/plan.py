@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any
 
 import jax
@@ -55,27 +56,55 @@ from ff_jax.training.memory import (
 )
 from ff_jax.training.steps import ModelRuntime
 
-# Cloud TPU slices by name -> (topology for jax.experimental.topologies, HBM per chip in GiB).
+
+@dataclasses.dataclass(frozen=True)
+class TpuSlice:
+  """A Cloud TPU slice as JAX sees it on the slice: `chips` devices with `hbm_gib` each for a
+  program (what libtpu makes available: its out-of-memory message names it; a v4 chip's 32 GiB
+  leave 30.75). v4 and v5p chips have two TensorCores that JAX runs as one device (megacore), so
+  the compile-only topology is asked for in that configuration too; libtpu's default for v4 would
+  be one device per core with half the chip's memory, a machine a run does not use."""
+
+  topology: str  # for jax.experimental.topologies.get_topology_desc
+  chips: int
+  hbm_gib: float
+  megacore: bool = False
+
+
+# Cloud TPU slices by name; the number in a v4/v5p name counts TensorCores, two per chip.
 TPU_SLICES = {
-    "v4-8": ("v4:2x2x1", 32), "v4-16": ("v4:2x2x2", 32), "v4-32": ("v4:2x2x4", 32),
-    "v4-64": ("v4:2x4x4", 32), "v4-128": ("v4:4x4x4", 32),
-    "v5e-8": ("v5e:2x4", 16), "v5e-16": ("v5e:4x4", 16), "v5e-32": ("v5e:4x8", 16),
-    "v5p-8": ("v5p:2x2x1", 95), "v5p-32": ("v5p:2x2x4", 95),
-    "v6e-8": ("v6e:2x4", 32), "v6e-16": ("v6e:4x4", 32),
+    "v4-8": TpuSlice("v4:2x2x1", 4, 30.75, True), "v4-16": TpuSlice("v4:2x2x2", 8, 30.75, True),
+    "v4-32": TpuSlice("v4:2x2x4", 16, 30.75, True),
+    "v4-64": TpuSlice("v4:2x4x4", 32, 30.75, True),
+    "v4-128": TpuSlice("v4:4x4x4", 64, 30.75, True),
+    "v5e-8": TpuSlice("v5e:2x4", 8, 15.75), "v5e-16": TpuSlice("v5e:4x4", 16, 15.75),
+    "v5e-32": TpuSlice("v5e:4x8", 32, 15.75),
+    "v5p-8": TpuSlice("v5p:2x2x1", 4, 95.74, True),
+    "v5p-32": TpuSlice("v5p:2x2x4", 16, 95.74, True),
+    "v6e-8": TpuSlice("v6e:2x4", 8, 31.25), "v6e-16": TpuSlice("v6e:4x4", 16, 31.25),
 }
 
 
 def topology_devices(name: str) -> tuple[list[Any], float]:
-  """(devices of a TPU slice described without hardware, HBM GiB per chip)."""
+  """(devices of a TPU slice described without hardware, HBM GiB per device)."""
   if name not in TPU_SLICES:
     raise ConfigError(f"--topology {name}: unknown slice; known: {', '.join(TPU_SLICES)}")
-  topology, hbm = TPU_SLICES[name]
+  spec = TPU_SLICES[name]
+  extra = {"chip_config_name": "megacore"} if spec.megacore else {}
+  # libtpu takes a machine-wide lock file when it loads, for the TPU it would drive; compiling
+  # for a described slice drives none, and a second process (a plan beside a test, or two plans)
+  # would be refused.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
-    desc = topologies.get_topology_desc(topology_name=topology, platform="tpu")
+    desc = topologies.get_topology_desc(topology_name=spec.topology, platform="tpu", **extra)
   except Exception as err:  # noqa: BLE001 - no libtpu is the usual cause; say so with the error
     raise ConfigError(f"--topology {name}: compiling for TPU without hardware needs libtpu "
                       f"(pip install 'ff-jax[tpu]'): {type(err).__name__}: {err}") from None
-  return list(desc.devices), float(hbm)
+  devices = list(desc.devices)
+  if len(devices) != spec.chips:  # a libtpu that lays the slice out otherwise: say so, not plan
+    raise ConfigError(f"--topology {name}: libtpu describes {len(devices)} devices, but the "
+                      f"slice runs as {spec.chips}")
+  return devices, float(spec.hbm_gib)
 
 
 def replica_phases(cfg: RunConfig) -> list[tuple[str, int, list[PassFinetune]]]:
@@ -122,6 +151,19 @@ def plan_passes(cfg: RunConfig, planner: Planner, platform: str,
   return entries
 
 
+def _reported(compile_at, limit_gib: float):
+  """`compile_at` that prints each candidate batch of a search as it is compiled and checked."""
+
+  def compiled(batch: int) -> StepPlan:
+    step = compile_at(batch)
+    verdict = "fits" if step.fits(limit_gib * GIB) else "does not fit"
+    print(f"[plan]   batch {batch}: {step.total / GIB:.3f} GiB, {verdict} "
+          f"({step.compile_s:.1f} s)", flush=True)
+    return step
+
+  return compiled
+
+
 def _step_dict(step: StepPlan) -> dict[str, Any]:
   return {**dataclasses.asdict(step), "total": step.total}
 
@@ -148,9 +190,17 @@ def plan_run(cfg: RunConfig, hbm_gib: float | None = None,
   for name, phase, compile_at in specs:
     print(f"[plan] compiling {name} at batch {phase.batch_size} x {seq} ...", flush=True)
     step = compile_at(phase.batch_size)  # a program of one shape is compiled once (Planner)
-    if limit_gib is not None and step.total > limit_gib * GIB:
-      step.largest_batch, smallest = planner.largest_batch(step, limit_gib * GIB, compile_at)
+    if limit_gib is not None and not step.fits(limit_gib * GIB):
+      print(f"[plan] {name} does not fit {limit_gib:g} GiB: looking for a batch that does ...",
+            flush=True)
+      step.largest_batch, smallest = planner.largest_batch(step, limit_gib * GIB,
+                                                           _reported(compile_at, limit_gib))
       step.smallest_total = smallest.total if smallest is not None else None
+      if step.largest_batch and name.startswith("train"):
+        step.accum_that_fits = planner.accumulation_that_fits(
+            step, limit_gib * GIB, step.largest_batch,
+            lambda k, name=name, optim=phase.optim, batch=step.batch: planner.train_step(
+                name, dataclasses.replace(optim, grad_accum_steps=k), batch, seq))
     steps.append(step)
   n_params = sum(math.prod(a.shape) for a in jax.tree.leaves(runtime.abstract_params))
   return {
@@ -174,13 +224,19 @@ def refusal(result: dict[str, Any]) -> str | None:
   reported: set[tuple[int, int]] = set()
   for step in result["steps"]:
     program = (step["batch"], step["total"])  # noisy and safety steps of one shape: one program
-    if step["total"] <= limit * GIB or program in reported:
+    fits = step["total"] <= limit * GIB and not step.get("out_of_memory")
+    if fits or program in reported:
       continue
     reported.add(program)
     need = f"{step['name']} at batch {step['batch']} needs {step['total'] / GIB:.2f} GiB per device"
+    if step.get("out_of_memory"):
+      need += f" (the compiler: {step['out_of_memory']})"
     if step["largest_batch"]:
+      accum = step.get("accum_that_fits")
+      keep = (f"keep the batch with optim.grad_accum_steps={accum} (compiled and checked)"
+              if accum else "keep the batch and raise optim.grad_accum_steps")
       advice = (f"the largest batch found to fit (compiled and checked) is "
-                f"{step['largest_batch']}, or keep the batch and raise optim.grad_accum_steps")
+                f"{step['largest_batch']}, or {keep}")
     elif step["smallest_total"] is None:
       state = (step["total"] - step["temp"]) / GIB
       advice = (f"parameters, optimizer state and gradients alone need {state:.2f} GiB, so no "
@@ -219,13 +275,18 @@ def table(result: dict[str, Any]) -> str:
   named += [(f"{e['phase']}: ", s) for e in passes for stack in e["stacks"]
             for s in stack["steps"]]
   rows = [cols]
+  refused = []
   for prefix, s in named:
     gib = [f"{s[k] / GIB:.3f}" for k in ("params", "optimizer", "batch_bytes", "arguments",
                                            "outputs", "aliased", "temp", "resident", "total")]
+    if s.get("out_of_memory"):  # the compiler's refusal names its temporaries only
+      gib[3:7] = ["-", "-", "-", f">{gib[6]}*"]
+      gib[8] = f">{gib[8]}*"
+      refused.append(f"* {prefix}{s['name']} at batch {s['batch']}: {s['out_of_memory']}")
     rows.append((prefix + s["name"], f"{s['batch']} x {s['seq_len']}", *gib,
                  f"{s['compile_s']:.1f}"))
   widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
-  lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+  lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows] + refused
   lines += [f"{e['phase']}: {e['replicas']} more replicas, "
             + (f"{e['per_pass']} per pass ({e['why']})" if e["per_pass"] else
                "not even one per pass fits")

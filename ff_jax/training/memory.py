@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -47,10 +48,19 @@ class StepPlan:
   largest_batch: int | None = None  # set when the step does not fit
   smallest_total: int | None = None  # total at the smallest batch, when it does not fit
   resident: int = 0  # other arrays alive while it runs (a replica pass's starting model)
+  # The compiler's own refusal (XLA:TPU checks a program against the device's HBM as it
+  # compiles): the step does not fit, and `temp` is what the message says it needed, if it says.
+  out_of_memory: str | None = None
+  # Set when the step does not fit at its batch: the fewest gradient-accumulation micro-batches
+  # that keep the batch and fit, as compiled and checked (train steps only; 0: none found).
+  accum_that_fits: int | None = None
 
   @property
   def total(self) -> int:
     return self.arguments + self.outputs - self.aliased + self.temp + self.resident
+
+  def fits(self, limit: float) -> bool:
+    return self.out_of_memory is None and self.total <= limit
 
 
 def shard_bytes(tree: Any) -> int:
@@ -89,10 +99,36 @@ def _abstract_batch(runtime: ModelRuntime, batch: int, seq_len: int,
           for key in shardings}
 
 
-def _compile(fn, *args) -> tuple[Any, float]:
+# How XLA:TPU words a program that does not fit its device, e.g. "Ran out of memory on HBM, the
+# total memory required for HLO temporaries (17.08G) exceeds available HBM (15.25G)" or "Used
+# 40.52G of 15.48G hbm".
+_NEEDED = re.compile(r"(?:temporaries \(|Used )([0-9.]+)([KMGT])")
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+  """What compiling one step ahead of time told: its memory analysis (argument, output, alias,
+  temporary bytes), or the compiler's out-of-memory refusal and the bytes it names."""
+
+  sizes: tuple[int, int, int, int]
+  seconds: float
+  out_of_memory: str | None = None
+
+
+def _compile(fn, *args) -> Compiled:
   start = time.perf_counter()
-  compiled = fn.lower(*args).compile()
-  return compiled.memory_analysis(), time.perf_counter() - start
+  try:
+    analysis = fn.lower(*args).compile().memory_analysis()
+  except Exception as err:  # noqa: BLE001 - only the compiler's out-of-memory refusal is ours
+    message = str(err)
+    if "RESOURCE_EXHAUSTED" not in message:
+      raise
+    found = _NEEDED.search(message)
+    temp = int(float(found.group(1)) * _UNITS[found.group(2)]) if found else 0
+    line = message.strip().splitlines()[0][:300]
+    return Compiled((0, 0, 0, temp), time.perf_counter() - start, line)
+  return Compiled(_analysis_bytes(analysis), time.perf_counter() - start)
 
 
 def _analysis_bytes(analysis: Any) -> tuple[int, int, int, int]:
@@ -122,10 +158,11 @@ class Planner:
       trainer = Trainer(self.runtime, optim, total_steps=1, replicas=replicas)
       state = trainer.abstract_state()
       data = _abstract_batch(self.runtime, batch, seq_len, replicas)
-      analysis, seconds = _compile(trainer.step, state, data)
+      compiled = _compile(trainer.step, state, data)
       self._compiled[key] = StepPlan(
           name, batch, seq_len, shard_bytes(state["params"]), shard_bytes(state["opt_state"]),
-          shard_bytes(data), *_analysis_bytes(analysis), seconds)
+          shard_bytes(data), *compiled.sizes, compiled.seconds,
+          out_of_memory=compiled.out_of_memory)
     return dataclasses.replace(self._compiled[key], name=name)
 
   def score_step(self, batch: int, seq_len: int, replicas: int | None = None,
@@ -142,39 +179,62 @@ class Planner:
         params, step = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct((replicas, *a.shape), a.dtype, sharding=s),
             self.runtime.abstract_params, scorer.stacked_param_shardings), scorer.stacked_step
-      analysis, seconds = _compile(step, params, data)
+      compiled = _compile(step, params, data)
       self._compiled[key] = StepPlan(name, batch, seq_len, shard_bytes(params), 0,
-                                     shard_bytes(data), *_analysis_bytes(analysis), seconds)
+                                     shard_bytes(data), *compiled.sizes, compiled.seconds,
+                                     out_of_memory=compiled.out_of_memory)
     return dataclasses.replace(self._compiled[key], name=name)
 
   def largest_batch(self, plan: StepPlan, limit: float, recompile,
-                    tries: int = 4) -> tuple[int, StepPlan | None]:
+                    tries: int = 6) -> tuple[int, StepPlan | None]:
     """(the largest batch found to fit `limit`, 0 when not even the smallest batch the mesh
     allows fits; the plan at that smallest batch, None when the state alone does not fit).
 
-    Temporaries are roughly linear in the batch, but XLA changes strategy at some sizes, so every
-    candidate is compiled and checked: a secant search between the largest batch known to fit
-    and the smallest known not to, at most `tries` compiles beyond the smallest batch.
+    Temporaries are roughly linear in the batch, but XLA changes strategy at some sizes (and an
+    out-of-memory refusal names the temporaries alone), so every candidate is compiled and
+    checked: a secant step, aimed 10% under the limit, from the largest batch known to fit
+    towards the smallest known not to; after a miss, no further than their geometric mean, so a
+    wide bracket still closes. At most `tries` compiles beyond the smallest batch.
     """
     step = self.min_batch
-    if plan.total - plan.temp > limit:  # the state alone does not fit: no batch will
-      return 0, None
+    state = self.param_bytes + plan.optimizer
+    if plan.out_of_memory is None and plan.total - plan.temp > limit or state > limit:
+      return 0, None  # the state alone does not fit: no batch will
     small = recompile(step)
-    if small.total > limit:
+    if not small.fits(limit):
       return 0, small
-    fits, fails = small, plan
+    fits, fails, missed = small, plan, False
     for _ in range(tries):
-      if fails.batch - fits.batch <= step:
+      if fails.batch - fits.batch <= step or fits.total >= 0.9 * limit:
         break
-      per_row = max((fails.total - fits.total) / (fails.batch - fits.batch), 1.0)
-      guess = fits.batch + int((limit - fits.total) // per_row) // step * step
-      guess = min(max(guess, fits.batch + step), fails.batch - step)
+      guess = math.sqrt(fits.batch * fails.batch)
+      if fails.total > fits.total:
+        per_row = (fails.total - fits.total) / (fails.batch - fits.batch)
+        secant = fits.batch + (0.9 * limit - fits.total) / per_row
+        guess = min(secant, guess) if missed else secant
+      guess = min(max(int(guess) // step * step, fits.batch + step), fails.batch - step)
       candidate = recompile(guess)
-      if candidate.total <= limit:
-        fits = candidate
-      else:
-        fails = candidate
+      missed = not candidate.fits(limit)
+      fits, fails = (fits, candidate) if missed else (candidate, fails)
     return fits.batch, small
+
+  def accumulation_that_fits(self, plan: StepPlan, limit: float, largest: int,
+                             recompile, most: int = 64) -> int:
+    """The fewest gradient-accumulation micro-batches (a divisor of the batch whose micro-batch
+    the mesh can split and is at most `largest` rows) with which the batch fits, compiled and
+    checked; 0 when none of the first two candidates does, or it would take more than `most`
+    (a batch that far from fitting is better lowered)."""
+    tried = 0
+    for micro in range(2, min(plan.batch, most) + 1):
+      rows = plan.batch // micro
+      if plan.batch % micro or rows % self.min_batch or rows > max(largest, self.min_batch):
+        continue
+      if recompile(micro).fits(limit):
+        return micro
+      tried += 1
+      if tried == 2:
+        break
+    return 0
 
 
 @dataclasses.dataclass(frozen=True)
