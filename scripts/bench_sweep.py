@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from ff_jax import parallel  # noqa: E402
-from ff_jax.data.batching import eval_batches  # noqa: E402
+from ff_jax.data.batching import Batching, eval_batches  # noqa: E402
 from ff_jax.data.templates import EncodedExample  # noqa: E402
 from ff_jax.models import ModelConfig  # noqa: E402
 from ff_jax.perf.bench import flops_per_token, matmul_peak  # noqa: E402
@@ -88,16 +88,16 @@ def main() -> None:
   trainer, scorer = Trainer(runtime, optim, max(steps)), Scorer(runtime)
 
   def sequential():
-    return np.concatenate([train_and_score(trainer, scorer, params, [it], steps, noisy, 48,
-                                           BUCKETS, 0)[0]["nll"] for it in its()])
+    return np.concatenate([train_and_score(trainer, scorer, params, [it], steps, noisy,
+                                           Batching(48, BUCKETS, 0))[0]["nll"] for it in its()])
 
   rruntime = ModelRuntime.create(cfg, make_replica_mesh(ReplicaMeshConfig(1, 1, 1, 1)))
   rtrainer = Trainer(rruntime, optim, max(steps), replicas=args.k)
   rscorer = Scorer(rruntime)
 
   def vmapped():
-    return train_and_score(rtrainer, rscorer, params, its(), steps, noisy, 48, BUCKETS,
-                           0)[0]["nll"]
+    return train_and_score(rtrainer, rscorer, params, its(), steps, noisy,
+                           Batching(48, BUCKETS, 0))[0]["nll"]
 
   times = {}
   for name, fn in (("sequential", sequential), ("vmapped", vmapped)):

@@ -24,6 +24,7 @@ Scoring packs a whole set into batches of one shape (`eval_batches`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -223,6 +224,34 @@ def padded_share(batch: dict[str, np.ndarray]) -> float:
   """The fraction of a batch's token slots that hold padding (see `token_slots`)."""
   real, slots = token_slots(batch)
   return 1.0 - real / max(slots, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Batching:
+  """How a set of examples is cut into batches: rows per batch, the bucket lengths, the pad id and
+  whether examples are packed. One value, because the four always travel together; a run has two
+  (its finetunes' batches and `scoring.batch_size`'s)."""
+
+  batch_size: int
+  buckets: tuple[int, ...]
+  pad_id: int
+  packing: bool = False
+
+  def __post_init__(self):
+    # Any sequence is accepted; a tuple keeps the value hashable and comparable.
+    object.__setattr__(self, "buckets", tuple(int(b) for b in self.buckets))
+
+  def train_iterator(self, examples: Sequence[EncodedExample], seed: int,
+                     **kwargs: Any) -> TrainIterator:
+    """`TrainIterator` over `examples` with these batches (`kwargs`: its other settings)."""
+    return TrainIterator(examples, self.batch_size, seed, self.buckets, pad_id=self.pad_id,
+                         packing=self.packing, **kwargs)
+
+  def eval_batches(self, examples: Sequence[EncodedExample], **kwargs: Any
+                   ) -> list[dict[str, np.ndarray]]:
+    """`eval_batches` of `examples` with these batches (`kwargs`: its other settings)."""
+    return eval_batches(examples, self.batch_size, self.buckets, pad_id=self.pad_id,
+                        packing=self.packing, **kwargs)
 
 
 class TrainIterator:

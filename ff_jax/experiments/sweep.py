@@ -28,6 +28,7 @@ import numpy as np
 
 from ff_jax.atomic_io import barrier, is_primary, remove, write_atomic, write_json_atomic
 from ff_jax.config import LoggingConfig
+from ff_jax.data.batching import Batching
 from ff_jax.data.templates import EncodedExample, PromptTemplate, encode_examples
 from ff_jax.errors import ConfigError, RunDirError
 from ff_jax.eval.classification import auroc, filter_metrics
@@ -192,7 +193,7 @@ def run_chunks(cfg: SweepConfig, inputs: SweepInputs, out_dir: Path) -> dict[tup
       names = [f"n{n}_s{s}" for n, s in chunk]
       names += [f"padding_{k}" for k in range(cfg.chunk_size - len(chunk))]
       means, _ = train_and_score(trainer, scorer, inputs.m1, its, steps, inputs.noisy,
-                                 cfg.score_batch_size, inputs.buckets, inputs.pad_id,
+                                 Batching(cfg.score_batch_size, inputs.buckets, inputs.pad_id),
                                  name=f"sweep/chunk_{i:03d}", log=training_log,
                                  replica_names=names)
       saved = {"key": key, "variants": [list(v) for v in chunk],

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ff_jax import parallel
-from ff_jax.data.batching import eval_batches
+from ff_jax.data.batching import Batching
 from ff_jax.data.templates import EncodedExample
 from ff_jax.errors import ConfigError
 from ff_jax.models.layout import UNSHARDED
@@ -126,13 +126,13 @@ class GradientAlignment:
                                in_shardings=(runtime.param_shardings, subset_sh, batch_shardings),
                                out_shardings={"dot": rows, "norm": rows})
 
-  def safe_gradient(self, params: Any, safe: Sequence[EncodedExample], buckets: Sequence[int],
-                    pad_id: int, batch_size: int) -> Any:
-    """g_S: the gradient of the safe set's token-weighted mean NLL over the last blocks."""
+  def safe_gradient(self, params: Any, safe: Sequence[EncodedExample],
+                    batching: Batching) -> Any:
+    """g_S: the gradient of the safe set's token-weighted mean NLL over the last blocks, in
+    `batching`'s batches (unpacked: the step reads one example per row)."""
     total, tokens = None, 0.0
-    for local in eval_batches(safe, batch_size, buckets, pad_id=pad_id,
-                              process_index=jax.process_index(),
-                              process_count=jax.process_count()):
+    for local in batching.eval_batches(safe, process_index=jax.process_index(),
+                                       process_count=jax.process_count()):
       batch = parallel.global_batch(local, self.runtime.mesh, self.runtime.rules)
       grads, count = self._safe_step(params, batch)
       total = grads if total is None else jax.tree.map(jnp.add, total, grads)
@@ -146,7 +146,8 @@ class GradientAlignment:
     """{grad, grad_cos}: float arrays [N] in dataset order (see the module docstring)."""
     safe_norm = float(jnp.sqrt(_dot(safe_grad, safe_grad)))
     out = per_example(lambda p, batch: self._align_step(p, safe_grad, batch), self.runtime,
-                      params, examples, self.batch_size, buckets, pad_id, "gradient_alignment")
+                      params, examples, Batching(self.batch_size, buckets, pad_id),
+                      "gradient_alignment")
     dots, norms = out["dot"], out["norm"]
     scale = max(safe_norm, 1e-30)
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -20,7 +20,7 @@ import jax
 from ff_jax import parallel
 from ff_jax.atomic_io import remove
 from ff_jax.config import PhaseConfig, RunConfig
-from ff_jax.data.batching import TrainIterator
+from ff_jax.data.batching import Batching, TrainIterator
 from ff_jax.data.templates import EncodedExample, PromptTemplate, encode_examples
 from ff_jax.errors import DataError
 from ff_jax.eval.toxicity import ToxicityScorer, make_toxicity_scorer
@@ -66,6 +66,16 @@ class RunContext:
   def pad_id(self) -> int:
     return self.inputs.tokenizer.pad_id
 
+  def batching(self, batch_size: int) -> Batching:
+    """Batches of `batch_size` rows cut as the run cuts every set (`data.buckets`, its pad id,
+    `data.packing`)."""
+    return Batching(batch_size, self.cfg.data.buckets, self.pad_id, self.cfg.data.packing)
+
+  @property
+  def scoring(self) -> Batching:
+    """The batches every set is scored in (`scoring.batch_size`)."""
+    return self.batching(self.cfg.scoring.batch_size)
+
   def encode(self, records: Sequence) -> list[EncodedExample]:
     """Records encoded as the run encodes D (template, max_len, overflow rule)."""
     return encode_examples(self.inputs.tokenizer, records, self.template, self.cfg.data.max_len,
@@ -92,12 +102,10 @@ class RunContext:
            snapshot_every: int = 0) -> PhaseSpec:
     """The training loop's settings for finetune `name` of `num_examples` examples."""
     steps = phase_steps(phase.steps, phase.epochs, num_examples, phase.batch_size, name)
-    return PhaseSpec(name=name, steps=steps, batch_size=phase.batch_size, optim=phase.optim,
-                     seed=seed, buckets=self.cfg.data.buckets,
-                     checkpoint_minutes=phase.checkpoint_minutes,
+    return PhaseSpec(name=name, steps=steps, batching=self.batching(phase.batch_size),
+                     optim=phase.optim, seed=seed, checkpoint_minutes=phase.checkpoint_minutes,
                      checkpoint_every=phase.checkpoint_every, snapshot_every=snapshot_every,
-                     adapter_checkpoints=self.cfg.lora.adapter_checkpoints,
-                     packing=self.cfg.data.packing)
+                     adapter_checkpoints=self.cfg.lora.adapter_checkpoints)
 
   def train_batches(self, examples: Sequence[EncodedExample], spec: PhaseSpec,
                     seed: int) -> TrainIterator:
@@ -105,10 +113,9 @@ class RunContext:
     `train_phase` builds it for the run's own finetunes: this host's rows of every batch, for
     one model or as one of stacked replicas (the run's mesh has no `replica` axis, so the stacked
     trainer's `stack_block` is every replica and these rows)."""
-    return TrainIterator(examples, spec.batch_size, seed, spec.buckets, pad_id=self.pad_id,
-                         packing=spec.packing,
-                         row_multiple=self.runtime.row_multiple(spec.optim.grad_accum_steps),
-                         process_index=jax.process_index(), process_count=jax.process_count())
+    return spec.batching.train_iterator(
+        examples, seed, row_multiple=self.runtime.row_multiple(spec.optim.grad_accum_steps),
+        process_index=jax.process_index(), process_count=jax.process_count())
 
   def finetune(self, name: str, phase: PhaseConfig, init: Callable[[], Any],
                examples: Sequence[EncodedExample], output: str, seed: int,
@@ -133,7 +140,7 @@ class RunContext:
       spec = self.spec(name, phase, len(examples), seed, snapshot_every)
       snapshot_dir = self.run.snapshots(name) if snapshot_every else None
       stats = LoopStats()
-      params = train_phase(spec, runtime, init, examples, self.pad_id, self.run.ckpt(name),
+      params = train_phase(spec, runtime, init, examples, self.run.ckpt(name),
                            self.training_log, snapshot_dir, stats)
       began = time.perf_counter()
       save_params(self.run.model(output), params)
@@ -154,8 +161,7 @@ class RunContext:
     """Mean per-token response NLL of `examples` (NaN for none): one number per set."""
     if not examples:
       return float("nan")
-    stats = score_examples(self.scorer, params, examples, self.cfg.scoring.batch_size,
-                           self.cfg.data.buckets, self.pad_id, name, self.cfg.data.packing)
+    stats = score_examples(self.scorer, params, examples, self.scoring, name)
     return float(stats["nll_sum"].sum() / max(stats["tokens"].sum(), 1.0))
 
   def noisy_means(self, params: Any, name: str,
@@ -163,8 +169,7 @@ class RunContext:
     """{nll, nll_tail}: per-token means of every noisy example (or of `examples`, encoded from
     them), as `per_token_means` computes them."""
     stats = score_examples(self.scorer, params, self.noisy if examples is None else examples,
-                           self.cfg.scoring.batch_size, self.cfg.data.buckets, self.pad_id, name,
-                           self.cfg.data.packing)
+                           self.scoring, name)
     return {key: value.tolist() for key, value in per_token_means(stats).items()}
 
 

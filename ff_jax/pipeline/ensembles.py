@@ -83,8 +83,7 @@ def safety_replicas(ctx: RunContext) -> dict[str, Any]:
   spec = _specs(ctx)[1]
   seeds = [spec.seed + REPLICA_SEED_STRIDE * i for i in range(1, k)]
   per_pass = replicas_per_pass(ctx, len(seeds), [PassFinetune("safety", spec.optim,
-                                                                spec.batch_size)])
-  batch_size = ctx.cfg.scoring.batch_size
+                                                                spec.batching.batch_size)])
   single = None
   rows = []
   for start in range(0, len(seeds), per_pass):
@@ -101,9 +100,9 @@ def safety_replicas(ctx: RunContext) -> dict[str, Any]:
       trainer = Trainer(ctx.runtime, spec.optim, spec.steps, replicas=len(chunk))
     stats = LoopStats()
     means, _ = train_and_score(trainer, ctx.scorer, ctx.params("M1"), iterators,
-                               [spec.steps], ctx.noisy, batch_size, spec.buckets, ctx.pad_id,
+                               [spec.steps], ctx.noisy, ctx.scoring,
                                name=f"safety_replicas/pass_{start}", stats=stats,
-                               packing=spec.packing, log=ctx.training_log,
+                               log=ctx.training_log,
                                # replica i of the phase (1 ... k - 1), whichever pass trains it
                                replica_names=[f"replica_{start + j + 1}"
                                               for j in range(len(chunk))])
@@ -126,8 +125,8 @@ def noisy_replicas(ctx: RunContext) -> dict[str, Any]:
   seeds = {i: [noisy.seed + REPLICA_SEED_STRIDE * i, safety.seed + REPLICA_SEED_STRIDE * i]
            for i in range(1, k)}
   per_pass = replicas_per_pass(ctx, k - 1, [
-      PassFinetune("noisy", noisy.optim, noisy.batch_size),
-      PassFinetune("safety", safety.optim, safety.batch_size, stacked_init=True)])
+      PassFinetune("noisy", noisy.optim, noisy.batching.batch_size),
+      PassFinetune("safety", safety.optim, safety.batching.batch_size, stacked_init=True)])
   rows = {}
   for start in range(1, k, per_pass):
     chunk = list(range(start, min(k, start + per_pass)))
@@ -158,12 +157,12 @@ def _noisy_replica_alone(ctx: RunContext, i: int, seeds: list[int], noisy: Phase
   names = (f"noisy_{i}", f"safety_{i}")
   stats = LoopStats(), LoopStats()
   m1 = train_phase(dataclasses.replace(noisy, name=names[0], seed=seeds[0]), ctx.runtime,
-                   lambda: ctx.params("M0"), ctx.noisy, ctx.pad_id, ctx.run.ckpt(names[0]),
+                   lambda: ctx.params("M0"), ctx.noisy, ctx.run.ckpt(names[0]),
                    ctx.training_log, stats=stats[0])
   ctx.record(names[0], stats[0])
   before = ctx.noisy_means(m1, f"{names[0]}/score")
   m2 = train_phase(dataclasses.replace(safety, name=names[1], seed=seeds[1]), ctx.runtime,
-                   lambda: m1, ctx.safe, ctx.pad_id, ctx.run.ckpt(names[1]), ctx.training_log,
+                   lambda: m1, ctx.safe, ctx.run.ckpt(names[1]), ctx.training_log,
                    stats=stats[1])
   ctx.record(names[1], stats[1])
   after = ctx.noisy_means(m2, f"{names[1]}/score")
@@ -175,7 +174,6 @@ def _noisy_replicas_stacked(ctx: RunContext, seeds: dict[int, list[int]], noisy:
                             safety: PhaseSpec) -> dict[int, dict[str, Any]]:
   """Noisy replicas `seeds` (index: [noisy seed, safety seed]) trained together: the same batch
   streams as `_noisy_replica_alone`, one vmapped step per phase."""
-  pad_id, batch_size = ctx.pad_id, ctx.cfg.scoring.batch_size
   label = f"{min(seeds)}-{max(seeds)}"
 
   def streams(spec: PhaseSpec, examples, column: int) -> list[TrainIterator]:
@@ -186,14 +184,12 @@ def _noisy_replicas_stacked(ctx: RunContext, seeds: dict[int, list[int]], noisy:
   stats = LoopStats(), LoopStats()
   before, m1s = train_and_score(
       Trainer(ctx.runtime, noisy.optim, noisy.steps, replicas=len(seeds)), ctx.scorer,
-      ctx.params("M0"), streams(noisy, ctx.noisy, 0), [noisy.steps], ctx.noisy, batch_size,
-      noisy.buckets, pad_id, name=names[0], stats=stats[0], packing=noisy.packing,
-      log=ctx.training_log, replica_names=replicas)
+      ctx.params("M0"), streams(noisy, ctx.noisy, 0), [noisy.steps], ctx.noisy, ctx.scoring,
+      name=names[0], stats=stats[0], log=ctx.training_log, replica_names=replicas)
   after, _ = train_and_score(
       Trainer(ctx.runtime, safety.optim, safety.steps, replicas=len(seeds)), ctx.scorer, m1s,
-      streams(safety, ctx.safe, 1), [safety.steps], ctx.noisy, batch_size, safety.buckets,
-      pad_id, stacked_init=True, name=names[1], stats=stats[1], packing=safety.packing,
-      log=ctx.training_log, replica_names=replicas)
+      streams(safety, ctx.safe, 1), [safety.steps], ctx.noisy, ctx.scoring, stacked_init=True,
+      name=names[1], stats=stats[1], log=ctx.training_log, replica_names=replicas)
   for name, stat in zip(names, stats):
     ctx.record(name, stat)
   return {i: {"seeds": pair,

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ff_jax.atomic_io import write_json_atomic
+from ff_jax.data.batching import Batching
 from ff_jax.data.templates import encode_prompt, encode_responses_alone
 from ff_jax.forgetting.gradients import GradientAlignment
 from ff_jax.pipeline.context import RunContext
@@ -35,8 +36,7 @@ def _score(ctx: RunContext, model: str, name: str, pmi: bool = False) -> dict[st
   response after an empty prompt (`nll_alone`, for the nll_pmi signal)."""
   cfg, tok = ctx.cfg, ctx.inputs.tokenizer
   params = ctx.params(model)
-  stats = score_examples(ctx.scorer, params, ctx.noisy, cfg.scoring.batch_size, cfg.data.buckets,
-                         ctx.pad_id, name, cfg.data.packing)
+  stats = score_examples(ctx.scorer, params, ctx.noisy, ctx.scoring, name)
   generations = None
   if cfg.scoring.rouge:
     prompts = [encode_prompt(tok, r, ctx.template, cfg.data.max_len) for r in ctx.inputs.noisy]
@@ -72,7 +72,7 @@ def _gradient_alignment(ctx: RunContext) -> dict[str, Any]:
       f"{aligner.bound_bytes / 2**20:.0f} MiB of per-example gradients per pass")
   params = ctx.params("M1")
   buckets = ctx.cfg.data.buckets
-  safe_grad = aligner.safe_gradient(params, ctx.safe, buckets, ctx.pad_id, cfg.batch_size)
+  safe_grad = aligner.safe_gradient(params, ctx.safe, Batching(cfg.batch_size, buckets, ctx.pad_id))
   out = aligner.align(params, safe_grad, ctx.noisy, buckets, ctx.pad_id)
   return {"grad": out["grad"].tolist(), "grad_cos": out["grad_cos"].tolist(),
           "safe_grad_norm": out["safe_grad_norm"], "blocks": cfg.gradient_blocks}
@@ -88,8 +88,7 @@ def score_after(ctx: RunContext) -> dict[str, Any]:
     # Stacked on device (never fetched to one host: on a pod no host holds every shard).
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[
         restore_params(snapshots / f"step_{s}", target) for s in steps])
-    stats = score_snapshots(ctx.scorer, stacked, ctx.noisy, ctx.cfg.scoring.batch_size,
-                            ctx.cfg.data.buckets, ctx.pad_id, packing=ctx.cfg.data.packing)
+    stats = score_snapshots(ctx.scorer, stacked, ctx.noisy, ctx.scoring)
     tokens = np.maximum(stats["tokens"], 1.0)
     scores["curve"] = {"steps": steps, "nll": (stats["nll_sum"] / tokens).tolist()}
   write_json_atomic(ctx.run.file(SCORES_AFTER), scores)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ff_jax.data.batching import TrainIterator, token_slots
+from ff_jax.data.batching import Batching, TrainIterator, token_slots
 from ff_jax.data.templates import EncodedExample
 from ff_jax.errors import ConfigError
 from ff_jax.models import lora
@@ -51,17 +51,15 @@ class PhaseSpec:
 
   name: str
   steps: int
-  batch_size: int
+  batching: Batching  # the training batches (rows, buckets, pad id, packing)
   optim: OptimConfig
   seed: int
-  buckets: Sequence[int]
   checkpoint_minutes: float = CHECKPOINT_MINUTES  # step checkpoints by wall time (0: none)
   checkpoint_every: int = 0  # > 0: every this many steps instead (deterministic, for tests)
   snapshot_every: int = 0  # also keep the params every k steps (forgetting curves)
   # LoRA: step checkpoints keep the adapters (and their optimizer state) only; the frozen base
   # comes back from `init_params()` on resume.
   adapter_checkpoints: bool = False
-  packing: bool = False  # several examples per row (data.packing), the same examples per step
 
 
 def phase_steps(steps: int, epochs: float, num_examples: int, batch_size: int, name: str) -> int:
@@ -344,7 +342,7 @@ def _process_zero_says(flag: bool) -> bool:
 
 
 def train_phase(spec: PhaseSpec, runtime: ModelRuntime, init_params: Callable[[], Any],
-                examples: Sequence[EncodedExample], pad_id: int, ckpt_dir: str | Path,
+                examples: Sequence[EncodedExample], ckpt_dir: str | Path,
                 log: TrainingLog | None = None, snapshot_dir: str | Path | None = None,
                 stats: LoopStats | None = None) -> Any:
   """Train for `spec.steps` steps from `init_params()` (or the newest step checkpoint).
@@ -354,10 +352,9 @@ def train_phase(spec: PhaseSpec, runtime: ModelRuntime, init_params: Callable[[]
   caller saves: the last step is not step-checkpointed. `log`, `stats`: see `train_loop`.
   """
   trainer = Trainer(runtime, spec.optim, spec.steps)
-  batches = TrainIterator(examples, spec.batch_size, spec.seed, spec.buckets, pad_id=pad_id,
-                          process_index=jax.process_index(), process_count=jax.process_count(),
-                          packing=spec.packing,
-                          row_multiple=runtime.row_multiple(spec.optim.grad_accum_steps))
+  batches = spec.batching.train_iterator(
+      examples, spec.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+      row_multiple=runtime.row_multiple(spec.optim.grad_accum_steps))
   snapshot_at: Collection[int] = ()
   if spec.snapshot_every and snapshot_dir:
     snapshot_at = range(spec.snapshot_every, spec.steps + 1, spec.snapshot_every)
@@ -377,10 +374,9 @@ def train_phase(spec: PhaseSpec, runtime: ModelRuntime, init_params: Callable[[]
 
 def train_and_score(trainer: Trainer, scorer: Scorer, init_params: Any,
                     iterators: Sequence[TrainIterator], steps: Sequence[int],
-                    examples: Sequence[EncodedExample], score_batch_size: int,
-                    buckets: Sequence[int], pad_id: int, *, stacked_init: bool = False,
-                    name: str = "train", stats: LoopStats | None = None,
-                    packing: bool = False, log: TrainingLog | None = None,
+                    examples: Sequence[EncodedExample], scoring: Batching, *,
+                    stacked_init: bool = False, name: str = "train",
+                    stats: LoopStats | None = None, log: TrainingLog | None = None,
                     replica_names: Sequence[str] | None = None
                     ) -> tuple[dict[str, np.ndarray], Any]:
   """Train in memory to max(steps), scoring `examples` after each step in `steps`: ({nll,
@@ -390,15 +386,15 @@ def train_and_score(trainer: Trainer, scorer: Scorer, init_params: Any,
   One model reads `iterators[0]`; K replicas read one iterator each (`StackedBatches`) and start
   from `init_params` (one model), or with `stacked_init` from K models stacked on a leading axis.
   `init_params` stays usable: the loop trains a copy where the step would donate it. `stats`,
-  `log`, `replica_names`: see `train_loop` (`hook_seconds` is the scoring). `packing`: score
-  packed batches.
+  `log`, `replica_names`: see `train_loop` (`hook_seconds` is the scoring). `scoring`: the
+  batches `examples` are scored in (its pad id also fills the stacked batches).
   """
   steps = sorted(set(int(s) for s in steps))
   replicas = trainer.replicas
   if len(iterators) != (replicas or 1):
     raise ConfigError(f"{len(iterators)} batch streams for {replicas or 1} replicas")
   batches = (iterators[0] if replicas is None
-             else StackedBatches(iterators, pad_id, trainer.stack_block))
+             else StackedBatches(iterators, scoring.pad_id, trainer.stack_block))
   # Broadcasting one model to K replicas makes new arrays; otherwise the first step would
   # donate the caller's.
   own_copy = replicas is None or stacked_init
@@ -407,8 +403,7 @@ def train_and_score(trainer: Trainer, scorer: Scorer, init_params: Any,
 
   def score(step: int, params: Any) -> None:
     score_fn = score_examples if replicas is None else score_snapshots
-    stats = score_fn(scorer, params, examples, score_batch_size, buckets, pad_id,
-                     name=f"{name}/score@{step}", packing=packing)
+    stats = score_fn(scorer, params, examples, scoring, name=f"{name}/score@{step}")
     for key, value in per_token_means(stats).items():
       means.setdefault(key, np.full(shape, np.nan))[:, steps.index(step)] = value
 

@@ -19,7 +19,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from ff_jax import parallel
-from ff_jax.data.batching import eval_batches
+from ff_jax.data.batching import Batching
 from ff_jax.data.templates import EncodedExample
 from ff_jax.errors import ConfigError
 from ff_jax.eval.text import rouge1_f_batch
@@ -32,18 +32,17 @@ log = logging.getLogger(__name__)
 
 
 def per_example(step: Callable[[Any, dict[str, Any]], dict[str, Any]], runtime: ModelRuntime,
-                params: Any, examples: Sequence[EncodedExample], batch_size: int,
-                buckets: Sequence[int], pad_id: int, name: str,
-                packing: bool = False) -> dict[str, np.ndarray]:
+                params: Any, examples: Sequence[EncodedExample], batching: Batching,
+                name: str) -> dict[str, np.ndarray]:
   """`step(params, global_batch)` over every example: each output key as a float array [N, ...]
   in dataset order (rows first), gathered by example id on every host (each loads only its own
-  rows). `packing`: packed batches, whose outputs are per segment ([B, S, ...]) and gathered by
-  the segments' example ids."""
+  rows). With `batching.packing`, batches are packed, their outputs are per segment
+  ([B, S, ...]) and gathered by the segments' example ids."""
   n = len(examples)
   out: dict[str, np.ndarray] = {}
-  batches = eval_batches(examples, batch_size, buckets, pad_id=pad_id,
-                         process_index=jax.process_index(), process_count=jax.process_count(),
-                         packing=packing, row_multiple=runtime.row_multiple())
+  batches = batching.eval_batches(examples, process_index=jax.process_index(),
+                                  process_count=jax.process_count(),
+                                  row_multiple=runtime.row_multiple())
   progress = Progress(name, n, unit="examples")
   done = 0
   for local in batches:
@@ -60,18 +59,14 @@ def per_example(step: Callable[[Any, dict[str, Any]], dict[str, Any]], runtime: 
 
 
 def score_examples(scorer: Scorer, params: Any, examples: Sequence[EncodedExample],
-                   batch_size: int, buckets: Sequence[int], pad_id: int,
-                   name: str = "score", packing: bool = False) -> dict[str, np.ndarray]:
-  """{nll_sum, tokens, correct, first_nll}: float arrays [N] in dataset order (`packing`: from
-  packed batches; the same values up to float summation order)."""
-  return per_example(scorer.step, scorer.runtime, params, examples, batch_size, buckets, pad_id,
-                     name, packing)
+                   batching: Batching, name: str = "score") -> dict[str, np.ndarray]:
+  """{nll_sum, tokens, correct, first_nll}: float arrays [N] in dataset order (packed batches
+  give the same values up to float summation order)."""
+  return per_example(scorer.step, scorer.runtime, params, examples, batching, name)
 
 
 def score_snapshots(scorer: Scorer, stacked_params: Any, examples: Sequence[EncodedExample],
-                    batch_size: int, buckets: Sequence[int], pad_id: int,
-                    name: str = "score_snapshots", packing: bool = False
-                    ) -> dict[str, np.ndarray]:
+                    batching: Batching, name: str = "score_snapshots") -> dict[str, np.ndarray]:
   """Like `score_examples` for K parameter trees stacked on a leading axis (snapshots of one
   finetune, or stacked replicas): arrays [K, N], one pass.
 
@@ -87,8 +82,7 @@ def score_snapshots(scorer: Scorer, stacked_params: Any, examples: Sequence[Enco
     return {key: jnp.moveaxis(value, 0, -1)
             for key, value in scorer.stacked_step(params, batch).items()}
 
-  stats = per_example(rows_first, scorer.runtime, stacked_params, examples, batch_size, buckets,
-                      pad_id, name, packing)
+  stats = per_example(rows_first, scorer.runtime, stacked_params, examples, batching, name)
   return {key: value.T for key, value in stats.items()}
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from ff_jax import parallel
+from ff_jax.data.batching import Batching
 from ff_jax.errors import ConfigError, RunDirError
 from ff_jax.experiments import sweep
 from ff_jax.models import tiny_llama
@@ -56,16 +57,16 @@ def test_vmapped_replicas_match_each_variant_alone():
   rmesh = make_replica_mesh(ReplicaMeshConfig(1, 1, 1, 1), devices)
   rruntime = ModelRuntime.create(_cfg(), rmesh)
   trainer = Trainer(rruntime, OPTIM, max(steps), replicas=len(variants))
-  stacked = train_and_score(trainer, Scorer(rruntime), params, its, steps, noisy, 5, BUCKETS,
-                            PAD)[0]["nll"]
+  stacked = train_and_score(trainer, Scorer(rruntime), params, its, steps, noisy,
+                            Batching(5, BUCKETS, PAD))[0]["nll"]
   assert stacked.shape == (len(variants), len(steps), len(noisy))
   assert trainer.trace_count == 1
   # One trainer and scorer for every variant alone; `params` stays usable across the runs.
   single, scorer = Trainer(runtime, OPTIM, max(steps)), Scorer(runtime)
   for k, (n, s) in enumerate(variants):
     alone = train_and_score(single, scorer, params,
-                            [variant_iterator(safe, n, s, 4, BUCKETS, PAD)], steps, noisy, 5,
-                            BUCKETS, PAD)[0]["nll"]
+                            [variant_iterator(safe, n, s, 4, BUCKETS, PAD)], steps, noisy,
+                            Batching(5, BUCKETS, PAD))[0]["nll"]
     np.testing.assert_allclose(stacked[k], alone[0], rtol=1e-4, err_msg=str((n, s)))
   assert single.trace_count == 1
   # The replicas really differ (each trained on its own stream).

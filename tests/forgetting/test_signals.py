@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from ff_jax import parallel
+from ff_jax.data.batching import Batching
 from ff_jax.data.records import Record
 from ff_jax.errors import ConfigError
 from ff_jax.forgetting.gradients import GradientAlignment, merge_blocks, split_blocks, subset_bytes
@@ -179,7 +180,7 @@ def _runtime(mesh_cfg=None, devices=1):
 
 
 def _per_token_nll(runtime, params, examples):
-  stats = score_examples(Scorer(runtime), params, examples, 8, BUCKETS, pad_id=0)
+  stats = score_examples(Scorer(runtime), params, examples, Batching(8, BUCKETS, 0))
   return stats["nll_sum"] / stats["tokens"]
 
 
@@ -188,7 +189,7 @@ def test_gradient_alignment_predicts_the_first_order_change_of_each_loss():
   params = runtime.init_params(seed=0)
   safe, noisy = random_examples(6, 1, lo=8), random_examples(10, 2, lo=8)
   aligner = GradientAlignment(runtime, n_blocks=2, batch_size=4, max_gib=1.0)
-  g_safe = aligner.safe_gradient(params, safe, BUCKETS, 0, batch_size=4)
+  g_safe = aligner.safe_gradient(params, safe, Batching(4, BUCKETS, 0))
   out = aligner.align(params, g_safe, noisy, BUCKETS, 0)
   # Step the last two blocks by ±eps along the safe descent direction -g_S/|g_S|: each example's
   # loss changes by eps * grad (first order); a central difference cancels the second order.
@@ -211,7 +212,7 @@ def test_an_example_aligned_with_itself_has_cosine_minus_one():
   params = runtime.init_params(seed=1)
   one = random_examples(1, 3, lo=8)
   aligner = GradientAlignment(runtime, n_blocks=1, batch_size=2, max_gib=1.0)
-  g = aligner.safe_gradient(params, one, BUCKETS, 0, batch_size=2)
+  g = aligner.safe_gradient(params, one, Batching(2, BUCKETS, 0))
   out = aligner.align(params, g, one, BUCKETS, 0)
   np.testing.assert_allclose(out["grad_cos"], [-1.0], rtol=1e-5)
   np.testing.assert_allclose(out["grad"], [-out["safe_grad_norm"]], rtol=1e-5)
@@ -225,7 +226,7 @@ def test_gradient_alignment_is_the_same_on_a_sharded_mesh():
     runtime = _runtime(mesh_cfg, devices)
     params = runtime.init_params(seed=2)
     aligner = GradientAlignment(runtime, n_blocks=2, batch_size=4, max_gib=1.0)
-    g = aligner.safe_gradient(params, safe, BUCKETS, 0, batch_size=4)
+    g = aligner.safe_gradient(params, safe, Batching(4, BUCKETS, 0))
     outs.append(aligner.align(params, g, noisy, BUCKETS, 0))
   np.testing.assert_allclose(outs[0]["grad"], outs[1]["grad"], rtol=1e-4, atol=1e-6)
 

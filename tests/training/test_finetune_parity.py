@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from ff_jax import parallel
-from ff_jax.data.batching import TrainIterator, make_batch
+from ff_jax.data.batching import Batching, TrainIterator, make_batch
 from ff_jax.data.templates import EncodedExample
 from ff_jax.models import forward, hf, positions_from_mask, tiny_llama
 from ff_jax.progress import TrainingLog
@@ -40,7 +40,7 @@ RTOL = 1e-4
 # Big enough that the weights really move (each phase's loss falls by ~1 nat) and the clip binds.
 OPTIM = OptimConfig(learning_rate=1e-3, b2=0.999, schedule="constant", warmup_steps=0,
                     max_grad_norm=1.0, weight_decay=0.0)
-NOISY = PhaseSpec("noisy", steps=20, batch_size=4, optim=OPTIM, seed=11, buckets=BUCKETS)
+NOISY = PhaseSpec("noisy", steps=20, batching=Batching(4, BUCKETS, PAD), optim=OPTIM, seed=11)
 SAFETY = dataclasses.replace(NOISY, name="safety", seed=12)
 
 
@@ -80,7 +80,7 @@ def torch_phase(model, spec: PhaseSpec, examples, betas=(0.9, 0.999)):
   function of seed and position): per-step (loss, pre-clip grad norm)."""
   opt = torch.optim.AdamW(model.parameters(), lr=spec.optim.learning_rate, betas=betas,
                           weight_decay=0.0)
-  it = TrainIterator(examples, spec.batch_size, spec.seed, spec.buckets, pad_id=PAD)
+  it = TrainIterator(examples, spec.batching.batch_size, spec.seed, BUCKETS, pad_id=PAD)
   model.train()
   losses, norms = [], []
   for _ in range(spec.steps):
@@ -98,7 +98,7 @@ def ff_phase(runtime, spec: PhaseSpec, params, examples, tmp):
   """`loop.train_phase` as the pipeline runs it; (params, per-step losses, grad norms)."""
   log = tmp / f"{spec.name}.jsonl"
   copy = jax.tree.map(jnp.copy, params)  # the train step donates its state
-  out = train_phase(spec, runtime, lambda: copy, examples, PAD, tmp / f"ckpt_{spec.name}",
+  out = train_phase(spec, runtime, lambda: copy, examples, tmp / f"ckpt_{spec.name}",
                     TrainingLog(log, every=1))  # every step's loss
   rows = [json.loads(line) for line in log.read_text().splitlines()]
   assert [r["step"] for r in rows] == list(range(1, spec.steps + 1))
@@ -137,7 +137,7 @@ def runs(tmp_path_factory):
   th_noisy, th_noisy_norm = torch_phase(model, NOISY, noisy)
   th_safety, th_safety_norm = torch_phase(model, SAFETY, safe)
 
-  stats = score_examples(Scorer(runtime), m2, noisy, 8, BUCKETS, PAD)
+  stats = score_examples(Scorer(runtime), m2, noisy, Batching(8, BUCKETS, PAD))
   model.eval()
   with torch.no_grad():
     s, c = nll_per_example(model, *torch_batch(make_batch(noisy, range(22), BUCKETS, PAD)))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ff_jax import parallel
-from ff_jax.data.batching import TrainIterator, eval_batches
+from ff_jax.data.batching import Batching, TrainIterator, eval_batches
 from ff_jax.models.layout import FULL_LOGITS
 from ff_jax.training.replicas import StackedBatches
 from ff_jax.training.scoring import score_examples, score_snapshots
@@ -40,10 +40,10 @@ def test_scores_equal_the_full_logits(name, packing):
   runtime = _runtime(FAMILIES[name])
   params = _params(runtime)
   examples = _examples(25, seed=7)
-  want = score_examples(Scorer(runtime, FULL_LOGITS), params, examples, 8, BUCKETS, PAD,
-                        packing=packing)
-  got = score_examples(Scorer(runtime, _small_tiles(runtime)), params, examples, 8, BUCKETS, PAD,
-                       packing=packing)
+  want = score_examples(Scorer(runtime, FULL_LOGITS), params, examples,
+                        Batching(8, BUCKETS, PAD, packing))
+  got = score_examples(Scorer(runtime, _small_tiles(runtime)), params, examples,
+                       Batching(8, BUCKETS, PAD, packing))
   assert set(got) == set(SCORE_KEYS)
   _same(got, want, f"{name} packing={packing} ")
   assert np.all(got["tokens"] > 0) and np.any(got["correct"] > 0)
@@ -54,10 +54,10 @@ def test_snapshot_scores_equal_the_full_logits():
   stacked = jax.tree.map(lambda *xs: np.stack(xs), _params(runtime, 0), _params(runtime, 1))
   examples = _examples(21, seed=1)
   for packing in (False, True):
-    want = score_snapshots(Scorer(runtime, FULL_LOGITS), stacked, examples, 8, BUCKETS, PAD,
-                           packing=packing)
-    got = score_snapshots(Scorer(runtime, _small_tiles(runtime)), stacked, examples, 8, BUCKETS,
-                          PAD, packing=packing)
+    want = score_snapshots(Scorer(runtime, FULL_LOGITS), stacked, examples,
+                           Batching(8, BUCKETS, PAD, packing))
+    got = score_snapshots(Scorer(runtime, _small_tiles(runtime)), stacked, examples,
+                          Batching(8, BUCKETS, PAD, packing))
     assert got["nll_sum"].shape == (2, 21)
     _same(got, want, f"packing={packing} ")
 
@@ -131,8 +131,8 @@ def test_sharded_mesh_equals_the_full_logits_on_one_device():
                                 examples, (5,))
   np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
   params = jax.device_put(got_params, sharded.param_shardings)
-  want = score_examples(Scorer(one, FULL_LOGITS), want_params, examples, 8, BUCKETS, PAD,
-                        packing=True)
-  got = score_examples(Scorer(sharded, _small_tiles(sharded)), params, examples, 8, BUCKETS, PAD,
-                       packing=True)
+  want = score_examples(Scorer(one, FULL_LOGITS), want_params, examples,
+                        Batching(8, BUCKETS, PAD, True))
+  got = score_examples(Scorer(sharded, _small_tiles(sharded)), params, examples,
+                       Batching(8, BUCKETS, PAD, True))
   _same(got, want)

@@ -15,7 +15,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ff_jax.config import LoggingConfig, load_config
-from ff_jax.data.batching import TrainIterator, token_slots
+from ff_jax.data.batching import Batching, TrainIterator, token_slots
 from ff_jax.errors import ConfigError
 from ff_jax.pipeline.rundir import RunDir
 from ff_jax.progress import MetricsLog, TrainingLog, writes_logs
@@ -101,7 +101,7 @@ def test_a_stacked_pass_records_each_replica_and_their_mean(tmp_path):
   iterators = [TrainIterator(data, 4, seed, BUCKETS, pad_id=PAD) for seed in (1, 2)]
   log = TrainingLog(tmp_path / "metrics.jsonl", tmp_path / "tb", every=2)
   train_and_score(Trainer(model, OPTIM, 4, replicas=2), Scorer(model), params, iterators, [4],
-                  data[:4], 4, BUCKETS, PAD, name="pass_0", log=log,
+                  data[:4], Batching(4, BUCKETS, PAD), name="pass_0", log=log,
                   replica_names=["seed_1", "seed_2"])
   rows = strict_lines(tmp_path / "metrics.jsonl")
   assert [r["step"] for r in rows] == [2, 4]
@@ -123,7 +123,7 @@ def test_replica_names_must_name_every_replica_once():
   iterators = [TrainIterator(examples(8, 1), 4, seed, BUCKETS, pad_id=PAD) for seed in (1, 2)]
   with pytest.raises(ConfigError, match="2 distinct names"):
     train_and_score(Trainer(model, OPTIM, 2, replicas=2), Scorer(model), params, iterators, [2],
-                    examples(4, 2), 4, BUCKETS, PAD, replica_names=["a", "a"])
+                    examples(4, 2), Batching(4, BUCKETS, PAD), replica_names=["a", "a"])
 
 
 def test_a_resumed_phase_appends_without_duplicate_steps(tmp_path):
@@ -131,14 +131,14 @@ def test_a_resumed_phase_appends_without_duplicate_steps(tmp_path):
   checkpoint at 4, records step 5 again, and step 5 is there once (the other phase untouched)."""
   model = runtime()
   data = examples(20, 2)
-  spec = PhaseSpec("phase", steps=5, batch_size=4, optim=OPTIM, seed=3, buckets=BUCKETS,
+  spec = PhaseSpec("phase", steps=5, batching=Batching(4, BUCKETS, PAD), optim=OPTIM, seed=3,
                    checkpoint_every=2)
   log = TrainingLog(tmp_path / "metrics.jsonl", tmp_path / "tb", every=1)
   MetricsLog(log.metrics_path).write(phase="other", step=5, loss=1.0)
 
   def run():
     params = model.init_params(seed=0)
-    return train_phase(spec, model, lambda: params, data, PAD, tmp_path / "ckpt", log)
+    return train_phase(spec, model, lambda: params, data, tmp_path / "ckpt", log)
 
   run()
   straight = strict_lines(log.metrics_path)

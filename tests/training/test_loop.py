@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ff_jax import parallel
-from ff_jax.data.batching import TrainIterator
+from ff_jax.data.batching import Batching, TrainIterator
 from ff_jax.data.templates import EncodedExample
 from ff_jax.models import tiny_llama
 from ff_jax.training.checkpoints import PhaseCheckpoints
@@ -99,12 +99,12 @@ def test_a_phase_resumed_from_its_last_step_checkpoint_matches_one_run_straight(
   before, and still ends bit-identical."""
   model = runtime()
   data = examples(20, 2)
-  spec = PhaseSpec("phase", steps=5, batch_size=4, optim=OPTIM, seed=3, buckets=BUCKETS,
+  spec = PhaseSpec("phase", steps=5, batching=Batching(4, BUCKETS, PAD), optim=OPTIM, seed=3,
                    checkpoint_every=2)
 
   def run():
     params = model.init_params(seed=0)
-    return jax.tree.map(np.asarray, train_phase(spec, model, lambda: params, data, PAD,
+    return jax.tree.map(np.asarray, train_phase(spec, model, lambda: params, data,
                                                 tmp_path / "ckpt"))
 
   straight = run()

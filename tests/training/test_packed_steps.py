@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ff_jax import parallel
-from ff_jax.data.batching import TrainIterator
+from ff_jax.data.batching import Batching, TrainIterator
 from ff_jax.data.templates import EncodedExample
 from ff_jax.models import tiny_llama
 from ff_jax.training.replicas import StackedBatches
@@ -59,8 +59,8 @@ def test_packed_scores_equal_unpacked(name):
   params = _params(runtime)
   examples = _examples(37)
   scorer = Scorer(runtime)
-  want = score_examples(scorer, params, examples, 8, BUCKETS, PAD)
-  got = score_examples(scorer, params, examples, 8, BUCKETS, PAD, packing=True)
+  want = score_examples(scorer, params, examples, Batching(8, BUCKETS, PAD))
+  got = score_examples(scorer, params, examples, Batching(8, BUCKETS, PAD, True))
   np.testing.assert_array_equal(got["tokens"], want["tokens"])
   np.testing.assert_array_equal(got["correct"], want["correct"])
   nll_want = want["nll_sum"] / want["tokens"]
@@ -82,10 +82,10 @@ def test_first_nll_is_the_nll_of_the_first_response_target_alone():
     mask[e.prompt_len] = 1
     first_only.append(dataclasses.replace(e, loss_mask=mask))
   scorer = Scorer(runtime)
-  want = score_examples(scorer, params, first_only, 8, BUCKETS, PAD)
+  want = score_examples(scorer, params, first_only, Batching(8, BUCKETS, PAD))
   assert (want["tokens"] == 1).all() and want["nll_sum"].std() > 0.1
   for packing in (False, True):
-    got = score_examples(scorer, params, examples, 8, BUCKETS, PAD, packing=packing)
+    got = score_examples(scorer, params, examples, Batching(8, BUCKETS, PAD, packing))
     np.testing.assert_allclose(got["first_nll"], want["nll_sum"], rtol=0, atol=1e-4)
   longer = got["tokens"] > 1
   assert 0 < longer.sum() < len(examples)  # both kinds are here
@@ -101,8 +101,8 @@ def test_packed_snapshot_scores_equal_unpacked():
   stacked = jax.tree.map(lambda *xs: np.stack(xs), _params(runtime, 0), _params(runtime, 1))
   examples = _examples(21, seed=1)
   scorer = Scorer(runtime)
-  want = score_snapshots(scorer, stacked, examples, 8, BUCKETS, PAD)
-  got = score_snapshots(scorer, stacked, examples, 8, BUCKETS, PAD, packing=True)
+  want = score_snapshots(scorer, stacked, examples, Batching(8, BUCKETS, PAD))
+  got = score_snapshots(scorer, stacked, examples, Batching(8, BUCKETS, PAD, True))
   assert got["nll_sum"].shape == (2, 21)
   np.testing.assert_array_equal(got["tokens"], want["tokens"])
   np.testing.assert_allclose(got["nll_sum"] / got["tokens"], want["nll_sum"] / want["tokens"],
@@ -158,7 +158,7 @@ def test_packed_steps_on_a_sharded_mesh_equal_one_device():
   for runtime in (_runtime(cfg), sharded):
     losses, _, params, _ = _train(runtime, examples, True, steps=3)
     params = jax.device_put(params, runtime.param_shardings)
-    stats = score_examples(Scorer(runtime), params, examples, 8, BUCKETS, PAD, packing=True)
+    stats = score_examples(Scorer(runtime), params, examples, Batching(8, BUCKETS, PAD, True))
     results.append((losses, stats["nll_sum"] / stats["tokens"]))
   (want_loss, want_nll), (got_loss, got_nll) = results
   np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
