@@ -165,98 +165,157 @@ def train_loop(trainer: Trainer, init_params: Callable[[], Any], batches: BatchS
   last saved (or, with `checkpoint_every` > 0, every that many steps instead), the train state
   and the position of `batches` are saved (`adapter_checkpoints` on a LoRA model: the adapters
   only, the frozen base comes back from `init_params()` on resume); never after the last step,
-  whose params the caller saves as the phase's output. Every `log.every` steps and at the last
-  step, the loss, learning rate, grad norm and throughput are recorded to `log` (default: the
-  progress line only; `_Records`), per replica for stacked replicas, named by `replica_names`
-  (default `replica_<k>`; unused for one model). `hook(step, params)` runs after every step in
-  `hook_steps` trained by this call. `stats`, when given, is overwritten with what the loop cost.
+  whose params the caller saves as the phase's output (`StepCheckpointing`). Every `log.every`
+  steps and at the last step, the loss, learning rate, grad norm and throughput are recorded to
+  `log` (default: the progress line only; `_Records`), per replica for stacked replicas, named by
+  `replica_names` (default `replica_<k>`; unused for one model). `hook(step, params)` runs after
+  every step in `hook_steps` trained by this call. `stats`, when given, is overwritten with what
+  the loop cost.
   """
   started = clock()
   own = LoopStats()
-  adapters_only = adapter_checkpoints and trainer.runtime.cfg.lora.rank > 0
-  clock_every = 1 if jax.process_count() == 1 else MULTIPROCESS_CLOCK_STEPS
-
-  def saved(state):  # what a step checkpoint holds
-    if not adapters_only:
-      return state
-    return {**state, "params": lora.split(state["params"])[0]}
-
-  restored = None
-  if checkpoints is not None:
-    restored = checkpoints.restore_latest(saved(trainer.abstract_state()))
-  if restored is not None:
-    step, state, meta = restored
-    batches.restore(meta["iterator"])
-    if adapters_only:
-      state["params"] = lora.combine(state["params"], lora.split(init_params())[1])
-  else:
-    step = 0
-    state = trainer.init_state(init_params(), stacked=stacked_init)
+  saver = StepCheckpointing(trainer, checkpoints, steps, checkpoint_minutes, checkpoint_every,
+                            adapter_checkpoints, clock)
+  step, state = saver.restore(init_params, batches, stacked_init)
   first_step = step
-  last_save = clock()
-
-  def save_due(step: int) -> bool:
-    if checkpoints is None or step >= steps:
-      return False
-    if checkpoint_every > 0:
-      return step % checkpoint_every == 0
-    if checkpoint_minutes <= 0 or step % clock_every:
-      return False
-    return _process_zero_says(clock() - last_save >= 60.0 * checkpoint_minutes)
-
-  progress = Progress(name if trainer.replicas is None else f"{name} x{trainer.replicas}", steps)
-  progress.update(step, force=True)
-  jax.block_until_ready(state)  # the first record's time then starts with training, not init
-  records = _Records(trainer, steps, (log or TrainingLog()).open(
-      name, first_step, _replica_names(trainer.replicas, replica_names)), own, clock)
-  shapes = set()
+  meter = LoopMeter(trainer, steps, name, state, first_step, own, clock,
+                    (log or TrainingLog()).open(name, first_step,
+                                                _replica_names(trainer.replicas, replica_names)))
   try:
     while step < steps:
-      local, _ = batches.next_batch()
-      slots, padded = padding_counts(local)
-      own.token_slots += slots
-      own.padded_tokens += padded
-      if local["tokens"].shape not in shapes:
-        # A new shape may compile: the steps queued before it finish first, so that on a CPU
-        # they do not share its cores and the compile time measured is the compile's own.
-        jax.block_until_ready(state["step"])
-        shapes.add(local["tokens"].shape)
-      traces = trainer.trace_count
-      with CompileTimer() as compiling:
-        state, step_metrics = trainer.step(state, trainer.put_batch(local))
-      if trainer.trace_count != traces:
-        own.compile_seconds += compiling.seconds
-        own.compiles += trainer.trace_count - traces
-      records.count(slots - padded, int((local["example_id"] >= 0).sum()))
+      state, metrics = meter.step(state, batches.next_batch()[0])
       step += 1
-      records.stepped(step, step_metrics)
+      meter.stepped(step, metrics)
       if hook is not None and step in hook_steps:
         began = clock()
         hook(step, state["params"])
         own.hook_seconds += clock() - began
-      if save_due(step):
-        began = clock()
-        checkpoints.save(step, saved(state), {"iterator": batches.state()})
-        last_save = clock()
-        own.checkpoint_seconds += last_save - began
-        own.checkpoints += 1
-      if progress.due(step):
-        # Steps are dispatched asynchronously: waiting for this one makes the printed rate the
-        # device's, not the dispatcher's (once per progress line).
-        jax.block_until_ready(step_metrics["loss"])
-      progress.update(step, extra=" ".join([*records.shown, f"pad {100 * own.padded_share:.0f}%"]))
+      saver.maybe_save(step, state, batches, own)
+      meter.show(step, metrics)
   finally:
-    records.close()
-  if checkpoints is not None:
-    began = clock()
-    checkpoints.wait_until_finished()  # the last async save: part of what checkpoints cost
-    own.checkpoint_seconds += clock() - began
+    meter.close()
+  saver.finish(own)
   own.steps = step - first_step
-  own.compiled_shapes = len(shapes)
   own.seconds = clock() - started
   for field in dataclasses.fields(own) if stats is not None else ():
     setattr(stats, field.name, getattr(own, field.name))
   return state["params"]
+
+
+class StepCheckpointing:
+  """A loop's step checkpoints: where it starts (`restore`), when it saves (`maybe_save`: every
+  `every` steps, or every `minutes` of process 0's clock, never after the last step) and what a
+  save holds (with `adapters_only` on a LoRA model the adapters alone; the frozen base comes back
+  from `init_params()`). Without `checkpoints` it only initializes the state."""
+
+  def __init__(self, trainer: Trainer, checkpoints: PhaseCheckpoints | None, steps: int,
+               minutes: float, every: int, adapters_only: bool, clock: Callable[[], float]):
+    self.trainer, self.checkpoints, self.steps = trainer, checkpoints, steps
+    self.minutes, self.every, self.clock = minutes, every, clock
+    self.adapters_only = adapters_only and trainer.runtime.cfg.lora.rank > 0
+    # Several processes read the clock every few steps only (see MULTIPROCESS_CLOCK_STEPS).
+    self.clock_every = 1 if jax.process_count() == 1 else MULTIPROCESS_CLOCK_STEPS
+    self.last_save = 0.0  # set by `restore`, which every loop calls first
+
+  def _saved(self, state: Any) -> Any:
+    """What a step checkpoint holds of `state`."""
+    if not self.adapters_only:
+      return state
+    return {**state, "params": lora.split(state["params"])[0]}
+
+  def restore(self, init_params: Callable[[], Any], batches: BatchStream,
+              stacked_init: bool) -> tuple[int, Any]:
+    """(step, train state) of the newest step checkpoint, `batches` moved to its position; or
+    (0, a fresh state from `init_params()`)."""
+    restored = None
+    if self.checkpoints is not None:
+      restored = self.checkpoints.restore_latest(self._saved(self.trainer.abstract_state()))
+    if restored is None:
+      step, state = 0, self.trainer.init_state(init_params(), stacked=stacked_init)
+    else:
+      step, state, meta = restored
+      batches.restore(meta["iterator"])
+      if self.adapters_only:
+        state["params"] = lora.combine(state["params"], lora.split(init_params())[1])
+    self.last_save = self.clock()
+    return step, state
+
+  def _due(self, step: int) -> bool:
+    if self.checkpoints is None or step >= self.steps:
+      return False
+    if self.every > 0:
+      return step % self.every == 0
+    if self.minutes <= 0 or step % self.clock_every:
+      return False
+    return _process_zero_says(self.clock() - self.last_save >= 60.0 * self.minutes)
+
+  def maybe_save(self, step: int, state: Any, batches: BatchStream, stats: LoopStats) -> None:
+    """Save `state` and the position of `batches` after `step` if one is due."""
+    if not self._due(step):
+      return
+    began = self.clock()
+    self.checkpoints.save(step, self._saved(state), {"iterator": batches.state()})
+    self.last_save = self.clock()
+    stats.checkpoint_seconds += self.last_save - began
+    stats.checkpoints += 1
+
+  def finish(self, stats: LoopStats) -> None:
+    """Wait for the last async save: part of what checkpoints cost."""
+    if self.checkpoints is None:
+      return
+    began = self.clock()
+    self.checkpoints.wait_until_finished()
+    stats.checkpoint_seconds += self.clock() - began
+
+
+class LoopMeter:
+  """What a loop measures and shows around its steps: padding, new batch shapes and their
+  compile time (`LoopStats`), the records (`_Records`) and the progress line."""
+
+  def __init__(self, trainer: Trainer, steps: int, name: str, state: Any, first_step: int,
+               stats: LoopStats, clock: Callable[[], float], log: LoopLog):
+    self.trainer, self.stats = trainer, stats
+    self.shapes: set[tuple[int, ...]] = set()
+    label = name if trainer.replicas is None else f"{name} x{trainer.replicas}"
+    self.progress = Progress(label, steps)
+    self.progress.update(first_step, force=True)
+    jax.block_until_ready(state)  # the first record's time then starts with training, not init
+    self.records = _Records(trainer, steps, log, stats, clock)
+
+  def step(self, state: Any, local: dict[str, np.ndarray]) -> tuple[Any, dict[str, jax.Array]]:
+    """One train step on host batch `local`, counted and its compile (if any) timed."""
+    slots, padded = padding_counts(local)
+    self.stats.token_slots += slots
+    self.stats.padded_tokens += padded
+    if local["tokens"].shape not in self.shapes:
+      # A new shape may compile: the steps queued before it finish first, so that on a CPU
+      # they do not share its cores and the compile time measured is the compile's own.
+      jax.block_until_ready(state["step"])
+      self.shapes.add(local["tokens"].shape)
+      self.stats.compiled_shapes = len(self.shapes)
+    traces = self.trainer.trace_count
+    with CompileTimer() as compiling:
+      state, metrics = self.trainer.step(state, self.trainer.put_batch(local))
+    if self.trainer.trace_count != traces:
+      self.stats.compile_seconds += compiling.seconds
+      self.stats.compiles += self.trainer.trace_count - traces
+    self.records.count(slots - padded, int((local["example_id"] >= 0).sum()))
+    return state, metrics
+
+  def stepped(self, step: int, metrics: dict[str, jax.Array]) -> None:
+    self.records.stepped(step, metrics)
+
+  def show(self, step: int, metrics: dict[str, jax.Array]) -> None:
+    """The progress line after `step`, when one is due."""
+    if self.progress.due(step):
+      # Steps are dispatched asynchronously: waiting for this one makes the printed rate the
+      # device's, not the dispatcher's (once per progress line).
+      jax.block_until_ready(metrics["loss"])
+    shown = [*self.records.shown, f"pad {100 * self.stats.padded_share:.0f}%"]
+    self.progress.update(step, extra=" ".join(shown))
+
+  def close(self) -> None:
+    self.records.close()
 
 
 def _replica_names(replicas: int | None, names: Sequence[str] | None) -> list[str] | None:
