@@ -28,6 +28,7 @@ from ff_jax.data.records import Record
 from ff_jax.errors import ConfigError, DataError
 from ff_jax.pipeline.context import open_run
 from ff_jax.pipeline.evaluate import model_metrics, nll_sets
+from ff_jax.pipeline.finetunes import Finetunes
 from ff_jax.pipeline.layout import BASELINE_NAMES, BASELINES_DIR, FILTER_SUMMARY, finetune_seed
 from ff_jax.pipeline.rundir import RunDir
 from ff_jax.progress import log
@@ -71,8 +72,10 @@ def run_baseline(run_dir: str | Path, name: str) -> Path:
     params = restore_params(run.model(output), ctx.runtime.abstract_with_shardings())
   else:
     log(f"== baseline {name}: finetuning M0 on {len(records)} examples")
-    params = ctx.finetune(output, ctx.cfg.clean_phase, lambda: ctx.params("M0"),
-                          ctx.encode(records), output, finetune_seed(ctx.cfg.seed, output))
+    # Not a phase of the run: no manifest entry takes what the finetune cost.
+    params, _ = Finetunes(ctx).single(output, ctx.cfg.clean_phase, lambda: ctx.params("M0"),
+                                      ctx.encode(records), output,
+                                      finetune_seed(ctx.cfg.seed, output))
   metrics = model_metrics(ctx, params, name, nll_sets=nll_sets(ctx))
   metrics["train/examples"] = len(records)
   path = run.file(BASELINES_DIR) / f"{name}.json"

@@ -28,6 +28,7 @@ from ff_jax.errors import ConfigError, DataError
 from ff_jax.pipeline.context import open_run
 from ff_jax.pipeline.evaluate import model_metrics
 from ff_jax.pipeline.filter import kept_and_flagged
+from ff_jax.pipeline.finetunes import Finetunes
 from ff_jax.pipeline.layout import ROUNDS, ROUNDS_REPORT, rounds_seed
 from ff_jax.pipeline.rundir import RunDir
 from ff_jax.progress import log
@@ -78,8 +79,9 @@ def run_rounds(run_dir: str | Path, rounds: int, heldout: bool = False) -> Path:
           log(f"== rounds: {name} ({len(examples)} examples)")
           # Seeds differ per method, round and stage, so every finetune sees its own order.
           seed = rounds_seed(cfg.seed, k, METHODS.index(method), stage == "safety")
-          params = ctx.finetune(f"rounds_{name}", phase, lambda start=start: start, examples,
-                                f"rounds/{name}", seed)
+          # Not a phase of the run: no manifest entry takes what the finetune cost.
+          params, _ = Finetunes(ctx).single(f"rounds_{name}", phase, lambda start=start: start,
+                                            examples, f"rounds/{name}", seed)
         row: dict[str, Any] = {"round": k, "stage": stage}
         row.update({f"nll/{key}": ctx.mean_nll(params, ex, f"rounds/{name}/{key}")
                     for key, ex in probe.items()})

@@ -1,7 +1,7 @@
 """What every phase of a run works with: the config, the run directory, the mesh, the inputs
-(encoded once), the model runtimes, and the two things phases do with models: restore one, or
-finetune one and save it. What each finetune cost is collected here (`record`) and written by the
-driver into the phase's manifest entry.
+(encoded once), the model runtimes, a model restored by name, a finetune's loop settings and the
+batches the run scores in. It is fixed for the run; phases train through
+`ff_jax.pipeline.finetunes.Finetunes` and return what their finetunes cost to the driver.
 
 `open_run` builds it: the inputs are loaded and encoded before the run directory is touched, so a
 bad input never leaves a manifest that blocks the rerun on fixed data.
@@ -11,31 +11,28 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 
 from ff_jax import parallel
-from ff_jax.atomic_io import remove
 from ff_jax.config import PhaseConfig, RunConfig
-from ff_jax.data.batching import Batching, TrainIterator
+from ff_jax.data.batching import Batching
 from ff_jax.data.templates import EncodedExample, PromptTemplate, encode_examples
-from ff_jax.errors import DataError
 from ff_jax.eval.toxicity import ToxicityScorer, make_toxicity_scorer
 from ff_jax.models import lora
 from ff_jax.pipeline.inputs import JobInputs, load_inputs, save_tokenizer
 from ff_jax.pipeline.layout import TENSORBOARD, TRAINING_LOG
 from ff_jax.pipeline.rundir import RunDir
-from ff_jax.progress import TrainingLog, log
-from ff_jax.training.checkpoints import has_params, restore_params, save_params
-from ff_jax.training.loop import LoopStats, PhaseSpec, phase_steps, train_phase
+from ff_jax.progress import TrainingLog
+from ff_jax.training.checkpoints import restore_params
+from ff_jax.training.loop import PhaseSpec, phase_steps
 from ff_jax.training.scoring import per_token_means, score_examples
 from ff_jax.training.steps import ModelRuntime, Scorer
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class RunContext:
   """One run's state shared by its phases (see the module docstring)."""
 
@@ -46,14 +43,12 @@ class RunContext:
   template: PromptTemplate
   noisy: list[EncodedExample]  # D, encoded
   safe: list[EncodedExample]  # S, encoded
-  manifest: dict[str, Any]
+  manifest: dict[str, Any]  # the run directory's (`RunDir.mark_complete` updates it in place)
   runtime: ModelRuntime  # the model the run finetunes (with LoRA adapters when configured)
   base_runtime: ModelRuntime  # the released model's architecture (no adapters)
   training_log: TrainingLog  # where and how often every finetune records its metrics
-  # What each finetune of the running phase cost, by finetune name (`record`; the driver takes it
-  # into the phase's manifest entry as `finetunes`).
-  finetunes: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
+  # Built on first use: a frozen dataclass still has an instance __dict__, where these cache.
   @functools.cached_property
   def scorer(self) -> Scorer:
     return Scorer(self.runtime)
@@ -106,56 +101,6 @@ class RunContext:
                      optim=phase.optim, seed=seed, checkpoint_minutes=phase.checkpoint_minutes,
                      checkpoint_every=phase.checkpoint_every, snapshot_every=snapshot_every,
                      adapter_checkpoints=self.cfg.lora.adapter_checkpoints)
-
-  def train_batches(self, examples: Sequence[EncodedExample], spec: PhaseSpec,
-                    seed: int) -> TrainIterator:
-    """The batch stream of finetune `spec` with `seed` (packed with `data.packing`), as
-    `train_phase` builds it for the run's own finetunes: this host's rows of every batch, for
-    one model or as one of stacked replicas (the run's mesh has no `replica` axis, so the stacked
-    trainer's `stack_block` is every replica and these rows)."""
-    return spec.batching.train_iterator(
-        examples, seed, row_multiple=self.runtime.row_multiple(spec.optim.grad_accum_steps),
-        process_index=jax.process_index(), process_count=jax.process_count())
-
-  def finetune(self, name: str, phase: PhaseConfig, init: Callable[[], Any],
-               examples: Sequence[EncodedExample], output: str, seed: int,
-               snapshot_every: int = 0, runtime: ModelRuntime | None = None,
-               reuse_output: bool = False) -> Any:
-    """Finetune `init()` on `examples` with `seed` (`layout.finetune_seed`), resuming from
-    `name`'s step checkpoints; save the result as model `output` (once: the last step is not
-    step-checkpointed), drop the step checkpoints and return the parameters.
-
-    `reuse_output`: a later finetune of the same phase still runs, so a phase killed there reruns
-    this one; it then restores `output` if it is saved already instead of training again. Only
-    for a finetune whose settings are fixed for the run directory (not a `LATE_KEYS` phase): a
-    saved output is then the one this config trains.
-    """
-    if not examples:
-      raise DataError(f"phase {name}: no examples to train on")
-    runtime = runtime or self.runtime
-    if reuse_output and has_params(self.run.model(output)):
-      log(f"{name}: model {output} is saved already; restored, not trained again")
-      params = restore_params(self.run.model(output), runtime.abstract_with_shardings())
-    else:
-      spec = self.spec(name, phase, len(examples), seed, snapshot_every)
-      snapshot_dir = self.run.snapshots(name) if snapshot_every else None
-      stats = LoopStats()
-      params = train_phase(spec, runtime, init, examples, self.run.ckpt(name),
-                           self.training_log, snapshot_dir, stats)
-      began = time.perf_counter()
-      save_params(self.run.model(output), params)
-      self.record(name, stats, output_save_seconds=time.perf_counter() - began)
-    self.drop_step_checkpoints(name)
-    return params
-
-  def record(self, name: str, stats: LoopStats, **extra: float) -> None:
-    """Keep what finetune `name` cost (`LoopStats`, plus e.g. the seconds its output took to
-    save) for the running phase's manifest entry."""
-    self.finetunes[name] = {**stats.as_dict(), **{k: round(v, 3) for k, v in extra.items()}}
-
-  def drop_step_checkpoints(self, name: str) -> None:
-    # A finetune's output is saved on its own; step checkpoints only serve a resume of it.
-    remove(self.run.ckpt(name))
 
   def mean_nll(self, params: Any, examples: Sequence[EncodedExample], name: str) -> float:
     """Mean per-token response NLL of `examples` (NaN for none): one number per set."""

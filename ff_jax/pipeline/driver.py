@@ -56,17 +56,18 @@ def execute(ctx: RunContext, until: str | None = None) -> dict[str, Any]:
       continue
     log(f"== {name}")
     start = time.perf_counter()
-    ctx.finetunes = {}
     info = dict(PHASE_RUNNERS[name](ctx) or {})
     seconds = time.perf_counter() - start
     # The phase's manifest entry: {"complete", "seconds", the runner's own keys, and for a phase
     # that trained, "finetunes": {finetune name: LoopStats.as_dict() (training.loop), plus
-    # "output_save_seconds" where the finetune saved its output model}}. A resumed phase
-    # counts what its last invocation trained; a finetune restored whole is absent.
-    if ctx.finetunes:
-      info["finetunes"] = ctx.finetunes
+    # "output_save_seconds" where the finetune saved its output model}}, as the runner returned
+    # them (`finetunes.Costs`). A resumed phase counts what its last invocation trained; a
+    # finetune restored whole is absent.
+    finetunes = info.pop("finetunes", None) or {}
+    if finetunes:
+      info["finetunes"] = finetunes
     ctx.run.mark_complete(ctx.manifest, name, seconds, **info)
-    log(f"== {name}: done in {seconds:.1f}s{cost_summary(ctx.finetunes)}")
+    log(f"== {name}: done in {seconds:.1f}s{cost_summary(finetunes)}")
   if ctx.run.is_complete(ctx.manifest, "evaluate") and is_primary():
     # Written after the manifest is final, so the report's timing table has every phase. Only
     # process 0 renders it: the others' writes would do nothing.

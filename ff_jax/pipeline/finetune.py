@@ -15,6 +15,7 @@ from ff_jax.errors import DataError
 from ff_jax.models import lora
 from ff_jax.pipeline.context import RunContext
 from ff_jax.pipeline.filter import kept_and_flagged
+from ff_jax.pipeline.finetunes import Finetunes
 from ff_jax.pipeline.layout import CLEAN_HF, SCORES_CSV, finetune_seed
 
 
@@ -28,29 +29,31 @@ def release(ctx: RunContext) -> dict[str, Any]:
   corpus = encode_examples(tok, world.corpus, ctx.template, max_len)
   align = encode_examples(tok, world.alignment, ctx.template, max_len)
   # The released model is trained in full, without adapters, whatever the run finetunes.
-  base = ctx.base_runtime
+  base, train = ctx.base_runtime, Finetunes(ctx)
   # A release phase killed while aligning reruns from its start: the pretrained model is then
   # restored from models/base, not trained again (demo.* is fixed for the run directory).
-  ctx.finetune("release_pretrain", demo.pretrain, lambda: base.init_params(seed), corpus, "base",
-               finetune_seed(seed, "release_pretrain"), runtime=base, reuse_output=True)
-  ctx.finetune("release_align", demo.align, lambda: ctx.params("base"), align, "M0",
-               finetune_seed(seed, "release_align"), runtime=base)
-  return {"pretrain_examples": len(corpus), "align_examples": len(align)}
+  _, pretrain = train.single("release_pretrain", demo.pretrain, lambda: base.init_params(seed),
+                             corpus, "base", train.seed("release_pretrain"), runtime=base,
+                             reuse_output=True)
+  _, align_cost = train.single("release_align", demo.align, lambda: ctx.params("base"), align,
+                               "M0", train.seed("release_align"), runtime=base)
+  return {"pretrain_examples": len(corpus), "align_examples": len(align),
+          "finetunes": {**pretrain, **align_cost}}
 
 
 def noisy(ctx: RunContext) -> dict[str, Any]:
-  ctx.finetune("noisy", ctx.cfg.noisy, lambda: ctx.params("M0"), ctx.noisy, "M1",
-               finetune_seed(ctx.cfg.seed, "noisy"))
-  return {"examples": len(ctx.noisy)}
+  _, costs = Finetunes(ctx).single("noisy", ctx.cfg.noisy, lambda: ctx.params("M0"), ctx.noisy,
+                                   "M1", finetune_seed(ctx.cfg.seed, "noisy"))
+  return {"examples": len(ctx.noisy), "finetunes": costs}
 
 
 def safety(ctx: RunContext) -> dict[str, Any]:
   if not ctx.safe:
     raise DataError("the safe set is empty: safety finetuning needs at least one example")
-  ctx.finetune("safety", ctx.cfg.safety, lambda: ctx.params("M1"), ctx.safe, "M2",
-               finetune_seed(ctx.cfg.seed, "safety"),
-               snapshot_every=ctx.cfg.scoring.snapshot_every)
-  return {"examples": len(ctx.safe)}
+  _, costs = Finetunes(ctx).single("safety", ctx.cfg.safety, lambda: ctx.params("M1"), ctx.safe,
+                                   "M2", finetune_seed(ctx.cfg.seed, "safety"),
+                                   snapshot_every=ctx.cfg.scoring.snapshot_every)
+  return {"examples": len(ctx.safe), "finetunes": costs}
 
 
 def clean(ctx: RunContext) -> dict[str, Any]:
@@ -60,9 +63,10 @@ def clean(ctx: RunContext) -> dict[str, Any]:
                     "so nothing is left to finetune the clean model on (see filter.json; raise "
                     "filter.threshold)")
   examples = ctx.encode(kept)
-  params = ctx.finetune("clean", ctx.cfg.clean_phase, lambda: ctx.params("M0"), examples, "clean",
-                        finetune_seed(ctx.cfg.seed, "clean"))
+  params, costs = Finetunes(ctx).single("clean", ctx.cfg.clean_phase, lambda: ctx.params("M0"),
+                                        examples, "clean", finetune_seed(ctx.cfg.seed, "clean"))
   if ctx.cfg.lora.rank:  # the export is a plain model: adapters folded into the weights
     params = lora.merge(params, ctx.runtime.cfg)
   export = ctx.inputs.export_hf(ctx.run.file(CLEAN_HF), ctx.runtime, params)
-  return {"examples": len(examples), "hf_export": str(export) if export else None}
+  return {"examples": len(examples), "hf_export": str(export) if export else None,
+          "finetunes": costs}

@@ -18,7 +18,9 @@ SCORES_BEFORE = "scores_before.json"
 SCORES_AFTER = "scores_after.json"
 SCORES_REPLICAS = "scores_replicas.json"
 SCORES_NOISY_REPLICAS = "scores_noisy_replicas.json"
-REPLICA_PASSES = "replicas"  # per-pass scores of the replica phases, for their resume
+# Where ff_jax before issue #28 kept the replica phases' per-pass scores; such a run directory is
+# refused (`ensembles.refuse_old_pass_files`): passes now resume from their step checkpoints.
+OLD_REPLICA_PASSES = "replicas"
 SCORES_CSV = "scores.csv"
 # The kept rows, in the input's own format: filtered.<ext> (filtered.jsonl, .jsonl.gz, .csv,
 # .parquet, .json) or the folder filtered/ (ff_jax.data.formats); the demo's: filtered.jsonl.

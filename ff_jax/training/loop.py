@@ -34,7 +34,7 @@ from ff_jax.progress import LoopLog, Progress, TrainingLog
 from ff_jax.training.checkpoints import PhaseCheckpoints, save_params
 from ff_jax.training.replicas import StackedBatches
 from ff_jax.training.scoring import per_token_means, score_examples, score_snapshots
-from ff_jax.training.steps import ModelRuntime, OptimConfig, Scorer, Trainer
+from ff_jax.training.steps import OptimConfig, Scorer, Trainer
 
 # Default wall time between step checkpoints: a kill loses at most this much training, and a save
 # (whose blocking part is a device-to-host copy of the train state) costs a few percent of it at
@@ -400,7 +400,7 @@ def _process_zero_says(flag: bool) -> bool:
   return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
 
 
-def train_phase(spec: PhaseSpec, runtime: ModelRuntime, init_params: Callable[[], Any],
+def train_phase(spec: PhaseSpec, trainer: Trainer, init_params: Callable[[], Any],
                 examples: Sequence[EncodedExample], ckpt_dir: str | Path,
                 log: TrainingLog | None = None, snapshot_dir: str | Path | None = None,
                 stats: LoopStats | None = None) -> Any:
@@ -410,10 +410,9 @@ def train_phase(spec: PhaseSpec, runtime: ModelRuntime, init_params: Callable[[]
   `snapshot_dir/step_<k>` (Orbax), for forgetting curves. Returns the final params, which the
   caller saves: the last step is not step-checkpointed. `log`, `stats`: see `train_loop`.
   """
-  trainer = Trainer(runtime, spec.optim, spec.steps)
   batches = spec.batching.train_iterator(
       examples, spec.seed, process_index=jax.process_index(), process_count=jax.process_count(),
-      row_multiple=runtime.row_multiple(spec.optim.grad_accum_steps))
+      row_multiple=trainer.runtime.row_multiple(spec.optim.grad_accum_steps))
   snapshot_at: Collection[int] = ()
   if spec.snapshot_every and snapshot_dir:
     snapshot_at = range(spec.snapshot_every, spec.steps + 1, spec.snapshot_every)
@@ -436,7 +435,7 @@ def train_and_score(trainer: Trainer, scorer: Scorer, init_params: Any,
                     examples: Sequence[EncodedExample], scoring: Batching, *,
                     stacked_init: bool = False, name: str = "train",
                     stats: LoopStats | None = None, log: TrainingLog | None = None,
-                    replica_names: Sequence[str] | None = None
+                    replica_names: Sequence[str] | None = None, **loop: Any
                     ) -> tuple[dict[str, np.ndarray], Any]:
   """Train in memory to max(steps), scoring `examples` after each step in `steps`: ({nll,
   nll_tail}: per-token means [R, len(steps), N] with R = `trainer.replicas` or 1
@@ -445,8 +444,9 @@ def train_and_score(trainer: Trainer, scorer: Scorer, init_params: Any,
   One model reads `iterators[0]`; K replicas read one iterator each (`StackedBatches`) and start
   from `init_params` (one model), or with `stacked_init` from K models stacked on a leading axis.
   `init_params` stays usable: the loop trains a copy where the step would donate it. `stats`,
-  `log`, `replica_names`: see `train_loop` (`hook_seconds` is the scoring). `scoring`: the
-  batches `examples` are scored in (its pad id also fills the stacked batches).
+  `log`, `replica_names`: see `train_loop` (`hook_seconds` is the scoring); `loop`: its other
+  settings (step checkpoints). `scoring`: the batches `examples` are scored in (its pad id also
+  fills the stacked batches).
   """
   steps = sorted(set(int(s) for s in steps))
   replicas = trainer.replicas
@@ -469,7 +469,7 @@ def train_and_score(trainer: Trainer, scorer: Scorer, init_params: Any,
   params = train_loop(
       trainer, lambda: jax.tree.map(jnp.copy, init_params) if own_copy else init_params,
       batches, max(steps), name, stacked_init=stacked_init, log=log, replica_names=replica_names,
-      hook=score, hook_steps=set(steps), stats=stats)
+      hook=score, hook_steps=set(steps), stats=stats, **loop)
   return means, params
 
 

@@ -93,11 +93,17 @@ def test_kill_mid_phase_and_resume_matches_uninterrupted_run(reference, tmp_path
   assert not progress_lines(lines, "release_pretrain")
   assert "release_pretrain: model base is saved already; restored, not trained again" in lines
   assert complete_phases(run_dir) == {"release"}
-  # 2. The rerun resumes `noisy` from its last checkpoint, not from step 0; killed in the noisy
-  #    replica's own noisy finetune.
-  lines = run_and_kill(*args, phase="noisy_1", at=5)
+  # 2. The rerun resumes `noisy` from its last checkpoint, not from step 0; killed in the stacked
+  #    pass of the safety replicas.
+  lines = run_and_kill(*args, phase="safety_replicas/pass_0 x2", at=5)
   assert "== release: complete, skipped" in lines
   assert progress_lines(lines, "noisy")[0][0] in (2, 4), progress_lines(lines, "noisy")
+  assert complete_phases(run_dir) == {"release", "noisy", "score_before", "safety"}
+  # 2a. The stacked pass resumes from its own step checkpoint; killed in the noisy replica's own
+  #    noisy finetune.
+  lines = run_and_kill(*args, phase="noisy_1", at=5)
+  stacked = progress_lines(lines, "safety_replicas/pass_0 x2")
+  assert stacked[0][0] in (2, 4), stacked
   assert complete_phases(run_dir) == {"release", "noisy", "score_before", "safety",
                                       "safety_replicas"}
   # 2b. The replica resumes from its checkpoint too; killed mid-scoring.
@@ -140,9 +146,10 @@ def test_the_manifest_says_what_each_finetune_cost(reference):
   assert noisy["compiles"] == noisy["compiled_shapes"] >= 1 and noisy["compile_seconds"] > 0
   assert 0 < noisy["padded_tokens"] < noisy["token_slots"]
   assert phases["release"]["finetunes"]["release_pretrain"]["checkpoints"] == 3  # 5, 10, 15
-  # Stacked replicas: scored after their last step, and nothing to checkpoint.
+  # Stacked replicas: scored after their last step, step-checkpointed as every finetune (6 steps
+  # every 2: steps 2 and 4).
   stacked = phases["safety_replicas"]["finetunes"]["pass_0"]
-  assert stacked["hook_seconds"] > 0 and stacked["checkpoints"] == 0
+  assert stacked["hook_seconds"] > 0 and stacked["checkpoints"] == 2
   assert "output_save_seconds" not in stacked
 
 

@@ -52,7 +52,7 @@ VOLATILE = ("models/", "ckpt/", "snapshots/", "tensorboard/", "manifest.json", "
 # log-likelihoods summed over every example, and differences of them (delta_bic) that cancel
 # most digits, measured <= 7e-5 apart: `FIT_ATOL` there.
 NUMERIC = ("scores_before.json", "scores_after.json", "scores_replicas.json",
-           "scores_noisy_replicas.json", "replicas/", "scores.csv", "flagged.jsonl",
+           "scores_noisy_replicas.json", "scores.csv", "flagged.jsonl",
            "filter.json", "metrics.json", "baselines/", "rounds.json", "sweep/chunks/",
            "sweep/results.csv", "sweep/results.json")
 RTOL, ATOL = 1e-4, 1e-5

@@ -26,7 +26,7 @@ from ff_jax.models import forward, hf, positions_from_mask, tiny_llama
 from ff_jax.progress import TrainingLog
 from ff_jax.training.loop import PhaseSpec, train_phase
 from ff_jax.training.scoring import score_examples
-from ff_jax.training.steps import ModelRuntime, OptimConfig, Scorer
+from ff_jax.training.steps import ModelRuntime, OptimConfig, Scorer, Trainer
 
 torch = pytest.importorskip("torch")
 LlamaForCausalLM = pytest.importorskip("transformers").LlamaForCausalLM
@@ -98,7 +98,8 @@ def ff_phase(runtime, spec: PhaseSpec, params, examples, tmp):
   """`loop.train_phase` as the pipeline runs it; (params, per-step losses, grad norms)."""
   log = tmp / f"{spec.name}.jsonl"
   copy = jax.tree.map(jnp.copy, params)  # the train step donates its state
-  out = train_phase(spec, runtime, lambda: copy, examples, tmp / f"ckpt_{spec.name}",
+  trainer = Trainer(runtime, spec.optim, spec.steps)
+  out = train_phase(spec, trainer, lambda: copy, examples, tmp / f"ckpt_{spec.name}",
                     TrainingLog(log, every=1))  # every step's loss
   rows = [json.loads(line) for line in log.read_text().splitlines()]
   assert [r["step"] for r in rows] == list(range(1, spec.steps + 1))

@@ -138,7 +138,8 @@ def test_a_resumed_phase_appends_without_duplicate_steps(tmp_path):
 
   def run():
     params = model.init_params(seed=0)
-    return train_phase(spec, model, lambda: params, data, tmp_path / "ckpt", log)
+    return train_phase(spec, Trainer(model, OPTIM, 5), lambda: params, data, tmp_path / "ckpt",
+                       log)
 
   run()
   straight = strict_lines(log.metrics_path)

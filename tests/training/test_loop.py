@@ -104,7 +104,8 @@ def test_a_phase_resumed_from_its_last_step_checkpoint_matches_one_run_straight(
 
   def run():
     params = model.init_params(seed=0)
-    return jax.tree.map(np.asarray, train_phase(spec, model, lambda: params, data,
+    trainer = Trainer(model, OPTIM, 5)
+    return jax.tree.map(np.asarray, train_phase(spec, trainer, lambda: params, data,
                                                 tmp_path / "ckpt"))
 
   straight = run()
