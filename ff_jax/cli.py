@@ -83,7 +83,7 @@ def _version() -> str:
 
 def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
   """The top-level parser (its help lists the commands) and each command's own parser."""
-  from ff_jax.pipeline.layout import PHASES
+  from ff_jax.run_files import PHASES
 
   parser = argparse.ArgumentParser(
       prog="ff-jax", description="ForgetFilter in JAX.", epilog=TOP_EPILOG,
@@ -337,8 +337,8 @@ def _run_job(args: argparse.Namespace, cfg: RunConfig) -> int:
   --clean or --until), then what the filter did: as text, or with `filter --json` as JSON."""
   from ff_jax.atomic_io import json_text
   from ff_jax.pipeline.driver import run_job
-  from ff_jax.pipeline.layout import PHASES, REPORT
   from ff_jax.report.analysis import filter_outcome, outcome_text
+  from ff_jax.run_files import PHASES, REPORT
 
   until = args.until
   if args.command == "filter" and until is None:

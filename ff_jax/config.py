@@ -31,6 +31,33 @@ from ff_jax.training.steps import OptimConfig
 # Overrides where `compile_cache: auto` puts JAX's persistent compilation cache ("" turns it off).
 COMPILE_CACHE_ENV = "FF_JAX_COMPILE_CACHE"
 
+# What a resumed run may change, declared on each field (`resumable`) and read by
+# `ff_jax.pipeline.rundir`: every other key is fixed for the life of a run directory.
+ANY_TIME = "any time"  # changes results only in float rounding, or not at all
+
+
+def resumable(until: str, **field_args: Any) -> Any:
+  """A dataclass field that may change on resume: at `ANY_TIME` (memory and batching knobs,
+  checkpoint timing, logging), or while the phase `until` (and with it everything the key
+  affects) has not completed."""
+  return dataclasses.field(metadata={"resumable": until}, **field_args)
+
+
+def resumable_keys(cls: type | None = None, prefix: str = "") -> dict[str, str]:
+  """Every dotted key of `cls` (default `RunConfig`) declared `resumable`, with its `until`. A
+  section declared resumable covers its keys; a key inside it may declare its own."""
+  cls = RunConfig if cls is None else cls
+  hints = typing.get_type_hints(cls)
+  out = {}
+  for field in dataclasses.fields(cls):
+    key = prefix + field.name
+    if "resumable" in field.metadata:
+      out[key] = field.metadata["resumable"]
+    for kind in typing.get_args(hints[field.name]) or (hints[field.name],):
+      if dataclasses.is_dataclass(kind):
+        out.update(resumable_keys(kind, key + "."))
+  return out
+
 
 def auto_noisy_replicas(signal: str) -> int:
   """What `scoring.noisy_replicas: auto` is for `filter.signal`: the two M1s of a *_nens signal,
@@ -62,7 +89,8 @@ class DataConfig:
   # demo. Rows may be ff_jax's prompt/response, TRL messages or TRL prompt/completion.
   noisy: str = "demo"
   safe: str = "demo"
-  eval: str = ""  # held-out records (a source spec); "" = none (ff_jax.pipeline.evaluate)
+  # held-out records (a source spec); "" = none (ff_jax.pipeline.evaluate)
+  eval: str = resumable("evaluate", default="")
   # Record key → the table's column, for every table source: {prompt: question, response: answer,
   # id: qid}; keys: id, prompt, response, completion, messages, kind, category, source, meta.
   columns: dict = dataclasses.field(default_factory=dict)
@@ -78,7 +106,7 @@ class DataConfig:
   # instead of padding each one to a bucket, for training and scoring: the same examples per step
   # and the same per-example losses, on a fraction of the padded token slots
   # (`ff_jax.data.batching`).
-  packing: bool = False
+  packing: bool = resumable(ANY_TIME, default=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,8 +119,9 @@ class PhaseConfig:
   optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
   # Step checkpoints inside the phase, for resume after a kill: every this many minutes of wall
   # time (0: none; the phase's end is always saved, as its output model) ...
-  checkpoint_minutes: float = CHECKPOINT_MINUTES
-  checkpoint_every: int = 0  # ... or, when > 0, every this many steps instead (deterministic)
+  checkpoint_minutes: float = resumable(ANY_TIME, default=CHECKPOINT_MINUTES)
+  # ... or, when > 0, every this many steps instead (deterministic)
+  checkpoint_every: int = resumable(ANY_TIME, default=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,33 +138,41 @@ class DemoConfig:
 @dataclasses.dataclass(frozen=True)
 class ScoringConfig:
   """What is measured per noisy example. NLL under M1 and M2 is always computed; every other
-  statistic costs extra passes and is switched on here (see ff_jax/signals.py for the columns)."""
+  statistic costs extra passes and is switched on here (ff_jax/forgetting/signals.py names the
+  columns)."""
 
-  batch_size: int = 32
-  rouge: bool = True  # greedy generation + ROUGE-1 F (the paper's signal); NLL is always computed
-  max_new_tokens: int = 32
-  snapshot_every: int = 0  # also score safety snapshots every k steps (forgetting curves)
-  m0: bool = True  # also score M0 (one forward pass): learning-normalized forgetting
+  batch_size: int = resumable(ANY_TIME, default=32)
+  # greedy generation + ROUGE-1 F (the paper's signal); NLL is always computed
+  rouge: bool = resumable("score_before", default=True)
+  max_new_tokens: int = resumable("score_before", default=32)
+  # also score safety snapshots every k steps (forgetting curves)
+  snapshot_every: int = resumable("safety", default=0)
+  # also score M0 (one forward pass): learning-normalized forgetting
+  m0: bool = resumable("score_before", default=True)
   # also score each response after an empty prompt under M1 and M2 (two passes over the
   # responses alone): nll_pmi, forgetting of what the prompt adds, net of the response's style;
   # off by default: it did not beat nll on the tuning mixture or the demo (docs/fidelity.md)
   pmi: bool = False
-  replicas: int = 1  # K safety finetunings of M1 differing in seed and order, stacked: *_ens
+  # K safety finetunings of M1 differing in seed and order, stacked: *_ens
+  replicas: int = resumable("safety_replicas", default=1)
   # Stack at most this many of the K − 1 extra replicas, safety or noisy (0: all); 1 trains them
   # one at a time with the ordinary steps (and resumes a noisy replica from its checkpoints).
   # `auto`: decided when the phase starts, as `ff-jax plan` decides (ff_jax.training.memory
   # .pass_size): one at a time on a CPU, else the largest stack whose compiled steps fit the
   # device's memory; the phase's manifest entry records the count it used.
-  replicas_per_pass: int | str = "auto"
+  replicas_per_pass: int | str = resumable(ANY_TIME, default="auto")
   # K M1s: the noisy finetune repeated with other seeds (data orders), each with its own safety
   # finetune, trained stacked: *_nens (the default signal). Costs K − 1 more noisy and safety
   # finetunes (docs/fidelity.md, "Cost"). `auto`: what filter.signal needs (auto_noisy_replicas:
   # 2 for a *_nens signal, twice the paper's finetunes; 1, the paper's single run, otherwise),
   # resolved when the config loads, so a run's manifest holds the count it trained.
-  noisy_replicas: int | str = "auto"
-  gradient_blocks: int = 0  # gradient alignment over the last N blocks under M1 (0: off)
-  gradient_batch_size: int = 4  # examples per vmapped per-example-gradient pass
-  gradient_max_gib: float = 2.0  # refuse when one pass's per-example gradients exceed this
+  noisy_replicas: int | str = resumable("noisy_replicas", default="auto")
+  # gradient alignment over the last N blocks under M1 (0: off)
+  gradient_blocks: int = resumable("score_before", default=0)
+  # examples per vmapped per-example-gradient pass
+  gradient_batch_size: int = resumable(ANY_TIME, default=4)
+  # refuse when one pass's per-example gradients exceed this
+  gradient_max_gib: float = resumable(ANY_TIME, default=2.0)
 
   def __post_init__(self):
     # Checked when the config loads, not when the phase starts hours into a run.
@@ -193,7 +230,7 @@ class FilterConfig:
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
   max_new_tokens: int = 32
-  batch_size: int = 64
+  batch_size: int = resumable(ANY_TIME, default=64)
   toxicity: str = "auto"  # toxicity scorer: auto | detoxify[:CHECKPOINT] | lexicon[:FILE]
   self_correction: bool = True  # also evaluate M1 and the clean model with the prompt cue
 
@@ -204,8 +241,8 @@ class LoggingConfig:
   tokens/examples per second: to `metrics.jsonl`, the progress line and, with `tensorboard`,
   event files under `<run_dir>/tensorboard/<finetune>/` (ff_jax.progress.TrainingLog)."""
 
-  every: int = LOG_EVERY
-  tensorboard: bool = True
+  every: int = resumable(ANY_TIME, default=LOG_EVERY)
+  tensorboard: bool = resumable(ANY_TIME, default=True)
 
   def __post_init__(self):
     if self.every < 1:
@@ -221,10 +258,11 @@ class RunConfig:
   demo: DemoConfig = dataclasses.field(default_factory=DemoConfig)
   noisy: PhaseConfig = dataclasses.field(default_factory=PhaseConfig)
   safety: PhaseConfig = dataclasses.field(default_factory=PhaseConfig)
-  clean: PhaseConfig | None = None  # None: the same as `noisy`, for a fair comparison with M1
+  # None: the same as `noisy`, for a fair comparison with M1
+  clean: PhaseConfig | None = resumable("clean", default=None)
   scoring: ScoringConfig = dataclasses.field(default_factory=ScoringConfig)
-  filter: FilterConfig = dataclasses.field(default_factory=FilterConfig)
-  evaluate: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+  filter: FilterConfig = resumable("filter", default_factory=FilterConfig)
+  evaluate: EvalConfig = resumable("evaluate", default_factory=EvalConfig)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
   # LoRA adapters on M0 for every finetune (noisy, safety, clean); rank 0 = full finetuning.
   lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
@@ -232,7 +270,7 @@ class RunConfig:
   # instead of compiling them again: auto (`$FF_JAX_COMPILE_CACHE`, else the user's cache:
   # `$XDG_CACHE_HOME/ff_jax/jax` or `~/.cache/ff_jax/jax`) | a folder | "" (off). See
   # `compile_cache_dir`.
-  compile_cache: str = "auto"
+  compile_cache: str = resumable(ANY_TIME, default="auto")
   logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
   def __post_init__(self):

@@ -31,8 +31,8 @@ from typing import Any
 
 from ff_jax.atomic_io import write_json_atomic
 from ff_jax.config import load_config
-from ff_jax.pipeline.layout import MANIFEST
 from ff_jax.report.fmt import markdown_table
+from ff_jax.run_files import MANIFEST
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO.parent / "shared" / "reference" / "ref_forgetfilter_torch.py"

@@ -33,7 +33,7 @@ import numpy as np
 
 from ff_jax.data.batching import TrainIterator
 from ff_jax.eval.classification import auroc
-from ff_jax.pipeline.layout import finetune_seed
+from ff_jax.run_files import finetune_seed
 
 
 def ff_jax_orders(n_noisy: int, n_safe: int, cfg: dict) -> dict[str, list[list[int]]]:

@@ -31,9 +31,9 @@ from ff_jax.config import (
 from ff_jax.errors import RunDirError
 from ff_jax.perf.bench import BenchConfig
 from ff_jax.pipeline.driver import keep_trained_noisy_replicas, method_cost
-from ff_jax.pipeline.layout import PHASES
 from ff_jax.pipeline.rundir import RunDir
 from ff_jax.report.analysis import filter_outcome, outcome_text
+from ff_jax.run_files import PHASES
 from tests.helpers.pipeline_helpers import (
   NOISY,
   SAFE,

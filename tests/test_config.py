@@ -11,11 +11,14 @@ import sys
 import pytest
 
 from ff_jax.config import (
+  ANY_TIME,
   COMPILE_CACHE_ENV,
   auto_noisy_replicas,
   compile_cache_dir,
   load_config,
+  resumable_keys,
 )
+from ff_jax.pipeline.rundir import RunDir
 from tests.helpers.paths import REPO
 
 
@@ -78,3 +81,31 @@ def test_a_count_set_in_the_yaml_or_on_the_command_line_is_kept(tmp_path):
   paper = load_config("configs/filter.yaml", ["scoring.noisy_replicas=1", "filter.signal=nll"])
   assert paper.scoring.noisy_replicas == 1
   assert paper == load_config("configs/filter.yaml", ["filter.signal=nll"])
+
+
+def test_the_keys_a_resumed_run_may_change_are_declared_on_the_config_fields():
+  """`resumable` fields are what `RunDir` lets a resumed run change: knobs at any time, a phase's
+  settings until it completes (a section covers its keys; a key inside it may say otherwise)."""
+  keys = resumable_keys()
+  phases = {"score_before", "safety", "safety_replicas", "noisy_replicas", "filter", "clean",
+            "evaluate"}
+  assert set(keys.values()) <= phases | {ANY_TIME}
+  assert {k for k, v in keys.items() if v != ANY_TIME} == {
+      "data.eval", "scoring.rouge", "scoring.max_new_tokens", "scoring.m0",
+      "scoring.gradient_blocks", "scoring.snapshot_every", "scoring.replicas",
+      "scoring.noisy_replicas", "filter", "clean", "evaluate"}
+  for phase in ("demo.pretrain", "demo.align", "noisy", "safety", "clean"):
+    assert keys[f"{phase}.checkpoint_minutes"] == keys[f"{phase}.checkpoint_every"] == ANY_TIME
+  for knob in ("data.packing", "scoring.batch_size", "scoring.replicas_per_pass",
+               "evaluate.batch_size", "compile_cache", "logging.every"):
+    assert keys[knob] == ANY_TIME
+  # What a run trains on and with is fixed for its run directory.
+  for fixed in ("seed", "data.noisy", "data.template", "noisy.steps", "safety.optim", "model"):
+    assert not any(fixed == k or fixed.startswith(k + ".") for k in keys), fixed
+
+  # RunDir reads them: the most specific declaration wins.
+  manifest = {"phases": {"evaluate": {"complete": True}}}
+  assert RunDir._still_open(manifest, "evaluate.batch_size")
+  assert not RunDir._still_open(manifest, "evaluate.max_new_tokens")
+  assert RunDir._still_open(manifest, "filter.signal")
+  assert not RunDir._still_open(manifest, "safety.steps")

@@ -28,12 +28,14 @@ FIRST_PARTY = "ff_jax"
 
 # Bottom to top. A module may import its own layer or a lower one, never a higher one. The run
 # config composes each layer's own config dataclass (optimiser, LoRA, mesh, thresholds), so it sits
-# above all of them; the run-dir layout and manifest sit below the report, which names their files.
+# above all of them; the run directory's file names sit at the bottom, where the report and the
+# pipeline both read them.
 LAYERS: dict[str, int] = {
     "ff_jax.errors": 0,
     "ff_jax.atomic_io": 0,
     "ff_jax.progress": 0,
     "ff_jax.cpu_devices": 0,  # XLA flags for fake CPU devices; imports nothing
+    "ff_jax.run_files": 0,  # the run directory's file names and finetune seeds; imports nothing
     "ff_jax.parallel": 1,
     "ff_jax.eval": 1,
     "ff_jax.models": 1,
@@ -41,8 +43,6 @@ LAYERS: dict[str, int] = {
     "ff_jax.training": 3,
     "ff_jax.forgetting": 4,
     "ff_jax.config": 5,
-    "ff_jax.pipeline.layout": 6,
-    "ff_jax.pipeline.rundir": 6,
     "ff_jax.report": 7,
     "ff_jax.pipeline": 8,
     "ff_jax.experiments": 9,

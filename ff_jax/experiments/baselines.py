@@ -29,10 +29,10 @@ from ff_jax.errors import ConfigError, DataError
 from ff_jax.pipeline.context import open_run
 from ff_jax.pipeline.evaluate import model_metrics, nll_sets
 from ff_jax.pipeline.finetunes import Finetunes
-from ff_jax.pipeline.layout import BASELINE_NAMES, BASELINES_DIR, FILTER_SUMMARY, finetune_seed
 from ff_jax.pipeline.rundir import RunDir
 from ff_jax.progress import log
 from ff_jax.report.markdown import write_report
+from ff_jax.run_files import BASELINE_NAMES, BASELINES_DIR, FILTER_SUMMARY, finetune_seed
 from ff_jax.training.checkpoints import restore_params
 
 # The random baseline's draw: its own stream of the run's seed, apart from every finetune's.

@@ -29,10 +29,10 @@ from ff_jax.pipeline.context import open_run
 from ff_jax.pipeline.evaluate import model_metrics
 from ff_jax.pipeline.filter import kept_and_flagged
 from ff_jax.pipeline.finetunes import Finetunes
-from ff_jax.pipeline.layout import ROUNDS, ROUNDS_REPORT, rounds_seed
 from ff_jax.pipeline.rundir import RunDir
 from ff_jax.progress import log
 from ff_jax.report.rounds import rounds_markdown
+from ff_jax.run_files import ROUNDS, ROUNDS_REPORT, rounds_seed
 from ff_jax.training.checkpoints import restore_params
 
 METHODS = ("sequential", "forgetfilter")

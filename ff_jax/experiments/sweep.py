@@ -34,10 +34,10 @@ from ff_jax.errors import ConfigError, RunDirError
 from ff_jax.eval.classification import auroc, filter_metrics
 from ff_jax.forgetting.thresholds import Threshold
 from ff_jax.pipeline.inputs import load_inputs
-from ff_jax.pipeline.layout import SCORES_BEFORE
 from ff_jax.pipeline.rundir import RunDir
 from ff_jax.progress import TrainingLog, log
 from ff_jax.report.sweep import sweep_plots, write_sweep_report
+from ff_jax.run_files import SCORES_BEFORE
 from ff_jax.training.checkpoints import restore_params
 from ff_jax.training.loop import train_and_score
 from ff_jax.training.replicas import ReplicaMeshConfig, make_replica_mesh, variant_iterator

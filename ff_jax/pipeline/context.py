@@ -23,9 +23,9 @@ from ff_jax.data.templates import EncodedExample, PromptTemplate, encode_example
 from ff_jax.eval.toxicity import ToxicityScorer, make_toxicity_scorer
 from ff_jax.models import lora
 from ff_jax.pipeline.inputs import JobInputs, load_inputs, save_tokenizer
-from ff_jax.pipeline.layout import TENSORBOARD, TRAINING_LOG
 from ff_jax.pipeline.rundir import RunDir
 from ff_jax.progress import TrainingLog
+from ff_jax.run_files import TENSORBOARD, TRAINING_LOG
 from ff_jax.training.checkpoints import restore_params
 from ff_jax.training.loop import PhaseSpec, phase_steps
 from ff_jax.training.scoring import per_token_means, score_examples

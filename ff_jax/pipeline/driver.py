@@ -9,7 +9,7 @@ of them when the filter's signal averages over replicas; the score phases measur
 D under M1 (and M0) and M2; `filter` computes the forgetting signals and drops the examples whose
 signal exceeds the threshold; `clean` finetunes M0 (never M1/M2) on what is left; `evaluate`
 compares the models. Each phase is a function of the run's context (ff_jax.pipeline.context) that
-ends in an Orbax checkpoint or an atomically written file (ff_jax.pipeline.layout names them) and
+ends in an Orbax checkpoint or an atomically written file (ff_jax.run_files names them) and
 is then marked complete in the manifest; a rerun skips complete phases and resumes a training phase
 from its newest step checkpoint.
 """
@@ -26,10 +26,10 @@ from ff_jax.atomic_io import barrier, is_primary
 from ff_jax.config import RunConfig, auto_noisy_replicas
 from ff_jax.pipeline import ensembles, evaluate, filter, finetune, score
 from ff_jax.pipeline.context import RunContext, open_run
-from ff_jax.pipeline.layout import PHASES
 from ff_jax.pipeline.rundir import RunDir
 from ff_jax.progress import log
 from ff_jax.report.markdown import write_report
+from ff_jax.run_files import PHASES
 
 PHASE_RUNNERS: dict[str, Callable[[RunContext], dict[str, Any]]] = {
     "release": finetune.release,

@@ -28,14 +28,14 @@ from ff_jax.atomic_io import remove, write_json_atomic
 from ff_jax.errors import RunDirError
 from ff_jax.pipeline.context import RunContext
 from ff_jax.pipeline.finetunes import Costs, Finetunes
-from ff_jax.pipeline.layout import (
+from ff_jax.pipeline.rundir import RunDir
+from ff_jax.progress import log
+from ff_jax.run_files import (
   OLD_REPLICA_PASSES,
   SCORES_NOISY_REPLICAS,
   SCORES_REPLICAS,
   finetune_seed,
 )
-from ff_jax.pipeline.rundir import RunDir
-from ff_jax.progress import log
 from ff_jax.training.loop import PhaseSpec
 from ff_jax.training.memory import (
   GIB,

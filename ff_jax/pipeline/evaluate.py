@@ -42,7 +42,7 @@ from ff_jax.eval.text import rouge1_f, rouge_l_f, squad_scores
 from ff_jax.eval.toxicity import ToxicityScorer, toxicity_summary
 from ff_jax.pipeline.context import RunContext
 from ff_jax.pipeline.filter import kept_and_flagged
-from ff_jax.pipeline.layout import METRICS
+from ff_jax.run_files import METRICS
 from ff_jax.training.scoring import generate_texts
 
 MODELS = ("M0", "M1", "M2", "clean")

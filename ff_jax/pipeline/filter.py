@@ -38,7 +38,10 @@ from ff_jax.eval.classification import auprc, auroc, filter_metrics
 from ff_jax.forgetting.signals import SIGNALS, compute_signals, signal_report
 from ff_jax.forgetting.thresholds import Threshold, separation
 from ff_jax.pipeline.context import RunContext
-from ff_jax.pipeline.layout import (
+from ff_jax.pipeline.rundir import RunDir
+from ff_jax.progress import log
+from ff_jax.report.analysis import separation_text
+from ff_jax.run_files import (
   FILTER_SUMMARY,
   FILTERED,
   FILTERED_DEMO,
@@ -49,9 +52,6 @@ from ff_jax.pipeline.layout import (
   SCORES_NOISY_REPLICAS,
   SCORES_REPLICAS,
 )
-from ff_jax.pipeline.rundir import RunDir
-from ff_jax.progress import log
-from ff_jax.report.analysis import separation_warning
 
 _STAT_KEYS = ("nll", "acc", "rouge")
 
@@ -90,7 +90,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
   info = filter_records(ctx.cfg, ctx.run, ctx.inputs.noisy,
                         truncated=sum(e.truncated for e in ctx.noisy),
                         source=ctx.inputs.noisy_source)
-  warning = separation_warning(ctx.run.root)
+  warning = info.pop("warning")
   if warning:
     log(warning)
   return info
@@ -164,7 +164,8 @@ def filter_records(cfg: RunConfig, run: RunDir, records: list[Record], truncated
   write_json_atomic(run.file(FILTER_SUMMARY), summary)
   barrier("filter outputs written")
   return {"kept": len(kept), "flagged": len(dropped), "phi": float(phi),
-          "f1": metrics["f1"] if metrics else None, "separation": verdict["verdict"]}
+          "f1": metrics["f1"] if metrics else None, "separation": verdict["verdict"],
+          "warning": separation_text(summary)}
 
 
 def _refuse(run: RunDir, signal: str, threshold: str, verdict: dict[str, Any]) -> None:

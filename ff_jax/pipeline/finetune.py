@@ -16,7 +16,7 @@ from ff_jax.models import lora
 from ff_jax.pipeline.context import RunContext
 from ff_jax.pipeline.filter import kept_and_flagged
 from ff_jax.pipeline.finetunes import Finetunes
-from ff_jax.pipeline.layout import CLEAN_HF, SCORES_CSV, finetune_seed
+from ff_jax.run_files import CLEAN_HF, SCORES_CSV, finetune_seed
 
 
 def release(ctx: RunContext) -> dict[str, Any]:

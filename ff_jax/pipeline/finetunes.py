@@ -26,8 +26,8 @@ from ff_jax.data.batching import TrainIterator
 from ff_jax.data.templates import EncodedExample
 from ff_jax.errors import DataError
 from ff_jax.pipeline.context import RunContext
-from ff_jax.pipeline.layout import finetune_seed
 from ff_jax.progress import log
+from ff_jax.run_files import finetune_seed
 from ff_jax.training.checkpoints import PhaseCheckpoints, has_params, restore_params, save_params
 from ff_jax.training.loop import LoopStats, PhaseSpec, train_and_score, train_phase
 from ff_jax.training.steps import ModelRuntime, Trainer
@@ -65,8 +65,8 @@ class Finetunes:
 
     `reuse_output`: a later finetune of the same phase still runs, so a phase killed there reruns
     this one; it then restores `output` if it is saved already instead of training again. Only
-    for a finetune whose settings are fixed for the run directory (not a `LATE_KEYS` phase): a
-    saved output is then the one this config trains.
+    for a finetune whose settings are fixed for the run directory (no `rundir.RESUMABLE` key
+    names its phase): a saved output is then the one this config trains.
     """
     ctx = self.ctx
     if not examples:

@@ -32,8 +32,8 @@ from ff_jax.models.hf import config_from_hf, load_hf, save_hf
 from ff_jax.models.hf_config import hf_model_type
 from ff_jax.models.hub import resolve_model_source
 from ff_jax.models.tokenizer import TextTokenizer
-from ff_jax.pipeline.layout import finetune_seed
 from ff_jax.pipeline.rundir import RunDir
+from ff_jax.run_files import finetune_seed
 
 
 @dataclasses.dataclass

@@ -2,7 +2,7 @@
 
 `manifest.json` records the run's config, the fingerprints of its data and model, and which phases
 are complete. A run resumes only with the same config and data, except for the settings of phases
-that have not run yet (`LATE_KEYS`). It is rewritten atomically after each phase, so a phase is
+that have not run yet (`RESUMABLE`). It is rewritten atomically after each phase, so a phase is
 complete exactly when the manifest says so; anything a killed phase left behind is ignored or
 overwritten on the rerun.
 """
@@ -15,32 +15,18 @@ from pathlib import Path
 from typing import Any
 
 from ff_jax.atomic_io import barrier, remove, write_json_atomic
-from ff_jax.config import RunConfig, config_from_dict
+from ff_jax.config import ANY_TIME, RunConfig, config_from_dict, resumable_keys
 from ff_jax.errors import RunDirError
-from ff_jax.pipeline.layout import MANIFEST, PHASES
+from ff_jax.run_files import MANIFEST, PHASES
 
 MANIFEST_VERSION = 1
 
-# Config keys (dotted prefixes) that matter only from a given phase on. They may change while that
-# phase has not completed, e.g. a new held-out set for `evaluate` or another threshold before
-# `filter` runs; every other key is fixed for the life of a run directory.
-LATE_KEYS = {
-    "scoring.rouge": "score_before", "scoring.max_new_tokens": "score_before",
-    "scoring.m0": "score_before", "scoring.gradient_blocks": "score_before",
-    "scoring.snapshot_every": "safety", "scoring.replicas": "safety_replicas",
-    "scoring.noisy_replicas": "noisy_replicas",
-    "filter": "filter", "clean": "clean", "evaluate": "evaluate", "data.eval": "evaluate",
-}
-# Memory and batching knobs: they may change at any time, since they change results only in float
-# rounding (how rows are grouped into padded batches, how many replicas share a compiled step).
-# So may how often a phase checkpoints, where compiled programs are cached and how training is
-# logged: they change none.
-FREE_KEYS = ("data.packing", "scoring.batch_size", "scoring.gradient_batch_size",
-             "scoring.replicas_per_pass", "scoring.gradient_max_gib", "evaluate.batch_size",
-             "compile_cache", "logging.every", "logging.tensorboard",
-             *(f"{phase}.{knob}" for phase in ("demo.pretrain", "demo.align", "noisy", "safety",
-                                               "clean")
-               for knob in ("checkpoint_minutes", "checkpoint_every")))
+# Config keys that may change on resume, declared on the config's own fields
+# (`ff_jax.config.resumable`): memory and batching knobs, checkpoint timing and logging at any time
+# (they change results only in float rounding, or not at all), and settings that matter only from
+# a phase on (e.g. a new held-out set for `evaluate`, another threshold before `filter`) while that
+# phase has not completed. Every other key is fixed for the life of a run directory.
+RESUMABLE = resumable_keys()
 
 
 class RunDir:
@@ -140,12 +126,13 @@ class RunDir:
 
   @classmethod
   def _still_open(cls, manifest: dict[str, Any], key: str) -> bool:
-    """Whether config key `key` may change: a knob of `FREE_KEYS`, or a setting that only
-    matters to a phase that has not completed yet."""
-    if key in FREE_KEYS:
-      return True
-    matches = [p for p in LATE_KEYS if key == p or key.startswith(p + ".")]
-    return bool(matches) and not cls.is_complete(manifest, LATE_KEYS[max(matches, key=len)])
+    """Whether config key `key` may change: the most specific `RESUMABLE` entry that covers it
+    says at any time, or names a phase that has not completed yet."""
+    matches = [p for p in RESUMABLE if key == p or key.startswith(p + ".")]
+    if not matches:
+      return False
+    until = RESUMABLE[max(matches, key=len)]
+    return until == ANY_TIME or not cls.is_complete(manifest, until)
 
   def write(self, manifest: dict[str, Any]) -> None:
     write_json_atomic(self.manifest_path, manifest)

@@ -19,8 +19,8 @@ from ff_jax.data.batching import Batching
 from ff_jax.data.templates import encode_prompt, encode_responses_alone
 from ff_jax.forgetting.gradients import GradientAlignment
 from ff_jax.pipeline.context import RunContext
-from ff_jax.pipeline.layout import SCORES_AFTER, SCORES_BEFORE
 from ff_jax.progress import log
+from ff_jax.run_files import SCORES_AFTER, SCORES_BEFORE
 from ff_jax.training.checkpoints import restore_params
 from ff_jax.training.loop import snapshot_steps
 from ff_jax.training.scoring import (

@@ -27,7 +27,8 @@ from ff_jax.errors import DataError
 from ff_jax.eval import classification
 from ff_jax.forgetting.signals import SIGNALS
 from ff_jax.forgetting.thresholds import flag_fixed
-from ff_jax.pipeline.layout import (
+from ff_jax.report.fmt import fmt
+from ff_jax.run_files import (
   BASELINE_NAMES,
   BASELINES_DIR,
   CLEAN_HF,
@@ -39,7 +40,6 @@ from ff_jax.pipeline.layout import (
   REPORT,
   SCORES_CSV,
 )
-from ff_jax.report.fmt import fmt
 
 KIND_ORDER = ("unsafe", "safe", "task")
 UNLABELLED = "(unlabelled)"  # the kind of an example whose `kind` cell is empty
@@ -267,8 +267,9 @@ def _phi(filter_info: dict[str, Any] | None) -> float:
     return math.nan
 
 
-def _separation_text(filter_info: dict[str, Any] | None) -> str | None:
-  """The warning for a filter.json whose `separation` verdict is "no separation", else None."""
+def separation_text(filter_info: dict[str, Any] | None) -> str | None:
+  """The warning for a filter summary (filter.json's content) whose `separation` verdict is "no
+  separation", else None."""
   block = (filter_info or {}).get("separation")
   if not isinstance(block, dict) or block.get("verdict") in (None, "separated"):
     return None
@@ -363,7 +364,7 @@ def analyse_run(run_dir: str | Path) -> RunAnalysis:
   return RunAnalysis(run_dir=run_dir, filter_info=filter_info, metrics=metrics,
                      manifest=loaded["manifest"], unavailable=unavailable, signal=signal,
                      threshold=(filter_info or {}).get("threshold"), phi=phi, counts=counts,
-                     separation_warning=_separation_text(filter_info), scores=scores)
+                     separation_warning=separation_text(filter_info), scores=scores)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -375,7 +376,7 @@ def separation_warning(run_dir: str | Path) -> str | None:
   `filter.json`'s `separation` block; ff_jax.forgetting.thresholds.separation), or None:
   separated, or no filter.json (yet, or written before the check existed)."""
   filter_info, _ = _load_json(Path(run_dir) / FILTER_SUMMARY)
-  return _separation_text(filter_info)
+  return separation_text(filter_info)
 
 
 def summary_figures(run_dir: str | Path) -> dict[str, Any]:
@@ -435,7 +436,7 @@ def filter_outcome(run_dir: str | Path) -> dict[str, Any] | None:
       "kept": counts.get("kept"), "dropped": counts.get("flagged"),
       "truncated": counts.get("truncated"),
       **{key: metrics.get(key) for key in ("precision", "recall", "f1", "auroc")},
-      "warning": _separation_text(info),
+      "warning": separation_text(info),
       "files": {key: str(path) for key, path in files.items()
                 if path is not None and (key not in ("report", "clean_model") or path.exists())},
   }

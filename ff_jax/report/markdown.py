@@ -12,11 +12,11 @@ from typing import Any
 
 from ff_jax.atomic_io import remove, write_atomic
 from ff_jax.errors import DataError
-from ff_jax.pipeline.layout import PHASES, PLOTS, REPORT
 from ff_jax.report.analysis import RunAnalysis, analyse_run
 from ff_jax.report.fmt import fmt, markdown_table
 from ff_jax.report.plots import make_plots
 from ff_jax.report.signals import signal_table_markdown
+from ff_jax.run_files import PHASES, PLOTS, REPORT
 
 MODEL_ORDER = ("M0", "M1", "M1+SC", "M2", "replay", "clean", "clean+SC", "random", "oracle")
 # One row per method in the comparison table (the paper's Table 2 layout).

@@ -16,8 +16,8 @@ import numpy as np
 
 from ff_jax.atomic_io import write_atomic
 from ff_jax.eval import classification
-from ff_jax.pipeline.layout import PLOTS
 from ff_jax.report.analysis import UNLABELLED, RunAnalysis
+from ff_jax.run_files import PLOTS
 
 
 def _kind_colors(order: list[str]) -> dict[str, str]:

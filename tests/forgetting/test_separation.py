@@ -180,6 +180,7 @@ def test_warn_filters_anyway_and_says_so_in_filter_json_and_report(tmp_path):
   assert len(kept) == out["kept"] == filt["counts"]["kept"] and out["flagged"] > N * 0.6
 
   warning = analysis.separation_warning(run.root)
+  assert out["warning"] == warning  # the phase logs the one it computed, the CLI reads it back
   assert warning.startswith("WARNING: no separation") and "filter.signal=nll" in warning
   assert f"dropped {out['flagged']} of {N} examples" in warning
   assert block["reasons"][0] in warning
