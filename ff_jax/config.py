@@ -25,9 +25,12 @@ from ff_jax.forgetting.thresholds import Threshold
 from ff_jax.models.config import LoraConfig
 from ff_jax.parallel import MeshConfig
 from ff_jax.progress import LOG_EVERY
-from ff_jax.training.loop import CHECKPOINT_MINUTES
 from ff_jax.training.steps import OptimConfig
 
+# Default wall time between a phase's step checkpoints: a kill loses at most this much training,
+# and a save (whose blocking part is a device-to-host copy of the train state) costs a few percent
+# of it at most even for a model of billions of parameters.
+CHECKPOINT_MINUTES = 10.0
 # Overrides where `compile_cache: auto` puts JAX's persistent compilation cache ("" turns it off).
 COMPILE_CACHE_ENV = "FF_JAX_COMPILE_CACHE"
 

@@ -36,10 +36,6 @@ from ff_jax.training.replicas import StackedBatches
 from ff_jax.training.scoring import per_token_means, score_examples, score_snapshots
 from ff_jax.training.steps import OptimConfig, Scorer, Trainer
 
-# Default wall time between step checkpoints: a kill loses at most this much training, and a save
-# (whose blocking part is a device-to-host copy of the train state) costs a few percent of it at
-# most even for a model of billions of parameters. `config.PhaseConfig` takes its default here.
-CHECKPOINT_MINUTES = 10.0
 # With several processes the clock is read every this many steps only: process 0's reading is
 # broadcast (a small collective, and a host sync) so that every process saves at the same step.
 MULTIPROCESS_CLOCK_STEPS = 10
@@ -54,7 +50,8 @@ class PhaseSpec:
   batching: Batching  # the training batches (rows, buckets, pad id, packing)
   optim: OptimConfig
   seed: int
-  checkpoint_minutes: float = CHECKPOINT_MINUTES  # step checkpoints by wall time (0: none)
+  # step checkpoints by wall time (0: none; a run's default is `config.CHECKPOINT_MINUTES`)
+  checkpoint_minutes: float = 0.0
   checkpoint_every: int = 0  # > 0: every this many steps instead (deterministic, for tests)
   snapshot_every: int = 0  # also keep the params every k steps (forgetting curves)
   # LoRA: step checkpoints keep the adapters (and their optimizer state) only; the frozen base
@@ -152,7 +149,7 @@ def padding_counts(batch: dict[str, np.ndarray]) -> tuple[int, int]:
 def train_loop(trainer: Trainer, init_params: Callable[[], Any], batches: BatchStream, steps: int,
                name: str, *, stacked_init: bool = False,
                checkpoints: PhaseCheckpoints | None = None,
-               checkpoint_minutes: float = CHECKPOINT_MINUTES, checkpoint_every: int = 0,
+               checkpoint_minutes: float = 0.0, checkpoint_every: int = 0,
                adapter_checkpoints: bool = False, log: TrainingLog | None = None,
                replica_names: Sequence[str] | None = None,
                hook: Callable[[int, Any], None] | None = None, hook_steps: Collection[int] = (),
