@@ -80,7 +80,7 @@ class Finetunes:
       spec = ctx.spec(name, phase, len(examples), seed, snapshot_every)
       snapshot_dir = ctx.run.snapshots(name) if snapshot_every else None
       stats = LoopStats()
-      params = train_phase(spec, Trainer(runtime, spec.optim, spec.steps), init, examples,
+      params = train_phase(spec, self._trainer(spec, 1, runtime), init, examples,
                            ctx.run.ckpt(name), ctx.training_log, snapshot_dir, stats)
       began = time.perf_counter()
       save_params(ctx.run.model(output), params)
@@ -116,11 +116,15 @@ class Finetunes:
     checkpoints.close()
     return {k: v[:, -1] for k, v in means.items()}, params, cost(record or name, stats)
 
-  def _trainer(self, spec: PhaseSpec, replicas: int) -> Trainer:
+  def _trainer(self, spec: PhaseSpec, replicas: int,
+               runtime: ModelRuntime | None = None) -> Trainer:
+    """The one place a run's finetunes get a `Trainer`: one per runtime, optimizer, schedule
+    length and stack size, so finetunes with the same settings share a compiled step."""
+    runtime = runtime or self.ctx.runtime
     stacked = None if replicas == 1 else replicas
-    key = (id(self.ctx.runtime), spec.optim, spec.steps, stacked)
+    key = (id(runtime), spec.optim, spec.steps, stacked)
     if key not in self._trainers:
-      self._trainers[key] = Trainer(self.ctx.runtime, spec.optim, spec.steps, replicas=stacked)
+      self._trainers[key] = Trainer(runtime, spec.optim, spec.steps, replicas=stacked)
     return self._trainers[key]
 
   def batches(self, examples: Sequence[EncodedExample], spec: PhaseSpec,
