@@ -283,7 +283,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     from ff_jax.report.analysis import filter_outcome, outcome_text
     from ff_jax.report.markdown import write_report
 
-    print(write_report(Path(args.run_dir)))
+    print(write_report(args.run_dir))
     outcome = filter_outcome(args.run_dir)
     if outcome is not None:
       print(outcome_text(outcome))

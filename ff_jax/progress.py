@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ff_jax.atomic_io import json_text, write_atomic
+from ff_jax.atomic_io import is_remote, json_text, run_path, write_atomic
 
 # Default steps between a training loop's records (`config.LoggingConfig` takes its default here).
 LOG_EVERY = 10
@@ -87,17 +87,28 @@ class Progress:
 
 
 class MetricsLog:
-  """Appends one strict JSON object per line (non-finite numbers as null); process 0 only."""
+  """Appends one strict JSON object per line (non-finite numbers as null); process 0 only.
+
+  A bucket's objects cannot be appended to: there the whole log is rewritten with each record
+  (one small object; a record comes every `logging.every` steps)."""
 
   def __init__(self, path: str | Path | None):
-    self.path = Path(path) if path else None
+    self.path = run_path(path) if path else None
+    self._remote_text: str | None = None  # a bucket's log as last written
 
   def write(self, **record: Any) -> None:
     if self.path is None or not writes_logs():
       return
+    line = json_text(record, indent=None) + "\n"
+    if is_remote(self.path):
+      if self._remote_text is None:
+        self._remote_text = self.path.read_text() if self.path.exists() else ""
+      self._remote_text += line
+      write_atomic(self.path, self._remote_text)
+      return
     self.path.parent.mkdir(parents=True, exist_ok=True)
     with self.path.open("a") as handle:
-      handle.write(json_text(record, indent=None) + "\n")
+      handle.write(line)
 
   def drop_after(self, phase: str, step: int) -> None:
     """Remove `phase`'s records of steps after `step` (and lines a kill left half-written): a
@@ -156,7 +167,7 @@ class TrainingLog:
       # Deferred: tensorboardX imports torch where torch is installed (about a second).
       from tensorboardX import SummaryWriter
 
-      folder = Path(self.tensorboard_dir) / name
+      folder = run_path(self.tensorboard_dir) / name
       for key, sub in [(None, folder), *((r, folder / r) for r in replica_names or ())]:
         # A nanosecond suffix: tensorboardX names files by the second, and a second writer of a
         # folder in the same second would overwrite the first one's file. Files sort in the

@@ -38,7 +38,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ff_jax.atomic_io import write_atomic, write_folder
+from ff_jax.atomic_io import is_remote, local_file, write_atomic, write_folder
 from ff_jax.data.adapter_rows import adapter_source
 from ff_jax.data.kept import Source, write_lines
 from ff_jax.data.records import parse_json_line, read_csv_rows, read_lines
@@ -163,6 +163,23 @@ def _name_split(spec: str, scheme: str) -> tuple[str, str]:
   return name, split or "train"
 
 
+def _remote_source(spec: str, columns: dict[str, str]) -> Source:
+  """A file in a bucket (`gs://...`, also after an adapter's `name:`): read from a local copy,
+  with every message naming the object, not the copy."""
+  prefix, sep, rest = spec.partition(":")
+  url = rest if sep and prefix in ADAPTERS else spec
+  try:
+    local = local_file(url)
+  except FileNotFoundError:
+    raise DataError(f"{url}: file not found") from None
+  try:
+    source = load_source(spec.replace(url, str(local)), columns)
+  except DataError as err:
+    raise DataError(str(err).replace(str(local), url)) from None
+  source.spec = spec
+  return source
+
+
 def load_source(spec: str | Path, columns: Mapping[str, str] | None = None) -> Source:
   """The records of a source spec (see the module docstring) and how to write its rows back.
 
@@ -171,6 +188,8 @@ def load_source(spec: str | Path, columns: Mapping[str, str] | None = None) -> S
   """
   text = str(spec)
   columns = check_columns(columns)
+  if is_remote(text.partition(":")[2] if text.partition(":")[0] in ADAPTERS else text):
+    return _remote_source(text, columns)
   if text.startswith("hf://"):
     return _hf_source(text, *_name_split(text, "hf://"), columns)
   if text.startswith("tfds://"):

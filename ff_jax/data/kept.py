@@ -15,7 +15,7 @@ from collections.abc import Callable, Collection, Hashable
 from pathlib import Path
 from typing import Any
 
-from ff_jax.atomic_io import write_atomic
+from ff_jax.atomic_io import run_path, write_atomic
 from ff_jax.data.records import Record
 
 # Writes the rows with these keys (in source order) to this path.
@@ -41,7 +41,7 @@ class Source:
 
   def write_kept(self, folder: Path, kept_ids: Collection[str]) -> Path:
     """Write the kept rows as `folder/output_name`; returns that path."""
-    path = Path(folder) / self.output_name.rstrip("/")
+    path = run_path(folder) / self.output_name.rstrip("/")
     self.write_rows(path, self.kept_rows(kept_ids))
     return path
 

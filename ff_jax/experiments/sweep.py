@@ -26,7 +26,14 @@ from typing import Any
 
 import numpy as np
 
-from ff_jax.atomic_io import barrier, is_primary, remove, write_atomic, write_json_atomic
+from ff_jax.atomic_io import (
+  barrier,
+  is_primary,
+  remove,
+  run_path,
+  write_atomic,
+  write_json_atomic,
+)
 from ff_jax.config import LoggingConfig
 from ff_jax.data.batching import Batching
 from ff_jax.data.templates import EncodedExample, PromptTemplate, encode_examples
@@ -251,7 +258,7 @@ def run_sweep(cfg: SweepConfig, inputs: SweepInputs | None = None,
   if not cfg.run_dir and inputs is None:
     raise ConfigError("sweep.run_dir is not set: give the run directory whose M1 to sweep, as "
                       "`ff-jax sweep --run-dir DIR`")
-  out_dir = Path(cfg.out_dir or Path(cfg.run_dir) / "sweep").absolute()
+  out_dir = run_path(cfg.out_dir or run_path(cfg.run_dir) / "sweep")
   if restart:
     remove(out_dir)
   barrier("sweep folder cleared")  # before any process looks for saved chunks in it

@@ -40,7 +40,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from ff_jax import parallel
-from ff_jax.atomic_io import write_folder
+from ff_jax.atomic_io import run_path, write_folder
 from ff_jax.errors import CheckpointError
 from ff_jax.models import abstract_model
 from ff_jax.models.config import ModelConfig
@@ -386,7 +386,7 @@ def load_hf(folder: str | os.PathLike, mesh=None, rules: Mapping | None = None,
   on the default device. `dtype` ('float32' / 'bfloat16') overrides the parameter dtype (default:
   ff_jax's float32, whatever the file holds). Only one tensor is on the host at a time.
   """
-  folder = Path(folder)
+  folder = run_path(folder)
   config_path = folder / "config.json"
   if not config_path.exists():
     raise CheckpointError(f"{config_path}: not found")
@@ -599,7 +599,7 @@ def save_hf(folder: str | os.PathLike, cfg: ModelConfig, params: Params, model_t
   (`atomic_io.write_folder`), so a crash never leaves a half-written checkpoint under `folder`;
   the other processes return once it is in place.
   """
-  folder = Path(folder)
+  folder = run_path(folder)
   config = hf_config_from(cfg, model_type)
   flat, items = _export_items(cfg, params, model_type)  # both raise on every process alike
   files = shard_files([(item.key, item.nbytes) for item in items], max_shard_size)

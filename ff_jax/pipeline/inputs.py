@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ff_jax.atomic_io import write_folder
+from ff_jax.atomic_io import folder_complete, local_folder, write_folder
 from ff_jax.config import RunConfig
 from ff_jax.data import records as records_io
 from ff_jax.data.demo import DemoWorld, build_demo_world, train_demo_tokenizer
@@ -92,14 +92,15 @@ def _model_fingerprint(source: Path) -> str:
 
 def _demo_tokenizer(world: DemoWorld, run: RunDir) -> TextTokenizer:
   """The run's demo tokenizer if the release phase saved one, else a freshly trained one."""
-  if (run.tokenizer / "tokenizer.json").exists():
-    return TextTokenizer.from_folder(run.tokenizer)
+  if folder_complete(run.tokenizer):
+    with local_folder(run.tokenizer) as folder:
+      return TextTokenizer.from_folder(folder)
   return train_demo_tokenizer(world.texts())
 
 
 def save_tokenizer(tokenizer: TextTokenizer, run: RunDir) -> None:
   """Keep the tokenizer in the run directory (`write_folder`: atomically, by process 0)."""
-  if (run.tokenizer / "tokenizer.json").exists():
+  if folder_complete(run.tokenizer):
     return
   write_folder(run.tokenizer, tokenizer.save)
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ff_jax.atomic_io import barrier, remove, write_json_atomic
+from ff_jax.atomic_io import barrier, remove, run_path, write_json_atomic
 from ff_jax.config import ANY_TIME, RunConfig, config_from_dict, resumable_keys
 from ff_jax.errors import RunDirError
 from ff_jax.run_files import MANIFEST, PHASES
@@ -33,7 +33,7 @@ class RunDir:
   """Paths inside a run directory and its manifest."""
 
   def __init__(self, root: str | Path):
-    self.root = Path(root).absolute()
+    self.root = run_path(root)
     self.manifest_path = self.root / MANIFEST
 
   def model(self, name: str) -> Path:

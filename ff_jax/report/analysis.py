@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from ff_jax.atomic_io import run_path
 from ff_jax.errors import DataError
 from ff_jax.eval import classification
 from ff_jax.forgetting.signals import SIGNALS
@@ -53,7 +54,7 @@ _CURVE_RE = re.compile(r"^r_(nll|acc|rouge)@(\d+)$")
 
 def read_baselines(run_dir: str | Path) -> dict[str, dict[str, Any]]:
   """{name: metrics} of the baselines run so far (`ff-jax baseline`), in the report's order."""
-  folder = Path(run_dir) / BASELINES_DIR
+  folder = run_path(run_dir) / BASELINES_DIR
   out = {}
   for name in BASELINE_NAMES:
     path = folder / f"{name}.json"
@@ -71,7 +72,7 @@ def load_scores(run_dir: str | Path) -> dict[str, Any]:
   float64 array with NaN where the cell is empty (e.g. ROUGE not computed, example not scored).
   Raises DataError naming the file and line for a missing file, header or bad number.
   """
-  path = Path(run_dir) / SCORES_CSV
+  path = run_path(run_dir) / SCORES_CSV
   if not path.is_file():
     raise DataError(f"{path}: not found (the scoring phases have not run)")
   with path.open(newline="", encoding="utf-8") as handle:
@@ -337,7 +338,7 @@ def _analyse_scores(scores: dict[str, Any], signal: str, phi: float) -> ScoreAna
 
 def analyse_run(run_dir: str | Path) -> RunAnalysis:
   """Reads the run directory's artifacts and computes every number the report shows, once."""
-  run_dir = Path(run_dir)
+  run_dir = run_path(run_dir)
   unavailable: dict[str, str] = {}
   loaded = {}
   for key, name in (("filter", FILTER_SUMMARY), ("metrics", METRICS), ("manifest", MANIFEST)):
@@ -375,7 +376,7 @@ def separation_warning(run_dir: str | Path) -> str | None:
   """The loud one-line warning of a run whose filter found no separation in its scores (from
   `filter.json`'s `separation` block; ff_jax.forgetting.thresholds.separation), or None:
   separated, or no filter.json (yet, or written before the check existed)."""
-  filter_info, _ = _load_json(Path(run_dir) / FILTER_SUMMARY)
+  filter_info, _ = _load_json(run_path(run_dir) / FILTER_SUMMARY)
   return separation_text(filter_info)
 
 
@@ -418,7 +419,7 @@ def filter_outcome(run_dir: str | Path) -> dict[str, Any] | None:
   {filtered (`kept_rows_path`), scores, flagged, filter, and report and clean_model where they
   exist}, absolute paths.
   """
-  run_dir = Path(run_dir).absolute()
+  run_dir = run_path(run_dir)
   info, _ = _load_json(run_dir / FILTER_SUMMARY)
   if info is None:
     return None
@@ -445,7 +446,7 @@ def filter_outcome(run_dir: str | Path) -> dict[str, Any] | None:
 def kept_rows_path(run_dir: str | Path) -> Path | None:
   """The filter's kept rows: `filtered.<ext>` or the folder `filtered/`, whichever the filter
   wrote (it removes any other); None before it has."""
-  run_dir = Path(run_dir)
+  run_dir = run_path(run_dir)
   found = sorted(p for p in [*run_dir.glob(f"{FILTERED}.*"), run_dir / FILTERED] if p.exists())
   return found[0] if found else None
 

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ff_jax.atomic_io import remove, write_atomic
+from ff_jax.atomic_io import remove, run_path, write_atomic
 from ff_jax.errors import DataError
 from ff_jax.report.analysis import RunAnalysis, analyse_run
 from ff_jax.report.fmt import fmt, markdown_table
@@ -270,7 +270,7 @@ def write_report(run_dir: str | Path) -> Path:
   `prf_vs_phi.png` (only with labels) and `forgetting_curves.png` (only with r_<signal>@<step>
   columns). Missing optional files leave a note in their section instead of failing.
   """
-  run_dir = Path(run_dir)
+  run_dir = run_path(run_dir)
   if not run_dir.is_dir():
     raise DataError(f"{run_dir}: run directory not found")
   a = analyse_run(run_dir)

@@ -21,12 +21,14 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from ff_jax.atomic_io import run_path
+
 
 class PhaseCheckpoints:
   """Step checkpoints of one phase: `save(step, state, meta)`, `restore_latest(target)`."""
 
   def __init__(self, directory: str | Path):
-    self.directory = Path(directory).absolute()
+    self.directory = run_path(directory)
     barrier_prefix = "ff_" + hashlib.sha1(str(self.directory).encode()).hexdigest()[:12]
     # The newest step only: Orbax deletes the previous one once the new one is committed, so a
     # kill mid-save still finds a complete checkpoint.
@@ -75,7 +77,7 @@ def save_params(directory: str | Path, params: Any) -> None:
 
 def has_params(directory: str | Path) -> bool:
   """Whether `directory` holds a complete tree saved by `save_params`."""
-  if not Path(directory).is_dir():
+  if not run_path(directory).is_dir():
     return False
   ckpt = PhaseCheckpoints(directory)
   latest = ckpt.latest_step()

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from ff_jax.atomic_io import run_path
 from ff_jax.data.batching import Batching, TrainIterator, token_slots
 from ff_jax.data.templates import EncodedExample
 from ff_jax.errors import ConfigError
@@ -415,7 +416,7 @@ def train_phase(spec: PhaseSpec, trainer: Trainer, init_params: Callable[[], Any
     snapshot_at = range(spec.snapshot_every, spec.steps + 1, spec.snapshot_every)
 
   def snapshot(step: int, params: Any) -> None:
-    save_params(Path(snapshot_dir) / f"step_{step}", params)
+    save_params(run_path(snapshot_dir) / f"step_{step}", params)
 
   checkpoints = PhaseCheckpoints(ckpt_dir)
   params = train_loop(trainer, init_params, batches, spec.steps, spec.name,
@@ -472,7 +473,7 @@ def train_and_score(trainer: Trainer, scorer: Scorer, init_params: Any,
 
 def snapshot_steps(snapshot_dir: str | Path) -> list[int]:
   """Steps of the snapshots saved by `train_phase`, ascending."""
-  folder = Path(snapshot_dir)
+  folder = run_path(snapshot_dir)
   if not folder.is_dir():
     return []
   return sorted(int(p.name.removeprefix("step_")) for p in folder.glob("step_*"))
