@@ -3,8 +3,10 @@ run, logs, teardown. Each command is printed before it runs; with --dry-run it i
 
 `install` gives every worker Python >= 3.11 (TPU VM images ship Ubuntu 22.04's 3.10): a virtual
 environment at ~/ff-jax-venv made by uv with a uv-managed CPython 3.11, and installs the ff-jax
-wheel there with its `tpu` extra. `exec` and `run` put that environment first on PATH, so `ff-jax`
-and `hf` are the ones installed with the wheel.
+wheel there with its `tpu` and `gcs` extras (the latter so that ff-jax on the workers reads and
+writes `gs://` run directories and data itself). `exec` and `run` put that environment first on
+PATH, so `ff-jax` and `hf` are the ones installed with the wheel. Nothing is mounted: commands
+reach the workers with their `gs://` arguments as they are.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from ff_jax.errors import ConfigError
 from launch.wheel import build_wheel
-from launch.worker import MOUNT, VENV, on_mount, pod_env, worker_argv
+from launch.worker import VENV, pod_env, worker_argv
 
 # Software versions of TPU VMs per generation (cloud.google.com/tpu/docs/runtimes).
 RUNTIME_VERSIONS = {"v4": "tpu-ubuntu2204-base", "v5e": "v2-alpha-tpuv5-lite",
@@ -102,10 +104,7 @@ class Slice:
       wheel = build_wheel(Path(a.dist))
     self.execute(["gcloud", "compute", "tpus", "tpu-vm", "scp", str(wheel), f"{a.name}:~/",
                   *self.where, "--worker=all"])
-    steps = [python_venv(), install_wheel(wheel.name)]
-    if a.bucket:
-      steps.append(gcsfuse_install())
-    self.execute(self.ssh(" && ".join(steps)))
+    self.execute(self.ssh(" && ".join([python_venv(), install_wheel(wheel.name)])))
 
   def exec(self) -> None:
     """A command on every worker in the foreground (downloads, checks), with the venv on PATH."""
@@ -113,15 +112,14 @@ class Slice:
     if not a.command:
       raise ConfigError("exec: give the command after --, e.g. -- hf download "
                         "openai-community/gpt2-xl --local-dir models/gpt2-xl")
-    command = shlex.join(on_mount(arg, a.bucket) for arg in a.command)
-    self.execute(self.ssh(" && ".join([ON_PATH, *self._mount(), command])))
+    self.execute(self.ssh(f"{ON_PATH} && {shlex.join(a.command)}"))
 
   def run(self) -> None:
     a = self.args
-    argv = worker_argv(a.command, pod_env(), a.bucket)
+    argv = worker_argv(a.command, pod_env())
     # Detached (nohup, no terminal): the run outlives this SSH session; `logs` follows it.
     start = f"(nohup {shlex.join(argv)} > {LOG} 2>&1 < /dev/null &)"
-    self.execute(self.ssh(" && ".join([ON_PATH, *self._mount(), start])))
+    self.execute(self.ssh(f"{ON_PATH} && {start}"))
 
   def logs(self) -> None:
     self.execute(self.ssh(f"tail -n +1 -F {LOG}", worker=str(self.args.worker)), check=False)
@@ -135,9 +133,6 @@ class Slice:
       self.execute(["gcloud", "compute", "tpus", "tpu-vm", "delete", a.name, *self.where,
                     "--quiet"])
 
-  def _mount(self) -> list[str]:
-    return [mount_command(self.args.bucket)] if self.args.bucket else []
-
 
 def python_venv() -> str:
   """Make ~/ff-jax-venv with CPython 3.11 unless it holds Python >= 3.11 already. uv (installed
@@ -148,22 +143,11 @@ def python_venv() -> str:
 
 
 def install_wheel(wheel: str) -> str:
-  """Install the copied wheel with its `tpu` extra into the venv. The old ff-jax is removed first:
-  a rebuilt wheel keeps its version number, and pip would keep the installed one."""
+  """Install the copied wheel with its `tpu` extra (libtpu) and `gcs` extra (gcsfs,
+  google-cloud-storage: the workers read and write `gs://` paths themselves) into the venv. The
+  old ff-jax is removed first: a rebuilt wheel keeps its version number, and pip would keep the
+  installed one."""
   pip = f"{VENV_PYTHON} -m pip"
-  return (f"{pip} uninstall --yes --quiet ff_jax && {pip} install --quiet \"$HOME/{wheel}[tpu]\" "
-          f"&& $HOME/{VENV}/bin/ff-jax --version")
+  return (f"{pip} uninstall --yes --quiet ff_jax && {pip} install --quiet "
+          f"\"$HOME/{wheel}[tpu,gcs]\" && $HOME/{VENV}/bin/ff-jax --version")
 
-
-def gcsfuse_install() -> str:
-  return ("(command -v gcsfuse >/dev/null || (export GCSFUSE_REPO=gcsfuse-$(lsb_release -c -s) "
-          "&& echo \"deb https://packages.cloud.google.com/apt $GCSFUSE_REPO main\" | sudo tee "
-          "/etc/apt/sources.list.d/gcsfuse.list && curl -fsSL "
-          "https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo apt-key add - && sudo "
-          "apt-get update -q && sudo apt-get install -yq gcsfuse))")
-
-
-def mount_command(bucket: str) -> str:
-  path = f"{MOUNT}/{bucket}"
-  return (f"sudo mkdir -p {path} && sudo chown $USER {path} && (mountpoint -q {path} || "
-          f"gcsfuse --implicit-dirs --rename-dir-limit=200000 {bucket} {path})")

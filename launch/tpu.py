@@ -5,9 +5,9 @@ Pod steps are `gcloud` commands; `--dry-run` prints them instead of running them
 built: it is local).
 
   launch/tpu.py [--dry-run] create   --name N --zone Z [--type v4-32] [--queued] [--spot]
-  launch/tpu.py [--dry-run] install  --name N --zone Z [--wheel FILE.whl] [--bucket B]
-  launch/tpu.py [--dry-run] exec     --name N --zone Z [--bucket B] -- hf download ORG/NAME ...
-  launch/tpu.py [--dry-run] run      --name N --zone Z [--bucket B] -- ff-jax run CONFIG ...
+  launch/tpu.py [--dry-run] install  --name N --zone Z [--wheel FILE.whl]
+  launch/tpu.py [--dry-run] exec     --name N --zone Z -- hf download ORG/NAME ...
+  launch/tpu.py [--dry-run] run      --name N --zone Z -- ff-jax run CONFIG ...
   launch/tpu.py [--dry-run] logs     --name N --zone Z [--worker 0]
   launch/tpu.py [--dry-run] teardown --name N --zone Z [--queued]
   launch/tpu.py [--dry-run] up       --name N --zone Z ... -- ff-jax run CONFIG ...
@@ -15,14 +15,14 @@ built: it is local).
   launch/tpu.py [--dry-run] local    --processes N [--devices-per-process D] -- ff-jax run ...
 
 `install` builds a wheel of this checkout (offline, into dist/), copies it to every worker and
-installs it with its `tpu` extra into ~/ff-jax-venv, a Python 3.11 environment it makes with uv.
-A pod is many hosts running one JAX program: `run` starts the same command on every worker
-(`--worker=all`), detached, as `env FF_JAX_DISTRIBUTED=1 ... COMMAND`, so ff-jax calls
+installs it with its `tpu` and `gcs` extras into ~/ff-jax-venv, a Python 3.11 environment it makes
+with uv. A pod is many hosts running one JAX program: `run` starts the same command on every
+worker (`--worker=all`), detached, as `env FF_JAX_DISTRIBUTED=1 ... COMMAND`, so ff-jax calls
 `jax.distributed.initialize()` (Cloud TPU names the coordinator). `local` runs that same worker
 command as N processes here, on CPU, coordinated on a free localhost port. The workers must share
-the run directory: `--bucket` mounts a GCS bucket with gcsfuse at /gcs/BUCKET on every worker,
-and any `gs://BUCKET/...` argument of the command is rewritten to that mount. See
-launch/README.md.
+the run directory: on a pod it is `--run-dir gs://BUCKET/...`, which ff-jax reads and writes
+itself (Orbax writes the checkpoints to the bucket directly), so the command's arguments reach
+every worker as they are and nothing is mounted. See launch/README.md.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pathlib import Path
 # The launcher runs from a checkout, before (or without) ff-jax being installed here.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ff_jax.errors import FFJaxError  # noqa: E402
+from ff_jax.errors import ConfigError, FFJaxError  # noqa: E402
 from launch.local import run_local  # noqa: E402
 from launch.pod import Slice  # noqa: E402
 from launch.wheel import REPO  # noqa: E402
@@ -76,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
       p.add_argument("--dist", default=str(REPO / "dist"),
                      help="where the wheel of this checkout is built (default: dist/)")
     if step in ("install", "exec", "run", "up"):
-      p.add_argument("--bucket", help="GCS bucket (no gs://) mounted at /gcs/BUCKET on workers")
+      # Gone (see _launch), kept out of the help only to tell a user who still passes it why.
+      p.add_argument("--bucket", help=argparse.SUPPRESS)
     if step in ("logs", "up"):
       p.add_argument("--worker", default="0", help="which worker to follow (default: 0)")
     if step in WITH_COMMAND:
@@ -95,6 +96,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _launch(args: argparse.Namespace) -> int:
+  if getattr(args, "bucket", None) is not None:
+    raise ConfigError(f"--bucket {args.bucket}: no longer needed, nothing is mounted; gs:// "
+                      "arguments reach ff-jax as they are and it reads and writes the bucket "
+                      "itself: drop --bucket")
   if args.step == "local":
     return run_local(args.command, args.processes, args.devices_per_process,
                      Path(args.log_dir), args.dry_run)
@@ -108,8 +113,6 @@ def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   if "command" in args and args.command[:1] == ["--"]:
     args.command = args.command[1:]
-  if getattr(args, "bucket", None):
-    args.bucket = args.bucket.removeprefix("gs://").rstrip("/")
   try:
     return _launch(args)
   except FFJaxError as err:

@@ -16,8 +16,6 @@ from ff_jax.errors import ConfigError
 
 # The workers' virtual environment, under their home directory: Python >= 3.11 and ff-jax.
 VENV = "ff-jax-venv"
-# Where `--bucket` mounts a GCS bucket on every worker (gcsfuse): /gcs/BUCKET.
-MOUNT = "/gcs"
 
 
 def common_env() -> dict[str, str]:
@@ -42,22 +40,10 @@ def local_env(port: int, processes: int, process_id: int, devices: int) -> dict[
           "XLA_FLAGS": cpu_device_flags(devices)}
 
 
-def worker_argv(command: list[str], env: dict[str, str], bucket: str | None = None) -> list[str]:
-  """`env K=V ... COMMAND`, with `gs://BUCKET/...` arguments moved onto the bucket's mount."""
+def worker_argv(command: list[str], env: dict[str, str]) -> list[str]:
+  """`env K=V ... COMMAND`. The command's arguments are passed as they are: ff-jax reads and
+  writes `gs://` run directories and data itself, so nothing is mounted or rewritten."""
   if not command:
     raise ConfigError("no command to run: give it after --, e.g. -- ff-jax run "
                       "configs/llama2-7b.yaml")
-  return ["env", *(f"{key}={value}" for key, value in env.items()),
-          *(on_mount(arg, bucket) for arg in command)]
-
-
-def on_mount(arg: str, bucket: str | None) -> str:
-  """`gs://BUCKET/x` in an argument (`--run-dir gs://BUCKET/x`, `data.noisy=gs://BUCKET/x`) ->
-  `/gcs/BUCKET/x`, where BUCKET is the bucket every worker mounts."""
-  if bucket and f"gs://{bucket}/" in arg:
-    return arg.replace(f"gs://{bucket}/", f"{MOUNT}/{bucket}/")
-  if "gs://" in arg:
-    mounted = f"only --bucket {bucket} is mounted" if bucket else "no bucket is mounted"
-    raise ConfigError(f"{arg}: {mounted}; on a pod pass --bucket with this path's bucket (every "
-                      "worker mounts it), locally give a local path")
-  return arg
+  return ["env", *(f"{key}={value}" for key, value in env.items()), *command]

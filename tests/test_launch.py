@@ -25,13 +25,15 @@ import pytest
 from ff_jax import cli
 from ff_jax.cpu_devices import cpu_device_flags
 from launch import tpu
-from launch.worker import VENV, on_mount
+from launch.worker import VENV
 from tests.helpers.pipeline_helpers import REPO, TINY_DEMO, cli_env
 
 SLICE = ["--name", "ff", "--zone", "us-central2-b"]
 WHERE = ["--zone", "us-central2-b"]
 BIN = Path(sys.executable).parent  # where this venv's ff-jax and hf are
 LLAMA = ["ff-jax", "run", "configs/llama2-7b.yaml", "--run-dir", "gs://runs-bucket/l2"]
+# Arguments in a bucket, which the launcher must pass on to every worker exactly as they are.
+IN_BUCKET = ["--run-dir", "gs://runs-bucket/l2", "data.noisy=gs://runs-bucket/data/noisy.jsonl"]
 
 
 def launch(*args: str, env: dict[str, str] | None = None,
@@ -104,9 +106,10 @@ def test_up_on_a_v4_32_slice_installs_a_wheel_of_the_checkout_in_a_python_3_11_v
   assert "Requires-Python: >=3.11" in metadata and "Provides-Extra: tpu" in metadata
   setup = remote(install)
   assert f"uv venv --clear --seed --python 3.11 $HOME/{VENV}" in setup
-  assert f'$HOME/{VENV}/bin/python -m pip install --quiet "$HOME/{wheel.name}[tpu]"' in setup
+  assert (f'$HOME/{VENV}/bin/python -m pip install --quiet "$HOME/{wheel.name}[tpu,gcs]"'
+          in setup)
   assert setup.endswith(f"$HOME/{VENV}/bin/ff-jax --version")
-  assert "gcsfuse" not in setup  # no --bucket
+  assert "gcsfuse" not in proc.stdout and "/gcs/" not in proc.stdout
   started = remote(run)
   assert started.startswith(f'export PATH="$HOME/{VENV}/bin:$PATH" && (nohup env ')
   assert "FF_JAX_DISTRIBUTED=1 ff-jax run configs/llama2-7b.yaml > ~/ff-jax.log" in started
@@ -130,32 +133,46 @@ def test_the_venv_step_makes_python_3_11_only_where_it_is_missing(tmp_path):
   assert calls == [f"venv --clear --seed --python 3.11 {tmp_path}/{VENV}"]
 
 
-def test_install_a_prebuilt_wheel_and_gcsfuse_on_every_worker(tmp_path):
+def test_install_a_prebuilt_wheel_with_its_tpu_and_gcs_extras_on_every_worker(tmp_path):
+  """The `gcs` extra (gcsfs, google-cloud-storage) is what lets ff-jax on a worker read and write
+  the bucket itself; nothing else is installed for it."""
   wheel = tmp_path / "ff_jax-0.1-py3-none-any.whl"
   wheel.write_bytes(b"")
-  scp, ssh = dry_run("install", *SLICE, "--wheel", str(wheel), "--bucket", "gs://runs-bucket")
+  scp, ssh = dry_run("install", *SLICE, "--wheel", str(wheel))
   assert scp[5] == str(wheel) and "--worker=all" in scp
   setup = remote(ssh)
-  assert f'pip install --quiet "$HOME/{wheel.name}[tpu]"' in setup
-  assert "apt-get install -yq gcsfuse" in setup
+  assert f'pip install --quiet "$HOME/{wheel.name}[tpu,gcs]"' in setup
+  assert "gcsfuse" not in setup and "apt-get" not in setup
 
 
-def test_run_starts_one_command_on_all_workers_with_the_run_dir_in_the_bucket():
-  (ssh,) = dry_run("run", *SLICE, "--bucket", "runs-bucket", "--", *LLAMA)
+def test_run_starts_one_command_on_all_workers_with_its_gs_arguments_as_they_are():
+  """The run directory and data in the bucket reach every worker's ff-jax unchanged (it reads and
+  writes them natively): no mount before the command, no /gcs/ path in it."""
+  (ssh,) = dry_run("run", *SLICE, "--", *LLAMA[:3], *IN_BUCKET)
   script = remote(ssh)
-  assert "gcsfuse --implicit-dirs --rename-dir-limit=200000 runs-bucket /gcs/runs-bucket" in script
+  assert script.startswith(f'export PATH="$HOME/{VENV}/bin:$PATH" && (nohup env ')
   started = shlex.split(script.split("(nohup ", 1)[1].split(" > ")[0])
   assert started == ["env", "FF_JAX_PROGRESS_INTERVAL=30", "PYTHONUNBUFFERED=1",
-                     "FF_JAX_DISTRIBUTED=1", "ff-jax", "run", "configs/llama2-7b.yaml",
-                     "--run-dir", "/gcs/runs-bucket/l2"]
+                     "FF_JAX_DISTRIBUTED=1", *LLAMA[:3], *IN_BUCKET]
   assert script.endswith("> ~/ff-jax.log 2>&1 < /dev/null &)")
 
 
-def test_exec_runs_in_the_foreground_with_the_venv_first_on_path():
-  (ssh,) = dry_run("exec", *SLICE, "--", "hf", "download", "openai-community/gpt2-xl",
-                   "--local-dir", "models/gpt2-xl")
-  assert remote(ssh) == (f'export PATH="$HOME/{VENV}/bin:$PATH" && hf download '
-                         "openai-community/gpt2-xl --local-dir models/gpt2-xl")
+@pytest.mark.parametrize("command", [
+    ["hf", "download", "openai-community/gpt2-xl", "--local-dir", "models/gpt2-xl"],
+    ["gcloud", "storage", "cp", "gs://runs-bucket/data/noisy.jsonl", "data/"],
+])
+def test_exec_runs_in_the_foreground_with_the_venv_first_on_path(command):
+  (ssh,) = dry_run("exec", *SLICE, "--", *command)
+  assert remote(ssh) == f'export PATH="$HOME/{VENV}/bin:$PATH" && {shlex.join(command)}'
+
+
+def test_local_passes_gs_arguments_as_they_are():
+  """`local` builds its processes' commands as `run` does: a run directory in a bucket is ff-jax's
+  to reach (with the `gcs` extra and credentials here), not refused or rewritten."""
+  commands = dry_run("local", "--processes", "2", "--", *LLAMA[:3], *IN_BUCKET)
+  assert len(commands) == 2
+  for command in commands:  # env K=V ... COMMAND > LOG 2>&1
+    assert command[command.index("ff-jax"):-3] == [*LLAMA[:3], *IN_BUCKET]
 
 
 def test_logs_and_teardown():
@@ -168,9 +185,9 @@ def test_logs_and_teardown():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["run", *SLICE, "--", "ff-jax", "run", "--run-dir", "gs://b/x"], "no bucket is mounted"),
-    (["run", *SLICE, "--bucket", "a", "--", "ff-jax", "run", "--run-dir", "gs://b/x"],
-     "only --bucket a is mounted"),
+    # An upgrading user's --bucket: refused before anything runs, saying why.
+    (["run", *SLICE, "--bucket", "runs-bucket", "--", *LLAMA], "--bucket runs-bucket: no longer"),
+    (["up", *SLICE, "--bucket", "runs-bucket", "--", *LLAMA], "drop --bucket"),
     (["run", *SLICE], "give it after --"),
     (["exec", *SLICE], "give the command after --"),
     (["install", *SLICE, "--wheel", "dist/absent.whl"], "no such wheel file"),
@@ -180,6 +197,7 @@ def test_logs_and_teardown():
 def test_refuses_what_cannot_work_with_one_message(args, message):
   proc = launch("--dry-run", *args)
   assert proc.returncode == 2 and message in proc.stderr
+  assert proc.stdout == ""  # refused before any command is printed, let alone run
   assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
@@ -344,7 +362,7 @@ def simple_commands(snippet: str) -> list[list[str]]:
 def dry_run_snippets() -> list[str]:
   """What the dry run of a slice's life prints: the local commands and every worker's script."""
   out = []
-  for step, args in [("up", [*SLICE, "--bucket", "b", "--", *LLAMA[:3], "--run-dir", "gs://b/x"]),
+  for step, args in [("up", [*SLICE, "--", *LLAMA[:3], *IN_BUCKET]),
                      ("exec", [*SLICE, "--", "hf", "download", "openai-community/gpt2-xl",
                                "--local-dir", "models/gpt2-xl"]),
                      ("local", ["--processes", "2", "--", "ff-jax", "plan"])]:
@@ -399,8 +417,7 @@ def check_command(words: list[str]) -> set[str]:
   if words[:1] == ["launch/tpu.py"]:
     if rest:  # not just the launcher named in prose
       args = parses(tpu._parser().parse_args, rest)
-      for arg in getattr(args, "command", []):
-        on_mount(arg, getattr(args, "bucket", None))  # a gs:// path needs its --bucket
+      assert getattr(args, "bucket", None) is None, f"`{shlex.join(words)}`: --bucket is refused"
     return {"launch/tpu.py", *(check_command(rest[rest.index("--") + 1:]) if "--" in rest
                                else ())}
   elif program == "ff-jax":
@@ -437,6 +454,7 @@ def test_every_command_file_and_option_named_exists(source):
       assert (REPO / named).exists(), f"{source}: {named} does not exist"
   text = " ".join(texts)
   assert "huggingface-cli" not in text and "launch/tpu.sh" not in text
+  assert "gcsfuse" not in text and "/gcs/" not in text  # gs:// paths are passed as they are
   if source in (README, REPO / "ff_jax" / "configs" / "llama2-7b.yaml"):
     assert {"launch/tpu.py", "ff-jax", "hf"} <= programs
   if source == "dry run":
