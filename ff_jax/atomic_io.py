@@ -162,13 +162,22 @@ def local_folder(path: str | os.PathLike) -> Iterator[Path]:
     yield path
     return
   with tempfile.TemporaryDirectory(prefix=f"{path.name}.") as tmp:
-    for folder, _, names in path.walk():
-      for name in names:
-        if name != COMMIT_MARKER:
-          local = Path(tmp, str(folder / name)[len(str(path)):].lstrip("/"))
-          local.parent.mkdir(parents=True, exist_ok=True)
-          local.write_bytes((folder / name).read_bytes())
+    for remote in files_under(path):
+      if remote.name != COMMIT_MARKER:
+        local = Path(tmp, str(remote)[len(str(path)):].lstrip("/"))
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_bytes(remote.read_bytes())
     yield Path(tmp)
+
+
+def files_under(folder: AnyPath) -> Iterator[AnyPath]:
+  """Every file under `folder`, at any depth (by `iterdir`: epath's `walk` and `rglob` do not
+  take bucket paths)."""
+  for path in folder.iterdir():
+    if path.is_dir():
+      yield from files_under(path)
+    else:
+      yield path
 
 
 def local_file(path: str | os.PathLike) -> Path:

@@ -104,6 +104,7 @@ def test_up_on_a_v4_32_slice_installs_a_wheel_of_the_checkout_in_a_python_3_11_v
   assert {"ff_jax/cli.py", "ff_jax/parallel.py", "ff_jax/configs/llama2-7b.yaml"} <= names
   assert not any("__pycache__" in name for name in names)
   assert "Requires-Python: >=3.11" in metadata and "Provides-Extra: tpu" in metadata
+  assert "Provides-Extra: gcs" in metadata
   setup = remote(install)
   assert f"uv venv --clear --seed --python 3.11 $HOME/{VENV}" in setup
   assert (f'$HOME/{VENV}/bin/python -m pip install --quiet "$HOME/{wheel.name}[tpu,gcs]"'

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from etils import epath
 
-from ff_jax.atomic_io import COMMIT_MARKER, folder_complete, write_folder
+from ff_jax.atomic_io import COMMIT_MARKER, WRITE_LOG_ENV, folder_complete, write_folder
 from tests.helpers.gcs_emulator import BUCKET, pointed_at, running_emulator
 from tests.helpers.local_pod import LocalPod
 from tests.helpers.pipeline_helpers import (
@@ -149,7 +149,12 @@ def _kill_once_committed(args: list[str], checkpoints: epath.Path, timeout: floa
 def test_two_processes_write_one_run_into_the_bucket(bucket, inputs, local_run, tmp_path):
   run_dir = f"gs://{BUCKET}/pod"
   cmd = ff_jax_cmd(*_filter_args(inputs, run_dir))
-  LocalPod(cmd, 2, 1, tmp_path / "logs").wait(600)  # the workers inherit `bucket`'s variables
+  writes = tmp_path / "writes"
+  # The workers inherit `bucket`'s variables from this process.
+  LocalPod(cmd, 2, 1, tmp_path / "logs", {WRITE_LOG_ENV: str(writes)}).wait(600)
+  assert [p.name for p in writes.iterdir()] == ["writes.0.log"]  # one writer: process 0
+  written = {line.split(" ", 1)[1] for line in (writes / "writes.0.log").read_text().splitlines()}
+  assert {f"{run_dir}/{name}" for name in OUTPUTS} <= written
   got = tmp_path / "pod"
   got.mkdir()
   for name, data in _bucket_outputs(run_dir).items():
