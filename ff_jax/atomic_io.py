@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import io
 import json
 import math
 import os
@@ -168,6 +169,12 @@ def local_folder(path: str | os.PathLike) -> Iterator[Path]:
         local.parent.mkdir(parents=True, exist_ok=True)
         local.write_bytes(remote.read_bytes())
     yield Path(tmp)
+
+
+def text_handle(path: str | os.PathLike) -> io.StringIO:
+  """A run file's text (UTF-8) as a handle that keeps its newlines as written, what `csv` reads;
+  local or in a bucket (epath's `open` takes no `newline=`)."""
+  return io.StringIO(run_path(path).read_bytes().decode("utf-8"), newline="")
 
 
 def files_under(folder: AnyPath) -> Iterator[AnyPath]:

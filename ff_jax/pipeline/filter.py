@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ff_jax.atomic_io import barrier, remove, write_atomic, write_json_atomic
+from ff_jax.atomic_io import barrier, remove, text_handle, write_atomic, write_json_atomic
 from ff_jax.config import RunConfig
 from ff_jax.data.kept import Source
 from ff_jax.data.records import Record, write_jsonl_atomic
@@ -197,7 +197,7 @@ def kept_and_flagged(run: RunDir, records: list[Record]) -> tuple[list[Record], 
   path = run.file(SCORES_CSV)
   if not path.exists():
     raise DataError(f"{path}: not found; the filter phase has not run in {run.root}")
-  with path.open(encoding="utf-8", newline="") as handle:
+  with text_handle(path) as handle:
     flagged = {row["id"]: row["flagged"] == "1" for row in csv.DictReader(handle)}
   for rec in records:
     if rec.id not in flagged:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ff_jax.atomic_io import run_path
+from ff_jax.atomic_io import run_path, text_handle
 from ff_jax.errors import DataError
 from ff_jax.eval import classification
 from ff_jax.forgetting.signals import SIGNALS
@@ -75,7 +75,7 @@ def load_scores(run_dir: str | Path) -> dict[str, Any]:
   path = run_path(run_dir) / SCORES_CSV
   if not path.is_file():
     raise DataError(f"{path}: not found (the scoring phases have not run)")
-  with path.open(newline="", encoding="utf-8") as handle:
+  with text_handle(path) as handle:
     reader = csv.reader(handle)
     header = next(reader, None)
     if not header:

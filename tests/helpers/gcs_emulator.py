@@ -1,24 +1,36 @@
 """A Cloud Storage API on 127.0.0.1 for the tests: the `gcp-storage-emulator` wheel's server, run
-as a child process, and the environment that points every client at it.
+as a child process (`python -m tests.helpers.gcs_emulator DATA_DIR PORT`), and the environment
+that points every client at it.
 
 The three clients a run uses each read their own variable: gcsfs (etils.epath's `gs://` backend,
 behind `atomic_io`) `STORAGE_EMULATOR_HOST`; TensorStore (Orbax's checkpoints) its
 `TENSORSTORE_GCS_HTTP_URL` and a fixed token from `GOOGLE_AUTH_TOKEN_FOR_TESTING`. gcsfs's
 experimental bucket-type probe asks a gRPC control API the emulator has not got, so it is off.
+
+The emulator ignores the generation preconditions of Cloud Storage's API and sends no
+`x-goog-generation` header with a download; TensorStore, which reads and commits an OCDBT
+manifest by generation, then fails now and then ("Malformed StorageGeneration", more often on a
+loaded machine). `serve` adds them as Cloud Storage defines them: a download answers 304 when
+`ifGenerationNotMatch` names the object's generation and 412 when `ifGenerationMatch` does not, an
+upload 412 when `ifGenerationMatch` does not (0: the object must not exist), and every download
+names its generation.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
-import shutil
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from http import HTTPStatus
 from pathlib import Path
+
+from tests.helpers.paths import REPO
 
 BUCKET = "ff-jax-test"
 
@@ -35,23 +47,77 @@ def _free_port() -> int:
     return sock.getsockname()[1]
 
 
-def emulator_command() -> list[str] | None:
-  """The emulator's command line, or None where the wheel is not installed."""
-  script = shutil.which("gcp-storage-emulator", path=str(Path(sys.executable).parent))
-  return [script] if script else None
+def _object_name(request) -> str | None:
+  """The object a request names in its path or query; None for a multipart upload (its body
+  names it), whose preconditions go unchecked."""
+  return request.params.get("object_id") or request.query.get("name", [None])[0]
+
+
+def _generation(storage, request) -> str | None:
+  """The generation of the object a request names, or None when there is none."""
+  from gcp_storage_emulator.exceptions import NotFound
+
+  try:
+    name = _object_name(request)
+    return str(storage.get_file_obj(request.params["bucket_name"], name)["generation"])
+  except NotFound:
+    return None
+
+
+def _failed_precondition(request, generation: str | None, download: bool) -> HTTPStatus | None:
+  match = request.query.get("ifGenerationMatch", [None])[0]
+  if match is not None and match != (generation or "0"):
+    return HTTPStatus.PRECONDITION_FAILED
+  not_match = request.query.get("ifGenerationNotMatch", [None])[0]
+  if download and generation is not None and not_match == generation:
+    return HTTPStatus.NOT_MODIFIED
+  return None
+
+
+def _with_preconditions(handler, download: bool):
+  def handle(request, response, storage, *args, **kwargs):
+    if _object_name(request) is None:
+      return handler(request, response, storage, *args, **kwargs)
+    generation = _generation(storage, request)
+    failed = _failed_precondition(request, generation, download)
+    if failed is not None:
+      response.status = failed
+      return
+    handler(request, response, storage, *args, **kwargs)
+    if download and generation is not None and response.status.value < 300:
+      response["x-goog-generation"] = generation
+  return handle
+
+
+def serve(data_dir: str, port: int) -> None:
+  """The emulator on 127.0.0.1:`port` with bucket `BUCKET`, preconditions kept (module
+  docstring), until killed."""
+  from gcp_storage_emulator import server
+  from gcp_storage_emulator.handlers import objects
+
+  # `get` serves `?alt=media` downloads (TensorStore's reads) as well as metadata.
+  wrapped = {objects.get: _with_preconditions(objects.get, download=True),
+             objects.download: _with_preconditions(objects.download, download=True),
+             objects.insert: _with_preconditions(objects.insert, download=False)}
+  server.HANDLERS = tuple((regex, {method: wrapped.get(fn, fn) for method, fn in handlers.items()})
+                          for regex, handlers in server.HANDLERS)
+  server.create_server("127.0.0.1", port, False, BUCKET, data_dir=data_dir).run()
+
+
+def emulator_installed() -> bool:
+  return importlib.util.find_spec("gcp_storage_emulator") is not None
 
 
 @contextlib.contextmanager
 def running_emulator(data_dir: Path) -> Iterator[str]:
   """An emulator keeping its objects under `data_dir`, with bucket `BUCKET`; yields its URL."""
-  command = emulator_command()
-  assert command, "gcp-storage-emulator is not installed (pip install -e '.[test]')"
+  assert emulator_installed(), "gcp-storage-emulator is not installed (pip install -e '.[test]')"
   port = _free_port()
   url = f"http://127.0.0.1:{port}"
   log = (data_dir.parent / f"{data_dir.name}.log").open("w")
-  proc = subprocess.Popen([*command, "--data-dir", str(data_dir), "start", "--host", "127.0.0.1",
-                           "--port", str(port), "--default-bucket", BUCKET],
-                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+  proc = subprocess.Popen([sys.executable, "-m", "tests.helpers.gcs_emulator", str(data_dir),
+                           str(port)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                          start_new_session=True)
   try:
     _wait_until_serving(url, proc)
     yield url
@@ -87,3 +153,7 @@ def pointed_at(url: str) -> Iterator[None]:
         os.environ.pop(key, None)
       else:
         os.environ[key] = value
+
+
+if __name__ == "__main__":
+  serve(sys.argv[1], int(sys.argv[2]))

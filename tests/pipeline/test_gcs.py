@@ -6,11 +6,12 @@ gcsfs under etils.epath for every other file), with nothing mounted. `ff-jax fil
 `gs://BUCKET/...` must give the kept rows, the scores and the filter summary a local run gives,
 byte for byte: uninterrupted, SIGKILLed in the middle of the noisy finetune and rerun, and on two
 processes started by the launcher (there within the 4-host test's tolerance: sums across hosts
-round in another order).
+round in another order). The tiny demo also runs every phase into the bucket, and its report.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -27,6 +28,7 @@ from tests.helpers.pipeline_helpers import (
   NOISY,
   REPO,
   SAFE,
+  TINY_DEMO,
   TINY_FILTER,
   cli_env,
   ff_jax_cmd,
@@ -181,3 +183,20 @@ def test_a_folder_in_a_bucket_is_complete_only_with_its_marker(bucket):
   assert not folder_complete(folder)
   write_folder(folder, lambda tmp: (tmp / "c.txt").write_text("c"))
   assert sorted(p.name for p in epath.Path(folder).iterdir()) == [COMMIT_MARKER, "c.txt"]
+
+
+def test_every_phase_and_the_report_into_a_bucket(bucket):
+  """The tiny demo through every phase into the bucket, then `ff-jax report` on it: the clean
+  model's HF folder is committed and the report links plots written beside it."""
+  run_dir = f"gs://{BUCKET}/demo"
+  run_ok("run", f"run_dir={run_dir}", *TINY_DEMO, timeout=900)
+  root = epath.Path(run_dir)
+  phases = json.loads((root / "manifest.json").read_text())["phases"]
+  assert all(info["complete"] for info in phases.values()) and "evaluate" in phases
+  assert folder_complete(root / "clean_hf")
+  assert (root / "clean_hf" / "config.json").exists()
+  proc = run_ok("report", "--run-dir", run_dir)
+  assert f"{run_dir}/report.md" in proc.stdout
+  report = (root / "report.md").read_text()
+  linked = [line.split("](", 1)[1].rstrip(")") for line in report.splitlines() if "](plots/" in line]
+  assert linked and all((root / rel).exists() for rel in linked)
