@@ -1,7 +1,9 @@
 """HF checkpoint import/export: logit parity, exact round trips, sharding and bad-input errors.
 
 Golden tests use the tiny random checkpoints in tests/fixtures/parity/ (regenerate them with
-scripts/make_parity_fixtures.py); tests that need torch are skipped without it.
+scripts/make_parity_fixtures.py): transformers' logits of each, and the export of each that
+transformers was seen to load, so they need no torch. The live tests that need torch are skipped
+without it.
 """
 
 from __future__ import annotations
@@ -25,16 +27,19 @@ from safetensors.numpy import save_file
 from ff_jax.cpu_devices import cpu_device_flags
 from ff_jax.errors import CheckpointError
 from ff_jax.models import abstract_model, forward, hf, positions_from_mask
-from ff_jax.models.config import ModelConfig
+from ff_jax.models.config import ModelConfig, RopeScaling
 from ff_jax.models.loading import flatten
 from ff_jax.models.tokenizer import TextTokenizer
 from ff_jax.parallel import MeshConfig, make_mesh
 from tests.helpers.paths import FIXTURES, REPO
 
 PARITY = FIXTURES / "parity"  # tiny random checkpoints and their golden logits
-NAMES = ["llama", "llama3_rope", "gpt2", "qwen2", "qwen3", "gemma3"]
+NAMES = ["llama", "llama3_rope", "gpt2", "qwen2", "qwen3", "gemma3", "llama_bias_headdim",
+         "mistral", "gpt2_untied", "qwen3_sliding_bias", "gemma3_softcap"]
 MODEL_TYPES = {"llama": "llama", "llama3_rope": "llama", "gpt2": "gpt2", "qwen2": "qwen2",
-               "qwen3": "qwen3", "gemma3": "gemma3_text"}
+               "qwen3": "qwen3", "gemma3": "gemma3_text", "llama_bias_headdim": "llama",
+               "mistral": "mistral", "gpt2_untied": "gpt2", "qwen3_sliding_bias": "qwen3",
+               "gemma3_softcap": "gemma3_text"}
 TOL = 1e-4
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
@@ -50,6 +55,13 @@ def ff_logits(cfg: ModelConfig, params, ids: np.ndarray, mask: np.ndarray) -> np
 def max_diff(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
   """Largest |a - b| over real (non-padding) positions."""
   return float(np.abs(a - b)[mask.astype(bool)].max())
+
+
+def fixture_logits_diff(cfg: ModelConfig, params, name: str) -> float:
+  """Largest |logit difference| of `cfg`, `params` against fixture `name`'s golden logits."""
+  expected = np.load(PARITY / name / "expected.npz")
+  mask = expected["attention_mask"]
+  return max_diff(ff_logits(cfg, params, expected["input_ids"], mask), expected["logits"], mask)
 
 
 def read_safetensors(folder: Path) -> dict[str, np.ndarray]:
@@ -96,7 +108,9 @@ def test_golden_logit_parity(name):
 
 
 def test_fixture_configs_cover_the_features():
-  cfgs = {name: hf.load_hf(PARITY / name)[0] for name in NAMES}
+  # What load_hf reads config.json as, without loading and placing the weights of every fixture.
+  cfgs = {name: hf.config_from_hf(json.loads((PARITY / name / "config.json").read_text()), name)
+          for name in NAMES}
   assert cfgs["llama"].num_kv_heads < cfgs["llama"].num_heads and not cfgs["llama"].tie_embeddings
   assert cfgs["llama3_rope"].rope_scaling.kind == "llama3"
   assert cfgs["llama3_rope"].rope_scaling.original_max_position_embeddings == 16
@@ -114,6 +128,57 @@ def test_fixture_configs_cover_the_features():
   assert gemma3.query_pre_attn_scalar not in (None, gemma3.resolved_head_dim)
   assert gemma3.mlp == "geglu" and gemma3.tie_embeddings and gemma3.num_kv_heads < gemma3.num_heads
   assert gemma3.qk_norm and gemma3.norm_plus_one and gemma3.post_norms and gemma3.scale_embeddings
+  biased = cfgs["llama_bias_headdim"]
+  assert biased.qkv_bias and biased.out_bias and biased.rope_scaling.kind == "linear"
+  assert biased.resolved_head_dim * biased.num_heads != biased.hidden_size
+  mistral = cfgs["mistral"]
+  assert mistral.resolved_head_dim * mistral.num_heads != mistral.hidden_size
+  assert mistral.num_kv_heads < mistral.num_heads and not mistral.tie_embeddings
+  assert json.loads((PARITY / "mistral" / "config.json").read_text())["model_type"] == "mistral"
+  assert not cfgs["gpt2_untied"].tie_embeddings and cfgs["gpt2_untied"].intermediate_size == 80
+  sliding = cfgs["qwen3_sliding_bias"]
+  assert sliding.layer_types == ("full_attention", "sliding_attention") and sliding.qkv_bias
+  assert sliding.sliding_window < len(np.load(PARITY / "qwen3" / "expected.npz")["input_ids"][0])
+  softcap = cfgs["gemma3_softcap"]
+  assert softcap.final_logit_softcap is not None and softcap.qkv_bias
+  assert not softcap.tie_embeddings
+
+
+def _zero_attention_biases(params):
+  for key in ("q_bias", "k_bias", "v_bias", "o_bias"):
+    if key in params["layers"]["attn"]:
+      params["layers"]["attn"][key] = np.zeros_like(params["layers"]["attn"][key])
+
+
+def _tie_head(params):
+  params["lm_head"] = np.asarray(params["embed"]).T
+
+
+# What each fixture that only live tests used to check was made for: without it (a config field
+# or some parameters undone), its golden logits are far off.
+ABLATIONS = {
+    "llama_bias_headdim/biases": ("llama_bias_headdim", None, _zero_attention_biases),
+    "llama_bias_headdim/linear_rope": ("llama_bias_headdim", dict(rope_scaling=RopeScaling()),
+                                       None),
+    "gpt2_untied/head": ("gpt2_untied", None, _tie_head),
+    "qwen3_sliding_bias/window": ("qwen3_sliding_bias",
+                                  dict(layer_types=None, sliding_window=None), None),
+    "qwen3_sliding_bias/biases": ("qwen3_sliding_bias", None, _zero_attention_biases),
+    "gemma3_softcap/softcap": ("gemma3_softcap", dict(final_logit_softcap=None), None),
+    "gemma3_softcap/biases": ("gemma3_softcap", None, _zero_attention_biases),
+}
+
+
+@pytest.mark.parametrize("ablation", sorted(ABLATIONS))
+def test_fixture_depends_on_its_feature(ablation):
+  name, changes, edit = ABLATIONS[ablation]
+  cfg, params = hf.load_hf(PARITY / name)
+  assert fixture_logits_diff(cfg, params, name) <= TOL
+  if changes:
+    cfg = cfg.replace(**changes)
+  if edit:
+    edit(params)
+  assert fixture_logits_diff(cfg, params, name) > 1e-2
 
 
 LIVE_CONFIGS = {
@@ -190,8 +255,25 @@ def test_config_round_trip(name):
   assert hf.config_from_hf(json.loads(json.dumps(exported)), "x/config.json") == cfg
 
 
-# Bytes per shard: one file (the default), or several (the fixtures hold 0.3-0.45 MB).
-SHARD_SIZES = {"one_file": hf.MAX_SHARD_SIZE, "shards": 100_000}
+# Bytes per shard: one file (the default), or several (the fixtures hold 0.11-0.45 MB; the
+# generator's sharded export uses the same size).
+SHARD_SIZES = {"one_file": hf.MAX_SHARD_SIZE, "shards": 40_000}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_export_is_the_one_transformers_was_seen_to_load(tmp_path, name):
+  """The generator loaded ff_jax's export of each fixture in transformers and kept its logits
+  (`export_logits`) and small files (`export/`) only if those logits were the fixture's. Today's
+  export must be that folder: the same config.json and generation_config.json, and the fixture's
+  own tensors (test_round_trip_is_exact), so transformers reads today's export the same way."""
+  cfg, params = hf.load_hf(PARITY / name)
+  out = hf.save_hf(tmp_path / "out", cfg, params, MODEL_TYPES[name])
+  for file in ("config.json", "generation_config.json"):
+    want = json.loads((PARITY / name / "export" / file).read_text())
+    assert json.loads((out / file).read_text()) == want, file
+  expected = np.load(PARITY / name / "expected.npz")
+  mask = expected["attention_mask"]
+  assert max_diff(expected["export_logits"], expected["logits"], mask) <= TOL
 
 
 @needs_torch

@@ -7,108 +7,45 @@ ref_forgetfilter_torch.py: AdamW with weight_decay=0 and default betas/eps, `cli
 every step, constant LR, loss = response-token NLL sum / response tokens in the batch, fp32).
 The per-step losses and the final per-example NLLs must agree to 1e-4 relative. A negative control
 shows the comparison is sharp enough to catch a wrong Adam b2 (ff_jax's old default 0.95).
+The case lives in tests/helpers/finetune_case.py; test_finetune_golden.py runs it without torch,
+on a smaller model, against committed PyTorch results.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ff_jax import parallel
-from ff_jax.data.batching import Batching, TrainIterator, make_batch
-from ff_jax.data.templates import EncodedExample
+from ff_jax.data.batching import Batching, make_batch
 from ff_jax.models import forward, hf, positions_from_mask, tiny_llama
-from ff_jax.progress import TrainingLog
-from ff_jax.training.loop import PhaseSpec, train_phase
 from ff_jax.training.scoring import score_examples
-from ff_jax.training.steps import ModelRuntime, OptimConfig, Scorer, Trainer
+from ff_jax.training.steps import ModelRuntime, Scorer
+from tests.helpers.finetune_case import (
+  BOS,
+  BUCKETS,
+  EOS,
+  NOISY,
+  OPTIM,
+  PAD,
+  RTOL,
+  SAFETY,
+  ff_phase,
+  nll_per_example,
+  rel,
+  synthetic,
+  torch_batch,
+  torch_phase,
+)
 
 torch = pytest.importorskip("torch")
 LlamaForCausalLM = pytest.importorskip("transformers").LlamaForCausalLM
 # ~50 s on a busy 2-core machine: three ff_jax phases, each compiling two bucket shapes, and the
 # torch reference.
 pytestmark = pytest.mark.slow
-
-PAD, EOS, BOS = 0, 1, 2
-BUCKETS = (16, 32)
-RTOL = 1e-4
-# Big enough that the weights really move (each phase's loss falls by ~1 nat) and the clip binds.
-OPTIM = OptimConfig(learning_rate=1e-3, b2=0.999, schedule="constant", warmup_steps=0,
-                    max_grad_norm=1.0, weight_decay=0.0)
-NOISY = PhaseSpec("noisy", steps=20, batching=Batching(4, BUCKETS, PAD), optim=OPTIM, seed=11)
-SAFETY = dataclasses.replace(NOISY, name="safety", seed=12)
-
-
-def synthetic(n: int, seed: int) -> list[EncodedExample]:
-  """BOS + prompt (loss_mask 0) + response + EOS (loss_mask 1), of varied lengths."""
-  rng = np.random.default_rng(seed)
-  out = []
-  for i in range(n):
-    prompt = [BOS, *rng.integers(3, 128, int(rng.integers(2, 10)))]
-    response = [*rng.integers(3, 128, int(rng.integers(2, 13))), EOS]
-    loss_mask = np.array([0] * len(prompt) + [1] * len(response), np.int32)
-    out.append(EncodedExample(tokens=np.array(prompt + response, np.int32), loss_mask=loss_mask,
-                              prompt_len=len(prompt), truncated=False, id=f"ex{i}"))
-  return out
-
-
-def torch_batch(batch):
-  """(input_ids, attention_mask, target weights) as the reference feeds its model; filler rows
-  (example_id -1, every mask 0) contribute nothing to ff_jax's loss or gradient, so they go."""
-  real = batch["example_id"] >= 0
-  ids = torch.from_numpy(batch["tokens"][real]).long()
-  am = torch.from_numpy(batch["mask"][real]).long()
-  # ff_jax's `_target_weights`: loss_mask[:, t] weighs the prediction of tokens[:, t] from t-1.
-  return ids, am, torch.from_numpy(batch["loss_mask"][real][:, 1:]).float()
-
-
-def nll_per_example(model, ids, am, w):
-  """The reference's `nll_per_example`: (summed response NLL, response tokens) per row."""
-  logits = model(input_ids=ids, attention_mask=am).logits[:, :-1]
-  nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                          ids[:, 1:].reshape(-1), reduction="none")
-  return (nll.view(w.shape) * w).sum(1), w.sum(1)
-
-
-def torch_phase(model, spec: PhaseSpec, examples, betas=(0.9, 0.999)):
-  """The reference's `train` over the batches ff_jax's TrainIterator yields for `spec` (a pure
-  function of seed and position): per-step (loss, pre-clip grad norm)."""
-  opt = torch.optim.AdamW(model.parameters(), lr=spec.optim.learning_rate, betas=betas,
-                          weight_decay=0.0)
-  it = TrainIterator(examples, spec.batching.batch_size, spec.seed, BUCKETS, pad_id=PAD)
-  model.train()
-  losses, norms = [], []
-  for _ in range(spec.steps):
-    s, c = nll_per_example(model, *torch_batch(it.next_batch()[0]))
-    loss = s.sum() / c.sum()
-    loss.backward()
-    norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
-    opt.step()
-    opt.zero_grad()
-    losses.append(loss.item())
-  return np.array(losses), np.array(norms)
-
-
-def ff_phase(runtime, spec: PhaseSpec, params, examples, tmp):
-  """`loop.train_phase` as the pipeline runs it; (params, per-step losses, grad norms)."""
-  log = tmp / f"{spec.name}.jsonl"
-  copy = jax.tree.map(jnp.copy, params)  # the train step donates its state
-  trainer = Trainer(runtime, spec.optim, spec.steps)
-  out = train_phase(spec, trainer, lambda: copy, examples, tmp / f"ckpt_{spec.name}",
-                    TrainingLog(log, every=1))  # every step's loss
-  rows = [json.loads(line) for line in log.read_text().splitlines()]
-  assert [r["step"] for r in rows] == list(range(1, spec.steps + 1))
-  return out, np.array([r["loss"] for r in rows]), np.array([r["grad_norm"] for r in rows])
-
-
-def rel(a, b) -> float:
-  return float(np.max(np.abs(a - b) / np.abs(b)))
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
