@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import importlib.util
 import io
 import json
 import math
@@ -36,6 +37,8 @@ import fsspec  # etils.epath's object-store backend (installed with huggingface_
 import jax
 from etils import epath
 from jax.experimental import multihost_utils
+
+from ff_jax.errors import ConfigError
 
 # Names the folder of the write logs (see the module docstring); unset: no log.
 WRITE_LOG_ENV = "FF_JAX_WRITE_LOG"
@@ -63,6 +66,8 @@ def run_path(path: str | os.PathLike) -> AnyPath:
   Listings are not cached (fsspec's `use_listings_cache`): several processes write one run
   directory, and a cached listing would hide from one host what another just committed."""
   if is_remote(path):
+    if importlib.util.find_spec("gcsfs") is None:  # else a bare ImportError deep in epath
+      raise ConfigError(f"{path}: a bucket path needs gcsfs: pip install 'ff_jax[gcs]'")
     _uncached_listings()
     return epath.Path(path)
   return Path(path).absolute()
@@ -140,7 +145,7 @@ def _upload_folder(path: epath.Path, fill: Callable[[Path], Any]) -> None:
       path.rmtree()
     files = sorted(p for p in Path(tmp).rglob("*") if p.is_file())
     for local in files:
-      (path / local.relative_to(tmp).as_posix()).write_bytes(local.read_bytes())
+      _copy(local, path / local.relative_to(tmp).as_posix())
     (path / COMMIT_MARKER).write_text("")
   _log_writes([path / p.relative_to(tmp).as_posix() for p in files])
 
@@ -167,7 +172,7 @@ def local_folder(path: str | os.PathLike) -> Iterator[Path]:
       if remote.name != COMMIT_MARKER:
         local = Path(tmp, str(remote)[len(str(path)):].lstrip("/"))
         local.parent.mkdir(parents=True, exist_ok=True)
-        local.write_bytes(remote.read_bytes())
+        _copy(remote, local)
     yield Path(tmp)
 
 
@@ -198,8 +203,14 @@ def local_file(path: str | os.PathLike) -> Path:
   folder = Path(tempfile.mkdtemp(prefix="ff_jax_object_"))
   atexit.register(shutil.rmtree, folder, ignore_errors=True)
   local = folder / path.name
-  local.write_bytes(path.read_bytes())
+  _copy(path, local)
   return local
+
+
+def _copy(source: AnyPath, dest: AnyPath) -> None:
+  """One file to another, local or in a bucket, streamed: an HF export's shards are GBs."""
+  with source.open("rb") as src, dest.open("wb") as dst:
+    shutil.copyfileobj(src, dst, 16 << 20)
 
 
 def remove(path: str | os.PathLike) -> None:

@@ -11,6 +11,7 @@ round in another order). The tiny demo also runs every phase into the bucket, an
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -21,7 +22,8 @@ from pathlib import Path
 import pytest
 from etils import epath
 
-from ff_jax.atomic_io import COMMIT_MARKER, WRITE_LOG_ENV, folder_complete, write_folder
+from ff_jax.atomic_io import COMMIT_MARKER, WRITE_LOG_ENV, folder_complete, run_path, write_folder
+from ff_jax.errors import ConfigError
 from tests.helpers.gcs_emulator import BUCKET, pointed_at, running_emulator
 from tests.helpers.local_pod import LocalPod
 from tests.helpers.pipeline_helpers import (
@@ -38,8 +40,6 @@ from tests.helpers.pipeline_helpers import (
   write_jsonl,
 )
 from tests.pipeline.test_pods import _differences
-
-pytestmark = pytest.mark.slow
 
 # What the filter hands the user; each must equal the local run's.
 OUTPUTS = ("filtered.jsonl", "scores.csv", "filter.json", "flagged.jsonl")
@@ -88,6 +88,7 @@ def _local_outputs(run_dir: Path) -> dict[str, bytes]:
   return {name: (run_dir / name).read_bytes() for name in OUTPUTS}
 
 
+@pytest.mark.slow
 def test_a_filter_run_into_a_bucket_gives_what_a_local_run_gives(bucket, inputs, local_run):
   run_dir = f"gs://{BUCKET}/whole"
   proc = run_ok(*_filter_args(inputs, run_dir))
@@ -103,6 +104,7 @@ def test_a_filter_run_into_a_bucket_gives_what_a_local_run_gives(bucket, inputs,
   assert folder_complete(f"{run_dir}/tokenizer")
 
 
+@pytest.mark.slow
 def test_killed_in_the_noisy_finetune_and_rerun_on_data_in_the_bucket(bucket, inputs, local_run):
   """Data read from the bucket, the run SIGKILLed after its first step checkpoint and rerun: the
   rerun resumes and its outputs equal the uninterrupted local run's."""
@@ -148,6 +150,7 @@ def _kill_once_committed(args: list[str], checkpoints: epath.Path, timeout: floa
   return step
 
 
+@pytest.mark.slow
 def test_two_processes_write_one_run_into_the_bucket(bucket, inputs, local_run, tmp_path):
   run_dir = f"gs://{BUCKET}/pod"
   cmd = ff_jax_cmd(*_filter_args(inputs, run_dir))
@@ -185,6 +188,7 @@ def test_a_folder_in_a_bucket_is_complete_only_with_its_marker(bucket):
   assert sorted(p.name for p in epath.Path(folder).iterdir()) == [COMMIT_MARKER, "c.txt"]
 
 
+@pytest.mark.slow
 def test_every_phase_and_the_report_into_a_bucket(bucket):
   """The tiny demo through every phase into the bucket, then `ff-jax report` on it: the clean
   model's HF folder is committed and the report links plots written beside it."""
@@ -198,5 +202,14 @@ def test_every_phase_and_the_report_into_a_bucket(bucket):
   proc = run_ok("report", "--run-dir", run_dir)
   assert f"{run_dir}/report.md" in proc.stdout
   report = (root / "report.md").read_text()
-  linked = [line.split("](", 1)[1].rstrip(")") for line in report.splitlines() if "](plots/" in line]
+  linked = [line.split("](", 1)[1].rstrip(")") for line in report.splitlines()
+            if "](plots/" in line]
   assert linked and all((root / rel).exists() for rel in linked)
+
+
+def test_a_bucket_path_without_gcsfs_is_one_clear_error(monkeypatch):
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "gcsfs" else real(name, *a))
+  with pytest.raises(ConfigError, match=r"gs://b/run: a bucket path needs gcsfs: pip install"):
+    run_path("gs://b/run")
