@@ -6,7 +6,8 @@ Batch contract (every array numpy int32):
   loss_mask  [B, T]  1 where tokens[b, t] is a target predicted from position t-1 (column 0 is 0);
   example_id [B]     index into the encoded dataset list, -1 for filler rows (all-zero masks).
 T is the smallest of a few bucket lengths that fits the *global* batch, so jit compiles a handful
-of shapes and every host picks the same T. Each host builds only its rows of the global batch.
+of shapes and every host picks the same T. Each host builds only its rows of the global batch
+(its block of them, `host_rows.host_block`).
 The training order is a pure function of (seed, epoch, position), so a restored iterator yields
 exactly the batches the original would have.
 
@@ -31,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from ff_jax.data.host_rows import host_block
 from ff_jax.data.templates import EncodedExample
 from ff_jax.errors import ConfigError, DataError
 
@@ -79,8 +81,8 @@ def make_batch(examples: Sequence[EncodedExample], indices: Sequence[int], bucke
   """This host's rows of the global batch `indices` (-1 = filler row), `width` tokens wide
   (default: `bucket_width`; wider to stack it with other streams' batches)."""
   t = bucket_width(examples, indices, buckets) if width is None else width
-  rows = len(indices) // process_count
-  local = list(indices)[process_index * rows:(process_index + 1) * rows]
+  local = host_block(list(indices), process_index, process_count)
+  rows = len(local)
   tokens = np.full((rows, t), pad_id, dtype=np.int32)
   mask = np.zeros((rows, t), dtype=np.int32)
   loss_mask = np.zeros((rows, t), dtype=np.int32)
@@ -208,9 +210,13 @@ def pack_batch(examples: Sequence[EncodedExample], indices: Sequence[int], bucke
   num_rows, width, rows = packed_rows(examples, indices, buckets, row_multiple, process_count)
   if shape is not None:
     num_rows, width = shape
-  local = num_rows // process_count
-  return _fill_packed(examples, rows[process_index * local:(process_index + 1) * local], local,
-                      width, len(indices), pad_id)
+  mine = host_block(_empty_rows_last(rows, num_rows), process_index, process_count)
+  return _fill_packed(examples, mine, len(mine), width, len(indices), pad_id)
+
+
+def _empty_rows_last(rows: Sequence[list[int]], num_rows: int) -> list[list[int]]:
+  """`rows` (dataset indices per packed row) grown to `num_rows` with empty rows."""
+  return [*rows, *[[] for _ in range(num_rows - len(rows))]]
 
 
 def token_slots(batch: dict[str, np.ndarray]) -> tuple[int, int]:
@@ -425,9 +431,9 @@ def packed_eval_batches(examples: Sequence[EncodedExample], batch_size: int,
       best = (slots, width, rows, num_batches, per_batch)
   _, width, rows, num_batches, per_batch = best
   segments = max(len(row) for row in rows)
-  local = per_batch // process_count
   out = []
   for b in range(num_batches):
-    mine = rows[b * per_batch + process_index * local:b * per_batch + (process_index + 1) * local]
-    out.append(_fill_packed(examples, mine, local, width, segments, pad_id))
+    mine = host_block(_empty_rows_last(rows[b * per_batch:(b + 1) * per_batch], per_batch),
+                      process_index, process_count)
+    out.append(_fill_packed(examples, mine, len(mine), width, segments, pad_id))
   return out

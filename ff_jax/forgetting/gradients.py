@@ -35,6 +35,7 @@ import numpy as np
 
 from ff_jax import parallel
 from ff_jax.data.batching import Batching
+from ff_jax.data.host_rows import building
 from ff_jax.data.templates import EncodedExample
 from ff_jax.errors import ConfigError
 from ff_jax.models.layout import UNSHARDED
@@ -131,8 +132,10 @@ class GradientAlignment:
     """g_S: the gradient of the safe set's token-weighted mean NLL over the last blocks, in
     `batching`'s batches (unpacked: the step reads one example per row)."""
     total, tokens = None, 0.0
-    for local in batching.eval_batches(safe, process_index=jax.process_index(),
-                                       process_count=jax.process_count()):
+    with building("safe_gradient"):
+      batches = batching.eval_batches(safe, process_index=jax.process_index(),
+                                      process_count=jax.process_count())
+    for local in batches:
       batch = parallel.global_batch(local, self.runtime.mesh, self.runtime.rules)
       grads, count = self._safe_step(params, batch)
       total = grads if total is None else jax.tree.map(jnp.add, total, grads)

@@ -28,6 +28,7 @@ from jax.experimental import multihost_utils
 
 from ff_jax.atomic_io import run_path
 from ff_jax.data.batching import Batching, TrainIterator, token_slots
+from ff_jax.data.host_rows import building
 from ff_jax.data.templates import EncodedExample
 from ff_jax.errors import ConfigError
 from ff_jax.models import lora
@@ -181,7 +182,9 @@ def train_loop(trainer: Trainer, init_params: Callable[[], Any], batches: BatchS
                                                 _replica_names(trainer.replicas, replica_names)))
   try:
     while step < steps:
-      state, metrics = meter.step(state, batches.next_batch()[0])
+      with building(name):
+        local = batches.next_batch()[0]
+      state, metrics = meter.step(state, local)
       step += 1
       meter.stepped(step, metrics)
       if hook is not None and step in hook_steps:

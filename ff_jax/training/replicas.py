@@ -28,6 +28,7 @@ from jax.sharding import AxisType, Mesh
 
 from ff_jax import parallel
 from ff_jax.data.batching import TrainIterator
+from ff_jax.data.host_rows import building
 from ff_jax.data.templates import EncodedExample
 from ff_jax.errors import ConfigError, DataError, MeshError
 
@@ -107,9 +108,14 @@ class StackedBatches:
     indices = [it.next_indices() for it in self.iterators]
     shape = tuple(int(n) for n in np.max(
         [it.batch_shape(idx) for it, idx in zip(self.iterators, indices)], axis=0))
-    batch = stacked_batch([self.iterators[k].make(indices[k], shape) for k in self.block.replicas],
+    batch = stacked_batch([self._make(k, indices[k], shape) for k in self.block.replicas],
                           self.pad_id)
     return batch, self.state()
+
+  def _make(self, k: int, indices: list[int], shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """This host's rows of stream `k`'s batch of `indices`, padded to the common `shape`."""
+    with building(f"stream_{k}"):
+      return self.iterators[k].make(indices, shape)
 
   def state(self) -> dict[str, Any]:
     return {"replicas": [it.state() for it in self.iterators]}

@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 
 from ff_jax import parallel
 from ff_jax.data.batching import Batching
+from ff_jax.data.host_rows import building, host_block
 from ff_jax.data.templates import EncodedExample
 from ff_jax.errors import ConfigError
 from ff_jax.eval.text import rouge1_f_batch
@@ -40,9 +41,10 @@ def per_example(step: Callable[[Any, dict[str, Any]], dict[str, Any]], runtime: 
   ([B, S, ...]) and gathered by the segments' example ids."""
   n = len(examples)
   out: dict[str, np.ndarray] = {}
-  batches = batching.eval_batches(examples, process_index=jax.process_index(),
-                                  process_count=jax.process_count(),
-                                  row_multiple=runtime.row_multiple())
+  with building(name):
+    batches = batching.eval_batches(examples, process_index=jax.process_index(),
+                                    process_count=jax.process_count(),
+                                    row_multiple=runtime.row_multiple())
   progress = Progress(name, n, unit="examples")
   done = 0
   for local in batches:
@@ -106,18 +108,10 @@ def generate_texts(runtime: ModelRuntime, params: Any, tokenizer: TextTokenizer,
   sampling = SamplingConfig(max_new_tokens=max_new_tokens)
   params = jax.device_put(params, runtime.param_shardings)  # a no-op where they are already
   rows = runtime.batch_sharding()
-  local_rows = batch_size // jax.process_count()
-  first_row = jax.process_index() * local_rows
   texts: list[str | None] = [None] * len(prompts)
   progress = Progress(name, len(prompts), unit="examples")
   for start in range(0, len(prompts), batch_size):
-    ids = [start + first_row + r for r in range(local_rows)]
-    ids = [i if i < len(prompts) else -1 for i in ids]
-    tokens, mask = left_pad([list(prompts[i]) if i >= 0 else [] for i in ids], tokenizer.pad_id,
-                            width)
-    batch = parallel.global_batch({"tokens": tokens, "mask": mask,
-                                   "example_id": np.asarray(ids, np.int32)},
-                                  runtime.mesh, runtime.rules)
+    batch = _prompt_batch(prompts, start, batch_size, tokenizer.pad_id, width, runtime, name)
     if start == 0:
       log.info("%s: process %d of %d decodes %d of the %d rows of each of %d batches", name,
                jax.process_index(), jax.process_count(), _rows_held(batch["tokens"]), batch_size,
@@ -132,6 +126,19 @@ def generate_texts(runtime: ModelRuntime, params: Any, tokenizer: TextTokenizer,
       texts[i] = tokenizer.decode(new).strip()
     progress.update(min(start + batch_size, len(prompts)))
   return texts
+
+
+def _prompt_batch(prompts: Sequence[Sequence[int]], start: int, batch_size: int, pad_id: int,
+                  width: int, runtime: ModelRuntime, name: str) -> dict[str, jax.Array]:
+  """The global batch of prompts `start`, `start + 1`, ... (empty ones past the last), `width`
+  tokens left-padded, assembled from every host's block of its rows (`host_block`)."""
+  ids = [i if i < len(prompts) else -1 for i in range(start, start + batch_size)]
+  with building(name):
+    ids = host_block(ids, jax.process_index(), jax.process_count())
+  tokens, mask = left_pad([list(prompts[i]) if i >= 0 else [] for i in ids], pad_id, width)
+  return parallel.global_batch({"tokens": tokens, "mask": mask,
+                                "example_id": np.asarray(ids, np.int32)},
+                               runtime.mesh, runtime.rules)
 
 
 def _rows_held(array: jax.Array) -> int:
