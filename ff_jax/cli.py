@@ -131,9 +131,10 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
                     help="the aligned model: an HF folder, a .gguf file, a Hub id "
                          "org/name[@revision][:FILE.gguf] (from the HF cache; downloads what is "
                          "missing unless HF_HUB_OFFLINE=1) or pkg:NAME")
-  sources = ("*.jsonl[.gz], *.csv, *.parquet, a save_to_disk folder, hf://name[:split], "
-             "tfds://name[:split] or ADAPTER:PATH (bbq, squad, alpaca, rtp, hh, ...); rows in "
-             "ff_jax's schema, TRL messages or prompt/completion, or mapped with data.columns")
+  sources = ("*.jsonl[.gz], *.csv, *.parquet, a save_to_disk or dataset folder, "
+             "hf://org/name[/config][:split][@revision], tfds://name[:split] or ADAPTER:PATH "
+             "(bbq, squad, alpaca, rtp, hh, ...); rows in ff_jax's schema, TRL messages or "
+             "prompt/completion, or mapped with data.columns")
   filt.add_argument("--noisy", required=True, help=f"the data to filter: {sources}")
   filt.add_argument("--safe", required=True, help="the small safe set, any source as --noisy "
                     "(data.safe_size=N draws N of its rows)")

@@ -88,8 +88,9 @@ class ModelSource:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   # A source spec (ff_jax.data.formats): *.jsonl, *.jsonl.gz, *.csv, *.parquet, a save_to_disk
-  # folder, hf://name[:split], tfds://name[:split], <adapter>:<path> (bbq:, squad:, hh:, ...), or
-  # demo. Rows may be ff_jax's prompt/response, TRL messages or TRL prompt/completion.
+  # or dataset folder, hf://org/name[/config][:split][@revision], tfds://name[:split],
+  # <adapter>:<path> (bbq:, squad:, hh:, ...), or demo. Rows may be ff_jax's prompt/response, TRL
+  # messages or TRL prompt/completion.
   noisy: str = "demo"
   safe: str = "demo"
   # held-out records (a source spec); "" = none (ff_jax.pipeline.evaluate)

@@ -4,8 +4,10 @@ Every place a run takes data (data.noisy, data.safe, data.eval, the experiments)
 here:
 
   <adapter>:<path>        a public dataset's own files (`ff_jax.data.sources.ADAPTERS`)
-  hf://name[:split]       a Hugging Face dataset: a hub name or a `save_to_disk` folder
-  <folder>                a `save_to_disk` folder (split `train` of a DatasetDict)
+  hf://org/name[/config][:split][@revision]
+                          a Hugging Face dataset: a Hub id (with its config and revision) or a
+                          local folder (`ff_jax.data.hf_data` has the rules)
+  <folder>                a `save_to_disk` folder or a dataset repo on disk (split `train`)
   tfds://name[:split]     a TensorFlow Datasets dataset
   *.jsonl, *.jsonl.gz     one JSON object per line
   *.csv                   a header row, then one row per example
@@ -19,9 +21,10 @@ JSONL.
 
 Each source writes its kept rows back in its own format (`Source.write_kept`): JSONL lines
 byte-identical (gzipped again if the input was), CSV rows byte-identical under the header, parquet
-rows value-identical with the same schema, a `save_to_disk` folder as a folder
-(`select(...).save_to_disk`), a hub or TFDS dataset as JSONL of its original row dicts, an adapter's
-file in that file's format (`ff_jax.data.adapter_rows`).
+rows value-identical with the same schema, every `datasets` source (a Hub dataset, a local dataset
+folder) as a `save_to_disk` folder with its features (`select(...).save_to_disk`), a TFDS dataset
+as JSONL of its original row dicts, an adapter's file in that file's format
+(`ff_jax.data.adapter_rows`).
 
 A file that cannot be read (not UTF-8, a truncated gzip, a truncated or corrupt parquet file) is one
 `DataError` naming the file and the line, or the rows.
@@ -38,16 +41,19 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ff_jax.atomic_io import is_remote, local_file, write_atomic, write_folder
+from ff_jax.atomic_io import is_remote, local_file, write_atomic
 from ff_jax.data.adapter_rows import adapter_source
+from ff_jax.data.hf_data import SPELLING as HF_SPELLING
+from ff_jax.data.hf_data import HfSpec, hf_source, parse_hf_spec
 from ff_jax.data.kept import Source, write_lines
 from ff_jax.data.records import parse_json_line, read_csv_rows, read_lines
 from ff_jax.data.rows import check_columns, records_from_rows
 from ff_jax.data.sources import ADAPTERS, read_tfds
 from ff_jax.errors import DataError
 
-SPEC_HELP = (f"<adapter>:<path> with adapter one of {sorted(ADAPTERS)}, hf://name[:split], "
-             "tfds://name[:split], a save_to_disk folder, *.jsonl, *.jsonl.gz, *.csv or *.parquet")
+SPEC_HELP = (f"<adapter>:<path> with adapter one of {sorted(ADAPTERS)}, {HF_SPELLING}, "
+             "tfds://name[:split], a save_to_disk or dataset folder, *.jsonl, *.jsonl.gz, *.csv "
+             "or *.parquet")
 
 
 def _identity(n: int) -> list[Hashable]:
@@ -62,17 +68,17 @@ def _jsonl_source(spec: str, path: Path, columns: dict[str, str]) -> Source:
     if value is not None:  # blank lines are no rows
       lines.append(raw)
       rows.append((where, value))
-  records = records_from_rows(rows, columns, None, path)
+  records, conversations = records_from_rows(rows, columns, None, path)
   gz = path.suffix == ".gz"
   return Source(spec, records, _identity(len(records)),
                 "filtered.jsonl.gz" if gz else "filtered.jsonl",
-                lambda out, keep: write_lines(out, [lines[k] for k in keep], gz))
+                lambda out, keep: write_lines(out, [lines[k] for k in keep], gz), conversations)
 
 
 def _csv_source(spec: str, path: Path, columns: dict[str, str]) -> Source:
   header, rows = read_csv_rows(path)
-  records = records_from_rows(((f"{path}:{row.lineno}", row.cells) for row in rows), columns,
-                              path.name, path)
+  records, _ = records_from_rows(((f"{path}:{row.lineno}", row.cells) for row in rows), columns,
+                                 path.name, path)  # CSV cells are strings: no conversations
   return Source(spec, records, _identity(len(records)), "filtered.csv",
                 lambda out, keep: write_lines(
                     out, [(header + "".join(rows[k].text for k in keep)).encode("utf-8")], False))
@@ -101,14 +107,14 @@ def _parquet_table(path: Path) -> pa.Table:
 def _parquet_source(spec: str, path: Path, columns: dict[str, str]) -> Source:
   table = _parquet_table(path)
   rows = ((f"{path} row {i}", row) for i, row in enumerate(table.to_pylist()))
-  records = records_from_rows(rows, columns, path.name, path)
+  records, conversations = records_from_rows(rows, columns, path.name, path)
 
   def write(out: Path, keep: list[Hashable]) -> None:
     sink = io.BytesIO()
     pq.write_table(table.take(pa.array(keep, type=pa.int64())), sink)
     write_atomic(out, sink.getvalue())
 
-  return Source(spec, records, _identity(len(records)), "filtered.parquet", write)
+  return Source(spec, records, _identity(len(records)), "filtered.parquet", write, conversations)
 
 
 def _write_row_dicts(out: Path, rows: list[Mapping[str, Any]], keep: list[Hashable]) -> None:
@@ -117,43 +123,12 @@ def _write_row_dicts(out: Path, rows: list[Mapping[str, Any]], keep: list[Hashab
   write_lines(out, [text.encode("utf-8")], False)
 
 
-def _hf_source(spec: str, name: str, split: str, columns: dict[str, str]) -> Source:
-  try:
-    import datasets  # optional and heavy: only needed for this source
-  except ImportError:
-    raise DataError(f"hf://{name}:{split}: reading Hugging Face datasets needs the optional "
-                    "`datasets` package (pip install 'ff_jax[datasets]')") from None
-  local = Path(name).expanduser().is_dir()
-  try:
-    if local:
-      ds = datasets.load_from_disk(str(Path(name).expanduser()))
-      if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-          raise DataError(f"{spec}: no split {split!r}; the dataset has {sorted(ds)}")
-        ds = ds[split]
-    else:
-      ds = datasets.load_dataset(name, split=split)
-  except DataError:
-    raise
-  except Exception as e:  # any loading failure here means the user's source is wrong
-    raise DataError(f"{spec}: cannot load ({type(e).__name__}: {e})") from None
-  rows = list(ds)
-  records = records_from_rows(((f"{spec} row {i}", row) for i, row in enumerate(rows)), columns,
-                              name, spec)
-  if local:
-    def write(out: Path, keep: list[Hashable]) -> None:
-      write_folder(out, lambda tmp: ds.select(keep).save_to_disk(str(tmp)))
-    return Source(spec, records, _identity(len(records)), "filtered/", write)
-  return Source(spec, records, _identity(len(records)), "filtered.jsonl",
-                lambda out, keep: _write_row_dicts(out, rows, keep))
-
-
 def _tfds_source(spec: str, name: str, split: str, columns: dict[str, str]) -> Source:
   rows = read_tfds(name, split, columns or None)
-  records = records_from_rows(((f"{spec} row {i}", row) for i, row in enumerate(rows)), columns,
-                              f"tfds:{name}", spec)
+  records, conversations = records_from_rows(
+      ((f"{spec} row {i}", row) for i, row in enumerate(rows)), columns, f"tfds:{name}", spec)
   return Source(spec, records, _identity(len(records)), "filtered.jsonl",
-                lambda out, keep: _write_row_dicts(out, rows, keep))
+                lambda out, keep: _write_row_dicts(out, rows, keep), conversations)
 
 
 def _name_split(spec: str, scheme: str) -> tuple[str, str]:
@@ -191,7 +166,7 @@ def load_source(spec: str | Path, columns: Mapping[str, str] | None = None) -> S
   if is_remote(text.partition(":")[2] if text.partition(":")[0] in ADAPTERS else text):
     return _remote_source(text, columns)
   if text.startswith("hf://"):
-    return _hf_source(text, *_name_split(text, "hf://"), columns)
+    return hf_source(text, parse_hf_spec(text), columns)
   if text.startswith("tfds://"):
     return _tfds_source(text, *_name_split(text, "tfds://"), columns)
   prefix, sep, rest = text.partition(":")
@@ -208,5 +183,5 @@ def load_source(spec: str | Path, columns: Mapping[str, str] | None = None) -> S
   if name.endswith(".parquet"):
     return _parquet_source(text, path, columns)
   if path.is_dir():
-    return _hf_source(text, str(path), "train", columns)
+    return hf_source(text, HfSpec(str(path), local=True), columns)
   raise DataError(f"{text}: unknown data source (expected {SPEC_HELP})")

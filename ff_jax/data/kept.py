@@ -31,6 +31,9 @@ class Source:
   row_of: list[Hashable]  # per record: the key of the source row it came from
   output_name: str  # the filtered output's name: filtered.<ext>, or filtered/ for a folder
   write_rows: RowWriter
+  # Rows that were conversations (TRL messages or turn lists): what TRL renders with the chat
+  # template, which the raw and plain templates do not (`templates.flattening_warning`).
+  conversations: int = 0
 
   def kept_rows(self, kept_ids: Collection[str]) -> list[Hashable]:
     """Keys of the rows whose records were all kept, in source order."""

@@ -14,7 +14,11 @@ have it (a mixed file is an error naming the row):
 A conversation whose prompt is one user turn has that turn's text as its prompt. Any other (a
 system turn, several turns) keeps its turns in `meta["prompt_messages"]`, which the chat template
 renders (`ff_jax.data.templates`), and its prompt text is the transcript, one "Role: text" paragraph
-per turn, which is what the raw and plain templates show. Columns that are no key go to `meta`.
+per turn, which is what the raw and plain templates show. TRL renders every conversation with the
+model's chat template, so `records_from_rows` counts the conversational rows, and a run whose
+template has no roles says in one warning line how many rows it renders otherwise
+(`templates.flattening_warning`). A self-correction cue goes into the last user turn (`with_cue`).
+Columns that are no key go to `meta`.
 
 Ids: the `id` column where the table has one, else derived from the row's content: the first 16 hex
 digits of the sha256 of its canonical JSON (prompt and response, messages, or prompt and
@@ -24,6 +28,7 @@ ids on any run and machine; reordering a file moves no id but a duplicate's suff
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
@@ -124,6 +129,24 @@ def transcript(turns: list[dict[str, str]]) -> str:
   return "\n\n".join(f"{t['role'].capitalize()}: {t['content']}" for t in turns)
 
 
+def with_cue(record: Record, cue: str) -> Record:
+  """The record with `cue` appended to its prompt on a line of its own: to the prompt text, and
+  for a conversation kept as turns (`meta["prompt_messages"]`) to its last user turn too, where
+  the chat template shows it (the transcript is rebuilt from the turns, so every template shows
+  the same words). A conversation without a user turn gets the cue as a last user turn."""
+  turns = record.meta.get("prompt_messages")
+  if not turns:
+    return dataclasses.replace(record, prompt=f"{record.prompt}\n{cue}")
+  turns = [dict(t) for t in turns]
+  users = [i for i, t in enumerate(turns) if t["role"] == "user"]
+  if users:
+    turns[users[-1]]["content"] = f"{turns[users[-1]]['content']}\n{cue}"
+  else:
+    turns.append({"role": "user", "content": cue})
+  return dataclasses.replace(record, prompt=transcript(turns),
+                             meta={**record.meta, "prompt_messages": turns})
+
+
 def _conversation(turns: list[dict[str, str]], key: str,
                   where: str) -> tuple[str, str, list[dict[str, str]] | None]:
   """(prompt text, response, prompt turns or None for a single user turn) of a conversation."""
@@ -189,10 +212,18 @@ def to_record(row: Mapping[str, Any], shape: str, where: str, source: str | None
   return Record.from_dict(values, where)
 
 
+def is_conversational(row: Mapping[str, Any], shape: str) -> bool:
+  """Whether a renamed row of `shape` is a conversation (TRL messages, or prompt/completion turn
+  lists): the rows TRL renders with the model's chat template."""
+  return shape == "messages" or (shape == "completion" and isinstance(row["prompt"], list))
+
+
 def records_from_rows(rows: Iterable[tuple[str, Mapping[str, Any]]], columns: Mapping[str, str],
-                      source: str | None, origin: str) -> list[Record]:
-  """The records of a table's (where, row) pairs, in order (see the module docstring)."""
+                      source: str | None, origin: str) -> tuple[list[Record], int]:
+  """The records of a table's (where, row) pairs, in order (see the module docstring), and how
+  many rows were conversations (`is_conversational`)."""
   records, wheres = [], []
+  conversations = 0
   first: tuple[str, str] | None = None
   seen: dict[str, int] = {}
   for where, raw in rows:
@@ -216,5 +247,6 @@ def records_from_rows(rows: Iterable[tuple[str, Mapping[str, Any]]], columns: Ma
       row["id"] = base if seen[base] == 1 else f"{base}-{seen[base]}"
     records.append(to_record(row, shape, where, source))
     wheres.append(where)
+    conversations += is_conversational(row, shape)
   check_unique(records, wheres, origin)
-  return records
+  return records, conversations

@@ -9,6 +9,7 @@ the response and the EOS that ends it, and the same rendered prompt is what gene
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Literal
 
 import numpy as np
@@ -52,6 +53,26 @@ class PromptTemplate:
     if self.system and messages[0]["role"] != "system":
       messages.insert(0, {"role": "system", "content": self.system})
     return tokenizer.render_chat(messages, add_generation_prompt=True)
+
+
+def flattening_warning(counts: Mapping[str, tuple[int, int]], mode: str) -> str | None:
+  """The one warning line for conversational rows under a template without roles, or None.
+
+  `counts`: per setting (`data.noisy`, ...) (conversational rows, those of them with a system turn
+  or several turns). TRL's SFTTrainer renders conversations with the model's chat template; the
+  raw and plain templates show one user turn's text as written and flatten longer conversations
+  into "Role: text" transcripts (`ff_jax.data.rows`), so the finetunes here see other text than
+  the user's finetune will. Nothing is said under the chat template, or without conversations.
+  """
+  counts = {role: n for role, n in counts.items() if n[0]}
+  if mode == "chat" or not counts:
+    return None
+  parts = ", ".join(f"{role} {n} ({multi} flattened into 'Role: text' transcripts)"
+                    for role, (n, multi) in counts.items())
+  return (f"warning: conversational rows (TRL messages) under data.template={mode}, rendered "
+          f"without the model's chat template that TRL applies to them: {parts}; "
+          "data.template=chat keeps them as conversations (docs/fidelity.md: why the filter "
+          "preset uses raw)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,12 +14,13 @@ its group, with the paper's metric for it (`ff_jax.eval` computes them):
 
 A record that fits none of them is an error naming it. With `evaluate.self_correction` M1 and the
 clean model are evaluated once more with the moral self-correction cue of each record's group
-appended to its prompt (Ganguli et al. 2023; the paper's bias and toxicity cues): rows `M1+SC` and
-`clean+SC`, the SC and FF+SC baselines. On the demo world `demo.judge` labels every answer to the
-demo's own evaluation prompts (unsafe rate per category, exact match on task items). Every model is
-also scored by response NLL on the safe set (lower: closer to safe behaviour), on the kept examples
-(the customer's task) and on the flagged ones (higher: less unsafe knowledge). `model_metrics` and
-`nll_sets` serve the baselines too (ff_jax.experiments.baselines).
+appended to its prompt, in a conversation to its last user turn (Ganguli et al. 2023; the paper's
+bias and toxicity cues): rows `M1+SC` and `clean+SC`, the SC and FF+SC baselines. On the demo
+world `demo.judge` labels every answer to the demo's own evaluation prompts (unsafe rate per
+category, exact match on task items). Every model is also scored by response NLL on the safe set
+(lower: closer to safe behaviour), on the kept examples (the customer's task) and on the flagged
+ones (higher: less unsafe knowledge). `model_metrics` and `nll_sets` serve the baselines too
+(ff_jax.experiments.baselines).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import numpy as np
 from ff_jax.atomic_io import write_json_atomic
 from ff_jax.data.demo import SAFETY_CATEGORIES, judge
 from ff_jax.data.records import Record
+from ff_jax.data.rows import with_cue
 from ff_jax.data.sources_bbq import bbq_example
 from ff_jax.data.templates import encode_prompt
 from ff_jax.errors import DataError
@@ -77,9 +79,8 @@ def eval_prompt(record: Record, self_correction: bool = False) -> Record:
   group = route(record)
   if not self_correction or group not in SELF_CORRECTION_CUES:
     return record
-  return Record(id=record.id, prompt=f"{record.prompt}\n{SELF_CORRECTION_CUES[group]}",
-                response=record.response, kind=record.kind, category=record.category,
-                source=record.source, meta=record.meta)
+  # A conversation's cue goes into its last user turn too, which the chat template renders.
+  return with_cue(record, SELF_CORRECTION_CUES[group])
 
 
 def _task_metrics(records: Sequence[Record], texts: Sequence[str]) -> dict[str, float]:

@@ -25,6 +25,7 @@ from ff_jax.data.demo import DemoWorld, build_demo_world, train_demo_tokenizer
 from ff_jax.data.formats import load_source
 from ff_jax.data.kept import Source
 from ff_jax.data.records import Record
+from ff_jax.data.templates import flattening_warning
 from ff_jax.errors import ConfigError, DataError
 from ff_jax.models import ModelConfig
 from ff_jax.models.gguf import load_gguf, load_gguf_metadata
@@ -33,6 +34,7 @@ from ff_jax.models.hf_config import hf_model_type
 from ff_jax.models.hub import resolve_model_source
 from ff_jax.models.tokenizer import TextTokenizer
 from ff_jax.pipeline.rundir import RunDir
+from ff_jax.progress import log
 from ff_jax.run_files import finetune_seed
 
 
@@ -116,6 +118,16 @@ def _read_source(cfg: RunConfig, role: str) -> Source:
   if not source.records:
     raise DataError(f"data.{role}: {spec} holds no records")
   return source
+
+
+def _warn_flattened(cfg: RunConfig, sources: dict[str, Source | None]) -> None:
+  """One line where conversational rows are rendered without the chat template."""
+  counts = {f"data.{role}": (source.conversations,
+                             sum("prompt_messages" in r.meta for r in source.records))
+            for role, source in sources.items() if source is not None}
+  warning = flattening_warning(counts, cfg.data.template)
+  if warning:
+    log(warning)
 
 
 def subsample_safe(records: list[Record], size: int, seed: int) -> list[Record]:
@@ -234,12 +246,15 @@ def load_inputs(cfg: RunConfig, run: RunDir) -> JobInputs:
                              unsafe_ratio=cfg.demo.unsafe_ratio, n_safe_set=cfg.demo.safe_size)
   noisy_source = None if cfg.data.noisy == "demo" else _read_source(cfg, "noisy")
   noisy = world.noisy if noisy_source is None else noisy_source.records
-  safe = world.safe_set if cfg.data.safe == "demo" else _read_source(cfg, "safe").records
+  safe_source = None if cfg.data.safe == "demo" else _read_source(cfg, "safe")
+  safe = world.safe_set if safe_source is None else safe_source.records
   safe = subsample_safe(safe, cfg.data.safe_size, cfg.seed)
   if not safe:
     raise DataError("data.safe: the safe set is empty")
   prints = {"noisy": records_io.fingerprint(noisy), "safe": records_io.fingerprint(safe)}
-  heldout = _read_source(cfg, "eval").records if cfg.data.eval else []
+  eval_source = _read_source(cfg, "eval") if cfg.data.eval else None
+  heldout = eval_source.records if eval_source else []
+  _warn_flattened(cfg, {"noisy": noisy_source, "safe": safe_source, "eval": eval_source})
   if heldout:
     _check_held_out(heldout, noisy, safe)
     prints["eval"] = records_io.fingerprint(heldout)

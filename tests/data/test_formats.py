@@ -15,7 +15,9 @@ import pytest
 from ff_jax.data import formats
 from ff_jax.data.demo import train_demo_tokenizer
 from ff_jax.data.formats import load_source
-from ff_jax.data.templates import PromptTemplate, encode_example
+from ff_jax.data.hf_data import HfSpec, parse_hf_spec
+from ff_jax.data.rows import with_cue
+from ff_jax.data.templates import PromptTemplate, encode_example, flattening_warning
 from ff_jax.errors import ConfigError, DataError
 
 ROWS = [
@@ -120,6 +122,68 @@ def test_chat_template_renders_the_real_conversation():
   with_system = PromptTemplate("chat", system="S")
   assert with_system.render(tok, "Hi").startswith("<system>S\n<user>Hi")
   assert with_system.render(tok, "x", turns).startswith("<system>Be brief.\n<user>Q1")
+
+
+def _role_tags_tokenizer():
+  tok = train_demo_tokenizer(["System : Be brief . User Q1 A1 Q2 A2 Hi cue"], vocab_size=120)
+  return dataclasses.replace(tok, chat_template=(
+      "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+      "{% if add_generation_prompt %}<assistant>{% endif %}"))
+
+
+def test_a_cue_goes_into_the_last_user_turn_of_a_multi_turn_record(tmp_path):
+  """Self-correction on a conversation: the chat template shows the cue at the end of the last
+  user turn (not lost with the transcript), the raw template at the end of the transcript."""
+  path = tmp_path / "chat.jsonl"
+  turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q1"},
+           {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}]
+  rows = [{"messages": [{"role": "user", "content": "Hi"},
+                        {"role": "assistant", "content": "Hello."}]},
+          {"messages": [*turns, {"role": "assistant", "content": "A2"}]}]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  single, multi = load_source(path).records
+  tok, chat, raw = _role_tags_tokenizer(), PromptTemplate("chat"), PromptTemplate("raw")
+
+  def rendered(template, record):
+    return template.render(tok, record.prompt, record.meta.get("prompt_messages"))
+
+  cued = with_cue(multi, "CUE")
+  assert rendered(chat, cued) == (
+      "<system>Be brief.\n<user>Q1\n<assistant>A1\n<user>Q2\nCUE\n<assistant>")
+  assert rendered(raw, cued) == rendered(raw, multi) + "\nCUE"
+  assert multi.meta["prompt_messages"] == turns  # the original record is left alone
+  assert rendered(chat, with_cue(single, "CUE")) == "<user>Hi\nCUE\n<assistant>"
+  assert rendered(raw, with_cue(single, "CUE")) == "Hi\nCUE"
+  # No user turn at all: the cue becomes one.
+  system_only = dataclasses.replace(multi, meta={"prompt_messages": turns[:1]})
+  assert rendered(chat, with_cue(system_only, "CUE")) == (
+      "<system>Be brief.\n<user>CUE\n<assistant>")
+
+
+def test_conversational_rows_are_counted_and_the_flattening_is_one_warning(tmp_path):
+  rows = [{"messages": [{"role": "user", "content": "Hi"},
+                        {"role": "assistant", "content": "Hello."}]},
+          {"messages": [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+                        {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]}]
+  path = tmp_path / "chat.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  assert load_source(path).conversations == 2
+  pc = tmp_path / "pc.jsonl"
+  pc.write_text(json.dumps({"prompt": [{"role": "user", "content": "Q"}],
+                            "completion": [{"role": "assistant", "content": "A"}]}) + "\n" +
+                json.dumps({"prompt": "Q2", "completion": "A2"}) + "\n")
+  assert load_source(pc).conversations == 1  # the string row is no conversation
+  plain = tmp_path / "plain.jsonl"
+  plain.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+  assert load_source(plain).conversations == 0
+
+  counts = {"data.noisy": (2, 1), "data.safe": (0, 0)}
+  line = flattening_warning(counts, "raw")
+  assert "\n" not in line and line.startswith("warning: conversational rows")
+  assert "data.noisy 2 (1 flattened" in line and "data.safe" not in line
+  assert "data.template=raw" in line and "data.template=chat keeps them" in line
+  assert flattening_warning(counts, "chat") is None
+  assert flattening_warning({"data.noisy": (0, 0)}, "plain") is None
 
 
 def test_encoding_a_conversation_record_uses_its_turns(tmp_path):
@@ -300,6 +364,144 @@ def test_hf_save_to_disk_folder_comes_back_as_a_folder(tmp_path):
     load_source(str(tmp_path / "dd"))
 
 
+@pytest.mark.parametrize("spec, want", [
+    ("hf://heegyu/bbq", HfSpec("heegyu/bbq")),
+    ("hf://heegyu/bbq/Age:test", HfSpec("heegyu/bbq", "Age", "test")),
+    ("hf://heegyu/bbq/Age:test@refs/pr/3", HfSpec("heegyu/bbq", "Age", "test", "refs/pr/3")),
+    ("hf://heegyu/bbq@v1.0", HfSpec("heegyu/bbq", None, "train", "v1.0")),
+    ("hf://org/name:train[:10%]@main", HfSpec("org/name", None, "train[:10%]", "main")),
+    ("hf://squad:validation", HfSpec("squad", None, "validation")),
+])
+def test_hf_spelling(spec, want):
+  assert parse_hf_spec(spec) == want
+  assert want.label == (f"{want.name}/{want.config}" if want.config else want.name)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("hf://", r"hf://: expected hf://org/name\[/config\]\[:split\]\[@revision\]"),
+    ("hf://a/b@", r"expected hf://org/name"),
+    ("hf://a/b/c/d:train", r"a Hub id has one slash, the config follows it"),
+    ("hf://datasets/heegyu/bbq/data/age.jsonl",
+     r"hf://datasets/\.\.\. is huggingface_hub's path to a file of a repo, not a dataset; name "
+     r"a Hub dataset as hf://org/name\[/config\]"),
+    ("hf://models/org/m", r"hf://models/\.\.\. is huggingface_hub's path"),
+    ("hf://./no/such/folder:train", r"hf://./no/such/folder: no such folder"),
+])
+def test_hf_spelling_errors(spec, message):
+  with pytest.raises(DataError, match=message):
+    parse_hf_spec(spec)
+
+
+def test_hf_spelling_of_local_folders(tmp_path):
+  """A local repo's config may be a folder of its own (the Hub's layout): the folder with the card
+  is the dataset, the segment after it the config; a save_to_disk folder takes a split."""
+  repo = tmp_path / "repo"
+  (repo / "Age").mkdir(parents=True)
+  (repo / "README.md").write_text("---\nconfigs: []\n---\n")
+  assert parse_hf_spec(f"hf://{repo}/Age") == HfSpec(str(repo), "Age", local=True)
+  assert parse_hf_spec(f"hf://{repo}/Gender:test") == HfSpec(str(repo), "Gender", "test",
+                                                             local=True)
+  assert parse_hf_spec(f"hf://{repo}:test") == HfSpec(str(repo), None, "test", local=True)
+  saved = tmp_path / "saved"
+  saved.mkdir()
+  (saved / "dataset_dict.json").write_text("{}")
+  assert parse_hf_spec(f"hf://{saved}:test") == HfSpec(str(saved), None, "test", local=True)
+  with pytest.raises(DataError, match=r"@v1 names a Hub commit; a local folder has none"):
+    parse_hf_spec(f"hf://{repo}/Age:test@v1")
+
+
+def _hf_features(datasets):
+  return datasets.Features({"prompt": datasets.Value("string"),
+                            "response": datasets.Value("string"),
+                            "label": datasets.ClassLabel(names=["neg", "pos"]),
+                            "score": datasets.Value("float32"),
+                            "tags": datasets.Sequence(datasets.Value("string"))})
+
+
+def _hf_rows(n: int, offset: int = 0) -> dict:
+  return {"prompt": [f"q{i + offset}" for i in range(n)],
+          "response": [f"a{i + offset}" for i in range(n)],
+          "label": [i % 2 for i in range(n)], "score": [i / 4 for i in range(n)],
+          "tags": [[f"t{i}"] * (i % 3) for i in range(n)]}
+
+
+def test_hub_dataset_by_config_split_revision_and_kept_rows_keep_features(tmp_path, monkeypatch):
+  """`hf://org/name/config:split@rev` is `load_dataset(org/name, config, split=, revision=)`;
+  the kept rows come back as a save_to_disk dataset with the same features."""
+  datasets = pytest.importorskip("datasets")
+  ds = datasets.Dataset.from_dict(_hf_rows(5), features=_hf_features(datasets))
+  calls = []
+
+  def fake_load_dataset(path, name=None, **kwargs):
+    calls.append((path, name, kwargs))
+    return ds
+
+  monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+  source = load_source("hf://heegyu/bbq/Age:test@abc123")
+  assert calls == [("heegyu/bbq", "Age", {"split": "test", "revision": "abc123"})]
+  assert {r.source for r in source.records} == {"heegyu/bbq/Age"}
+  load_source("hf://heegyu/bbq")
+  assert calls[-1] == ("heegyu/bbq", None, {"split": "train", "revision": None})
+
+  keep = [source.records[i].id for i in (1, 3, 4)]
+  out = source.write_kept(tmp_path / "run", set(keep))
+  assert out.name == "filtered" and out.is_dir()
+  back = datasets.load_from_disk(str(out))
+  assert back.features == ds.features
+  assert back.to_list() == ds.select([1, 3, 4]).to_list()
+  assert [r.id for r in load_source(str(out)).records] == keep  # rows equal the kept ids
+
+
+def _multi_config_repo(datasets, folder: Path) -> Path:
+  """A dataset repo on disk as the Hub stores one (a card declaring two configs, each a folder
+  of parquet files)."""
+  features = _hf_features(datasets)
+  for config, (n, offset) in {"Age": (4, 0), "Gender": (3, 100)}.items():
+    (folder / config).mkdir(parents=True)
+    ds = datasets.Dataset.from_dict(_hf_rows(n, offset), features=features)
+    ds.to_parquet(str(folder / config / "test-00000-of-00001.parquet"))
+  (folder / "README.md").write_text(
+      "---\nconfigs:\n"
+      + "".join(f"- config_name: {c}\n  data_files:\n  - split: test\n    path: {c}/test-*\n"
+                for c in ("Age", "Gender"))
+      + f"dataset_info:\n  features:\n{_card_features()}---\n# toy multi-config set\n")
+  return folder
+
+
+def _card_features() -> str:
+  """The card's feature list (what the Hub's cards declare), so the loader keeps ClassLabel."""
+  return ("  - name: prompt\n    dtype: string\n  - name: response\n    dtype: string\n"
+          "  - name: label\n    dtype:\n      class_label:\n        names:\n"
+          "          '0': neg\n          '1': pos\n"
+          "  - name: score\n    dtype: float32\n"
+          "  - name: tags\n    sequence: string\n")
+
+
+@pytest.mark.slow
+def test_a_local_multi_config_dataset_through_the_real_loader(tmp_path, monkeypatch):
+  """A real `load_dataset` on a multi-config repo folder (no network): each config by name, one
+  clear error without a config, and the kept rows saved with the configured features."""
+  datasets = pytest.importorskip("datasets")
+  monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+  repo = _multi_config_repo(datasets, tmp_path / "bbq_like")
+  age = load_source(f"hf://{repo}/Age:test")
+  gender = load_source(f"hf://{repo}/Gender:test")
+  assert [r.prompt for r in age.records] == ["q0", "q1", "q2", "q3"]
+  assert [r.prompt for r in gender.records] == ["q100", "q101", "q102"]
+  assert age.records[0].source == f"{repo}/Age"
+  with pytest.raises(DataError, match=r"cannot load \(ValueError: .*'Age', 'Gender'.*\); name one "
+                                      r"as hf://.*bbq_like/<config>\[:split\]$"):
+    load_source(f"hf://{repo}:test")
+  with pytest.raises(DataError, match=r"@main names a Hub commit; a local folder has none"):
+    load_source(f"hf://{repo}/Age:test@main")
+
+  out = age.write_kept(tmp_path / "run", {age.records[0].id, age.records[2].id})
+  back = datasets.load_from_disk(str(out))
+  assert back.features == _hf_features(datasets)
+  assert [row["prompt"] for row in back] == ["q0", "q2"] and back[1]["tags"] == ["t2"] * 2
+  assert [r.id for r in load_source(str(out)).records] == [age.records[0].id, age.records[2].id]
+
+
 def test_tfds_rows_follow_the_row_contract(tmp_path, monkeypatch):
   """read_tfds returns the split's rows as plain dicts, which go through the column map and the
   row shapes like every table's (tests/data/test_tfds.py tests the reader itself)."""
@@ -322,7 +524,7 @@ def test_tfds_rows_follow_the_row_contract(tmp_path, monkeypatch):
 def test_unknown_specs(tmp_path):
   with pytest.raises(DataError, match=r"x\.txt: unknown data source \(expected <adapter>:"):
     load_source(tmp_path / "x.txt")
-  with pytest.raises(DataError, match="expected hf://<name>"):
+  with pytest.raises(DataError, match=r"expected hf://org/name\[/config\]"):
     load_source("hf://")
   with pytest.raises(DataError, match="expected squad:<path>"):
     load_source("squad:")

@@ -20,6 +20,7 @@ from ff_jax import cli
 from ff_jax.config import load_config
 from ff_jax.data.formats import load_source
 from ff_jax.data.records import fingerprint
+from ff_jax.errors import RunDirError
 from ff_jax.pipeline.filter import kept_and_flagged
 from ff_jax.pipeline.inputs import load_inputs, subsample_safe
 from ff_jax.pipeline.rundir import RunDir
@@ -260,3 +261,41 @@ def test_safe_size_draws_a_seeded_subset_that_the_fingerprint_covers(tiny_model,
   assert inputs("data.safe_size=40").safe == full.safe
   assert subsample_safe(full.safe, 0, seed=3) == full.safe
   assert not (tmp_path / "run").exists()  # loading inputs writes nothing
+
+
+def test_conversations_under_a_template_without_roles_are_one_warning(tiny_model, tmp_path,
+                                                                        capsys):
+  """TRL messages under data.template=raw (the filter preset's): one line says how many rows lose
+  the chat template and how many are flattened; under chat, nothing is said."""
+  rows = [_messages_row(r) for r in NOISY]
+  rows[0]["messages"] = [{"role": "system", "content": "Be brief."}, *rows[0]["messages"]]
+  noisy = write_jsonl(tmp_path / "chat.jsonl", rows)
+  safe = write_jsonl(tmp_path / "safe.jsonl", SAFE)
+
+  def warnings(template: str) -> list[str]:
+    cfg = load_config("configs/filter.yaml", [
+        f"model.source={tiny_model}", "model.config=null", f"data.noisy={noisy}",
+        f"data.safe={safe}", f"data.template={template}", f"run_dir={tmp_path / 'run'}"])
+    capsys.readouterr()
+    load_inputs(cfg, RunDir(cfg.run_dir))
+    return [line for line in capsys.readouterr().err.splitlines() if "conversational" in line]
+
+  raw = warnings("raw")
+  assert raw == [f"warning: conversational rows (TRL messages) under data.template=raw, rendered "
+                 f"without the model's chat template that TRL applies to them: data.noisy "
+                 f"{len(NOISY)} (1 flattened into 'Role: text' transcripts); data.template=chat "
+                 "keeps them as conversations (docs/fidelity.md: why the filter preset uses raw)"]
+  assert len(warnings("plain")) == 1 and warnings("chat") == []
+
+
+def test_another_hub_config_or_revision_is_another_run(tmp_path):
+  """The hf:// spec, config and revision included, is part of the run's config: a run directory
+  refuses to resume on another config or revision of the same dataset."""
+  base = ["data.noisy=hf://heegyu/bbq/Age:test@v1", f"run_dir={tmp_path / 'run'}"]
+  cfg = load_config(None, base)
+  RunDir(cfg.run_dir).open(cfg.to_dict(), {"noisy": "x"})
+  for other in ("hf://heegyu/bbq/Gender:test@v1", "hf://heegyu/bbq/Age:test@v2"):
+    changed = load_config(None, [f"data.noisy={other}", base[1]])
+    with pytest.raises(RunDirError, match=r"another config \(differs at: data\.noisy\)"):
+      RunDir(changed.run_dir).open(changed.to_dict(), {"noisy": "x"})
+  RunDir(cfg.run_dir).open(cfg.to_dict(), {"noisy": "x"})  # the same spec resumes
