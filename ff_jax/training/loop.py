@@ -187,7 +187,7 @@ def train_loop(trainer: Trainer, init_params: Callable[[], Any], batches: BatchS
         began = clock()
         hook(step, state["params"])
         own.hook_seconds += clock() - began
-      saver.maybe_save(step, state, batches, own)
+      saver.maybe_save(step, state, batches, own, before=meter.write_record)
       meter.show(step, metrics)
   finally:
     meter.close()
@@ -246,10 +246,13 @@ class StepCheckpointing:
       return False
     return _process_zero_says(self.clock() - self.last_save >= 60.0 * self.minutes)
 
-  def maybe_save(self, step: int, state: Any, batches: BatchStream, stats: LoopStats) -> None:
-    """Save `state` and the position of `batches` after `step` if one is due."""
+  def maybe_save(self, step: int, state: Any, batches: BatchStream, stats: LoopStats,
+                 before: Callable[[], None] = lambda: None) -> None:
+    """Save `state` and the position of `batches` after `step` if one is due, calling `before()`
+    first."""
     if not self._due(step):
       return
+    before()
     began = self.clock()
     self.checkpoints.save(step, self._saved(state), {"iterator": batches.state()})
     self.last_save = self.clock()
@@ -311,6 +314,12 @@ class LoopMeter:
     shown = [*self.records.shown, f"pad {100 * self.stats.padded_share:.0f}%"]
     self.progress.update(step, extra=" ".join(shown))
 
+  def write_record(self) -> None:
+    """Write the pending record, before a step checkpoint: a rerun resumes after the checkpoint's
+    step and records only the steps after it, so every record up to it must be in `metrics.jsonl`
+    before the checkpoint can exist (written later, a kill in between would lose it for good)."""
+    self.records.flush()
+
   def close(self) -> None:
     self.records.close()
 
@@ -328,7 +337,8 @@ class _Records:
   """The records of `train_loop`: at every `log.every`-th step and the last, loss, grad norm,
   learning rate, and tokens and examples per second since the previous record.
 
-  A record step's metrics are read once the next step is dispatched (the last step's at once):
+  A record step's metrics are read once the next step is dispatched (the last step's at once, and
+  the pending one before a step checkpoint: `flush`):
   the read waits for that step only, while the device has the next one queued, so logging every
   step keeps the device busy as long as the host prepares a batch faster than the device trains
   on it. Throughput counts every step, over the time between two reads less the time spent in
@@ -360,6 +370,11 @@ class _Records:
       self.pending = (step, metrics, self.tokens, self.examples)
       if step == self.steps:
         self._read()
+
+  def flush(self) -> None:
+    """Read and write the pending record now."""
+    if self.pending is not None:
+      self._read()
 
   def close(self) -> None:
     self.log.close()
