@@ -100,7 +100,8 @@ class LoopStats:
   checkpoint_seconds: float = 0.0  # blocked in step-checkpoint saves, and waiting for the last
   checkpoints: int = 0  # step checkpoints saved
   hook_seconds: float = 0.0  # in the work after chosen steps (snapshots, scoring)
-  token_slots: int = 0  # token positions of every batch stepped (`padding_counts`)
+  # token positions of every batch stepped (`padding_counts`), every process's rows
+  token_slots: int = 0
   padded_tokens: int = 0  # ... that hold padding
 
   def as_dict(self) -> dict[str, Any]:
@@ -193,6 +194,7 @@ def train_loop(trainer: Trainer, init_params: Callable[[], Any], batches: BatchS
     meter.close()
   saver.finish(own)
   own.steps = step - first_step
+  own.token_slots, own.padded_tokens = _summed_over_processes(own.token_slots, own.padded_tokens)
   own.seconds = clock() - started
   for field in dataclasses.fields(own) if stats is not None else ():
     setattr(stats, field.name, getattr(own, field.name))
@@ -403,6 +405,16 @@ class _Records:
                   f"lr {lr:.2e}"]
     if tokens_per_s is not None:
       self.shown.append(f"{tokens_per_s:.0f} tok/s")
+
+
+def _summed_over_processes(*counts: int) -> tuple[int, ...]:
+  """Each of `counts` summed over every process: each counted the rows of the batches it loaded.
+  Gathered as two 31-bit halves, since JAX's int32 would wrap a count past 2**31."""
+  if jax.process_count() == 1:
+    return counts
+  halves = np.asarray([[count >> 31, count & (2**31 - 1)] for count in counts], np.int32)
+  gathered = np.asarray(multihost_utils.process_allgather(halves)).astype(np.int64)  # [P, n, 2]
+  return tuple(int(total) for total in ((gathered[..., 0] << 31) + gathered[..., 1]).sum(axis=0))
 
 
 def _process_zero_says(flag: bool) -> bool:
