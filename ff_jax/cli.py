@@ -18,6 +18,11 @@ as YAML, which loads back as CONFIG, and exits. Errors a user can cause (config,
 checkpoints, run directories) print one line and exit 2. Every command turns on JAX's persistent
 compilation cache before anything compiles (`config.enable_compile_cache`): `run` and `filter`
 where their config's `compile_cache` says, the others where `auto` puts it.
+
+On several processes (a pod, `launch/tpu.py`) every command joins one JAX cluster
+(`parallel.initialize_distributed`) before it touches a device or a file, so only process 0
+writes (ff_jax.atomic_io), and ends at a barrier; `bench` and `plan`, which measure or plan one
+machine's devices, refuse to run there with one line.
 """
 
 from __future__ import annotations
@@ -268,7 +273,11 @@ def _other_config(args: argparse.Namespace) -> Any:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+  """Run the parsed command on this process, as one of the cluster's processes where it has
+  several (see the module docstring); its exit status."""
   from ff_jax import config as config_lib
+  from ff_jax import parallel
+  from ff_jax.atomic_io import barrier
 
   cfg = None
   if args.command in ("run", "filter"):
@@ -280,57 +289,85 @@ def _dispatch(args: argparse.Namespace) -> int:
     return 0
   config_lib.enable_compile_cache(cfg.compile_cache if args.command in ("run", "filter")
                                   else "auto")
-  if args.command == "report":
-    from ff_jax.report.analysis import filter_outcome, outcome_text
-    from ff_jax.report.markdown import write_report
-
-    print(write_report(args.run_dir))
-    outcome = filter_outcome(args.run_dir)
-    if outcome is not None:
-      print(outcome_text(outcome))
-    return 0
-
-  if args.command == "bench":
-    from ff_jax.perf.bench import main as bench_main
-
-    bench_main(cfg, args.json)
-    return 0
-
-  if args.command == "plan":
-    from ff_jax.perf.plan import plan_run, refusal, table
-
-    result = plan_run(cfg, args.hbm_gib, args.topology)
-    print(table(result))
-    if args.json:
-      from ff_jax.atomic_io import write_json_atomic
-
-      write_json_atomic(args.json, result)
-    message = refusal(result)
-    if message:
-      raise ConfigError(message)
-    return 0
-
-  # Multi-host runs must start the distributed runtime before anything touches devices.
-  from ff_jax import parallel
-
+  # Every command joins the cluster before anything touches devices or writes: a process that did
+  # not would count itself process 0 of 1 and write every artifact beside the real process 0.
   parallel.initialize_distributed()
-  if args.command == "sweep":
-    from ff_jax.experiments.sweep import run_sweep
+  if args.command in ONE_PROCESS_COMMANDS:
+    parallel.refuse_several_processes(f"ff-jax {args.command}", ONE_PROCESS_COMMANDS[args.command])
+  code = COMMAND_RUNNERS.get(args.command, _run_job)(args, cfg)
+  barrier(f"ff-jax {args.command} finished")  # what process 0 wrote is there for every process
+  return code
 
-    out = run_sweep(cfg, restart=args.restart)
-    print(f"report: {out / 'report.md'}")
-    return 0
-  if args.command == "baseline":
-    from ff_jax.experiments.baselines import run_baseline
 
-    print(run_baseline(args.run_dir, args.name))
-    return 0
-  if args.command == "rounds":
-    from ff_jax.experiments.rounds import run_rounds
+# Commands that measure or plan one machine's devices, and why several processes make no sense
+# for them: each process would time or compile the same thing alone.
+ONE_PROCESS_COMMANDS = {
+    "bench": "it measures the devices of one host",
+    "plan": "it plans a pod's memory from one machine (--topology SLICE compiles for a TPU slice "
+            "without one)",
+}
 
-    print(run_rounds(args.run_dir, args.rounds, args.heldout))
-    return 0
-  return _run_job(args, cfg)
+
+def _report(args: argparse.Namespace, cfg: None) -> int:
+  """`ff-jax report`: report.md and the plots, written by process 0, then what the filter did."""
+  from ff_jax.report.analysis import filter_outcome, outcome_text
+  from ff_jax.report.markdown import write_report
+
+  print(write_report(args.run_dir))
+  outcome = filter_outcome(args.run_dir)
+  if outcome is not None:
+    print(outcome_text(outcome))
+  return 0
+
+
+def _bench(args: argparse.Namespace, cfg: Any) -> int:
+  """`ff-jax bench`: the table, and with --json the result as JSON."""
+  from ff_jax.perf.bench import main as bench_main
+
+  bench_main(cfg, args.json)
+  return 0
+
+
+def _plan(args: argparse.Namespace, cfg: RunConfig) -> int:
+  """`ff-jax plan`: the table, with --json the plan as JSON; a plan that does not fit is
+  refused."""
+  from ff_jax.perf.plan import plan_run, refusal, table
+
+  result = plan_run(cfg, args.hbm_gib, args.topology)
+  print(table(result))
+  if args.json:
+    from ff_jax.atomic_io import write_json_atomic
+
+    write_json_atomic(args.json, result)
+  message = refusal(result)
+  if message:
+    raise ConfigError(message)
+  return 0
+
+
+def _sweep(args: argparse.Namespace, cfg: Any) -> int:
+  """`ff-jax sweep`: the sweep's chunks (resumed unless --restart), then where its report is."""
+  from ff_jax.experiments.sweep import run_sweep
+
+  out = run_sweep(cfg, restart=args.restart)
+  print(f"report: {out / 'report.md'}")
+  return 0
+
+
+def _baseline(args: argparse.Namespace, cfg: None) -> int:
+  """`ff-jax baseline NAME`: one baseline filter on a finished run."""
+  from ff_jax.experiments.baselines import run_baseline
+
+  print(run_baseline(args.run_dir, args.name))
+  return 0
+
+
+def _rounds(args: argparse.Namespace, cfg: None) -> int:
+  """`ff-jax rounds`: interleaved downstream and safety rounds on a finished run."""
+  from ff_jax.experiments.rounds import run_rounds
+
+  print(run_rounds(args.run_dir, args.rounds, args.heldout))
+  return 0
 
 
 def _run_job(args: argparse.Namespace, cfg: RunConfig) -> int:
@@ -360,6 +397,11 @@ def _run_job(args: argparse.Namespace, cfg: RunConfig) -> int:
               "it (the phases done are skipped)")
     print(outcome_text(outcome, hint))
   return 0
+
+
+# Each command but `run` and `filter` (`_run_job`): (parsed args, its config or None) -> status.
+COMMAND_RUNNERS = {"report": _report, "bench": _bench, "plan": _plan, "sweep": _sweep,
+                   "baseline": _baseline, "rounds": _rounds}
 
 
 if __name__ == "__main__":

@@ -256,3 +256,10 @@ def initialize_distributed(coordinator_address: str | None = None,
                              num_processes=num_processes, process_id=process_id)
   log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
   return True
+
+
+def refuse_several_processes(what: str, why: str) -> None:
+  """Refuse, with one line, to run `what` (which works on one process, `why`) on several."""
+  if jax.process_count() > 1:
+    raise ConfigError(f"{what} runs on one process, not {jax.process_count()}: {why}; start it "
+                      "on one host, without launch/tpu.py")

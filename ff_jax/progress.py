@@ -11,12 +11,25 @@ adds one run folder per replica, `<loop name>/<replica name>/` with its own `tra
 `train/grad_norm`, and writes their mean under the loop's folder: TensorBoard overlays runs that
 share a tag in one chart, so the K replicas and their mean are compared at a glance (tags
 `train/loss/replica_<k>` would give K separate charts instead).
+
+`metrics.jsonl` is the record; the event files mirror it. A loop killed and resumed from its newest
+step checkpoint records the steps after it again (the loop writes every record up to a checkpoint's
+step before it saves the checkpoint). On resume (`TrainingLog.open`) `metrics.jsonl` loses the
+loop's records past that step and any line a kill cut short, and so ends as an uninterrupted run's
+would (wall-time fields aside); the loop's event files, which a kill may have left without their
+last records (tensorboardX writes them from a queue), are replaced by one new file per folder that
+starts with the loop's records kept in `metrics.jsonl`. Every folder thus holds one event file
+however often its loop was resumed, with each step once (tensorboardX names the files by host and
+time, so their bytes differ from run to run; a replayed record bears the time it was replayed, and
+a non-finite value that `metrics.jsonl` keeps as null is replayed as NaN in a replica's list and
+left out as a single value, like a value not measured).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -27,7 +40,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ff_jax.atomic_io import is_remote, json_text, run_path, write_atomic
+from ff_jax.atomic_io import is_remote, json_text, remove, run_path, write_atomic
 
 # Default steps between a training loop's records (`config.LoggingConfig` takes its default here).
 LOG_EVERY = 10
@@ -110,16 +123,21 @@ class MetricsLog:
     with self.path.open("a") as handle:
       handle.write(line)
 
-  def drop_after(self, phase: str, step: int) -> None:
+  def drop_after(self, phase: str, step: int) -> list[dict[str, Any]]:
     """Remove `phase`'s records of steps after `step` (and lines a kill left half-written): a
     loop resumed from step `step` records the steps after it again. Rewritten atomically, and
-    only when something is removed."""
+    only when something is removed or the last line lacks its newline (a kill between a record
+    and its newline: the next record would go on the same line). Returns `phase`'s records that
+    are kept, in order."""
     if self.path is None or not self.path.exists():
-      return
-    lines = self.path.read_text().splitlines()
+      return []
+    text = self.path.read_text()
+    lines = text.splitlines()
     kept = [line for line in lines if not _stale(line, phase, step)]
-    if len(kept) != len(lines):
+    unended = bool(text) and not text.endswith("\n")
+    if len(kept) != len(lines) or unended:
       write_atomic(self.path, "".join(line + "\n" for line in kept))
+    return [record for record in map(json.loads, kept) if record.get("phase") == phase]
 
 
 def _stale(line: str, phase: str, step: int) -> bool:
@@ -149,19 +167,25 @@ class TrainingLog:
   tensorboard_dir: Path | None = None
   every: int = LOG_EVERY
 
+  def __post_init__(self):
+    if self.tensorboard_dir is not None and self.metrics_path is None:
+      # On resume the event files are rebuilt from metrics.jsonl (the module docstring).
+      raise ValueError("TrainingLog: tensorboard_dir needs a metrics_path")
+
   def open(self, name: str, first_step: int = 0, replica_names: Sequence[str] | None = None,
            process_index: int | None = None) -> LoopLog:
     """The log of loop `name`, which starts at `first_step` (a resumed loop: its checkpoint's
     step) with `replica_names` (K stacked replicas) or none (one model).
 
-    Records of `name` after `first_step` are dropped from `metrics_path` and hidden from
-    TensorBoard (the new event file purges them): the loop records those steps again. Files are
-    written, and event files created, on process 0 only (`writes_logs(process_index)`).
+    Records of `name` after `first_step` are dropped from `metrics_path`, and the loop's event
+    files are written anew from the records kept (the module docstring): the loop records the
+    later steps again. Files are written, and event files created, on process 0 only
+    (`writes_logs(process_index)`).
     """
     if not writes_logs(process_index):
       return LoopLog(name, self.every, None, {})
     metrics = MetricsLog(self.metrics_path)
-    metrics.drop_after(name, first_step)
+    kept = metrics.drop_after(name, first_step)
     writers = {}
     if self.tensorboard_dir is not None:
       # Deferred: tensorboardX imports torch where torch is installed (about a second).
@@ -169,13 +193,15 @@ class TrainingLog:
 
       folder = run_path(self.tensorboard_dir) / name
       for key, sub in [(None, folder), *((r, folder / r) for r in replica_names or ())]:
+        for old in sub.glob("events.out.tfevents.*"):  # rewritten from `kept` below
+          remove(old)
         # A nanosecond suffix: tensorboardX names files by the second, and a second writer of a
-        # folder in the same second would overwrite the first one's file. Files sort in the
-        # order they were created, so the purge of a resumed loop applies to the earlier ones.
-        writers[key] = SummaryWriter(str(sub), purge_step=first_step + 1,
-                                     flush_secs=TENSORBOARD_FLUSH_SECONDS,
+        # folder in the same second would overwrite the first one's file.
+        writers[key] = SummaryWriter(str(sub), flush_secs=TENSORBOARD_FLUSH_SECONDS,
                                      filename_suffix=f".{time.time_ns()}")
-    return LoopLog(name, self.every, metrics, writers)
+    log = LoopLog(name, self.every, metrics, writers)
+    log.replay(kept)
+    return log
 
 
 class LoopLog:
@@ -191,6 +217,17 @@ class LoopLog:
     each replica's under its folder and their mean under the loop's). None: not measured."""
     if self.metrics is not None:
       self.metrics.write(phase=self.name, step=step, **values)
+    self._scalars(step, values)
+
+  def replay(self, records: Sequence[dict[str, Any]]) -> None:
+    """Write `records` (this loop's, as `metrics.jsonl` holds them) to the event files again."""
+    for record in records:
+      values = {key: [math.nan if one is None else one for one in value]
+                if isinstance(value, list) else value
+                for key, value in record.items() if key not in ("phase", "step")}
+      self._scalars(record["step"], values)
+
+  def _scalars(self, step: int, values: dict[str, float | list[float] | None]) -> None:
     for key, value in values.items():
       if value is None:
         continue

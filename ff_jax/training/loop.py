@@ -102,7 +102,8 @@ class LoopStats:
   checkpoint_seconds: float = 0.0  # blocked in step-checkpoint saves, and waiting for the last
   checkpoints: int = 0  # step checkpoints saved
   hook_seconds: float = 0.0  # in the work after chosen steps (snapshots, scoring)
-  token_slots: int = 0  # token positions of every batch stepped (`padding_counts`)
+  # token positions of every batch stepped (`padding_counts`), every process's rows
+  token_slots: int = 0
   padded_tokens: int = 0  # ... that hold padding
 
   def as_dict(self) -> dict[str, Any]:
@@ -191,12 +192,13 @@ def train_loop(trainer: Trainer, init_params: Callable[[], Any], batches: BatchS
         began = clock()
         hook(step, state["params"])
         own.hook_seconds += clock() - began
-      saver.maybe_save(step, state, batches, own)
+      saver.maybe_save(step, state, batches, own, before=meter.write_record)
       meter.show(step, metrics)
   finally:
     meter.close()
   saver.finish(own)
   own.steps = step - first_step
+  own.token_slots, own.padded_tokens = _summed_over_processes(own.token_slots, own.padded_tokens)
   own.seconds = clock() - started
   for field in dataclasses.fields(own) if stats is not None else ():
     setattr(stats, field.name, getattr(own, field.name))
@@ -250,10 +252,13 @@ class StepCheckpointing:
       return False
     return _process_zero_says(self.clock() - self.last_save >= 60.0 * self.minutes)
 
-  def maybe_save(self, step: int, state: Any, batches: BatchStream, stats: LoopStats) -> None:
-    """Save `state` and the position of `batches` after `step` if one is due."""
+  def maybe_save(self, step: int, state: Any, batches: BatchStream, stats: LoopStats,
+                 before: Callable[[], None] = lambda: None) -> None:
+    """Save `state` and the position of `batches` after `step` if one is due, calling `before()`
+    first."""
     if not self._due(step):
       return
+    before()
     began = self.clock()
     self.checkpoints.save(step, self._saved(state), {"iterator": batches.state()})
     self.last_save = self.clock()
@@ -315,6 +320,12 @@ class LoopMeter:
     shown = [*self.records.shown, f"pad {100 * self.stats.padded_share:.0f}%"]
     self.progress.update(step, extra=" ".join(shown))
 
+  def write_record(self) -> None:
+    """Write the pending record, before a step checkpoint: a rerun resumes after the checkpoint's
+    step and records only the steps after it, so every record up to it must be in `metrics.jsonl`
+    before the checkpoint can exist (written later, a kill in between would lose it for good)."""
+    self.records.flush()
+
   def close(self) -> None:
     self.records.close()
 
@@ -332,7 +343,8 @@ class _Records:
   """The records of `train_loop`: at every `log.every`-th step and the last, loss, grad norm,
   learning rate, and tokens and examples per second since the previous record.
 
-  A record step's metrics are read once the next step is dispatched (the last step's at once):
+  A record step's metrics are read once the next step is dispatched (the last step's at once, and
+  the pending one before a step checkpoint: `flush`):
   the read waits for that step only, while the device has the next one queued, so logging every
   step keeps the device busy as long as the host prepares a batch faster than the device trains
   on it. Throughput counts every step, over the time between two reads less the time spent in
@@ -365,6 +377,11 @@ class _Records:
       if step == self.steps:
         self._read()
 
+  def flush(self) -> None:
+    """Read and write the pending record now."""
+    if self.pending is not None:
+      self._read()
+
   def close(self) -> None:
     self.log.close()
 
@@ -392,6 +409,16 @@ class _Records:
                   f"lr {lr:.2e}"]
     if tokens_per_s is not None:
       self.shown.append(f"{tokens_per_s:.0f} tok/s")
+
+
+def _summed_over_processes(*counts: int) -> tuple[int, ...]:
+  """Each of `counts` summed over every process: each counted the rows of the batches it loaded.
+  Gathered as two 31-bit halves, since JAX's int32 would wrap a count past 2**31."""
+  if jax.process_count() == 1:
+    return counts
+  halves = np.asarray([[count >> 31, count & (2**31 - 1)] for count in counts], np.int32)
+  gathered = np.asarray(multihost_utils.process_allgather(halves)).astype(np.int64)  # [P, n, 2]
+  return tuple(int(total) for total in ((gathered[..., 0] << 31) + gathered[..., 1]).sum(axis=0))
 
 
 def _process_zero_says(flag: bool) -> bool:

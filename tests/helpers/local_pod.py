@@ -51,13 +51,17 @@ class LocalPod:
     path = self.log(pid)
     return path.read_text(errors="replace").splitlines() if path.exists() else []
 
+  def status(self, timeout: float) -> int:
+    """Wait for the launch; its exit status (non-zero: a process failed)."""
+    try:
+      return self.launcher.wait(timeout=timeout)
+    finally:
+      self.stop()
+
   def wait(self, timeout: float) -> list[str]:
     """Wait for the launch; raise with its output and every process's log tail if it fails.
     Returns process 0's lines."""
-    try:
-      code = self.launcher.wait(timeout=timeout)
-    finally:
-      self.stop()
+    code = self.status(timeout)
     if code:
       tails = "\n".join(f"-- process {pid}:\n" + "\n".join(self.lines(pid)[-40:])
                         for pid in range(self.processes))

@@ -19,9 +19,13 @@ from ff_jax.data.batching import Batching, TrainIterator, token_slots
 from ff_jax.errors import ConfigError
 from ff_jax.pipeline.rundir import RunDir
 from ff_jax.progress import MetricsLog, TrainingLog, writes_logs
+from ff_jax.training.checkpoints import PhaseCheckpoints
 from ff_jax.training.loop import PhaseSpec, train_and_score, train_loop, train_phase
 from ff_jax.training.steps import Scorer, Trainer
-from tests.training.test_loop import BUCKETS, OPTIM, PAD, examples, runtime
+from tests.training.test_loop import BUCKETS, OPTIM, PAD, SpyCheckpoints, examples, runtime
+
+# Fields of a record that measure wall time: they differ from run to run.
+TIMED = ("tokens_per_s", "examples_per_s")
 
 
 def strict_lines(path) -> list[dict]:
@@ -38,6 +42,10 @@ def scalars(folder, tag: str) -> list[tuple[int, float]]:
   events = EventAccumulator(str(folder))
   events.Reload()
   return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def timeless(rows: list[dict]) -> list[dict]:
+  return [{k: v for k, v in row.items() if k not in TIMED} for row in rows]
 
 
 def test_records_every_n_steps_and_the_last_to_jsonl_and_tensorboard(tmp_path, monkeypatch,
@@ -151,10 +159,105 @@ def test_a_resumed_phase_appends_without_duplicate_steps(tmp_path):
     assert [r[key] for r in rows[1:]] == [r[key] for r in straight[1:]]
 
   folder = tmp_path / "tb" / "phase"
-  assert len(list(folder.glob("events.out.tfevents.*"))) == 2  # the resumed loop appended a file
+  assert len(list(folder.glob("events.out.tfevents.*"))) == 1  # rewritten by the resumed loop
   got = scalars(folder, "train/loss")
   assert [step for step, _ in got] == [1, 2, 3, 4, 5]
   np.testing.assert_array_equal([v for _, v in got], np.float32([r["loss"] for r in rows[1:]]))
+
+
+class LogAtSave(SpyCheckpoints):
+  """Step checkpoints that note, as each save begins, the steps `metrics.jsonl` holds."""
+
+  def __init__(self, directory, metrics_path):
+    super().__init__(directory)
+    self.metrics_path, self.on_file = metrics_path, {}
+
+  def save(self, step, state, meta):
+    self.on_file[step] = [r["step"] for r in strict_lines(self.metrics_path)]
+    super().save(step, state, meta)
+
+
+def test_every_record_up_to_a_step_checkpoint_is_on_file_before_it_is_saved(tmp_path):
+  """A rerun resumes after the checkpoint's step and records only the later steps: a record of
+  the checkpoint's step still pending (read one step later) when the process is killed after the
+  save would be lost for good."""
+  model = runtime()
+  log = TrainingLog(tmp_path / "metrics.jsonl", None, every=1)
+  checkpoints = LogAtSave(tmp_path / "ckpt", log.metrics_path)
+  train_loop(Trainer(model, OPTIM, 5), lambda: model.init_params(seed=0),
+             TrainIterator(examples(20, 2), 4, 0, BUCKETS, pad_id=PAD), 5, "phase",
+             checkpoints=checkpoints, checkpoint_every=2, log=log)
+  checkpoints.close()
+  assert checkpoints.on_file == {2: [1, 2], 4: [1, 2, 3, 4]}
+
+
+class Killed(Exception):
+  """Stands for a SIGKILL in the middle of a loop."""
+
+
+def test_a_loop_killed_past_its_checkpoint_resumes_with_a_clean_log(tmp_path):
+  """Killed after step 4 (its record not yet read, step 3's on file) with half a line of a record
+  on file and the event file missing records it had queued, the rerun resumes from the checkpoint
+  at step 2: the torn line and step 3's record go, steps 3 to 5 are recorded once, the event
+  files are rebuilt, and both logs read as an uninterrupted run's."""
+  model = runtime()
+  data = examples(20, 2)
+
+  def run(folder: str, kill_at: int | None = None) -> TrainingLog:
+    log = TrainingLog(tmp_path / folder / "metrics.jsonl", tmp_path / folder / "tb", every=1)
+    checkpoints = PhaseCheckpoints(tmp_path / folder / "ckpt")
+
+    def kill(step, params):
+      raise Killed(step)
+
+    try:
+      train_loop(Trainer(model, OPTIM, 5), lambda: model.init_params(seed=0),
+                 TrainIterator(data, 4, 0, BUCKETS, pad_id=PAD), 5, "phase",
+                 checkpoints=checkpoints, checkpoint_every=2, log=log, hook=kill,
+                 hook_steps={kill_at} if kill_at else ())
+    finally:
+      checkpoints.close()
+    return log
+
+  straight = run("straight")
+  with pytest.raises(Killed):
+    run("killed", kill_at=4)
+  log = TrainingLog(tmp_path / "killed" / "metrics.jsonl", tmp_path / "killed" / "tb", every=1)
+  assert [r["step"] for r in strict_lines(log.metrics_path)] == [1, 2, 3]
+  with log.metrics_path.open("a") as handle:
+    handle.write('{"examples_per_s": 1.5, "grad_no')  # the record of step 4, cut short
+  (events,) = (log.tensorboard_dir / "phase").glob("events.out.tfevents.*")
+  events.write_bytes(b"")  # tensorboardX had not written its queue to the file
+  run("killed")
+
+  rows = strict_lines(log.metrics_path)  # fails on the torn line
+  assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+  assert timeless(rows) == timeless(strict_lines(straight.metrics_path))
+  assert len(list((log.tensorboard_dir / "phase").glob("events.out.tfevents.*"))) == 1
+  for tag in ("train/loss", "train/grad_norm", "train/lr"):
+    assert scalars(log.tensorboard_dir / "phase", tag) == \
+        scalars(straight.tensorboard_dir / "phase", tag), tag
+
+
+def test_a_resumed_stacked_loop_rebuilds_every_replicas_event_file(tmp_path):
+  """Kept records go back to each replica's folder and the mean's; a replica's non-finite value
+  (null in metrics.jsonl) as NaN."""
+  log = TrainingLog(tmp_path / "metrics.jsonl", tmp_path / "tb", every=1)
+  first = log.open("pass", replica_names=["a", "b"])
+  first.record(1, loss=[1.0, math.nan], lr=0.5)
+  first.record(2, loss=[2.0, 3.0], lr=0.5)  # killed after step 2, resumed from step 1
+  first.close()
+  again = log.open("pass", first_step=1, replica_names=["a", "b"])
+  again.record(2, loss=[4.0, 6.0], lr=0.5)
+  again.close()
+  folder = tmp_path / "tb" / "pass"
+  for sub in (folder, folder / "a", folder / "b"):
+    assert len(list(sub.glob("events.out.tfevents.*"))) == 1, sub
+  assert scalars(folder / "a", "train/loss") == [(1, 1.0), (2, 4.0)]
+  assert [(step, math.isnan(v) or v) for step, v in scalars(folder / "b", "train/loss")] == [
+      (1, True), (2, 6.0)]
+  assert [step for step, _ in scalars(folder, "train/loss")] == [1, 2]
+  assert scalars(folder, "train/lr") == [(1, 0.5), (2, 0.5)]
 
 
 def test_only_process_zero_writes(tmp_path):
@@ -181,6 +284,10 @@ def test_metrics_lines_are_strict_json_with_null_for_non_finite(tmp_path):
   path.write_text(path.read_text() + '{"phase": "p", "st')  # a line a kill cut short
   MetricsLog(path).drop_after("p", 1)  # keeps step 1, drops the torn line
   assert strict_lines(path) == want
+  path.write_text(path.read_text().rstrip("\n"))  # a kill between a record and its newline
+  MetricsLog(path).drop_after("p", 1)
+  MetricsLog(path).write(phase="p", step=2, loss=None)
+  assert strict_lines(path) == [*want, {"phase": "p", "step": 2, "loss": None}]
 
 
 def test_logging_config_is_checked_and_never_blocks_a_resume(tmp_path):

@@ -176,3 +176,15 @@ def test_padding_counts_filler_rows_and_right_padding():
   batch = {"tokens": np.zeros((3, 4), np.int32),
            "mask": np.array([[1, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]], np.int32)}
   assert padding_counts(batch) == (12, 7)
+
+
+def test_token_counts_are_summed_over_processes_past_int32(monkeypatch):
+  """On a pod each process counts the rows it loaded; the loop's stats (the manifest's) are the
+  run's: every process's, summed without wrapping at JAX's int32."""
+  from ff_jax.training import loop
+
+  monkeypatch.setattr(loop.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(loop.multihost_utils, "process_allgather",
+                      lambda x: np.stack([x, x]))  # process 1 counted as many
+  big = 3 * 2**31 + 5
+  assert loop._summed_over_processes(7, big) == (14, 2 * big)
