@@ -1,8 +1,11 @@
 """The report's plots (forgetting histograms per kind, P/R/F1 against ϕ, forgetting curves), and
 how every plot of the project is drawn and saved (`headless_pyplot`, `save_figure`).
 
-Drawn with matplotlib's Agg backend (no display on TPU hosts or CI) and saved without metadata,
-so the same run directory always gives byte-identical PNGs.
+Figures of several panels are grids (`_grid`: 4 × 3 in panels, at most 4 a row, ≤ 1600 px wide),
+read at a glance in a README, a notebook or a pull request; the histograms put the filter's signal
+first, with ϕ drawn, labelled and the flagged side shaded. Drawn with matplotlib's Agg backend (no
+display on TPU hosts or CI) and saved without metadata, so the same run directory always gives
+byte-identical PNGs.
 """
 
 from __future__ import annotations
