@@ -201,6 +201,22 @@ def test_wandb_missing_or_a_bucket_run_dir_is_a_clear_error(tmp_path, monkeypatc
     wandb_run(WandbSpec("offline", "gs://bucket/run"))
 
 
+def test_the_run_asks_for_wandb_only_when_on_and_refuses_a_bucket_early(tmp_path):
+  """The run's TrainingLog (pipeline.context): a bucket run directory with W&B on is refused
+  before any training, not at the first record."""
+  from ff_jax.pipeline.context import training_log
+  from ff_jax.pipeline.rundir import RunDir
+
+  assert training_log(load_config(None), RunDir(tmp_path / "run")).wandb is None
+  log = training_log(load_config(None, ["logging.wandb=online", "logging.wandb_project=p"]),
+                     RunDir(tmp_path / "run"))
+  assert (log.wandb.mode, log.wandb.run_dir, log.wandb.project) == ("online", tmp_path / "run",
+                                                                     "p")
+  assert log.wandb.config["logging"]["wandb"] == "online"  # the run's config, for W&B's table
+  with pytest.raises(ConfigError, match="gs://bucket/run is in a bucket"):
+    training_log(load_config(None, ["logging.wandb=offline"]), RunDir("gs://bucket/run"))
+
+
 def test_ff_jax_does_not_import_wandb_unless_asked():
   code = ("import sys; import ff_jax.cli, ff_jax.config, ff_jax.progress; "
           "from ff_jax.progress import TrainingLog; TrainingLog().open('x').record(1, loss=1.0); "
