@@ -24,7 +24,7 @@ from ff_jax.forgetting.signals import check_scored
 from ff_jax.forgetting.thresholds import Threshold
 from ff_jax.models.config import LoraConfig
 from ff_jax.parallel import MeshConfig
-from ff_jax.progress import LOG_EVERY
+from ff_jax.progress import LOG_EVERY, WANDB_MODES
 from ff_jax.training.steps import OptimConfig
 
 # Default wall time between a phase's step checkpoints: a kill loses at most this much training,
@@ -242,15 +242,31 @@ class EvalConfig:
 @dataclasses.dataclass(frozen=True)
 class LoggingConfig:
   """Every `every` steps (and the last) each finetune records loss, learning rate, grad norm and
-  tokens/examples per second: to `metrics.jsonl`, the progress line and, with `tensorboard`,
-  event files under `<run_dir>/tensorboard/<finetune>/` (ff_jax.progress.TrainingLog)."""
+  tokens/examples per second: to `metrics.jsonl`, the progress line, with `tensorboard` event
+  files under `<run_dir>/tensorboard/<finetune>/`, and with `wandb` a Weights & Biases run
+  (ff_jax.progress.TrainingLog).
+
+  `wandb`: `off` (the default: wandb is an optional package, `pip install 'ff_jax[wandb]'`),
+  `offline` (local files under `<run_dir>/wandb/`, uploaded later with `wandb sync
+  <run_dir>/wandb`; `true` means this, so W&B is offline unless asked) or `online` (uploads as it
+  runs; needs `wandb login` or WANDB_API_KEY). One W&B run per run directory, in project
+  `wandb_project`; a resumed run continues it. A local run directory only: W&B writes its files
+  locally, so a `gs://` run_dir with wandb on is refused.
+  """
 
   every: int = resumable(ANY_TIME, default=LOG_EVERY)
   tensorboard: bool = resumable(ANY_TIME, default=True)
+  # `str | bool`: YAML reads a bare `off` / `true` as a boolean; both are normalised to a mode.
+  wandb: str | bool = resumable(ANY_TIME, default="off")
+  wandb_project: str = resumable(ANY_TIME, default="ff_jax")
 
   def __post_init__(self):
     if self.every < 1:
       raise ConfigError(f"logging.every={self.every}: must be at least 1 (steps between records)")
+    mode = {False: "off", True: "offline"}.get(self.wandb, self.wandb)
+    if mode not in WANDB_MODES:
+      raise ConfigError(f"logging.wandb={self.wandb!r}: use one of {', '.join(WANDB_MODES)}")
+    object.__setattr__(self, "wandb", mode)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,14 +23,23 @@ however often its loop was resumed, with each step once (tensorboardX names the 
 time, so their bytes differ from run to run; a replayed record bears the time it was replayed, and
 a non-finite value that `metrics.jsonl` keeps as null is replayed as NaN in a replica's list and
 left out as a single value, like a value not measured).
+
+Weights & Biases layout (`TrainingLog.wandb`): one W&B run per run directory, its files under
+`<run_dir>/wandb/`, with the same scalars as TensorBoard keyed `<loop name>/train/loss`,
+`<loop name>/<replica name>/train/loss`, ..., each loop's plotted against its own step,
+`<loop name>/step` (a W&B run has one global step; every loop starts again from 0). W&B cannot
+take records back: a resumed loop's steps after its checkpoint appear twice there (metrics.jsonl and
+TensorBoard keep the later ones only).
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import math
 import os
+import secrets
 import sys
 import time
 from collections.abc import Sequence
@@ -41,9 +50,14 @@ import jax
 import numpy as np
 
 from ff_jax.atomic_io import is_remote, json_text, remove, run_path, write_atomic
+from ff_jax.errors import ConfigError
 
 # Default steps between a training loop's records (`config.LoggingConfig` takes its default here).
 LOG_EVERY = 10
+# `logging.wandb`: no W&B run; local files, synced later (`wandb sync`); uploading as it runs.
+WANDB_MODES = ("off", "offline", "online")
+# The W&B run id of a run directory, kept beside W&B's files so a resumed run continues that run.
+WANDB_ID_FILE = "ff_jax_run_id"
 # Seconds between the event files' flushes while a loop runs (each loop flushes at its end too).
 TENSORBOARD_FLUSH_SECONDS = 30
 
@@ -157,15 +171,27 @@ def writes_logs(process_index: int | None = None) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
+class WandbSpec:
+  """A Weights & Biases run for a run directory's training loops (`TrainingLog.wandb`): `mode`
+  offline or online, files under `<run_dir>/wandb/` (a local directory), the run's `config`."""
+
+  mode: str
+  run_dir: Path
+  project: str = "ff_jax"
+  config: dict[str, Any] | None = dataclasses.field(default=None, compare=False)
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainingLog:
   """Where and how often training loops record loss, learning rate, grad norm and throughput:
   a line of `metrics_path` per record (every loop's records, told apart by `phase`) and, with
-  `tensorboard_dir`, TensorBoard event files (layout: the module docstring). No paths: records
-  for the progress line only."""
+  `tensorboard_dir`, TensorBoard event files, with `wandb` a Weights & Biases run (layouts: the
+  module docstring). No paths: records for the progress line only."""
 
   metrics_path: Path | None = None
   tensorboard_dir: Path | None = None
   every: int = LOG_EVERY
+  wandb: WandbSpec | None = None
 
   def __post_init__(self):
     if self.tensorboard_dir is not None and self.metrics_path is None:
@@ -199,45 +225,109 @@ class TrainingLog:
         # folder in the same second would overwrite the first one's file.
         writers[key] = SummaryWriter(str(sub), flush_secs=TENSORBOARD_FLUSH_SECONDS,
                                      filename_suffix=f".{time.time_ns()}")
-    log = LoopLog(name, self.every, metrics, writers)
+    tracker = None
+    if self.wandb is not None:
+      tracker = wandb_run(self.wandb)
+      # Each loop's scalars against its own step (W&B's documented way to give a run several
+      # x axes): the global step only grows, and every loop counts from 0.
+      tracker.define_metric(f"{name}/step")
+      tracker.define_metric(f"{name}/*", step_metric=f"{name}/step")
+    log = LoopLog(name, self.every, metrics, writers, tracker, list(replica_names or ()))
     log.replay(kept)
     return log
 
 
+# The W&B run of this process, and the run directory it belongs to: W&B has one active run per
+# process, shared by the run's loops and finished at exit (or when another run directory logs).
+_WANDB: dict[str, Any] = {}
+
+
+def wandb_run(spec: WandbSpec) -> Any:
+  """The W&B run of `spec.run_dir`, started (or resumed: same id) on first use in this process."""
+  if is_remote(spec.run_dir):
+    raise ConfigError(f"logging.wandb={spec.mode}: run_dir {spec.run_dir} is in a bucket, and "
+                      "W&B writes local files; use a local run_dir or logging.wandb=off")
+  folder = Path(run_path(spec.run_dir))
+  if _WANDB.get("dir") == folder:
+    return _WANDB["run"]
+  finish_wandb()
+  try:
+    # Deferred: an optional package (`ff_jax[wandb]`), about a second to import.
+    import wandb
+  except ImportError:
+    raise ConfigError(f"logging.wandb={spec.mode} needs the wandb package: "
+                      "pip install 'ff_jax[wandb]' (or set logging.wandb=off)") from None
+  files = folder / "wandb"
+  files.mkdir(parents=True, exist_ok=True)
+  # The id is kept in the run directory, not derived from its path: a run directory deleted and
+  # started again is a new W&B run, while a resumed one (the file is there) continues its run.
+  id_file = files / WANDB_ID_FILE
+  run_id = id_file.read_text().strip() if id_file.is_file() else ""
+  if not run_id:
+    run_id = secrets.token_hex(8)
+    write_atomic(id_file, run_id + "\n")
+  run = wandb.init(project=spec.project, id=run_id, resume="allow", mode=spec.mode,
+                   dir=str(folder), name=folder.name, config=spec.config,
+                   # ff_jax prints its own progress; W&B capturing stdout/stderr would copy it.
+                   settings=wandb.Settings(console="off", silent=True))
+  _WANDB.update(dir=folder, run=run)
+  atexit.register(finish_wandb)
+  return run
+
+
+def finish_wandb() -> None:
+  """Finishes this process's W&B run, if any (flushes its files); registered at exit."""
+  run = _WANDB.pop("run", None)
+  _WANDB.pop("dir", None)
+  if run is not None:
+    run.finish()
+
+
 class LoopLog:
   """One training loop's records (`TrainingLog.open`); `close()` flushes and closes its event
-  files."""
+  files (the W&B run stays open for the run's next loop)."""
 
   def __init__(self, name: str, every: int, metrics: MetricsLog | None,
-               writers: dict[str | None, Any]):
+               writers: dict[str | None, Any], tracker: Any = None,
+               replica_names: list[str] | None = None):
     self.name, self.every, self.metrics, self.writers = name, every, metrics, writers
+    self.tracker, self.replica_names = tracker, replica_names or []
 
   def record(self, step: int, **values: float | list[float] | None) -> None:
-    """One record of `step`: a scalar per value, or a list of one per replica (TensorBoard gets
-    each replica's under its folder and their mean under the loop's). None: not measured."""
+    """One record of `step`: a scalar per value, or a list of one per replica (TensorBoard and
+    W&B get each replica's under its folder and their mean under the loop's). None: not
+    measured."""
     if self.metrics is not None:
       self.metrics.write(phase=self.name, step=step, **values)
-    self._scalars(step, values)
+    self._scalars(step, values, track=True)
 
   def replay(self, records: Sequence[dict[str, Any]]) -> None:
-    """Write `records` (this loop's, as `metrics.jsonl` holds them) to the event files again."""
+    """Write `records` (this loop's, as `metrics.jsonl` holds them) to the event files again; not
+    to W&B, which keeps what it was sent."""
     for record in records:
       values = {key: [math.nan if one is None else one for one in value]
                 if isinstance(value, list) else value
                 for key, value in record.items() if key not in ("phase", "step")}
-      self._scalars(record["step"], values)
+      self._scalars(record["step"], values, track=False)
 
-  def _scalars(self, step: int, values: dict[str, float | list[float] | None]) -> None:
+  def _scalars(self, step: int, values: dict[str, float | list[float] | None],
+               track: bool) -> None:
+    scalars = {}
     for key, value in values.items():
       if value is None:
         continue
       tag = f"train/{key}"
       if isinstance(value, list):
-        for replica, one in zip((k for k in self.writers if k is not None), value):
-          self.writers[replica].add_scalar(tag, one, step)
+        for replica, one in zip(self.replica_names, value):
+          if replica in self.writers:
+            self.writers[replica].add_scalar(tag, one, step)
+          scalars[f"{self.name}/{replica}/{tag}"] = float(one)
         value = float(np.mean(value))
       if None in self.writers:
         self.writers[None].add_scalar(tag, value, step)
+      scalars[f"{self.name}/{tag}"] = float(value)
+    if track and self.tracker is not None and scalars:
+      self.tracker.log({f"{self.name}/step": step, **scalars})
 
   def close(self) -> None:
     for writer in self.writers.values():

@@ -67,6 +67,7 @@ DEFERRABLE = frozenset({
     "tensorboardX",  # a dependency, but it imports torch where torch is installed (~1 s)
     "detoxify",  # not declared: the optional toxicity classifier
     "nltk",  # comes with rouge-score; its import is slow and only the stemmer is used
+    "wandb",  # `wandb` extra: Weights & Biases logging (`logging.wandb`), about a second to import
 })
 
 

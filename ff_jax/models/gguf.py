@@ -13,10 +13,15 @@ order, which the reader already turns back into HF's `[out, in]` row-major layou
 `llama` architecture the Q/K projection rows are permuted (convert_hf_to_gguf.py's `permute`) so
 that llama.cpp's interleaved-pair RoPE matches HF's half-split RoPE, which ff_jax uses.
 
-Tokenizers are rebuilt as transformers' GGUF converter builds them: byte-level BPE
-(`tokenizer.ggml.model == "gpt2"`: SmolLM, Llama-3, Qwen2) from the stored merges, and
-SentencePiece BPE (`"llama"`: Llama-2, Mistral, TinyLlama) from the piece scores, with
-`<0xNN>` byte fallback and the "▁" space marker.
+Tokenizers are built by transformers' GGUF tokenizer converter
+(`transformers.integrations.gguf.gguf_tokenizer_mapping`, transformers >= 5.25, torch-free) where
+it has one for the file: byte-level BPE (`tokenizer.ggml.model == "gpt2"`: SmolLM, Llama-3,
+Qwen2) from the stored merges and the split regex of its `tokenizer.ggml.pre`, and SentencePiece
+BPE (`"llama"`: Llama-2, Mistral, TinyLlama) from the piece scores, with `<0xNN>` byte fallback
+and the "▁" space marker; so a new `tokenizer.ggml.pre` that transformers knows needs no change
+here. Where it has none (an older transformers, a pre-tokenizer it does not know, a flag it does
+not read), ff_jax's own build of the same tokenizers, from its table of llama.cpp's
+pre-tokenizers (`_pre_tokenizer`), is the fallback; the tests check that both give the same ids.
 """
 
 from __future__ import annotations
@@ -476,8 +481,78 @@ def _special_template(tok: tokenizers.Tokenizer, bos: str | None, eos: str | Non
       special_tokens=[(t, tok.token_to_id(t)) for t in dict.fromkeys(first + last)])
 
 
-def tokenizer_from_gguf(reader: gguf.GGUFReader, origin: str) -> TextTokenizer:
-  """A TextTokenizer from GGUF metadata: byte-level BPE ("gpt2") or SentencePiece ("llama")."""
+def _transformers_converter() -> Any:
+  """transformers' GGUF tokenizer converter module, or None where this transformers has none
+  (before 5.25) or cannot import it (it must not need torch)."""
+  try:
+    # Deferred: transformers takes seconds to import, and only GGUF tokenizers need this.
+    from transformers.integrations.gguf import gguf_tokenizer_mapping
+  except ImportError:
+    return None
+  return gguf_tokenizer_mapping
+
+
+def converter_spec(reader: gguf.GGUFReader, model: str, tokens: list[str], types: list[int],
+                   origin: str) -> dict[str, Any]:
+  """The converter's `tokenizer_dict` for a file, read here: transformers' own reader of GGUF
+  metadata (`get_gguf_tokenizer`) imports torch."""
+  spec: dict[str, Any] = {"tokenizer_type": model, "tokens": tokens, "token_type": types,
+                          "pre_tokenizer_type": _meta(reader, "tokenizer.ggml.pre", origin,
+                                                      "default")}
+  for key in ("merges", "scores"):
+    if f"tokenizer.ggml.{key}" in reader.fields:
+      spec[key] = _meta(reader, f"tokenizer.ggml.{key}", origin)
+  return spec
+
+
+def _converted(reader: gguf.GGUFReader, model: str, tokens: list[str], types: list[int],
+               origin: str) -> tuple[tokenizers.Tokenizer, bool] | None:
+  """(tokenizer, BOS default) as transformers' GGUF converter builds it, with llama.cpp's
+  behaviour it leaves out put back; None where the converter has no build of this file's."""
+  mapping = _transformers_converter()
+  if mapping is None:
+    return None
+  pre = _meta(reader, "tokenizer.ggml.pre", origin, "default")
+  if model == "gpt2" and pre not in mapping.GGUF_PRE_TOKENIZER_SPLITS and pre not in _GPT2_PRES:
+    # The converter keeps GPT-2's own split for a `pre` it does not know: right for GPT-2's
+    # family, wrong for e.g. "smollm" (digits one by one), so those go to the fallback.
+    return None
+  space_prefix = bool(_meta(reader, "tokenizer.ggml.add_space_prefix", origin, True))
+  if model == "llama" and not space_prefix:
+    return None  # the converter always puts SentencePiece's dummy-prefix space first
+  try:
+    tok, _ = mapping.convert_gguf_tokenizer(_meta(reader, "general.architecture", origin),
+                                            converter_spec(reader, model, tokens, types, origin))
+  except (ValueError, KeyError, TypeError) as err:
+    logging.getLogger(__name__).info("%s: transformers' GGUF tokenizer converter failed (%s); "
+                                     "building the tokenizer without it", origin, err)
+    return None
+  if model == "gpt2":
+    # llama.cpp lets a whole word that is a token skip the merges for these (as Llama-3's
+    # tokenizer.json: ignore_merges), and Qwen2's tokenizer.json normalizes to NFC; the converter
+    # does neither.
+    tok.model.ignore_merges = pre in _LLAMA3_PRES
+    if pre in ("qwen2", "deepseek-r1-qwen"):
+      tok.normalizer = normalizers.NFC()
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok, pre in _LLAMA3_PRES
+  # <unk> named, as in the fallback (tokenizer.sentencepiece_bpe): a character without byte
+  # tokens is never dropped silently.
+  unk = _meta(reader, "tokenizer.ggml.unknown_token_id", origin, None)
+  if unk is not None and 0 <= unk < len(tokens):
+    tok.model.unk_token = tokens[unk]
+  return tok, True
+
+
+def tokenizer_from_gguf(reader: gguf.GGUFReader, origin: str,
+                        converter: bool = True) -> TextTokenizer:
+  """A TextTokenizer from GGUF metadata: byte-level BPE ("gpt2") or SentencePiece ("llama").
+
+  Built by transformers' GGUF converter where it has a build of this file's tokenizer (module
+  docstring), else (or with `converter=False`) by ff_jax's own; special tokens, BOS/EOS and the
+  chat template come from the file either way.
+  """
   model = _meta(reader, "tokenizer.ggml.model", origin)
   if model not in _TOKENIZER_MODELS:
     raise CheckpointError(f"{origin}: tokenizer.ggml.model={model!r} is not supported; ff_jax "
@@ -487,7 +562,8 @@ def tokenizer_from_gguf(reader: gguf.GGUFReader, origin: str) -> TextTokenizer:
   if len(set(tokens)) != len(tokens):
     raise CheckpointError(f"{origin}: tokenizer.ggml.tokens lists {len(tokens) - len(set(tokens))} "
                           f"duplicate token(s)")
-  tok, bos_by_default = _TOKENIZER_MODELS[model](reader, tokens, origin)
+  built = _converted(reader, model, tokens, types, origin) if converter else None
+  tok, bos_by_default = built or _TOKENIZER_MODELS[model](reader, tokens, origin)
 
   def name_of(key: str) -> str | None:
     token_id = _meta(reader, f"tokenizer.ggml.{key}", origin, None)

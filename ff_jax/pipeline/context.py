@@ -17,14 +17,16 @@ from typing import Any
 import jax
 
 from ff_jax import parallel
+from ff_jax.atomic_io import is_remote
 from ff_jax.config import PhaseConfig, RunConfig
 from ff_jax.data.batching import Batching
 from ff_jax.data.templates import EncodedExample, PromptTemplate, encode_examples
+from ff_jax.errors import ConfigError
 from ff_jax.eval.toxicity import ToxicityScorer, make_toxicity_scorer
 from ff_jax.models import lora
 from ff_jax.pipeline.inputs import JobInputs, load_inputs, save_tokenizer
 from ff_jax.pipeline.rundir import RunDir
-from ff_jax.progress import TrainingLog
+from ff_jax.progress import TrainingLog, WandbSpec
 from ff_jax.run_files import TENSORBOARD, TRAINING_LOG
 from ff_jax.training.checkpoints import restore_params
 from ff_jax.training.loop import PhaseSpec, phase_steps
@@ -141,7 +143,15 @@ def open_run(cfg: RunConfig, restart: bool = False, redo_from: str | None = None
 
 
 def training_log(cfg: RunConfig, run: RunDir) -> TrainingLog:
-  """The run's finetunes record to `metrics.jsonl` and, with `logging.tensorboard`, to event
-  files under `<run_dir>/tensorboard/<finetune>/`, every `logging.every` steps."""
+  """The run's finetunes record to `metrics.jsonl`, with `logging.tensorboard` to event files
+  under `<run_dir>/tensorboard/<finetune>/`, with `logging.wandb` to the run directory's W&B run
+  (files under `<run_dir>/wandb/`), every `logging.every` steps."""
   folder = run.file(TENSORBOARD) if cfg.logging.tensorboard else None
-  return TrainingLog(run.file(TRAINING_LOG), folder, cfg.logging.every)
+  wandb = None
+  if cfg.logging.wandb != "off":
+    if is_remote(run.root):
+      # Refused before any training rather than at the first loop's first record.
+      raise ConfigError(f"logging.wandb={cfg.logging.wandb}: run_dir {run.root} is in a bucket, "
+                        "and W&B writes local files; use a local run_dir or logging.wandb=off")
+    wandb = WandbSpec(cfg.logging.wandb, run.root, cfg.logging.wandb_project, cfg.to_dict())
+  return TrainingLog(run.file(TRAINING_LOG), folder, cfg.logging.every, wandb)

@@ -266,9 +266,10 @@ def render_markdown(a: RunAnalysis, plots: dict[str, Path | None]) -> str:
 def write_report(run_dir: str | Path) -> Path:
   """Writes `<run_dir>/report.md` and `<run_dir>/plots/*.png` (atomically); returns report.md.
 
-  Plots: `forgetting_hist.png` (per kind, one panel per signal, ϕ on the filter's signal),
-  `prf_vs_phi.png` (only with labels) and `forgetting_curves.png` (only with r_<signal>@<step>
-  columns). Missing optional files leave a note in their section instead of failing.
+  Plots: `forgetting_hist.png` (per kind, a grid of one panel per signal, the filter's signal
+  first with ϕ marked), `prf_vs_phi.png` (only with labels) and `forgetting_curves.png` (only
+  with r_<signal>@<step> columns). Missing optional files leave a note in their section instead
+  of failing.
   """
   run_dir = run_path(run_dir)
   if not run_dir.is_dir():

@@ -1,4 +1,6 @@
 """GGUF import: tiny llama.cpp-style files written here, and (slow) SmolLM2-135M-Instruct Q4_1.
+Tokenizers: transformers' GGUF converter (where it has a build of the file's) and ff_jax's own
+fallback give the same ids on byte-level files and the SentencePiece fixture.
 
 SentencePiece ("llama") tokenizers are checked on tests/fixtures/gguf_sp, a tiny Llama GGUF with a
 real SentencePiece vocabulary, against transformers' ids and logits for the same file
@@ -23,6 +25,7 @@ import pytest
 from ff_jax import parallel
 from ff_jax.errors import CheckpointError
 from ff_jax.models import abstract_model, forward, init_params, positions_from_mask, tiny_llama
+from ff_jax.models import gguf as gguf_lib
 from ff_jax.models.gguf import (
   config_from_gguf,
   llama3_scaling_from_factors,
@@ -31,7 +34,7 @@ from ff_jax.models.gguf import (
   tokenizer_from_gguf,
 )
 from ff_jax.models.loading import flatten
-from ff_jax.models.tokenizer import merges_from_scores
+from ff_jax.models.tokenizer import TextTokenizer, merges_from_scores
 from ff_jax.models.transformer import rope_inv_freq
 from tests.helpers import gguf_fixtures as fx
 from tests.helpers.decoding_reference import uncached_greedy
@@ -137,6 +140,56 @@ def test_smollm_pre_tokenizer_splits_digits(tmp_path, bpe):
   ids = tok.encode("in 2024")
   assert ids[-4:] == digits
   assert tok.decode(ids) == "in 2024"
+
+
+# Texts on which the converter's build and ff_jax's own must agree: unicode, runs of spaces,
+# digits (split one by one, in threes or not at all, by pre-tokenizer), CR/LF and special tokens.
+CONVERTER_TEXTS = [
+    *TEXTS, "", " ", "two  inner   spaces and trailing  ", "digits 0 12 345 6789 2024 1234567",
+    "naïve café Straße 東京 日本語 🙂🚀 ¿qué? Ελληνικά", "tabs\tand\r\nCRLF\n\n  indented",
+    "don't won't it's I'M we'LL", "<|im_start|>user\nhi<|im_end|>\n", "x=1+2*3; f(y)->[z]",
+    "cafe\u0301 decomposed",  # Qwen2 normalizes to NFC ("é"), which the converter leaves out
+]
+
+
+def converter_or_skip():
+  if gguf_lib._transformers_converter() is None:
+    pytest.skip("this transformers has no torch-free GGUF tokenizer converter (5.25+)")
+
+
+def assert_same_ids(via: TextTokenizer, own: TextTokenizer, texts: list[str]) -> None:
+  assert via.vocab_size == own.vocab_size
+  assert (via.bos_id, via.eos_id, via.pad_id, via.add_bos) == (
+      own.bos_id, own.eos_id, own.pad_id, own.add_bos)
+  for text in texts:
+    ids = own.encode(text)
+    assert via.encode(text) == ids, text
+    assert via.tokenizer.encode(text).ids == own.tokenizer.encode(text).ids, text  # BOS/EOS too
+    assert via.decode(ids) == own.decode(ids), text
+
+
+# GPT-2's split; Llama-3's and Qwen2's split regexes (the converter's table, ff_jax's table).
+@pytest.mark.parametrize("pre", ["default", "gpt2", "llama-bpe", "qwen2"])
+def test_byte_level_converter_gives_the_fallbacks_ids(tmp_path, bpe, pre):
+  converter_or_skip()
+  _, _, path = make_case(tmp_path, bpe, pre=pre)
+  reader = open_gguf(path)
+  tokens = gguf_lib._meta(reader, "tokenizer.ggml.tokens", "")
+  types = gguf_lib._meta(reader, "tokenizer.ggml.token_type", "")
+  assert gguf_lib._converted(reader, "gpt2", tokens, types, str(path)) is not None  # converted
+  assert_same_ids(tokenizer_from_gguf(reader, str(path)),
+                  tokenizer_from_gguf(reader, str(path), converter=False), CONVERTER_TEXTS)
+
+
+def test_a_pre_tokenizer_the_converter_lacks_falls_back(tmp_path, bpe):
+  """"smollm" splits digits one by one, which the converter's table does not say: ff_jax's own."""
+  converter_or_skip()
+  _, _, path = make_case(tmp_path, bpe, pre="smollm")
+  reader = open_gguf(path)
+  tokens = gguf_lib._meta(reader, "tokenizer.ggml.tokens", "")
+  assert gguf_lib._converted(reader, "gpt2", tokens, [1] * len(tokens), str(path)) is None
+  assert_same_ids(tokenizer_from_gguf(reader, str(path)),
+                  tokenizer_from_gguf(reader, str(path), converter=False), CONVERTER_TEXTS)
 
 
 def test_missing_tensor_names_it(tmp_path, bpe):
@@ -255,20 +308,23 @@ def test_smollm2_tokenizer_matches_reference(smollm):
 
 
 @pytest.mark.slow
-def test_smollm2_tokenizer_matches_transformers_converter(smollm_path, smollm):
-  """An independent build of the same file's tokenizer (transformers' converter needs torch)."""
-  _, _, tok = smollm
-  try:
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
-        convert_gguf_tokenizer,
-        get_gguf_tokenizer,
-    )
-    arch, tok_dict, _ = get_gguf_tokenizer(str(smollm_path))
-  except ImportError as err:
-    pytest.skip(f"transformers' GGUF tokenizer converter is unavailable here: {err}")
-  ref, _ = convert_gguf_tokenizer(arch, tok_dict)
-  for text in [SENTENCE, *TEXTS, "<|im_start|>user\nHi there<|im_end|>\n"]:
+def test_smollm2_tokenizer_matches_transformers_converter(smollm_path):
+  """An independent build of the same file's tokenizer: transformers' converter as it is, though
+  its table lacks "smollm" (so tokenizer_from_gguf uses ff_jax's own build for this file):
+  SmolLM2's vocabulary has no multi-digit token, so splitting digits or not gives the same ids."""
+  converter_or_skip()
+  reader = open_gguf(smollm_path)
+  origin = str(smollm_path)
+  tok = tokenizer_from_gguf(reader, origin)
+  tokens = gguf_lib._meta(reader, "tokenizer.ggml.tokens", origin)
+  types = gguf_lib._meta(reader, "tokenizer.ggml.token_type", origin)
+  assert gguf_lib._meta(reader, "tokenizer.ggml.pre", origin) == "smollm"
+  assert gguf_lib._converted(reader, "gpt2", tokens, types, origin) is None  # the fallback
+  ref, _ = gguf_lib._transformers_converter().convert_gguf_tokenizer(
+      "llama", gguf_lib.converter_spec(reader, "gpt2", tokens, types, origin))
+  for text in [SENTENCE, *CONVERTER_TEXTS]:
     assert tok.encode(text) == ref.encode(text, add_special_tokens=False).ids, text
+  assert tok.encode(SENTENCE) == SENTENCE_IDS
 
 
 def greedy(cfg, params, prompt: list[int], max_new: int, eos: int) -> list[int]:
@@ -376,6 +432,17 @@ def test_sentencepiece_ids_match_transformers(sp_tok, sp_golden):
     assert sp_tok.encode(text) == ids, text
     assert sp_tok.tokenizer.encode(text).ids == with_specials, text  # BOS added, as transformers
     assert sp_tok.decode(ids) == decoded, text
+
+
+def test_sentencepiece_converter_gives_the_fallbacks_ids(sp_tok, sp_golden):
+  converter_or_skip()
+  reader = open_gguf(SP_FILE)
+  tokens = gguf_lib._meta(reader, "tokenizer.ggml.tokens", "")
+  types = gguf_lib._meta(reader, "tokenizer.ggml.token_type", "")
+  assert gguf_lib._converted(reader, "llama", tokens, types, str(SP_FILE)) is not None
+  own = tokenizer_from_gguf(reader, str(SP_FILE), converter=False)
+  assert_same_ids(sp_tok, own, [*CONVERTER_TEXTS, *sp_golden["texts"], "[INST] hi [/INST] ok</s>"])
+  assert json.loads(sp_tok.tokenizer.to_str())["model"]["unk_token"] == "<unk>"
 
 
 def test_sentencepiece_pieces_byte_fallback_and_round_trip(sp_tok):

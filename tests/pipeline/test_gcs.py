@@ -164,7 +164,8 @@ def test_two_processes_write_one_run_into_the_bucket(bucket, inputs, local_run, 
   got.mkdir()
   for name, data in _bucket_outputs(run_dir).items():
     (got / name).write_bytes(data)
-  differ = [d for name in OUTPUTS for d in _differences(name, local_run / name, got / name)]
+  differ = [d for name in OUTPUTS
+            for d in _differences(name, local_run / name, got / name, (local_run, got))]
   assert differ == [], differ[:20]
 
 

@@ -242,6 +242,56 @@ def test_deterministic_and_stale_plots(tmp_path):
   assert not (run / "plots" / "prf_vs_phi.png").exists()
 
 
+def _png_size(path: Path) -> tuple[int, int]:
+  """(width, height) from a PNG's IHDR chunk."""
+  head = path.read_bytes()[:24]
+  return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def test_histograms_are_a_grid_with_the_filter_signal_first(tmp_path, monkeypatch):
+  # Nine signals, the filter using one late in SIGNALS order: in one strip this was 4500 × 380 px.
+  run = _write_run(tmp_path)
+  rows = list(csv.DictReader((run / "scores.csv").open()))
+  extra = ["nll_lnf", "nll_tail", "nll_auc", "nll_ens", "nll_nens", "grad"]
+  for i, r in enumerate(rows):
+    for j, name in enumerate(extra):
+      r[f"r_{name}"] = repr(float(r["r_acc"]) + 0.01 * (i + j))
+  with (run / "scores.csv").open("w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+  info = json.loads((run / "filter.json").read_text())
+  (run / "filter.json").write_text(json.dumps({**info, "signal": "nll_nens", "phi": 0.3}))
+
+  from ff_jax.report import plots as plots_lib
+
+  seen = {}
+  real_save = plots_lib.save_figure
+
+  def spy(fig, path, *args, **kwargs):
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    seen[path.name] = {
+        "titles": [ax.get_title() for ax in panels],
+        "grid": sorted({(round(ax.get_position().x0, 2), round(ax.get_position().y0, 2))
+                        for ax in panels}),
+        "phi_texts": [t.get_text() for ax in panels for t in ax.texts if "ϕ" in t.get_text()],
+        "phi_lines": [len(ax.lines) for ax in panels]}
+    return real_save(fig, path, *args, **kwargs)
+
+  monkeypatch.setattr(plots_lib, "save_figure", spy)
+  markdown.write_report(run)
+  hist = seen["forgetting_hist.png"]
+  assert len(hist["titles"]) == 9
+  assert hist["titles"][0].startswith("nll_nens: filter signal")
+  assert hist["titles"][1:4] == ["nll", "acc", "rouge"]  # then the others in SIGNALS order
+  # 4 + 4 + 1 panels: three rows, four columns.
+  assert len({x for x, _ in hist["grid"]}) == 4 and len({y for _, y in hist["grid"]}) == 3
+  assert hist["phi_texts"] == ["ϕ = 0.3"]  # ϕ labelled on the filter's panel only
+  assert hist["phi_lines"][0] == 1 and not any(hist["phi_lines"][1:])
+  width, height = _png_size(run / "plots" / "forgetting_hist.png")
+  assert 1200 <= width <= 1600 and 600 <= height <= 1000, (width, height)
+
+
 def test_negative_denominator_ratio_is_nan(tmp_path):
   run = _write_run(tmp_path)
   rows = list(csv.DictReader((run / "scores.csv").open()))

@@ -298,9 +298,10 @@ def test_logging_config_is_checked_and_never_blocks_a_resume(tmp_path):
   run = RunDir(tmp_path / "run")
   defaults = load_config(None).to_dict()
   run.open(defaults, {}, defaults=defaults)
-  changed = load_config(None, ["logging.every=1", "logging.tensorboard=false"]).to_dict()
+  changed = load_config(None, ["logging.every=1", "logging.tensorboard=false",
+                               "logging.wandb=offline"]).to_dict()
   assert run.open(changed, {}, defaults=defaults)["config"]["logging"] == {
-      "every": 1, "tensorboard": False}
+      "every": 1, "tensorboard": False, "wandb": "offline", "wandb_project": "ff_jax"}
 
 
 def test_training_is_unchanged_by_how_often_the_loop_records(tmp_path):
