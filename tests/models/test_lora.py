@@ -1,10 +1,11 @@
 """LoRA: only adapters train, adapters start as the identity, merged weights compute what the
-adapted model computes, adapter-only step checkpoints, and a LoRA run of the tiny demo whose HF
-export (adapters merged) matches the unmerged clean model."""
+adapted model computes, adapter-only step checkpoints, a LoRA run of the tiny demo whose HF
+export (adapters merged) matches the unmerged clean model, and the adapters as a PEFT folder."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import jax
 import jax.numpy as jnp
@@ -127,6 +128,21 @@ def test_lora_run_checkpoints_adapters_and_exports_a_merged_model(tmp_path):
   batch = _batch(np.random.default_rng(3))
   np.testing.assert_allclose(np.asarray(_logits(base_rt, exported, batch)),
                              np.asarray(_logits(job.runtime, clean, batch)), atol=1e-5, rtol=1e-5)
+  # The adapters alone, as PEFT reads them; the demo's base is the run's M0, no HF folder.
+  from safetensors.numpy import load_file
+
+  from ff_jax.models.hf import peft_adapter_tensors
+  adapter = run_dir / "clean_adapter"
+  config = json.loads((adapter / "adapter_config.json").read_text())
+  assert config["base_model_name_or_path"] is None and config["lora_dropout"] == 0.1
+  assert config["target_modules"] == ["down_proj", "q_proj", "up_proj", "v_proj"]
+  written = load_file(adapter / "adapter_model.safetensors")
+  want = peft_adapter_tensors(job.runtime.cfg, clean, "llama")
+  assert sorted(written) == sorted(want)
+  for key, value in want.items():
+    np.testing.assert_array_equal(written[key], value, err_msg=key)
+  assert "this run's `models/M0`" in (adapter / "README.md").read_text()
+  assert "LoRA: rank 4" in (run_dir / "clean_hf" / "README.md").read_text()
   m0, m1 = flatten(job.params("M0")), flatten(job.params("M1"))
   for path, value in m0.items():  # the noisy finetune moved adapters only
     if not lora.is_adapter(path):
