@@ -43,8 +43,10 @@ def _number(value: Any) -> str:
 
 
 def model_card(cfg: RunConfig, fingerprints: dict[str, str], summary: dict[str, Any] | None,
-               base_model: str | None, dtype: str, examples: int, adapter: bool = False) -> str:
-  """The README.md of `clean_hf/` (`adapter`: of `clean_adapter/`, the PEFT folder).
+               base_model: str | None, dtype: str, examples: int, adapter: bool = False,
+               adapter_folder: bool = False) -> str:
+  """The README.md of `clean_hf/` (`adapter`: of `clean_adapter/`, the PEFT folder, which
+  `adapter_folder` says the run writes).
 
   `base_model`: the source's Hub id or resolved path (None: the demo); it goes into the YAML
   front matter only when it is a Hub id, which the Hub links (a local path there would not
@@ -89,9 +91,10 @@ def model_card(cfg: RunConfig, fingerprints: dict[str, str], summary: dict[str, 
             f"{_number(phase.optim.learning_rate)} ({phase.optim.schedule}), seed {cfg.seed}",
             f"- template: {cfg.data.template}, max_len {cfg.data.max_len}"]
   if cfg.lora.rank:
+    alone = f", `{CLEAN_ADAPTER}/` the adapters alone (PEFT)" if adapter or adapter_folder else ""
     lines.append(f"- LoRA: rank {cfg.lora.rank}, alpha {_number(cfg.lora.alpha)}, targets "
                  f"{', '.join(cfg.lora.targets)}; `{CLEAN_HF}/` holds the adapters merged into the "
-                 f"weights, `{CLEAN_ADAPTER}/` the adapters alone (PEFT)")
+                 f"weights{alone}")
   lines.append(f"- weights: {dtype}")
   lines += ["", f"The run directory's {MANIFEST} holds the whole config and each phase's outcome; "
             "`ff-jax run` with that config repeats the run.", ""]

@@ -73,27 +73,33 @@ def clean(ctx: RunContext) -> dict[str, Any]:
   params, costs = Finetunes(ctx).single("clean", ctx.cfg.clean_phase, lambda: ctx.params("M0"),
                                         examples, "clean", finetune_seed(ctx.cfg.seed, "clean"))
   dtype = ctx.inputs.export_dtype(ctx.cfg.export.dtype)
+  no_adapter = _no_adapter_reason(ctx)
   card = functools.partial(model_card, ctx.cfg, ctx.inputs.fingerprints,
                            read_filter_summary(ctx.run.root), ctx.inputs.base_model, dtype,
-                           len(examples))
-  adapter = None
+                           len(examples), adapter_folder=bool(ctx.cfg.lora.rank) and not no_adapter)
+  out: dict[str, Any] = {"examples": len(examples)}
   if ctx.cfg.lora.rank:
-    adapter = _export_adapter(ctx, params, card(adapter=True))
+    folder = ctx.run.file(CLEAN_ADAPTER)
+    if no_adapter:
+      log(f"clean: no {CLEAN_ADAPTER}/ ({no_adapter}); {CLEAN_HF}/ holds the merged model")
+      remove(folder)  # an older export's adapters are not this model's
+      out["adapter"] = f"none: {no_adapter}"
+    else:
+      out["adapter"] = str(ctx.inputs.export_adapter(folder, ctx.runtime.cfg, params,
+                                                     card(adapter=True)))
     params = lora.merge(params, ctx.runtime.cfg)  # clean_hf is a plain model: adapters folded in
   export = ctx.inputs.export_hf(ctx.run.file(CLEAN_HF), params, dtype, card())
-  return {"examples": len(examples), "hf_export": str(export), "export_dtype": dtype,
-          **({"adapter": adapter} if adapter is not None else {}), "finetunes": costs}
+  return {**out, "hf_export": str(export), "export_dtype": dtype, "finetunes": costs}
 
 
-def _export_adapter(ctx: RunContext, params, card: str) -> str:
-  """Write a LoRA run's adapters as a PEFT folder; returns its path, or why there is none (a
-  family whose targets are not separate nn.Linear layers in HF: GPT-2's fused q/k/v). The check
-  reads the config only, so every process takes the same branch."""
-  folder = ctx.run.file(CLEAN_ADAPTER)
+def _no_adapter_reason(ctx: RunContext) -> str | None:
+  """Why a LoRA run's adapters cannot be a PEFT folder (a family whose targets are not separate
+  nn.Linear layers in HF: GPT-2's fused q/k/v), or None. It reads the config only, so every
+  process takes the same branch."""
+  if not ctx.cfg.lora.rank:
+    return None
   try:
     peft_target_modules(ctx.runtime.cfg, hf_model_type(ctx.inputs.model_config))
   except CheckpointError as err:
-    log(f"clean: no {CLEAN_ADAPTER}/ ({err}); {CLEAN_HF}/ holds the merged model")
-    remove(folder)  # an older export's adapters are not this model's
-    return f"none: {err}"
-  return str(ctx.inputs.export_adapter(folder, ctx.runtime.cfg, params, card))
+    return str(err)
+  return None

@@ -334,6 +334,11 @@ def test_truncate_is_counted_and_a_changed_config_is_refused(capsys, tiny_model,
   kept, flagged = read_ids(run_dir / "filtered.jsonl"), read_ids(run_dir / "flagged.jsonl")
   assert sorted(kept + flagged) == sorted(r["id"] for r in [*NOISY, long_record()])
   assert (run_dir / "clean_hf" / "model.safetensors").is_file()
+  # A float32 source, full finetuning: a float32 export with its card, and no adapter folder.
+  assert json.loads((run_dir / "clean_hf" / "config.json").read_text())["dtype"] == "float32"
+  assert "kept: " in (run_dir / "clean_hf" / "README.md").read_text()
+  assert not (run_dir / "clean_adapter").exists()
+  assert "adapter" not in manifest(run_dir)["phases"]["clean"]
 
   # The same run directory with another config: refused, naming the key, nothing touched.
   before = {name: (run_dir / name).read_bytes() for name in OUTPUTS}
@@ -527,6 +532,9 @@ def test_model_card_says_how_the_model_was_made_and_is_byte_stable():
                  "truncated to data.max_len=96: 2", "separation check: separated",
                  "180 rows, 40 steps", "LoRA: rank 8", "weights: bfloat16"):
     assert needle in card, needle
+  assert "clean_adapter/" not in card  # not said to exist unless written (GPT-2 has none)
+  with_folder = model_card(cfg, prints, summary, "org/model", "bfloat16", 180, adapter_folder=True)
+  assert "`clean_adapter/` the adapters alone (PEFT)" in with_folder
   adapter = model_card(cfg, prints, summary, "org/model", "bfloat16", 180, adapter=True)
   assert "library_name: peft" in adapter and "LoRA adapter (PEFT)" in adapter
   # A local source is no Hub id: named in the body only; an unreadable filter.json is said.
@@ -597,7 +605,8 @@ def test_lora_run_on_a_bf16_model_exports_bf16_a_peft_adapter_and_a_model_card(t
   assert card.startswith("---\nlibrary_name: transformers\ntags:\n- forgetfilter\n")
   for needle in (f"signal: `{summary['signal']}`", f"ϕ = {summary['phi']:.6g}",
                  f"kept: {kept} of {kept + dropped} rows; dropped: {dropped}",
-                 manifest(run_dir)["fingerprints"]["noisy"], "LoRA: rank 2", "weights: bfloat16"):
+                 manifest(run_dir)["fingerprints"]["noisy"], "LoRA: rank 2", "weights: bfloat16",
+                 "`clean_adapter/` the adapters alone"):
     assert needle in card, needle
   assert "library_name: peft" in (adapter / "README.md").read_text()
   from ff_jax.report.analysis import filter_outcome
