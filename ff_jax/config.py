@@ -23,6 +23,7 @@ from ff_jax.errors import ConfigError
 from ff_jax.forgetting.signals import check_scored
 from ff_jax.forgetting.thresholds import Threshold
 from ff_jax.models.config import LoraConfig
+from ff_jax.models.hf import EXPORT_DTYPES
 from ff_jax.parallel import MeshConfig
 from ff_jax.progress import LOG_EVERY, WANDB_MODES
 from ff_jax.training.steps import OptimConfig
@@ -240,6 +241,22 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ExportConfig:
+  """How the clean model is exported (`clean_hf/`, and `clean_adapter/` for a LoRA run)."""
+
+  # The weights' dtype: auto (the source model's own: its config.json `dtype`/`torch_dtype`, else
+  # its safetensors' dtype; a GGUF file's float type, bfloat16 when it is quantized; the demo's
+  # model.param_dtype), so a bf16 model trained in float32 comes back at the size it came in |
+  # float32 | bfloat16 | float16
+  dtype: str = "auto"
+
+  def __post_init__(self):
+    if self.dtype != "auto" and self.dtype not in EXPORT_DTYPES:
+      raise ConfigError(f"export.dtype={self.dtype!r}: choose auto (the source model's dtype), "
+                        f"{', '.join(EXPORT_DTYPES)}")
+
+
+@dataclasses.dataclass(frozen=True)
 class LoggingConfig:
   """Every `every` steps (and the last) each finetune records loss, learning rate, grad norm and
   tokens/examples per second: to `metrics.jsonl`, the progress line, with `tensorboard` event
@@ -283,6 +300,7 @@ class RunConfig:
   scoring: ScoringConfig = dataclasses.field(default_factory=ScoringConfig)
   filter: FilterConfig = resumable("filter", default_factory=FilterConfig)
   evaluate: EvalConfig = resumable("evaluate", default_factory=EvalConfig)
+  export: ExportConfig = resumable("clean", default_factory=ExportConfig)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
   # LoRA adapters on M0 for every finetune (noisy, safety, clean); rank 0 = full finetuning.
   lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)

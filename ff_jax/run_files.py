@@ -28,7 +28,8 @@ FILTERED = "filtered"
 FILTERED_DEMO = "filtered.jsonl"
 FLAGGED = "flagged.jsonl"
 FILTER_SUMMARY = "filter.json"
-CLEAN_HF = "clean_hf"
+CLEAN_HF = "clean_hf"  # the clean model as an HF folder (adapters merged), with its README.md card
+CLEAN_ADAPTER = "clean_adapter"  # a LoRA run's adapters alone, as a PEFT folder
 METRICS = "metrics.json"
 REPORT = "report.md"
 PLOTS = "plots"
@@ -47,7 +48,7 @@ ARTIFACTS: dict[str, tuple[str, ...]] = {
     "noisy_replicas": (SCORES_NOISY_REPLICAS,),
     "score_after": (SCORES_AFTER,),
     "filter": (SCORES_CSV, f"{FILTERED}.<ext> or {FILTERED}/", FLAGGED, FILTER_SUMMARY),
-    "clean": ("models/clean", f"{CLEAN_HF}/"),
+    "clean": ("models/clean", f"{CLEAN_HF}/", f"{CLEAN_ADAPTER}/ (LoRA runs)"),
     "evaluate": (METRICS, REPORT, f"{PLOTS}/"),
 }
 

@@ -18,6 +18,7 @@ from ff_jax.config import (
   load_config,
   resumable_keys,
 )
+from ff_jax.errors import ConfigError
 from ff_jax.pipeline.rundir import RunDir
 from tests.helpers.paths import REPO
 
@@ -93,7 +94,8 @@ def test_the_keys_a_resumed_run_may_change_are_declared_on_the_config_fields():
   assert {k for k, v in keys.items() if v != ANY_TIME} == {
       "data.eval", "scoring.rouge", "scoring.max_new_tokens", "scoring.m0",
       "scoring.gradient_blocks", "scoring.snapshot_every", "scoring.replicas",
-      "scoring.noisy_replicas", "filter", "clean", "evaluate"}
+      "scoring.noisy_replicas", "filter", "clean", "evaluate", "export"}
+  assert keys["export"] == "clean"  # the export's dtype may change until the clean model is made
   for phase in ("demo.pretrain", "demo.align", "noisy", "safety", "clean"):
     assert keys[f"{phase}.checkpoint_minutes"] == keys[f"{phase}.checkpoint_every"] == ANY_TIME
   for knob in ("data.packing", "scoring.batch_size", "scoring.replicas_per_pass",
@@ -109,3 +111,10 @@ def test_the_keys_a_resumed_run_may_change_are_declared_on_the_config_fields():
   assert not RunDir._still_open(manifest, "evaluate.max_new_tokens")
   assert RunDir._still_open(manifest, "filter.signal")
   assert not RunDir._still_open(manifest, "safety.steps")
+
+
+def test_export_dtype_is_auto_or_a_float_dtype():
+  assert load_config(None).export.dtype == "auto"
+  assert load_config(None, ["export.dtype=bfloat16"]).export.dtype == "bfloat16"
+  with pytest.raises(ConfigError, match="export.dtype='int8'"):
+    load_config(None, ["export.dtype=int8"])

@@ -338,6 +338,28 @@ def iter_gguf_params(reader: gguf.GGUFReader, cfg: ModelConfig,
     yield path, array, name
 
 
+# GGUF's unquantized float types as the dtype an export is written in.
+_FLOAT_TYPES = {gguf.GGMLQuantizationType.F32: "float32", gguf.GGMLQuantizationType.F16: "float16",
+                gguf.GGMLQuantizationType.BF16: "bfloat16"}
+
+
+def gguf_dtype(path: str | Path) -> str:
+  """The float dtype that holds a GGUF file's weights as their source did, for an HF export.
+
+  The type of its matrices (tensors of two or more dimensions; norms are float32 in every GGUF):
+  the one holding the most elements among F32/F16/BF16; a quantized file (Q4_1, Q8_0, ...) gives
+  bfloat16: no float type holds its dequantized values exactly anyway, bf16 is what Llama-family
+  checkpoints are published in, and it has float32's range, so a finetuned weight never
+  overflows as it could in float16.
+  """
+  counts: dict[str, int] = {}
+  for tensor in open_gguf(path).tensors:
+    if len(tensor.shape) >= 2:
+      kind = _FLOAT_TYPES.get(tensor.tensor_type, "bfloat16")
+      counts[kind] = counts.get(kind, 0) + int(tensor.n_elements)
+  return max(counts, key=counts.get) if counts else "float32"
+
+
 def load_gguf_metadata(path: str | Path) -> tuple[ModelConfig, TextTokenizer]:
   """`(config, tokenizer)` from a GGUF file's metadata, without reading any weight."""
   origin = str(path)

@@ -57,9 +57,11 @@ from ff_jax.models.loading import LayerSlice, assemble_params, flatten, layer_sl
 from ff_jax.models.tokenizer import TextTokenizer
 
 __all__ = [
-    "FAMILIES", "Family", "Rule", "Transform", "SUPPORTED_MODEL_TYPES", "config_from_hf",
+    "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "EXPORT_DTYPES", "FAMILIES", "Family", "MODEL_CARD",
+    "Rule", "Transform", "SUPPORTED_MODEL_TYPES", "checkpoint_dtype", "config_from_hf",
     "MAX_SHARD_SIZE", "export_tensors", "generation_config_from", "hf_config_from", "hf_model_type",
-    "load_hf", "load_tokenizer", "save_hf", "shard_files",
+    "load_hf", "load_tokenizer", "peft_adapter_tensors", "peft_target_modules", "save_hf",
+    "save_peft_adapter", "shard_files",
 ]
 
 Params = dict[str, Any]
@@ -327,6 +329,41 @@ def _open(path: Path):
 
 _RAW_DTYPES = {"BF16": ml_dtypes.bfloat16}
 
+# What an export may be written in, by config.json's name for it (`dtype`, `torch_dtype`), and the
+# safetensors header's names of the same.
+EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def checkpoint_dtype(folder: str | os.PathLike) -> str | None:
+  """The float dtype an HF folder's weights are stored in (a key of EXPORT_DTYPES), or None.
+
+  config.json's `dtype` (transformers 5) or `torch_dtype` (4.x) says it when it names one; else
+  (missing, or `auto`) the safetensors headers do: the float dtype holding the most bytes, so a
+  bf16 checkpoint with a few float32 norms counts as bf16. Headers only: no weight is read.
+  """
+  folder = run_path(folder)
+  try:
+    config = json.loads((folder / "config.json").read_text())
+  except (OSError, ValueError):
+    config = {}
+  for key in ("dtype", "torch_dtype"):
+    if config.get(key) in EXPORT_DTYPES:
+      return config[key]
+  try:
+    files = set(_checkpoint_index(folder).values())
+  except CheckpointError:
+    return None
+  size: dict[str, int] = {}
+  for path in files:
+    _, header = _read_header(path)
+    for key, entry in header.items():
+      if key != "__metadata__" and entry.get("dtype") in _SAFETENSORS_DTYPES:
+        name = _SAFETENSORS_DTYPES[entry["dtype"]]
+        begin, end = entry["data_offsets"]
+        size[name] = size.get(name, 0) + end - begin
+  return max(size, key=size.get) if size else None
+
 
 def _read_header(path: Path) -> tuple[int, dict]:
   """(offset of the data section, header) of a safetensors file."""
@@ -483,11 +520,12 @@ def _natural_key(key: str) -> tuple:
   return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key))
 
 
-def _export_items(cfg: ModelConfig, params: Params, model_type: str
+def _export_items(cfg: ModelConfig, params: Params, model_type: str, dtype: str | None = None
                   ) -> tuple[dict[ParamPath, Any], list[_ExportItem]]:
   """(flat params, the export's tensors in HF key order); CheckpointError for a parameter without
-  an HF name. Sizes come from the parameters' shapes (the transforms only move elements), so every
-  process plans the same shards before any tensor is gathered."""
+  an HF name. Sizes come from the parameters' shapes (the transforms only move elements) and
+  `dtype` (None: the parameters' own), so every process plans the same shards before any tensor
+  is gathered."""
   require_export_type(model_type)
   flat = layer_slices(flatten(params))  # per-layer paths, as the file names them
   plan = _plan(FAMILIES[model_type], cfg, flat)
@@ -498,7 +536,8 @@ def _export_items(cfg: ModelConfig, params: Params, model_type: str
   items = []
   for key in sorted(plan, key=_natural_key):
     rule, paths = plan[key]
-    nbytes = sum(math.prod(flat[p].shape) * np.dtype(flat[p].dtype).itemsize for p in paths)
+    nbytes = sum(math.prod(flat[p].shape) * np.dtype(EXPORT_DTYPES.get(dtype, flat[p].dtype)
+                                                      ).itemsize for p in paths)
     items.append(_ExportItem(key, rule, paths, nbytes))
   return flat, items
 
@@ -520,10 +559,15 @@ def _host_value(x: Any) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def _hf_tensor(cfg: ModelConfig, flat: Mapping[ParamPath, Any], item: _ExportItem) -> np.ndarray:
-  """One HF tensor on the host, converted from its parameter(s) with the rule's `to_hf`."""
+def _hf_tensor(cfg: ModelConfig, flat: Mapping[ParamPath, Any], item: _ExportItem,
+               dtype: str | None = None) -> np.ndarray:
+  """One HF tensor on the host, converted from its parameter(s) with the rule's `to_hf`, and cast
+  to `dtype` (None: the parameters' own; a cast rounds to nearest, as torch's `.to` does)."""
   arrays = tuple(_host_value(flat[p]) for p in item.paths)
-  tensor = np.ascontiguousarray(item.rule.transform.to_hf(arrays, cfg))
+  tensor = item.rule.transform.to_hf(arrays, cfg)
+  if dtype is not None:
+    tensor = tensor.astype(EXPORT_DTYPES[dtype], copy=False)
+  tensor = np.ascontiguousarray(tensor)
   assert tensor.nbytes == item.nbytes, f"{item.key}: {tensor.nbytes} bytes, planned {item.nbytes}"
   return tensor
 
@@ -584,13 +628,17 @@ def _raise_any_failure(failure: Exception | None, folder: Path) -> None:
 
 def save_hf(folder: str | os.PathLike, cfg: ModelConfig, params: Params, model_type: str,
             tokenizer: TextTokenizer | None = None,
-            max_shard_size: int = MAX_SHARD_SIZE) -> Path:
+            max_shard_size: int = MAX_SHARD_SIZE, dtype: str | None = None,
+            card: str | None = None) -> Path:
   """Write an HF folder for `params`: config.json, generation_config.json, the weights as
   `model.safetensors` or, past `max_shard_size` bytes, as `model-0000k-of-0000n.safetensors`
-  shards with `model.safetensors.index.json`, and the tokenizer files.
+  shards with `model.safetensors.index.json`, the tokenizer files and, given `card`, a README.md
+  (the model card).
 
-  transformers' `AutoModelForCausalLM.from_pretrained` loads it. Tensors keep the parameters'
-  dtype (float32 or bfloat16). The model is never gathered whole: tensors are brought to the host
+  transformers' `AutoModelForCausalLM.from_pretrained` loads it. Tensors are written in `dtype`
+  (a key of EXPORT_DTYPES; None: the parameters' own, float32 or bfloat16), which config.json's
+  `dtype` names: a model trained in float32 from a bf16 checkpoint goes back as bf16, the size it
+  came in. The model is never gathered whole: tensors are brought to the host
   one at a time (on a multi-process mesh, gathered from every process), converted and added to
   the current shard, which is written out once full. Process 0 alone writes, so its host memory
   holds at most one shard plus one tensor (GPT-2's fused q/k/v: plus its parts); the other
@@ -601,7 +649,12 @@ def save_hf(folder: str | os.PathLike, cfg: ModelConfig, params: Params, model_t
   """
   folder = run_path(folder)
   config = hf_config_from(cfg, model_type)
-  flat, items = _export_items(cfg, params, model_type)  # both raise on every process alike
+  if dtype is not None:
+    if dtype not in EXPORT_DTYPES:
+      raise CheckpointError(f"cannot export in dtype {dtype!r}; choose from "
+                            f"{', '.join(EXPORT_DTYPES)}")
+    config["dtype"] = dtype
+  flat, items = _export_items(cfg, params, model_type, dtype)  # both raise on every process alike
   files = shard_files([(item.key, item.nbytes) for item in items], max_shard_size)
   by_key = {item.key: item for item in items}
   index = {"metadata": {"total_parameters": sum(math.prod(p.shape) for p in flat.values()),
@@ -616,7 +669,7 @@ def save_hf(folder: str | os.PathLike, cfg: ModelConfig, params: Params, model_t
     for name, keys in files.items():
       shard = {}
       for key in keys:
-        tensor = _hf_tensor(cfg, flat, by_key[key])  # a gather when sharded over processes
+        tensor = _hf_tensor(cfg, flat, by_key[key], dtype)  # a gather if sharded over processes
         if tmp is not None and failure is None:
           shard[key] = tensor
       if tmp is not None and failure is None:
@@ -633,7 +686,16 @@ def save_hf(folder: str | os.PathLike, cfg: ModelConfig, params: Params, model_t
         _write_json(tmp / INDEX_FILE, index)
       if tokenizer is not None:
         tokenizer.save(tmp)
+      if card is not None:
+        (tmp / MODEL_CARD).write_text(card)
 
+  _gather_and_write(folder, stream)
+  return folder
+
+
+def _gather_and_write(folder: Path, stream: Callable[[Path | None], None]) -> None:
+  """Run `stream(tmp)` on process 0 inside `write_folder(folder)` and `stream(None)` (the gathers
+  alone) on the others, then raise any process's failure on all of them."""
   failure = None
   gathered = False
 
@@ -652,6 +714,120 @@ def save_hf(folder: str | os.PathLike, cfg: ModelConfig, params: Params, model_t
     except Exception as e:
       failure = failure or e
   _raise_any_failure(failure, folder)
+
+
+# ------------------------------------------------------------------------------------------------
+# LoRA adapters as a PEFT folder (`PeftModel.from_pretrained(base, folder)` loads it).
+
+MODEL_CARD = "README.md"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# Transforms under which the HF tensor is the parameter flattened to [in, out] and transposed
+# (nn.Linear's [out, in]): an adapter A [*in, r], B [r, *out] is then PEFT's lora_A [r, in] and
+# lora_B [out, r] by the same flattening, and HF's W + s·B_hf A_hf is the merged weight's export.
+_LINEAR_TRANSFORMS = (TRANSPOSE, LINEAR_TO_HEADS, LINEAR_FROM_HEADS)
+
+
+def _adapted_weight_rules(cfg: ModelConfig, model_type: str) -> dict[str, Rule]:
+  """{ff_jax weight template (`layers/{i}/attn/q`): its HF rule} for every LoRA target of
+  `cfg`; CheckpointError when a target has no nn.Linear of its own in `model_type` (GPT-2 fuses
+  q/k/v into one Conv1D)."""
+  require_export_type(model_type)
+  rules = {rule.params[0]: rule for rule in FAMILIES[model_type].rules if len(rule.params) == 1}
+  out = {}
+  for target in cfg.lora.targets:
+    where = "attn" if target in ("q", "k", "v", "o") else "mlp"
+    template = f"layers/{{i}}/{where}/{target}"
+    rule = rules.get(template)
+    if rule is None or rule.transform not in _LINEAR_TRANSFORMS:
+      raise CheckpointError(f"cannot write a PEFT adapter for {model_type}: lora target "
+                            f"{target!r} is not one nn.Linear there")
+    out[template] = rule
+  return out
+
+
+def peft_target_modules(cfg: ModelConfig, model_type: str) -> list[str]:
+  """PEFT's `target_modules` for `cfg.lora.targets` (`q_proj`, `down_proj`, ...), sorted;
+  CheckpointError when `model_type` cannot hold the adapters as PEFT LoRA layers."""
+  rules = _adapted_weight_rules(cfg, model_type)
+  return sorted({rule.hf.removesuffix(".weight").rsplit(".", 1)[-1] for rule in rules.values()})
+
+
+def _adapter_items(cfg: ModelConfig, params: Params, model_type: str
+                   ) -> tuple[dict[ParamPath, Any], list[tuple[str, ParamPath, str]]]:
+  """(flat params, [(PEFT key, factor path, "A" or "B")] in key order) for the adapters in
+  `params`."""
+  rules = _adapted_weight_rules(cfg, model_type)
+  flat = layer_slices(flatten(params))  # per-layer paths, as the file names them
+  items = []
+  for path in flat:
+    name = str(path[-1])
+    if not name.endswith(("_lora_a", "_lora_b")):
+      continue
+    layer = next((p for p in path if isinstance(p, int)), None)
+    weight = "/".join("{i}" if isinstance(p, int) else str(p) for p in path[:-1])
+    weight += "/" + name[:-len("_lora_a")]
+    if weight not in rules:
+      raise CheckpointError(f"adapter {path_str(path)} adapts no lora target of this config")
+    module = rules[weight].hf.format(i=layer).removesuffix(".weight")
+    factor = "A" if name.endswith("_lora_a") else "B"
+    items.append((f"base_model.model.{module}.lora_{factor}.weight", path, factor))
+  if not items:
+    raise CheckpointError("no LoRA adapters in these parameters")
+  return flat, sorted(items, key=lambda item: _natural_key(item[0]))
+
+
+def _peft_tensor(flat: Mapping[ParamPath, Any], path: ParamPath, factor: str) -> np.ndarray:
+  """PEFT's lora_A [r, in] from A [*in, r], or lora_B [out, r] from B [r, *out] (a gather when
+  sharded over processes)."""
+  value = _host_value(flat[path])
+  if factor == "A":
+    return np.ascontiguousarray(value.reshape(-1, value.shape[-1]).T)
+  return np.ascontiguousarray(value.reshape(value.shape[0], -1).T)
+
+
+def peft_adapter_tensors(cfg: ModelConfig, params: Params, model_type: str
+                         ) -> dict[str, np.ndarray]:
+  """{PEFT key: host array} of the adapters in `params` (all at once: for tests)."""
+  flat, items = _adapter_items(cfg, params, model_type)
+  return {key: _peft_tensor(flat, path, factor) for key, path, factor in items}
+
+
+def peft_adapter_config(cfg: ModelConfig, model_type: str, base_model: str | None) -> dict:
+  """`adapter_config.json` for `cfg.lora`: PEFT's LoraConfig fields that every PEFT release
+  since 0.6 reads (a newer field would make an older PEFT refuse the file)."""
+  alpha = cfg.lora.alpha
+  return {
+      "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+      "r": cfg.lora.rank, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+      "lora_dropout": cfg.lora.dropout, "target_modules": peft_target_modules(cfg, model_type),
+      "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None,
+      "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
+      "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
+  }
+
+
+def save_peft_adapter(folder: str | os.PathLike, cfg: ModelConfig, params: Params,
+                      model_type: str, base_model: str | None = None,
+                      card: str | None = None) -> Path:
+  """Write the LoRA adapters in `params` (their own dtype) as a PEFT folder:
+  `adapter_config.json` (`base_model` as `base_model_name_or_path`),
+  `adapter_model.safetensors` and, given `card`, README.md. Every process must call this with the
+  same arguments; process 0 alone writes, atomically (as `save_hf`)."""
+  folder = run_path(folder)
+  config = peft_adapter_config(cfg, model_type, base_model)
+  flat, items = _adapter_items(cfg, params, model_type)
+
+  def stream(tmp: Path | None) -> None:
+    # Adapters are small (rank r on a few projections): gathered whole, written as one file.
+    tensors = {key: _peft_tensor(flat, path, factor) for key, path, factor in items}
+    if tmp is not None:
+      save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata=_SAFETENSORS_METADATA)
+      _write_json(tmp / ADAPTER_CONFIG, config)
+      if card is not None:
+        (tmp / MODEL_CARD).write_text(card)
+
+  _gather_and_write(folder, stream)
   return folder
 
 

@@ -28,10 +28,10 @@ from ff_jax.data.records import Record
 from ff_jax.data.templates import flattening_warning
 from ff_jax.errors import ConfigError, DataError
 from ff_jax.models import ModelConfig
-from ff_jax.models.gguf import load_gguf, load_gguf_metadata
-from ff_jax.models.hf import config_from_hf, load_hf, save_hf
+from ff_jax.models.gguf import gguf_dtype, load_gguf, load_gguf_metadata
+from ff_jax.models.hf import checkpoint_dtype, config_from_hf, load_hf, save_hf, save_peft_adapter
 from ff_jax.models.hf_config import hf_model_type
-from ff_jax.models.hub import resolve_model_source
+from ff_jax.models.hub import parse_hub_id, resolve_model_source
 from ff_jax.models.tokenizer import TextTokenizer
 from ff_jax.pipeline.rundir import RunDir
 from ff_jax.progress import log
@@ -52,6 +52,12 @@ class JobInputs:
   eval: list[Record] = dataclasses.field(default_factory=list)  # data.eval (held out)
   # data.noisy's source, which writes the kept rows back in their own format (None: the demo)
   noisy_source: Source | None = None
+  # The dtype the source's weights are stored in (`source_dtype`): what `export.dtype: auto`
+  # exports in.
+  source_dtype: str = "float32"
+  # What a PEFT adapter names as its base model: the Hub id or the folder as resolved (None: the
+  # demo, whose base is the run's models/M0).
+  base_model: str | None = None
 
   @property
   def is_demo_model(self) -> bool:
@@ -63,11 +69,24 @@ class JobInputs:
       return load_hf(self.source, mesh=mesh, rules=rules)[1]
     return load_gguf(self.source, mesh=mesh, rules=rules)[1]
 
-  def export_hf(self, folder: Path, runtime, params) -> Path | None:
-    """Write the clean model as an HF folder of the family its config describes (the demo model
-    is Llama-style)."""
+  def export_dtype(self, setting: str) -> str:
+    """The dtype `export.dtype` = `setting` writes in (`auto`: the source's)."""
+    return self.source_dtype if setting == "auto" else setting
+
+  def export_hf(self, folder: Path, params, dtype: str | None = None,
+                card: str | None = None) -> Path:
+    """Write the clean model (no adapters) as an HF folder of the family its config describes (the
+    demo model is Llama-style), in `dtype`, with `card` as its README.md."""
     cfg = self.model_config
-    return save_hf(folder, cfg, params, hf_model_type(cfg), tokenizer=self.tokenizer)
+    return save_hf(folder, cfg, params, hf_model_type(cfg), tokenizer=self.tokenizer, dtype=dtype,
+                   card=card)
+
+  def export_adapter(self, folder: Path, cfg: ModelConfig, params,
+                     card: str | None = None) -> Path:
+    """Write the LoRA adapters in `params` (`cfg`: the model with adapters) as a PEFT folder whose
+    base is the source model."""
+    return save_peft_adapter(folder, cfg, params, hf_model_type(self.model_config),
+                             base_model=self.base_model, card=card)
 
 
 def _file_digest(path: Path) -> str:
@@ -161,6 +180,14 @@ def _demo_model_config(cfg: RunConfig, tokenizer: TextTokenizer) -> ModelConfig:
         "pad_token_id": tokenizer.pad_id, "bos_token_id": tokenizer.bos_id})
   except TypeError as err:
     raise ConfigError(f"model.config: {err}") from None
+
+
+def source_dtype(path: Path, kind: str) -> str:
+  """The float dtype of an HF folder's or a GGUF file's weights (float32 when a folder says
+  nothing)."""
+  if kind == "gguf":
+    return gguf_dtype(path)
+  return checkpoint_dtype(path) or "float32"
 
 
 def _imported_model(cfg: RunConfig, path: Path) -> tuple[ModelConfig, TextTokenizer, str]:
@@ -259,15 +286,20 @@ def load_inputs(cfg: RunConfig, run: RunDir) -> JobInputs:
     _check_held_out(heldout, noisy, safe)
     prints["eval"] = records_io.fingerprint(heldout)
 
+  base_model = None
   if source == "demo":
     tokenizer = _demo_tokenizer(world, run)
     model_cfg = _demo_model_config(cfg, tokenizer)
-    kind = "demo"
+    kind, dtype = "demo", model_cfg.param_dtype  # trained by the release phase in this dtype
   else:
     path = resolve_model_source(source)
     model_cfg, tokenizer, kind = _imported_model(cfg, path)
     prints["model"] = _model_fingerprint(path)
+    dtype = source_dtype(path, kind)
+    # A Hub id is what PEFT and the Hub know the model by; a local source, by its resolved path.
+    base_model = source if parse_hub_id(source) and not Path(source).exists() else str(
+        path.resolve())
     source = str(path)  # what the loaders open (`pkg:` or a Hub id resolved to files)
   return JobInputs(source=str(source), kind=kind, tokenizer=tokenizer, model_config=model_cfg,
                    noisy=noisy, safe=safe, world=world, fingerprints=prints, eval=heldout,
-                   noisy_source=noisy_source)
+                   noisy_source=noisy_source, source_dtype=dtype, base_model=base_model)

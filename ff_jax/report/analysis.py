@@ -32,6 +32,7 @@ from ff_jax.report.fmt import fmt
 from ff_jax.run_files import (
   BASELINE_NAMES,
   BASELINES_DIR,
+  CLEAN_ADAPTER,
   CLEAN_HF,
   FILTER_SUMMARY,
   FILTERED,
@@ -409,6 +410,10 @@ def summary_figures(run_dir: str | Path) -> dict[str, Any]:
   return out
 
 
+# filter_outcome's files that the filter phase itself writes (the rest are listed once they exist).
+_ALWAYS_LISTED = ("filtered", "scores", "flagged", "filter")
+
+
 def filter_outcome(run_dir: str | Path) -> dict[str, Any] | None:
   """What the filter of a run did, from `filter.json`, for the command line to print (as text,
   `outcome_text`, or as JSON); None before the filter phase has written it.
@@ -416,8 +421,8 @@ def filter_outcome(run_dir: str | Path) -> dict[str, Any] | None:
   Keys: run_dir; signal, threshold, phi (None when unknown); separation (the verdict, None before
   the check existed) and separation_reasons; kept, dropped, truncated; with labels, precision,
   recall, f1 and auroc of the filter (else None); warning (`separation_warning`, or None); files:
-  {filtered (`kept_rows_path`), scores, flagged, filter, and report and clean_model where they
-  exist}, absolute paths.
+  {filtered (`kept_rows_path`), scores, flagged, filter, and report, clean_model and
+  clean_adapter (a LoRA run's PEFT folder) where they exist}, absolute paths.
   """
   run_dir = run_path(run_dir)
   info, _ = _load_json(run_dir / FILTER_SUMMARY)
@@ -429,7 +434,8 @@ def filter_outcome(run_dir: str | Path) -> dict[str, Any] | None:
   phi = _phi(info)
   files = {"filtered": kept_rows_path(run_dir), "scores": run_dir / SCORES_CSV,
            "flagged": run_dir / FLAGGED, "filter": run_dir / FILTER_SUMMARY,
-           "report": run_dir / REPORT, "clean_model": run_dir / CLEAN_HF}
+           "report": run_dir / REPORT, "clean_model": run_dir / CLEAN_HF,
+           "clean_adapter": run_dir / CLEAN_ADAPTER}
   return {
       "run_dir": str(run_dir), "signal": info.get("signal"), "threshold": info.get("threshold"),
       "phi": phi if math.isfinite(phi) else None, "separation": block.get("verdict"),
@@ -439,7 +445,7 @@ def filter_outcome(run_dir: str | Path) -> dict[str, Any] | None:
       **{key: metrics.get(key) for key in ("precision", "recall", "f1", "auroc")},
       "warning": separation_text(info),
       "files": {key: str(path) for key, path in files.items()
-                if path is not None and (key not in ("report", "clean_model") or path.exists())},
+                if path is not None and (key in _ALWAYS_LISTED or path.exists())},
   }
 
 
@@ -470,7 +476,8 @@ def outcome_text(outcome: dict[str, Any], hint: str | None = None) -> str:
                  f"{fmt(outcome['precision'], 3)}, recall {fmt(outcome['recall'], 3)}), "
                  f"AUROC {fmt(outcome['auroc'], 3)}")
   names = {"filtered": "kept rows", "scores": "scores", "flagged": "dropped rows",
-           "filter": "filter summary", "report": "report", "clean_model": "clean model"}
+           "filter": "filter summary", "report": "report", "clean_model": "clean model",
+           "clean_adapter": "clean adapter (PEFT)"}
   width = max(len(names[key]) for key in outcome["files"])
   lines += [f"{names[key] + ':':<{width + 1}} {path}" for key, path in outcome["files"].items()]
   if hint:

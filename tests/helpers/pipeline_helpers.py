@@ -181,8 +181,9 @@ SAFE = [
 ]
 
 
-def make_tiny_hf_model(folder: Path, texts: list[str]) -> Path:
-  """A random 1-layer Llama with a word-level tokenizer trained on `texts`, as an HF folder."""
+def make_tiny_hf_model(folder: Path, texts: list[str], dtype: str | None = None) -> Path:
+  """A random 1-layer Llama with a word-level tokenizer trained on `texts`, as an HF folder (its
+  weights in `dtype`; None: float32)."""
   from ff_jax.data.demo import train_demo_tokenizer
   from ff_jax.models import init_params
   from ff_jax.models.config import ModelConfig
@@ -192,4 +193,4 @@ def make_tiny_hf_model(folder: Path, texts: list[str]) -> Path:
   cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=1, num_heads=2,
                     num_kv_heads=1, intermediate_size=64, max_position_embeddings=128,
                     bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-  return save_hf(folder, cfg, init_params(cfg, 0), "llama", tokenizer=tok)
+  return save_hf(folder, cfg, init_params(cfg, 0), "llama", tokenizer=tok, dtype=dtype)

@@ -28,6 +28,7 @@ from ff_jax.models import abstract_model, forward, init_params, positions_from_m
 from ff_jax.models import gguf as gguf_lib
 from ff_jax.models.gguf import (
   config_from_gguf,
+  gguf_dtype,
   llama3_scaling_from_factors,
   load_gguf,
   open_gguf,
@@ -545,3 +546,21 @@ def test_sentencepiece_gguf_logits_match_transformers(sp_tok, sp_golden):
   valid = mask.astype(bool)
   err = np.abs(np.asarray(have)[valid] - golden["logits"][valid]).max()
   assert err <= 1e-4, f"max |logit diff| {err:.2e}"
+
+
+@pytest.mark.parametrize("kind, want", [
+    (gguf.GGMLQuantizationType.F32, "float32"), (gguf.GGMLQuantizationType.F16, "float16"),
+    (gguf.GGMLQuantizationType.BF16, "bfloat16"), (gguf.GGMLQuantizationType.Q8_0, "bfloat16")])
+def test_gguf_dtype_is_its_matrices_float_type_and_bf16_when_quantized(tmp_path, kind, want):
+  """What `export.dtype: auto` exports a GGUF source's clean model in: its matrices' type, never
+  that of its float32 norms; a quantized file: bfloat16."""
+  path = tmp_path / "m.gguf"
+  writer = gguf.GGUFWriter(str(path), "llama")
+  writer.add_tensor("blk.0.attn_norm.weight", np.ones(64, np.float32))  # the same in every file
+  matrix = np.linspace(-1, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+  writer.add_tensor("blk.0.attn_q.weight", gguf.quants.quantize(matrix, kind), raw_dtype=kind)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  assert gguf_dtype(path) == want

@@ -72,6 +72,24 @@ def read_safetensors(folder: Path) -> dict[str, np.ndarray]:
   return out
 
 
+RAW_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
+
+
+def read_raw_safetensors(folder: Path) -> dict[str, np.ndarray]:
+  """Every tensor of a folder's safetensors files, from the bytes (numpy's reader lacks bf16)."""
+  out = {}
+  for path in sorted(folder.glob("*.safetensors")):
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    for key, entry in header.items():
+      if key != "__metadata__":
+        begin, end = entry["data_offsets"]
+        out[key] = np.frombuffer(data[8 + size + begin:8 + size + end],
+                                 RAW_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+  return out
+
+
 def copy_fixture(name: str, dest: Path) -> Path:
   folder = dest / name
   shutil.copytree(PARITY / name, folder)
@@ -661,3 +679,47 @@ def test_streamed_export_holds_one_shard_not_the_model(tmp_path):
   # One shard plus the largest tensor (16 MB) and its converted copy, and some slack.
   assert streamed["peak_rise_mb"] < streamed["shard_mb"] + 2 * 16 + 16, figures
   assert whole["peak_rise_mb"] > 0.75 * whole["model_mb"], figures  # the measure sees a gather
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_export_in_another_dtype_casts_every_tensor_and_says_so(tmp_path, dtype):
+  """float32 parameters exported in a narrower dtype: every tensor in it (rounded to nearest, as
+  torch's `.to` rounds), config.json's `dtype` naming it, the shards planned by its size, and
+  `checkpoint_dtype` reading it back, from config.json or, without the key, from the headers."""
+  cfg, params = hf.load_hf(PARITY / "llama")
+  assert cfg.param_dtype == "float32"
+  wide = hf.save_hf(tmp_path / "wide", cfg, params, "llama", max_shard_size=40_000)
+  out = hf.save_hf(tmp_path / "out", cfg, params, "llama", max_shard_size=40_000, dtype=dtype)
+  assert json.loads((out / "config.json").read_text())["dtype"] == dtype
+  header = {"bfloat16": "BF16", "float16": "F16"}[dtype]
+  want = {k: v.astype(hf.EXPORT_DTYPES[dtype]) for k, v in read_safetensors(wide).items()}
+  got = read_raw_safetensors(out)
+  assert sorted(got) == sorted(want)
+  for key, value in got.items():
+    assert value.dtype == want[key].dtype, key
+    np.testing.assert_array_equal(value.view(np.uint16), want[key].view(np.uint16), err_msg=key)
+  for shard in out.glob("model-*.safetensors"):
+    with safe_open(str(shard), framework="numpy") as f:
+      assert {f.get_slice(k).get_dtype() for k in f.keys()} == {header}
+  index = json.loads((out / "model.safetensors.index.json").read_text())
+  wide_index = json.loads((wide / "model.safetensors.index.json").read_text())
+  assert index["metadata"]["total_size"] * 2 == wide_index["metadata"]["total_size"]
+  size = lambda folder: sum(p.stat().st_size for p in folder.glob("*.safetensors"))  # noqa: E731
+  assert size(out) < 0.55 * size(wide)
+  assert hf.checkpoint_dtype(out) == dtype and hf.checkpoint_dtype(wide) == "float32"
+  config = json.loads((out / "config.json").read_text())
+  del config["dtype"]
+  config["torch_dtype"] = "float32"  # transformers 4's key is read too
+  (out / "config.json").write_text(json.dumps(config))
+  assert hf.checkpoint_dtype(out) == "float32"
+  del config["torch_dtype"]
+  (out / "config.json").write_text(json.dumps(config))
+  assert hf.checkpoint_dtype(out) == dtype  # the tensors' own
+  with pytest.raises(CheckpointError, match="cannot export in dtype 'int8'"):
+    hf.save_hf(tmp_path / "bad", cfg, params, "llama", dtype="int8")
+
+
+def test_save_writes_the_model_card(tmp_path):
+  cfg, params = hf.load_hf(PARITY / "llama")
+  out = hf.save_hf(tmp_path / "out", cfg, params, "llama", card="---\ntags:\n- x\n---\n# card\n")
+  assert (out / hf.MODEL_CARD).read_text() == "---\ntags:\n- x\n---\n# card\n"

@@ -15,10 +15,13 @@ import sys
 from pathlib import Path
 
 from ff_jax.models import hf
+from tests.helpers.hf_export_worker import lora_variant
 from tests.helpers.local_pod import process_env
 from tests.helpers.paths import FIXTURES, REPO
 
 NAMES = ["llama", "gpt2", "gemma3"]  # plain, fused q/k/v (several params -> one tensor), norms
+# ... and a bf16 export and a LoRA adapter folder of llama (tests.helpers.hf_export_worker)
+VARIANTS = ["llama:bfloat16", "llama:adapter"]
 MAX_SHARD_SIZE = 100_000  # bytes: 4-5 shards for each of these fixtures
 TIMEOUT = 300
 
@@ -62,18 +65,27 @@ def _dirs(root: Path) -> Path:
 
 def test_two_process_export_writes_the_one_process_bytes_from_process_0_only(tmp_path):
   root = _dirs(tmp_path / "pair")
-  for lines in _run_pair(root, "export", NAMES):
-    assert [line.split()[:2] for line in lines] == [["exported", name] for name in NAMES], lines
+  specs = NAMES + VARIANTS
+  for lines in _run_pair(root, "export", specs):
+    assert [line.split()[:2] for line in lines] == [["exported", spec] for spec in specs], lines
   # Process 1 took part in every gather but wrote nothing, not even a temp folder.
   assert list((root / "p1").iterdir()) == []
   exported = root / "p0" / "export"
-  assert sorted(p.name for p in exported.iterdir()) == sorted(NAMES)
-  for name in NAMES:
+  assert sorted(p.name for p in exported.iterdir()) == sorted(s.replace(":", "_") for s in specs)
+  for spec in specs:
+    name, _, variant = spec.partition(":")
     cfg, params = hf.load_hf(FIXTURES / "parity" / name)
-    single = hf.save_hf(tmp_path / "single" / name, cfg, params, hf.hf_model_type(cfg),
-                        max_shard_size=MAX_SHARD_SIZE)
+    folder = tmp_path / "single" / spec.replace(":", "_")
+    if variant == "adapter":
+      cfg, params = lora_variant(cfg, params)
+      single = hf.save_peft_adapter(folder, cfg, params, hf.hf_model_type(cfg), base_model=name)
+    else:
+      single = hf.save_hf(folder, cfg, params, hf.hf_model_type(cfg),
+                          max_shard_size=MAX_SHARD_SIZE, dtype=variant or None)
     files = sorted(p.name for p in single.iterdir())
-    assert len([f for f in files if f.startswith("model-")]) >= 3, files
+    if variant != "adapter":  # several shards (bf16: half as many bytes, so fewer)
+      assert len([f for f in files if f.startswith("model-")]) >= (2 if variant else 3), files
+    name = spec.replace(":", "_")
     assert sorted(p.name for p in (exported / name).iterdir()) == files
     for file in files:
       assert (exported / name / file).read_bytes() == (single / file).read_bytes(), (name, file)
@@ -85,6 +97,8 @@ def test_process_0_failing_to_write_fails_both_processes(tmp_path):
   p0, p1 = _run_pair(root, "blocked/export", ["llama"])
   assert len(p0) == 1 and p0[0].startswith("failed llama "), p0
   assert "Error" in p0[0] and "CheckpointError" not in p0[0], p0  # its own error: the OS's
-  assert p1 == ["failed llama CheckpointError: blocked/export/llama: process 0 could not write the "
-                "HF export; its log says why"]
+  # The folder as `atomic_io.run_path` makes it: absolute, in process 1's working directory.
+  folder = (root / "p1").resolve() / "blocked" / "export" / "llama"
+  assert p1 == [f"failed llama CheckpointError: {folder}: process 0 could not write the HF "
+                "export; its log says why"]
   assert sorted(p.name for p in (root / "p0").iterdir()) == ["blocked"]

@@ -200,6 +200,7 @@ def test_every_phase_and_the_report_into_a_bucket(bucket):
   assert all(info["complete"] for info in phases.values()) and "evaluate" in phases
   assert folder_complete(root / "clean_hf")
   assert (root / "clean_hf" / "config.json").exists()
+  assert "signal: `" in (root / "clean_hf" / "README.md").read_text()  # filter.json, in the bucket
   proc = run_ok("report", "--run-dir", run_dir)
   assert f"{run_dir}/report.md" in proc.stdout
   report = (root / "report.md").read_text()

@@ -334,6 +334,11 @@ def test_truncate_is_counted_and_a_changed_config_is_refused(capsys, tiny_model,
   kept, flagged = read_ids(run_dir / "filtered.jsonl"), read_ids(run_dir / "flagged.jsonl")
   assert sorted(kept + flagged) == sorted(r["id"] for r in [*NOISY, long_record()])
   assert (run_dir / "clean_hf" / "model.safetensors").is_file()
+  # A float32 source, full finetuning: a float32 export with its card, and no adapter folder.
+  assert json.loads((run_dir / "clean_hf" / "config.json").read_text())["dtype"] == "float32"
+  assert "kept: " in (run_dir / "clean_hf" / "README.md").read_text()
+  assert not (run_dir / "clean_adapter").exists()
+  assert "adapter" not in manifest(run_dir)["phases"]["clean"]
 
   # The same run directory with another config: refused, naming the key, nothing touched.
   before = {name: (run_dir / name).read_bytes() for name in OUTPUTS}
@@ -490,6 +495,122 @@ def test_settings_of_phases_not_yet_run_may_change(tmp_path):
                                                                            "score_before"}
   with pytest.raises(RunDirError, match="not a phase"):
     run.open(again, {"noisy": "abc", "eval": "def"}, redo_from="filtering")
+
+
+# -- exports --------------------------------------------------------------------------------------
+
+
+def _raw_tensors(path: Path) -> dict[str, np.ndarray]:
+  """A safetensors file's tensors from its bytes (numpy's reader lacks bf16)."""
+  import ml_dtypes
+
+  kinds = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16}
+  data = path.read_bytes()
+  size = int.from_bytes(data[:8], "little")
+  header = json.loads(data[8:8 + size])
+  return {key: np.frombuffer(data[8 + size + e["data_offsets"][0]:8 + size + e["data_offsets"][1]],
+                             kinds[e["dtype"]]).reshape(e["shape"])
+          for key, e in header.items() if key != "__metadata__"}
+
+
+def test_model_card_says_how_the_model_was_made_and_is_byte_stable():
+  from ff_jax.config import load_config
+  from ff_jax.pipeline.card import model_card
+
+  cfg = load_config(None, ["model.source=org/model", "lora.rank=8", "noisy.steps=40"])
+  summary = {"signal": "nll_tail_nens", "threshold": "auto", "phi": 0.123456789,
+             "counts": {"kept": 180, "flagged": 60, "truncated": 2},
+             "separation": {"verdict": "separated"}}
+  prints = {"noisy": "n" * 8, "safe": "s" * 8, "model": "m" * 8}
+  card = model_card(cfg, prints, summary, "org/model", "bfloat16", 180)
+  assert card == model_card(cfg, prints, summary, "org/model", "bfloat16", 180)  # no date
+  assert card.startswith('---\nbase_model: "org/model"\nlibrary_name: transformers\ntags:\n'
+                         "- forgetfilter\n- ff_jax\n- lora\n---\n")
+  for needle in ("model: `org/model`", "fingerprint of data.noisy: `nnnnnnnn`",
+                 "fingerprint of the model: `mmmmmmmm`", "signal: `nll_tail_nens`",
+                 "threshold: `auto`, ϕ = 0.123457", "kept: 180 of 240 rows; dropped: 60",
+                 "truncated to data.max_len=96: 2", "separation check: separated",
+                 "180 rows, 40 steps", "LoRA: rank 8", "weights: bfloat16"):
+    assert needle in card, needle
+  assert "clean_adapter/" not in card  # not said to exist unless written (GPT-2 has none)
+  with_folder = model_card(cfg, prints, summary, "org/model", "bfloat16", 180, adapter_folder=True)
+  assert "`clean_adapter/` the adapters alone (PEFT)" in with_folder
+  adapter = model_card(cfg, prints, summary, "org/model", "bfloat16", 180, adapter=True)
+  assert "library_name: peft" in adapter and "LoRA adapter (PEFT)" in adapter
+  # A local source is no Hub id: named in the body only; an unreadable filter.json is said.
+  local = model_card(cfg, prints, None, "/data/model", "float32", 180)
+  assert "base_model" not in local and "`/data/model`" in local
+  assert "filter.json was not readable" in local
+
+
+def test_source_dtype_of_a_gguf_file_and_of_hf_folders(tmp_path):
+  from ff_jax.pipeline.inputs import source_dtype
+
+  gguf = REPO / "tests" / "fixtures" / "gguf_sp" / "tiny-llama-sp.gguf"
+  assert source_dtype(gguf, "gguf") == "float32"  # its matrices are F32
+  texts = [r["prompt"] + " " + r["response"] for r in NOISY]
+  for dtype in ("bfloat16", "float16", None):
+    folder = make_tiny_hf_model(tmp_path / str(dtype), texts, dtype=dtype)
+    assert source_dtype(folder, "hf") == (dtype or "float32")
+
+
+@pytest.mark.slow
+def test_lora_run_on_a_bf16_model_exports_bf16_a_peft_adapter_and_a_model_card(tmp_path):
+  """The clean model of a bf16 source, trained in float32 with LoRA: clean_hf/ back in bf16 (half
+  the float32 size), clean_adapter/ in PEFT's layout whose base is the source and whose
+  base + (alpha/r) · B A is clean_hf's weight, and a card naming the filter's outcome."""
+  texts = [r["prompt"] + " " + r["response"] for r in NOISY + SAFE]
+  source = make_tiny_hf_model(tmp_path / "tiny-bf16", texts, dtype="bfloat16")
+  noisy = write_jsonl(tmp_path / "noisy.jsonl", NOISY)
+  safe = write_jsonl(tmp_path / "safe.jsonl", SAFE)
+  run_dir = tmp_path / "run"
+  run_ok(*filter_args(source, noisy, safe, run_dir, "lora.rank=2", "lora.alpha=4",
+                      "lora.targets=[q,v,down]", "scoring.rouge=false"), "--clean")
+  assert json.loads((source / "config.json").read_text())["dtype"] == "bfloat16"
+  clean = run_dir / "clean_hf"
+  assert json.loads((clean / "config.json").read_text())["dtype"] == "bfloat16"
+  exported = _raw_tensors(clean / "model.safetensors")
+  assert {v.dtype.name for v in exported.values()} == {"bfloat16"}
+  entry = manifest(run_dir)["phases"]["clean"]
+  assert entry["export_dtype"] == "bfloat16"
+  assert entry["adapter"] == str(run_dir / "clean_adapter")
+
+  # The adapter: PEFT's files, the source as its base, the factors that make clean_hf's weights.
+  adapter = run_dir / "clean_adapter"
+  assert sorted(p.name for p in adapter.iterdir()) == [
+      "README.md", "adapter_config.json", "adapter_model.safetensors"]
+  config = json.loads((adapter / "adapter_config.json").read_text())
+  assert config["base_model_name_or_path"] == str(source.resolve())
+  assert (config["r"], config["lora_alpha"], config["target_modules"]) == (
+      2, 4, ["down_proj", "q_proj", "v_proj"])
+  factors = _raw_tensors(adapter / "adapter_model.safetensors")
+  base = _raw_tensors(source / "model.safetensors")
+  assert len(factors) == 6
+  for key, lora_a in factors.items():
+    if ".lora_A." in key:
+      weight = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+      lora_b = factors[key.replace(".lora_A.", ".lora_B.")]
+      delta = lora_b.astype(np.float32) @ lora_a.astype(np.float32) * 4 / 2
+      assert np.abs(delta).max() > 1e-4, key  # the clean finetune moved the adapters
+      np.testing.assert_allclose(base[weight].astype(np.float32) + delta,
+                                 exported[weight].astype(np.float32), rtol=1e-2, atol=1e-3)
+  for key in set(base) - {k.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+                          for k in factors}:
+    np.testing.assert_array_equal(base[key], exported[key], err_msg=key)  # not adapted
+
+  # The card, in both folders: how the model was made, without a date.
+  summary = json.loads((run_dir / "filter.json").read_text())
+  card = (clean / "README.md").read_text()
+  kept, dropped = summary["counts"]["kept"], summary["counts"]["flagged"]
+  assert card.startswith("---\nlibrary_name: transformers\ntags:\n- forgetfilter\n")
+  for needle in (f"signal: `{summary['signal']}`", f"ϕ = {summary['phi']:.6g}",
+                 f"kept: {kept} of {kept + dropped} rows; dropped: {dropped}",
+                 manifest(run_dir)["fingerprints"]["noisy"], "LoRA: rank 2", "weights: bfloat16",
+                 "`clean_adapter/` the adapters alone"):
+    assert needle in card, needle
+  assert "library_name: peft" in (adapter / "README.md").read_text()
+  from ff_jax.report.analysis import filter_outcome
+  assert filter_outcome(run_dir)["files"]["clean_adapter"] == str(adapter)
 
 
 @pytest.mark.slow
