@@ -8,14 +8,12 @@ The order of joining, running and the barrier, and the refusals, are checked in 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
 import pytest
 
 from ff_jax import atomic_io, cli, parallel
 from ff_jax.atomic_io import WRITE_LOG_ENV
-from tests.helpers.local_pod import LocalPod
+from tests.helpers.local_pod import LocalPod, writes_by_path
 from tests.helpers.pipeline_helpers import ff_jax_cmd
 from tests.report.test_report import _write_run
 
@@ -72,16 +70,6 @@ def test_bench_and_plan_refuse_several_processes_with_one_line(command, steps, m
   assert steps == ["join"]  # refused before it ran
 
 
-def _writes(folder: Path) -> dict[str, list[int]]:
-  """Path -> the processes that wrote it, once per write (`FF_JAX_WRITE_LOG`)."""
-  out: dict[str, list[int]] = {}
-  for log in sorted(folder.glob("writes.*.log")):
-    for line in log.read_text().splitlines():
-      pid, path = line.split(" ", 1)
-      out.setdefault(path, []).append(int(pid))
-  return out
-
-
 def test_report_on_two_processes_writes_each_file_once_from_process_zero(tmp_path):
   run = _write_run(tmp_path)
   writes = tmp_path / "writes"
@@ -90,7 +78,7 @@ def test_report_on_two_processes_writes_each_file_once_from_process_zero(tmp_pat
   written = {run / "report.md", *(run / "plots").glob("*.png")}
   assert len(written) == 3  # the report and its histogram and P/R/F1 plots
   # A process outside the cluster would count itself process 0 too: each file twice.
-  assert _writes(writes) == {str(path): [0] for path in written}
+  assert writes_by_path(writes) == {str(path): [0] for path in written}
 
 
 def test_plan_on_two_processes_is_refused_with_one_line(tmp_path):

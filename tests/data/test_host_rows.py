@@ -8,23 +8,10 @@ import pytest
 
 from ff_jax.data import batching
 from ff_jax.data.host_rows import ROW_LOG_ENV, building, host_block
-from ff_jax.data.templates import EncodedExample
+from tests.training.test_loop import examples as make_examples
 
 BUCKETS = (16, 32, 64)
 PAD = 0
-
-
-def _examples(n: int, seed: int = 0) -> list[EncodedExample]:
-  """`n` examples of 2 to 40 tokens, the second half of each a response."""
-  rng = np.random.default_rng(seed)
-  out = []
-  for i, length in enumerate(rng.integers(2, 41, n).tolist()):
-    loss_mask = np.zeros(length, np.int32)
-    loss_mask[length // 2:] = 1
-    out.append(EncodedExample(tokens=rng.integers(3, 200, length).astype(np.int32),
-                              loss_mask=loss_mask, prompt_len=length // 2, truncated=False,
-                              id=f"e{i}"))
-  return out
 
 
 def _lines(folder) -> list[tuple[str, list[str]]]:
@@ -94,7 +81,7 @@ def test_each_host_logs_the_rows_it_built_and_the_blocks_make_the_batch(
     tmp_path, monkeypatch, build, packing):
   """Two hosts' logged blocks of every batch, in host order, are the rows of the one host's batch,
   and each line is the rows of the batch it was logged for (its example ids)."""
-  examples = _examples(30)
+  examples = make_examples(30, seed=0, lo=2, hi=41)  # 2 to 40 tokens, the second half a response
   logs = {hosts: tmp_path / f"hosts_{hosts}" for hosts in (1, 2)}
   built = {}
   for hosts, folder in logs.items():

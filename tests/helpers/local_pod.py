@@ -110,3 +110,14 @@ class LocalPod:
         return int(proc.name)
     raise AssertionError(f"no worker with FF_JAX_PROCESS_ID={pid} under launcher "
                          f"{self.launcher.pid}")
+
+
+def writes_by_path(folder: Path) -> dict[str, list[int]]:
+  """Path -> the processes that wrote it, once per write, from every `writes.<i>.log` that
+  `FF_JAX_WRITE_LOG=folder` made (ff_jax.atomic_io)."""
+  out: dict[str, list[int]] = {}
+  for log in sorted(Path(folder).glob("writes.*.log")):
+    for line in log.read_text().splitlines():
+      pid, path = line.split(" ", 1)
+      out.setdefault(path, []).append(int(pid))
+  return out

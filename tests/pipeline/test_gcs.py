@@ -25,7 +25,7 @@ from etils import epath
 from ff_jax.atomic_io import COMMIT_MARKER, WRITE_LOG_ENV, folder_complete, run_path, write_folder
 from ff_jax.errors import ConfigError
 from tests.helpers.gcs_emulator import BUCKET, pointed_at, running_emulator
-from tests.helpers.local_pod import LocalPod
+from tests.helpers.local_pod import LocalPod, writes_by_path
 from tests.helpers.pipeline_helpers import (
   NOISY,
   REPO,
@@ -157,9 +157,9 @@ def test_two_processes_write_one_run_into_the_bucket(bucket, inputs, local_run, 
   writes = tmp_path / "writes"
   # The workers inherit `bucket`'s variables from this process.
   LocalPod(cmd, 2, 1, tmp_path / "logs", {WRITE_LOG_ENV: str(writes)}).wait(600)
-  assert [p.name for p in writes.iterdir()] == ["writes.0.log"]  # one writer: process 0
-  written = {line.split(" ", 1)[1] for line in (writes / "writes.0.log").read_text().splitlines()}
-  assert {f"{run_dir}/{name}" for name in OUTPUTS} <= written
+  written = writes_by_path(writes)
+  assert {pid for pids in written.values() for pid in pids} == {0}  # one writer: process 0
+  assert {f"{run_dir}/{name}" for name in OUTPUTS} <= set(written)
   got = tmp_path / "pod"
   got.mkdir()
   for name, data in _bucket_outputs(run_dir).items():

@@ -32,7 +32,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from ff_jax import atomic_io
 from ff_jax.atomic_io import WRITE_LOG_ENV
 from ff_jax.training.checkpoints import PhaseCheckpoints
-from tests.helpers.local_pod import LocalPod, process_env
+from tests.helpers.local_pod import LocalPod, process_env, writes_by_path
 from tests.helpers.pipeline_helpers import PROGRESS, REPO, TINY_DEMO, ff_jax_cmd, progress_lines
 
 PROCESSES, DEVICES = 4, 2
@@ -266,18 +266,8 @@ def _in_noisy(lines: list[str], at: int = 3) -> bool:
              and at <= int(m["done"]) < int(m["total"]) for line in lines)
 
 
-def _writes(folder: Path) -> dict[str, list[int]]:
-  """Path -> the processes that wrote it, once per write, from every `writes.<i>.log`."""
-  out: dict[str, list[int]] = {}
-  for log in sorted(folder.glob("writes.*.log")):
-    for line in log.read_text().splitlines():
-      pid, path = line.split(" ", 1)
-      out.setdefault(path, []).append(int(pid))
-  return out
-
-
 @pytest.mark.slow
-def test_four_hosts_write_what_one_host_writes(tmp_path):
+def test_four_hosts_write_what_one_hostwrites_by_path(tmp_path):
   # The same name: the report's title names the run directory.
   single, pod = tmp_path / "single" / "run", tmp_path / "pod" / "run"
   single_log, pod_log = tmp_path / "writes_single", tmp_path / "writes_pod"
@@ -320,13 +310,13 @@ def test_four_hosts_write_what_one_host_writes(tmp_path):
   differ = [d for rel in folders for d in _scalar_differences(rel, single / rel, pod / rel)]
   assert differ == [], differ[:20]
 
-  writes = _writes(pod_log)
+  writes = writes_by_path(pod_log)
   assert {pid for pids in writes.values() for pid in pids} == {0}
   assert not list(pod_log.glob("writes.[1-9]*.log"))
   written = {Path(p).relative_to(pod).as_posix() for p in writes}
   # Each artifact as often as one process writes it: a command whose hosts did not form one
   # cluster would have four processes 0, each writing everything.
-  alone = _writes(single_log)
+  alone = writes_by_path(single_log)
   whole = [rel for rel in want if rel not in STREAMED]
   assert {rel: len(writes.get(str(pod / rel), [])) for rel in whole} == {
     rel: len(alone.get(str(single / rel), [])) for rel in whole}
@@ -335,7 +325,7 @@ def test_four_hosts_write_what_one_host_writes(tmp_path):
     "artifacts not written through ff_jax.atomic_io"
 
 
-def test_the_guarded_writer_logs_each_file_it_writes(tmp_path, monkeypatch):
+def test_the_guarded_writer_logs_each_file_itwrites_by_path(tmp_path, monkeypatch):
   log = tmp_path / "writes"
   monkeypatch.setenv(WRITE_LOG_ENV, str(log))
   atomic_io.write_json_atomic(tmp_path / "a" / "x.json", {"b": float("nan"), "a": 1})
@@ -352,7 +342,7 @@ def test_the_guarded_writer_logs_each_file_it_writes(tmp_path, monkeypatch):
   assert not (tmp_path / "f").exists()
 
 
-def test_only_process_zero_writes(tmp_path, monkeypatch):
+def test_only_process_zerowrites_by_path(tmp_path, monkeypatch):
   monkeypatch.setenv(WRITE_LOG_ENV, str(tmp_path / "writes"))
   (tmp_path / "old.txt").write_text("old")
   monkeypatch.setattr(atomic_io.jax, "process_index", lambda: 1)
