@@ -198,5 +198,6 @@ def test_every_phase_and_the_report_into_a_bucket(bucket):
   proc = run_ok("report", "--run-dir", run_dir)
   assert f"{run_dir}/report.md" in proc.stdout
   report = (root / "report.md").read_text()
-  linked = [line.split("](", 1)[1].rstrip(")") for line in report.splitlines() if "](plots/" in line]
+  linked = [line.split("](", 1)[1].rstrip(")") for line in report.splitlines()
+            if "](plots/" in line]
   assert linked and all((root / rel).exists() for rel in linked)
