@@ -7,7 +7,8 @@
 # uv's `--resolution lowest-direct` takes each of ff_jax's own requirements (and its test
 # extra's) at the lowest version its range and the others' requirements allow, and everything
 # else at its newest. Without PYTEST ARGS it runs the fast tests (-m "not slow") of the config,
-# mesh, model, training loop, golden finetune, data and eval modules (a few minutes on 2 cores).
+# mesh, model, GGUF, Hub, training loop and logs, golden finetune, data, eval and report modules
+# (about a quarter of an hour on a shared 2-core machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${1:-.venv-lowest}
@@ -15,7 +16,9 @@ shift || true
 tests=("$@")
 if [ ${#tests[@]} -eq 0 ]; then
   tests=(tests/test_config.py tests/test_parallel.py tests/models/test_model.py
-         tests/training/test_loop.py tests/training/test_finetune_golden.py tests/data tests/eval)
+         tests/models/test_gguf.py tests/models/test_hub.py tests/training/test_loop.py
+         tests/training/test_logging.py tests/training/test_finetune_golden.py tests/data
+         tests/eval tests/report)
 fi
 python3 -m venv --clear "$venv"
 "$venv/bin/python" -m pip install -q uv

