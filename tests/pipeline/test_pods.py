@@ -267,7 +267,7 @@ def _in_noisy(lines: list[str], at: int = 3) -> bool:
 
 
 @pytest.mark.slow
-def test_four_hosts_write_what_one_hostwrites_by_path(tmp_path):
+def test_four_hosts_write_what_one_host_writes(tmp_path):
   # The same name: the report's title names the run directory.
   single, pod = tmp_path / "single" / "run", tmp_path / "pod" / "run"
   single_log, pod_log = tmp_path / "writes_single", tmp_path / "writes_pod"
@@ -325,7 +325,7 @@ def test_four_hosts_write_what_one_hostwrites_by_path(tmp_path):
     "artifacts not written through ff_jax.atomic_io"
 
 
-def test_the_guarded_writer_logs_each_file_itwrites_by_path(tmp_path, monkeypatch):
+def test_the_guarded_writer_logs_each_file_it_writes(tmp_path, monkeypatch):
   log = tmp_path / "writes"
   monkeypatch.setenv(WRITE_LOG_ENV, str(log))
   atomic_io.write_json_atomic(tmp_path / "a" / "x.json", {"b": float("nan"), "a": 1})
@@ -342,7 +342,7 @@ def test_the_guarded_writer_logs_each_file_itwrites_by_path(tmp_path, monkeypatc
   assert not (tmp_path / "f").exists()
 
 
-def test_only_process_zerowrites_by_path(tmp_path, monkeypatch):
+def test_only_process_zero_writes(tmp_path, monkeypatch):
   monkeypatch.setenv(WRITE_LOG_ENV, str(tmp_path / "writes"))
   (tmp_path / "old.txt").write_text("old")
   monkeypatch.setattr(atomic_io.jax, "process_index", lambda: 1)
