@@ -141,8 +141,7 @@ def _upload_folder(path: epath.Path, fill: Callable[[Path], Any]) -> None:
   takes a mix of old and new files for complete; the marker is the last object written."""
   with tempfile.TemporaryDirectory(prefix=f"{path.name}.") as tmp:
     fill(Path(tmp))
-    if path.exists():
-      path.rmtree()
+    remove(path)
     files = sorted(p for p in Path(tmp).rglob("*") if p.is_file())
     for local in files:
       _copy(local, path / local.relative_to(tmp).as_posix())
