@@ -64,9 +64,9 @@ def resumable_keys(cls: type | None = None, prefix: str = "") -> dict[str, str]:
 
 
 def auto_noisy_replicas(signal: str) -> int:
-  """What `scoring.noisy_replicas: auto` is for `filter.signal`: the two M1s of a *_nens signal,
-  else the paper's single noisy finetune."""
-  return 2 if signal.endswith("_nens") else 1
+  """What `scoring.noisy_replicas: auto` is for `filter.signal`: the two M1s of a *_nens signal
+  and of `auto` (which compares them), else the paper's single noisy finetune."""
+  return 2 if signal == "auto" or signal.endswith("_nens") else 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,14 +104,30 @@ class DataConfig:
   # raw (the prompt as written, the paper's) | plain ("### Instruction/### Response" around it) |
   # chat (the model's own chat template)
   template: str = "plain"
-  max_len: int = 96
+  # The widest row in tokens: auto (the longest row of data.noisy and data.safe as encoded,
+  # rounded up to its bucket, at most the model's context: nothing is cut short of what the model
+  # reads) | a number (longer rows are cut, or refused, as data.overflow says). Resolved when a
+  # run opens (ff_jax.data.widths); its manifest holds the number.
+  max_len: int | str = "auto"
   overflow: str = "truncate"  # truncate | error
-  buckets: tuple[int, ...] = (32, 64, 96)
+  # The widths rows are padded or packed to, one compiled step each: auto (powers of two from 64
+  # up to data.max_len, which is the last) | a list (data.max_len is added when wider)
+  buckets: tuple[int, ...] | str = "auto"
   # Pack several examples into each row (segment ids keep attention and positions per example)
   # instead of padding each one to a bucket, for training and scoring: the same examples per step
   # and the same per-example losses, on a fraction of the padded token slots
   # (`ff_jax.data.batching`).
   packing: bool = resumable(ANY_TIME, default=False)
+
+  def __post_init__(self):
+    if self.max_len != "auto" and (isinstance(self.max_len, str) or self.max_len < 2):
+      raise ConfigError(f"data.max_len={self.max_len!r}: set auto (the longest row's width) or a "
+                        "number of tokens of at least 2")
+    if isinstance(self.buckets, str) and self.buckets != "auto":
+      raise ConfigError(f"data.buckets={self.buckets!r}: set auto or a list of widths")
+    if not isinstance(self.buckets, str) and (
+        not self.buckets or any(b < 1 for b in self.buckets)):
+      raise ConfigError(f"data.buckets={list(self.buckets)}: give at least one positive width")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,13 +213,14 @@ class ScoringConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FilterConfig:
-  # A column of ff_jax.forgetting.signals.SIGNALS. The default, the paper's NLL forgetting without
-  # each response's first token (how it opens, which a safety finetune moves for every answer
-  # written otherwise), averaged over two M1s (two noisy finetunes with other data orders, each
-  # with its own safety finetune), with the automatic threshold, was chosen on two tuning bias
-  # mixtures and measured on three validation mixtures of other BBQ categories, task rows and
-  # prompt layout (docs/fidelity.md).
-  signal: str = "nll_tail_nens"
+  # auto, or a column of ff_jax.forgetting.signals.SIGNALS (nll: the paper's). auto, the default,
+  # picks between nll_nens (the paper's NLL forgetting averaged over two M1s: two noisy finetunes
+  # with other data orders, each with its own safety finetune) and nll_tail_nens (the same without
+  # each response's first token, where a safe set's shared opening puts style) by which one the
+  # two M1s rank alike (ff_jax.forgetting.choice). Chosen on the demo's world and a tuning bias
+  # mixture, measured on three validation mixtures of other BBQ categories, task rows and prompt
+  # layout (docs/fidelity.md).
+  signal: str = "auto"
   # auto (= auto:gmm, fitted on the signed-log scale) | auto:otsu | auto:gmm:linear | fixed:PHI
   # | PHI (a bare number, the paper's ϕ) | quantile:Q (ff_jax.forgetting.thresholds.Threshold)
   threshold: str | float = "auto"
@@ -215,9 +232,12 @@ class FilterConfig:
   # signal's scores show no two groups or the filter drops more than this share of the data (1.0: no
   # limit) ...
   max_drop_fraction: float = 0.6
-  # ... and then: warn (write the outputs; filter.json, the summary and report.md say so) |
-  # refuse (stop before filtered.jsonl, flagged.jsonl and filter.json are written)
-  on_no_separation: str = "warn"
+  # ... and then: refuse (the default: exit with status 2 before filtered.jsonl, flagged.jsonl and
+  # filter.json are written; scores.csv is there to look at) | warn (write the outputs anyway;
+  # filter.json, the summary and report.md say so). A filter that cannot tell two groups apart
+  # drops rows at random (a toxicity mixture: 70 of 120, F1 0.60); refusing is what a user who
+  # does not read the last WARNING line notices (docs/fidelity.md).
+  on_no_separation: str = "refuse"
 
   def __post_init__(self):
     # A bad spec is refused when the config loads, not when the filter phase reaches it.

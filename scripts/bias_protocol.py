@@ -18,6 +18,7 @@ Alpaca instructions; its safe set is 80 "unknown" answers of the category's othe
   python scripts/bias_protocol.py mixtures --data ../shared/data --out runs/protocol/data
   python scripts/bias_protocol.py table runs/protocol/val-*-s*      (after `ff-jax filter` runs)
   python scripts/bias_protocol.py ensembles runs/protocol/val-*-paper-s*   (one run vs two)
+  python scripts/bias_protocol.py auto runs/protocol/val-*-paper-s* runs/demo-s*   (signal: auto)
 """
 
 from __future__ import annotations
@@ -39,7 +40,10 @@ from ff_jax.data.mixture import build_noisy_mixture, sample_safe_set, write_mixt
 from ff_jax.data.records import Record
 from ff_jax.data.sources import read_alpaca, read_squad
 from ff_jax.data.sources_bbq import read_bbq, split_bbq
+from ff_jax.data.widths import bucket_ladder
 from ff_jax.eval.classification import auroc, best_f1, filter_metrics
+from ff_jax.forgetting.choice import choose_signal
+from ff_jax.forgetting.signals import replica_forgetting
 from ff_jax.forgetting.thresholds import Threshold
 from ff_jax.pipeline.context import open_run
 from ff_jax.training.checkpoints import restore_params
@@ -202,6 +206,102 @@ def cmd_ensembles(args: argparse.Namespace) -> None:
             f"{q['task_dropped']:.1%} |")
 
 
+def _pair_columns(runs: list[Path]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """(kinds, {nll, nll_tail: [K, N]}) of single runs of one mixture, as one K-replica run."""
+  per_run = {name: [_signal(run, name) for run in runs] for name in ("nll", "nll_tail")}
+  ids = sorted(per_run["nll"][0][0])
+  kinds = np.array([per_run["nll"][0][1][i] for i in ids])
+  return kinds, {name: np.array([[table[i] for i in ids] for table, _ in tables])
+                 for name, tables in per_run.items()}
+
+
+def _run_columns(run: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """(kinds, {nll, nll_tail: [K, N]}) of one run that trained its own noisy replicas."""
+  read = lambda name: json.loads((run / name).read_text())  # noqa: E731
+  per_replica = replica_forgetting(read("scores_before.json"), read("scores_after.json"),
+                                   read("scores_noisy_replicas.json"))
+  with open(run / "scores.csv", newline="") as f:
+    kinds = np.array([row["kind"] for row in csv.DictReader(f)])
+  return kinds, per_replica
+
+
+def cmd_auto(args: argparse.Namespace) -> None:
+  """`filter.signal: auto` beside the two signals it chooses between, on every pair of single
+  runs of a mixture (<mixture>-s<seed>) and on every run that trained two noisy replicas itself
+  (the demo's): AUROC / F1 / task rows dropped at the automatic ϕ, each candidate's replica
+  agreement, and which one the rule took."""
+  threshold = Threshold.parse(args.threshold)
+  units: list[tuple[str, np.ndarray, dict[str, np.ndarray]]] = []
+  singles: dict[str, list[Path]] = {}
+  for run in map(Path, args.runs):
+    if (run / "scores_noisy_replicas.json").exists():
+      units.append((run.name, *_run_columns(run)))
+    elif (run / "scores.csv").exists():
+      singles.setdefault(run.name.rsplit("-s", 1)[0], []).append(run)
+  for mixture, group in singles.items():
+    for pair in itertools.combinations(sorted(group), 2):
+      seeds = "+".join(run.name.rsplit("-s", 1)[1] for run in pair)
+      units.append((f"{mixture} s{seeds}", *_pair_columns(list(pair))))
+  print("| runs | `nll_nens` | `nll_tail_nens` | ρ nll / tail | κ nll / tail | `auto` picks | "
+        "`auto` |")
+  print("|---|---|---|---|---|---|---|")
+  for name, kinds, per_replica in units:
+    signals = {"nll_nens": per_replica["nll"].mean(0),
+               "nll_tail_nens": per_replica["nll_tail"].mean(0)}
+    chosen, why = choose_signal(signals, per_replica, threshold, args.max_drop_fraction)
+    cells = {}
+    for signal, r in signals.items():
+      q = _quality(r, kinds, threshold)
+      cells[signal] = f"{q['auroc']:.3f} / {q['f1']:.3f} / {q['task_dropped']:.1%}"
+    rows = why["candidates"]
+    rhos = " / ".join(f"{rows[s]['correlation']:.3f}" + ("" if rows[s]["separated"] else "*")
+                      for s in signals)
+    kappas = " / ".join(f"{rows[s]['agreement']:.2f}" for s in signals)
+    print(f"| {name} | {cells['nll_nens']} | {cells['nll_tail_nens']} | {rhos} | {kappas} | "
+          f"`{chosen}` | {cells[chosen]} |")
+  print("\nCells: AUROC / F1 / task rows dropped at the automatic ϕ; ρ: the replicas' rank "
+        "correlation (the rule), * where the separation check finds no two groups; κ: the "
+        "agreement of the replicas' own filters (the separation check's).")
+
+
+def cmd_widths(args: argparse.Namespace) -> None:
+  """What `data.max_len: auto` costs against a fixed limit on one mixture, without a model: the
+  `filter` preset's packed batches of the noisy finetune (one data order, the same for every
+  limit), the safety finetune and a score pass, counted as token slots (every matmul's cost) and
+  Σ rows·width² (the attention scores'), with the rows each limit cuts."""
+  from ff_jax.config import load_config
+  from ff_jax.data.batching import Batching
+  from ff_jax.data.templates import PromptTemplate
+  from ff_jax.pipeline.context import encode_inputs
+  from ff_jax.pipeline.inputs import load_inputs
+  from ff_jax.pipeline.rundir import RunDir
+  from ff_jax.training.loop import phase_steps
+
+  print("| data.max_len | buckets | rows cut | finetune token slots | attention Σ rows·T² "
+        "| score token slots |")
+  print("|---|---|---|---|---|---|")
+  for limit in args.limits:
+    widths = [] if limit == "auto" else [f"data.max_len={limit}",
+                                         f"data.buckets={list(bucket_ladder(int(limit)))}"]
+    cfg = load_config("configs/filter.yaml", [
+        f"model.source={args.model}", f"data.noisy={args.mixture}/noisy.jsonl",
+        f"data.safe={args.mixture}/safe.jsonl", "run_dir=/nonexistent", *widths])
+    inputs = load_inputs(cfg, RunDir(cfg.run_dir))
+    cfg, noisy, safe = encode_inputs(cfg, inputs, PromptTemplate(mode=cfg.data.template))
+    slots = attention = 0
+    for phase, examples in ((cfg.noisy, noisy), (cfg.safety, safe)):
+      batching = Batching(phase.batch_size, cfg.data.buckets, inputs.tokenizer.pad_id, True)
+      iterator = batching.train_iterator(examples, cfg.seed)
+      for _ in range(phase_steps(phase.steps, phase.epochs, len(examples), phase.batch_size,
+                                 "noisy")):
+        rows, width = iterator.batch_shape(iterator.next_indices())
+        slots, attention = slots + rows * width, attention + rows * width ** 2
+    scoring = Batching(cfg.scoring.batch_size, cfg.data.buckets, inputs.tokenizer.pad_id, True)
+    scored = sum(b["tokens"].size for b in scoring.eval_batches(noisy))
+    print(f"| {limit} → {cfg.data.max_len} | {list(cfg.data.buckets)} | "
+          f"{sum(e.truncated for e in noisy + safe)} | {slots} | {attention:.3g} | {scored} |")
+
+
 def cmd_rescore(args: argparse.Namespace) -> None:
   """The per-token tables of runs trained before the score pass gave `first_nll`: their saved M1
   and M2 scored again as the pipeline scores them (same config, same score step), into
@@ -233,11 +333,20 @@ def main() -> None:
   ens.add_argument("runs", nargs="+", help="runs named <mixture>-s<seed>")
   ens.add_argument("--signal", default="nll")
   ens.add_argument("--threshold", default="auto")
+  auto = sub.add_parser("auto", help="filter.signal=auto beside nll_nens and nll_tail_nens")
+  auto.add_argument("runs", nargs="+", help="runs named <mixture>-s<seed>, or runs with their "
+                    "own noisy replicas (the demo's)")
+  auto.add_argument("--threshold", default="auto")
+  auto.add_argument("--max-drop-fraction", type=float, default=0.6)
+  wid = sub.add_parser("widths", help="what data.max_len=auto costs against fixed limits")
+  wid.add_argument("mixture", help="a folder with noisy.jsonl and safe.jsonl")
+  wid.add_argument("--model", required=True, help="the model whose tokenizer and context count")
+  wid.add_argument("--limits", nargs="+", default=["256", "auto"])
   res = sub.add_parser("rescore", help="per-token tables of older runs' saved M1 and M2")
   res.add_argument("runs", nargs="+")
   args = parser.parse_args()
-  {"mixtures": cmd_mixtures, "table": cmd_table, "ensembles": cmd_ensembles,
-   "rescore": cmd_rescore}[args.cmd](args)
+  {"mixtures": cmd_mixtures, "table": cmd_table, "ensembles": cmd_ensembles, "auto": cmd_auto,
+   "widths": cmd_widths, "rescore": cmd_rescore}[args.cmd](args)
 
 
 if __name__ == "__main__":

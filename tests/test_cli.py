@@ -192,7 +192,7 @@ def test_print_config_prints_the_resolved_config_that_loads_back(capsys, tmp_pat
 
 def test_filter_signal_nll_alone_is_the_papers_single_run_method():
   default = load_config("configs/filter.yaml")
-  assert default.filter.signal == "nll_tail_nens" and default.scoring.noisy_replicas == 2
+  assert default.filter.signal == "auto" and default.scoring.noisy_replicas == 2
   cost = method_cost(default, "filter")
   assert "trains 2 noisy + 2 safety finetunes" in cost and "2x the finetunes" in cost
   assert "set filter.signal=nll (" in cost and "clean finetune" not in cost
@@ -322,18 +322,22 @@ def test_ff_jax_filter_stops_after_the_filter_and_says_what_it_did(tmp_path):
   summary = strict_loads(proc.stdout)  # stdout holds the JSON alone; the logs are on stderr
   assert summary["stopped_after"] == "filter" and summary["run_dir"] == str(run_dir)
   assert summary["kept"] + summary["dropped"] == len(NOISY)
-  assert summary["signal"] == "nll_tail_nens" and summary["separation"] in ("separated",
-                                                                            "no separation")
+  # filter.signal: auto took one of its two candidates, and says why.
+  assert summary["signal"] in ("nll_nens", "nll_tail_nens")
+  assert summary["signal_choice"].startswith(f"{summary['signal']} by the replicas' rank")
+  assert summary["separation"] in ("separated", "no separation")
   assert set(summary["files"]) == {"filtered", "scores", "flagged", "filter"}
   assert all(Path(p).is_file() for p in summary["files"].values())
-  assert "cost: filter.signal=nll_tail_nens trains 2 noisy + 2 safety finetunes" in proc.stderr
+  assert "cost: filter.signal=auto trains 2 noisy + 2 safety finetunes" in proc.stderr
   assert complete_phases(run_dir) == set(PHASES[:PHASES.index("filter") + 1])
   assert not (run_dir / "models" / "clean").exists()
 
   # The same command again: nothing left to do up to the filter, and the summary as text.
   lines = run_ok(*args).stdout.splitlines()
   assert lines[0].startswith(f"filter: kept {summary['kept']} of {len(NOISY)} examples, dropped "
-                             f"{summary['dropped']} (filter.signal=nll_tail_nens, threshold auto")
+                             f"{summary['dropped']} (filter.signal={summary['signal']}, "
+                             "threshold auto")
+  assert lines[1] == f"filter.signal=auto chose {summary['signal_choice']}"
   assert f"kept rows:      {summary['files']['filtered']}" in lines
   assert f"scores:         {run_dir / 'scores.csv'}" in lines
   assert f"dropped rows:   {run_dir / 'flagged.jsonl'}" in lines

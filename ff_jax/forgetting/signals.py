@@ -52,6 +52,7 @@ import numpy as np
 from ff_jax.data.records import Record
 from ff_jax.errors import ConfigError
 from ff_jax.eval.classification import auprc, auroc, best_f1, filter_metrics
+from ff_jax.forgetting.choice import AUTO
 from ff_jax.forgetting.thresholds import Threshold
 
 # Every signal the filter can use, in report order.
@@ -88,9 +89,11 @@ def check_scored(signal: str, scoring: Any) -> None:
   learns it when its config loads rather than at the filter, after every finetune. The message
   says what to set: the scoring option, or `filter.signal=nll` (the paper's method, always
   scored)."""
+  if signal == AUTO:  # ff_jax.forgetting.choice picks among what the run scored
+    return
   if signal not in SIGNALS:
-    raise ConfigError(f"filter.signal={signal!r} is not a signal; set filter.signal to one of "
-                      f"{', '.join(SIGNALS)} (nll: the paper's method)")
+    raise ConfigError(f"filter.signal={signal!r} is not a signal; set filter.signal to auto or "
+                      f"one of {', '.join(SIGNALS)} (nll: the paper's method)")
   if signal not in _SCORING_NEEDS:
     return
   test, needs, fix = _SCORING_NEEDS[signal]
@@ -146,6 +149,23 @@ def _arr(table: Mapping[str, Any], key: str) -> np.ndarray:
   return np.asarray(table[key], dtype=np.float64)
 
 
+def replica_forgetting(before: Mapping[str, Any], after: Mapping[str, Any],
+                       noisy_replicas: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
+  """{nll, nll_tail}: r of each noisy replica, [K, N]; row 0 is the run's own M1 → M2, every
+  other row a replica's M2 against its own M1 (K = 1 without noisy replicas). `nll_tail` is
+  absent where a table lacks it (runs, or replicas of a resumed run, scored before it existed)."""
+  out = {}
+  for key in ("nll", "nll_tail"):
+    rows = [(before.get(key), after.get(key))]
+    if noisy_replicas is not None and noisy_replicas.get("nll_before"):
+      rows += zip(noisy_replicas.get(f"{key}_before") or [None],
+                  noisy_replicas.get(f"{key}_after") or [None])
+    if all(m1 is not None and m2 is not None for m1, m2 in rows):
+      out[key] = np.asarray([np.asarray(m2, np.float64) - np.asarray(m1, np.float64)
+                             for m1, m2 in rows])
+  return out
+
+
 def compute_signals(before: Mapping[str, Any], after: Mapping[str, Any],
                     replicas: Mapping[str, Any] | None, lnf_floor: float,
                     safety_steps: int, noisy_replicas: Mapping[str, Any] | None = None,
@@ -180,19 +200,15 @@ def compute_signals(before: Mapping[str, Any], after: Mapping[str, Any],
     if m0 is not None:
       signals["nll_lnf_ens"] = learning_normalized(m0, nll1, nll_k, *lnf).mean(0)
   if noisy_replicas is not None and noisy_replicas.get("nll_before"):
-    # Replica 0 is the run's own M1 → M2; every other one is against its own M1.
-    m1_k = np.concatenate([nll1[None], np.asarray(noisy_replicas["nll_before"], np.float64)])
-    m2_k = np.concatenate([nll2[None], np.asarray(noisy_replicas["nll_after"], np.float64)])
-    signals["nll_nens"] = (m2_k - m1_k).mean(0)
-    extra["nll_nens_std"] = (m2_k - m1_k).std(0)
+    per_replica = replica_forgetting(before, after, noisy_replicas)
+    signals["nll_nens"] = per_replica["nll"].mean(0)
+    extra["nll_nens_std"] = per_replica["nll"].std(0)
     if m0 is not None:
-      signals["nll_lnf_nens"] = learning_normalized(m0, m1_k, m2_k, *lnf).mean(0)
-    # Replicas trained before nll_tail existed (a resumed old run) have None for it.
-    tail_before, tail_after = (noisy_replicas.get(f"nll_tail_{when}") or [None]
-                               for when in ("before", "after"))
-    if "nll_tail" in signals and None not in tail_before + tail_after:
-      tail_k = np.asarray(tail_after, np.float64) - np.asarray(tail_before, np.float64)
-      signals["nll_tail_nens"] = np.concatenate([signals["nll_tail"][None], tail_k]).mean(0)
+      m1_k = np.concatenate([nll1[None], np.asarray(noisy_replicas["nll_before"], np.float64)])
+      signals["nll_lnf_nens"] = learning_normalized(m0, m1_k, m1_k + per_replica["nll"],
+                                                    *lnf).mean(0)
+    if "nll_tail" in per_replica:
+      signals["nll_tail_nens"] = per_replica["nll_tail"].mean(0)
   if "grad" in before:
     signals["grad"] = _arr(before["grad"], "grad")
     signals["grad_cos"] = _arr(before["grad"], "grad_cos")

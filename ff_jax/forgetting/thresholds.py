@@ -382,6 +382,11 @@ SEPARATION_MIN_DELTA_BIC = 10.0  # Kass & Raftery's "very strong" evidence for t
 SEPARATION_MIN_ASHMAN_D = 2.0  # an equal mixture of two Gaussians is bimodal exactly for D > 2
 SEPARATION_MIN_VALLEY = 0.25  # the valley between the modes at most 75% of the lower peak
 SEPARATION_MIN_SCORES = 10
+# The noisy replicas' own filters agree on the rows they drop (Cohen's κ, mean over pairs) at
+# least this much; below it the upper group is the style or noise of one run, not a population.
+# On the tuning runs (docs/fidelity.md) the filters that worked had κ 0.41-0.97 (F1 0.77-1.00),
+# the two that dropped a style's task rows κ -0.02 and 0.08 (F1 0.87, 45% and 39% of the task rows).
+SEPARATION_MIN_AGREEMENT = 0.3
 # The diagnostic's components are at least a tenth of the scores' spread wide (σ ≥ 0.1·σ_total).
 # With the auto threshold's floor (1e-6 of the variance) a component collapses onto a spike of
 # identical scores (exact zeros of an unchanged ROUGE) and the other takes both the rest of the
@@ -426,7 +431,8 @@ def _mode_failures(fit: dict[str, Any], min_delta_bic: float, min_ashman_d: floa
 def separation(r: Any, flags: Any = None, max_drop_fraction: float = 0.6,
                min_delta_bic: float = SEPARATION_MIN_DELTA_BIC,
                min_ashman_d: float = SEPARATION_MIN_ASHMAN_D,
-               min_valley: float = SEPARATION_MIN_VALLEY) -> dict[str, Any]:
+               min_valley: float = SEPARATION_MIN_VALLEY, agreement: float | None = None,
+               min_agreement: float = SEPARATION_MIN_AGREEMENT) -> dict[str, Any]:
   """Whether the scores r show two groups a threshold can split, judged without labels.
 
   A filter is only as good as the gap in its scores: on scores that form one blob every ϕ cuts
@@ -446,7 +452,12 @@ def separation(r: Any, flags: Any = None, max_drop_fraction: float = 0.6,
       on both sides of 0 has two modes on that scale. When the fitted components lie on both
       sides of 0 (μ₁ + σ₁ < 0 < μ₂), the two checks above must pass on r itself too;
     - with `flags` (the filter's decisions): it drops at most `max_drop_fraction` of all the
-      examples, unscored ones included (1.0 turns the check off).
+      examples, unscored ones included (1.0 turns the check off);
+    - with `agreement` (the noisy replicas' own filters' Cohen's κ, `choice.replica_agreement`):
+      the replicas drop the same rows, κ ≥ `min_agreement` (0.3). Two groups in one run's scores
+      can be a population or a tail that run's safety finetune pushed up (a style, a few short
+      answers); a population comes out of every replica. One run cannot tell the two apart: its
+      verdict says the check did not run.
   Fewer than `SEPARATION_MIN_SCORES` scored examples, or scores that do not vary, are "no
   separation". NaN scores are left out of the fit.
 
@@ -464,8 +475,8 @@ def separation(r: Any, flags: Any = None, max_drop_fraction: float = 0.6,
   Returns {"verdict": "separated" | "no separation", "reasons": [...], "statistics": {...},
   "criteria": {...}}: the reasons name the failed checks (for "separated": the passed ones); the
   statistics hold n, n_nan, the signed-log fit (delta_bic, ashman_d, valley_depth, weights,
-  means, sds), `raw` (the checks' numbers on r itself, where the third check ran) and, with
-  flags, n_flagged and drop_fraction.
+  means, sds), `raw` (the checks' numbers on r itself, where the third check ran), with
+  `agreement` the κ, and with flags, n_flagged and drop_fraction.
   """
   max_drop_fraction = float(max_drop_fraction)
   if not 0.0 < max_drop_fraction <= 1.0:
@@ -477,7 +488,8 @@ def separation(r: Any, flags: Any = None, max_drop_fraction: float = 0.6,
   stats: dict[str, Any] = {"scale": "log", "n": int(finite.size),
                            "n_nan": int(r.size - finite.size)}
   criteria = {"min_delta_bic": float(min_delta_bic), "min_ashman_d": float(min_ashman_d),
-              "min_valley": float(min_valley), "max_drop_fraction": max_drop_fraction}
+              "min_valley": float(min_valley), "max_drop_fraction": max_drop_fraction,
+              "min_agreement": float(min_agreement)}
   limits = (min_delta_bic, min_ashman_d, min_valley)
   failed: list[str] = []
   passed: list[str] = []
@@ -503,6 +515,14 @@ def separation(r: Any, flags: Any = None, max_drop_fraction: float = 0.6,
                     f"{fit['valley_depth']:.2f} ≥ {min_valley:g}, Ashman D "
                     f"{fit['ashman_d']:.2f} ≥ {min_ashman_d:g}")
 
+  if agreement is not None:
+    stats["agreement"] = float(agreement)
+    if agreement < min_agreement:
+      failed.append(f"the noisy replicas drop different rows (Cohen's κ {agreement:.2f} < "
+                    f"{min_agreement:g}): the upper group is one run's, not a population")
+    else:
+      passed.append(f"the noisy replicas drop the same rows (κ {agreement:.2f} ≥ "
+                    f"{min_agreement:g})")
   if flags is not None:
     flags = as_labels(flags, r.size, "flags")
     drop = float(flags.mean()) if flags.size else 0.0

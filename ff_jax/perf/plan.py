@@ -43,6 +43,7 @@ from jax.experimental import topologies
 
 from ff_jax import parallel
 from ff_jax.config import RunConfig
+from ff_jax.data.widths import AUTO
 from ff_jax.errors import ConfigError
 from ff_jax.pipeline.inputs import planned_model_config
 from ff_jax.training.memory import (
@@ -172,6 +173,11 @@ def plan_run(cfg: RunConfig, hbm_gib: float | None = None,
              topology: str | None = None) -> dict[str, Any]:
   """Compile and measure every step of `cfg`'s run, and its replica passes; `refusal` says
   whether it fits."""
+  if cfg.data.max_len == AUTO:
+    # A run resolves it from its rows (ff_jax.data.widths); plan reads no data.
+    raise ConfigError("ff-jax plan: data.max_len=auto is the width of the longest row of the "
+                      "data, which plan does not read; set the width to compile for, e.g. "
+                      "data.max_len=512")
   model_cfg = planned_model_config(cfg).replace(lora=cfg.lora)
   devices, slice_hbm = topology_devices(topology) if topology else (jax.devices(), None)
   limit_gib = hbm_gib or device_memory_gib(devices) or slice_hbm

@@ -21,6 +21,7 @@ from ff_jax.atomic_io import is_remote
 from ff_jax.config import PhaseConfig, RunConfig
 from ff_jax.data.batching import Batching
 from ff_jax.data.templates import EncodedExample, PromptTemplate, encode_examples
+from ff_jax.data.widths import AUTO, resolve_widths
 from ff_jax.errors import ConfigError
 from ff_jax.eval.toxicity import ToxicityScorer, make_toxicity_scorer
 from ff_jax.models import lora
@@ -126,9 +127,7 @@ def open_run(cfg: RunConfig, restart: bool = False, redo_from: str | None = None
   mesh = parallel.make_mesh(cfg.mesh)
   inputs = load_inputs(cfg, run)
   template = PromptTemplate(mode=cfg.data.template)
-  encode = lambda records: encode_examples(inputs.tokenizer, records, template,  # noqa: E731
-                                           cfg.data.max_len, cfg.data.overflow)
-  noisy, safe = encode(inputs.noisy), encode(inputs.safe)
+  cfg, noisy, safe = encode_inputs(cfg, inputs, template)
   manifest = run.open(cfg.to_dict(), inputs.fingerprints, restart=restart,
                       defaults=RunConfig().to_dict(), redo_from=redo_from)
   save_tokenizer(inputs.tokenizer, run)
@@ -140,6 +139,26 @@ def open_run(cfg: RunConfig, restart: bool = False, redo_from: str | None = None
   return RunContext(cfg=cfg, run=run, mesh=mesh, inputs=inputs, template=template, noisy=noisy,
                     safe=safe, manifest=manifest, runtime=runtime, base_runtime=base_runtime,
                     training_log=training_log(cfg, run))
+
+
+def encode_inputs(cfg: RunConfig, inputs: JobInputs, template: PromptTemplate,
+                  ) -> tuple[RunConfig, list[EncodedExample], list[EncodedExample]]:
+  """D and S encoded, and `cfg` with `data.max_len` and `data.buckets` resolved to numbers
+  (ff_jax.data.widths): with `auto` the rows are encoded at the model's context, so the longest
+  one decides the width and no row is cut short of it."""
+  context = inputs.model_config.max_position_embeddings
+  width = context if cfg.data.max_len == AUTO else cfg.data.max_len
+  encode = lambda records: encode_examples(inputs.tokenizer, records, template,  # noqa: E731
+                                           width, cfg.data.overflow)
+  noisy, safe = encode(inputs.noisy), encode(inputs.safe)
+  longest = 0
+  if cfg.data.max_len == AUTO:
+    # The demo's release phase also trains on its world's corpus and alignment rows.
+    world = [] if inputs.world is None else [*inputs.world.corpus, *inputs.world.alignment]
+    longest = max(len(e.tokens) for e in [*noisy, *safe, *encode(world)])
+  max_len, buckets = resolve_widths(cfg.data.max_len, cfg.data.buckets, longest, context)
+  data = dataclasses.replace(cfg.data, max_len=max_len, buckets=buckets)
+  return dataclasses.replace(cfg, data=data), noisy, safe
 
 
 def training_log(cfg: RunConfig, run: RunDir) -> TrainingLog:

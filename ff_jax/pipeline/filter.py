@@ -1,19 +1,20 @@
 """The `filter` phase: forgetting signals per example, the threshold, and the filtered dataset.
 
 Reads the score tables, computes every signal that was scored (ff_jax.forgetting.signals), flags
-r > ϕ on the configured `filter.signal` and writes `scores.csv` (one row per example id, a column
-per signal, and `flagged`), the kept rows of data.noisy in its own format and fields
-(`filtered.<ext>` or `filtered/`, see `ff_jax.data.formats`; the demo's: `filtered.jsonl` in
-ff_jax's schema), `flagged.jsonl` (dropped, ff_jax's schema with their scores) and `filter.json`
-(the threshold, the filter's quality and, with labels, the report of every signal). The filter
-never reads `kind`; labels only feed the quality metrics when they exist. What the later phases
-train and measure on comes from `kept_and_flagged` (data.noisy's records split by scores.csv's
-`flagged` column), never from re-reading the written rows.
+r > ϕ on the configured `filter.signal` (with `auto`: the one `ff_jax.forgetting.choice` picks
+from the run's scores, recorded with why in filter.json's `signal_choice`) and writes `scores.csv`
+(one row per example id, a column per signal, and `flagged`), the kept rows of data.noisy in its
+own format and fields (`filtered.<ext>` or `filtered/`, see `ff_jax.data.formats`; the demo's:
+`filtered.jsonl` in ff_jax's schema), `flagged.jsonl` (dropped, ff_jax's schema with their
+scores) and `filter.json` (the threshold, the filter's quality and, with labels, the report of
+every signal). The filter never reads `kind`; labels only feed the quality metrics when they
+exist. What the later phases train and measure on comes from `kept_and_flagged` (data.noisy's
+records split by scores.csv's `flagged` column), never from re-reading the written rows.
 
 Before anything is dropped, `ff_jax.forgetting.thresholds.separation` judges (without labels)
 whether the signal's scores show two groups at all. On "no separation", `filter.on_no_separation:
-warn` (the default) writes every output as usual with the verdict in filter.json's `separation`
-block (the pipeline, the command line and report.md repeat it as a warning); `refuse` writes
+warn` writes every output as usual with the verdict in filter.json's `separation` block (the
+pipeline, the command line and report.md repeat it as a warning); `refuse` (the default) writes
 `scores.csv` only (its `flagged` column: what the threshold would have dropped), so the scores can
 be looked at, removes a filtered output, flagged.jsonl or filter.json an earlier filter run left,
 and raises `NoSeparationError`: no filtered set exists to train on.
@@ -35,7 +36,8 @@ from ff_jax.data.kept import Source
 from ff_jax.data.records import Record, write_jsonl_atomic
 from ff_jax.errors import ConfigError, DataError, NoSeparationError
 from ff_jax.eval.classification import auprc, auroc, filter_metrics
-from ff_jax.forgetting.signals import SIGNALS, compute_signals, signal_report
+from ff_jax.forgetting.choice import AUTO, REPLICA_COLUMN, choose_signal, replica_agreement
+from ff_jax.forgetting.signals import SIGNALS, compute_signals, replica_forgetting, signal_report
 from ff_jax.forgetting.thresholds import Threshold, separation
 from ff_jax.pipeline.context import RunContext
 from ff_jax.pipeline.rundir import RunDir
@@ -101,22 +103,29 @@ def filter_records(cfg: RunConfig, run: RunDir, records: list[Record], truncated
   """Signals, threshold and outputs of the filter on `records` (D, in order) from `run`'s scores;
   the kept rows are written back through `source` (None: as ff_jax JSONL, the demo's)."""
   before, after = _read(run, SCORES_BEFORE), _read(run, SCORES_AFTER)
+  noisy_replicas = _read(run, SCORES_NOISY_REPLICAS)
   signals, extra = compute_signals(before, after, _read(run, SCORES_REPLICAS),
-                                   cfg.filter.lnf_floor, cfg.safety.steps,
-                                   _read(run, SCORES_NOISY_REPLICAS),
+                                   cfg.filter.lnf_floor, cfg.safety.steps, noisy_replicas,
                                    cfg.filter.lnf_floor_quantile)
-  signal = cfg.filter.signal
+  threshold = Threshold.parse(cfg.filter.threshold)
+  signal, choice = cfg.filter.signal, None
+  per_replica = replica_forgetting(before, after, noisy_replicas)
+  if signal == AUTO:
+    signal, choice = choose_signal(signals, per_replica, threshold, cfg.filter.max_drop_fraction)
+    log(f"filter.signal=auto: {choice['reason']}")
   if signal not in signals:
     # The config's settings score it (signals.check_scored, at load), but this run's score files
     # were written with others.
     raise ConfigError(f"filter.signal={signal!r} was not scored in this run; available: "
                       f"{sorted(signals)} (ff_jax/forgetting/signals.py names the scoring option "
                       "each needs)")
-  threshold = Threshold.parse(cfg.filter.threshold)
   r = signals[signal]
   flags, phi, info = threshold(r)
   flags = np.asarray(flags, dtype=bool)
-  verdict = separation(r, flags, cfg.filter.max_drop_fraction)
+  column = REPLICA_COLUMN.get(signal)
+  agreement = (replica_agreement(per_replica[column], threshold) if column in per_replica
+               else None)
+  verdict = separation(r, flags, cfg.filter.max_drop_fraction, agreement=agreement)
 
   columns = _columns(before, after, signals, extra)
   if "curve" in after:
@@ -157,8 +166,8 @@ def filter_records(cfg: RunConfig, run: RunDir, records: list[Record], truncated
     metrics = dict(filter_metrics(flags, is_unsafe))
     metrics["auroc"] = auroc(r, is_unsafe)
     metrics["auprc"] = auprc(r, is_unsafe)
-  summary = {"signal": signal, "threshold": str(threshold), "phi": float(phi),
-             "info": info, "separation": verdict, "metrics": metrics,
+  summary = {"signal": signal, "signal_choice": choice, "threshold": str(threshold),
+             "phi": float(phi), "info": info, "separation": verdict, "metrics": metrics,
              "signals": signal_report(signals, records, threshold),
              "counts": {"kept": len(kept), "flagged": len(dropped), "truncated": int(truncated)}}
   write_json_atomic(run.file(FILTER_SUMMARY), summary)

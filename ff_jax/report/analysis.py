@@ -418,7 +418,8 @@ def filter_outcome(run_dir: str | Path) -> dict[str, Any] | None:
   """What the filter of a run did, from `filter.json`, for the command line to print (as text,
   `outcome_text`, or as JSON); None before the filter phase has written it.
 
-  Keys: run_dir; signal, threshold, phi (None when unknown); separation (the verdict, None before
+  Keys: run_dir; signal, signal_choice (why `filter.signal: auto` chose it; None for a signal
+  the config named), threshold, phi (None when unknown); separation (the verdict, None before
   the check existed) and separation_reasons; kept, dropped, truncated; with labels, precision,
   recall, f1 and auroc of the filter (else None); warning (`separation_warning`, or None); files:
   {filtered (`kept_rows_path`), scores, flagged, filter, and report, clean_model and
@@ -437,7 +438,9 @@ def filter_outcome(run_dir: str | Path) -> dict[str, Any] | None:
            "report": run_dir / REPORT, "clean_model": run_dir / CLEAN_HF,
            "clean_adapter": run_dir / CLEAN_ADAPTER}
   return {
-      "run_dir": str(run_dir), "signal": info.get("signal"), "threshold": info.get("threshold"),
+      "run_dir": str(run_dir), "signal": info.get("signal"),
+      "signal_choice": (info.get("signal_choice") or {}).get("reason"),
+      "threshold": info.get("threshold"),
       "phi": phi if math.isfinite(phi) else None, "separation": block.get("verdict"),
       "separation_reasons": list(block.get("reasons") or []),
       "kept": counts.get("kept"), "dropped": counts.get("flagged"),
@@ -465,6 +468,8 @@ def outcome_text(outcome: dict[str, Any], hint: str | None = None) -> str:
   lines = [f"filter: kept {fmt(kept)} of {fmt(total)} examples, dropped {fmt(dropped)} "
            f"(filter.signal={outcome['signal']}, threshold {outcome['threshold']}: "
            f"ϕ = {fmt(outcome['phi'])})"]
+  if outcome.get("signal_choice"):
+    lines.append(f"filter.signal=auto chose {outcome['signal_choice']}")
   if outcome["truncated"]:
     lines.append(f"truncated to data.max_len: {outcome['truncated']}")
   verdict = outcome["separation"]

@@ -56,6 +56,9 @@ def _summary_section(a: RunAnalysis) -> list[str]:
     lines.append(f"Filter: not available ({a.unavailable['filter']}).")
   else:
     lines.append(f"- Signal: `{a.signal}`; threshold `{fmt(a.threshold)}` → ϕ = {fmt(a.phi)}")
+    choice = filt.get("signal_choice")
+    if isinstance(choice, dict) and choice.get("reason"):
+      lines.append(f"- Chosen by `filter.signal: auto`: {choice['reason']}")
     info = filt.get("info") or {}
     scalars = [f"{k}={fmt(v)}" for k, v in sorted(info.items())
                if isinstance(v, int | float | str | bool) or v is None]

@@ -126,9 +126,9 @@ def test_degenerate_scores_nan_and_bad_input():
 
 
 def test_the_settings_are_checked_when_the_config_loads():
-  cfg = load_config(None, ["filter.on_no_separation=refuse", "filter.max_drop_fraction=1"])
-  assert cfg.filter.on_no_separation == "refuse" and cfg.filter.max_drop_fraction == 1.0
-  assert FilterConfig().on_no_separation == "warn" and FilterConfig().max_drop_fraction == 0.6
+  cfg = load_config(None, ["filter.on_no_separation=warn", "filter.max_drop_fraction=1"])
+  assert cfg.filter.on_no_separation == "warn" and cfg.filter.max_drop_fraction == 1.0
+  assert FilterConfig().on_no_separation == "refuse" and FilterConfig().max_drop_fraction == 0.6
   with pytest.raises(ConfigError, match="filter.on_no_separation='stop'"):
     load_config(None, ["filter.on_no_separation=stop"])
   for bad in ("0", "1.5", "-0.2"):
@@ -234,9 +234,27 @@ def test_the_command_line_summary_ends_with_the_warning(tmp_path, monkeypatch, c
 
   monkeypatch.setattr(driver, "run_job", fake_run_job)
   overrides = [f"run_dir={run.root}", "filter.signal=nll", "filter.threshold=auto"]
+  # The default refuses: exit status 2, the reasons on stderr, scores.csv only.
+  assert cli.main(["run", *overrides]) == 2
+  assert "the filter cannot tell groups apart" in capsys.readouterr().err
+  assert (run.root / "scores.csv").exists() and not (run.root / "filter.json").exists()
+  overrides.append("filter.on_no_separation=warn")
   assert cli.main(["run", *overrides]) == 0
   lines = capsys.readouterr().out.splitlines()
   assert lines[0] == f"report: {run.root / 'report.md'}"
   assert lines[-1].startswith("WARNING: no separation: the filter cannot tell two groups apart")
   assert cli.main(["run", *overrides, "--until", "score_after"]) == 0
   assert "WARNING" not in capsys.readouterr().out
+
+
+def test_replicas_that_drop_other_rows_are_no_separation():
+  """Two clear groups in the averaged scores, but the noisy replicas' own filters disagree on the
+  rows (κ below 0.3): one run's tail, not a population."""
+  r = _spike_and_mode(0.25)
+  flags, _, _ = Threshold.parse("auto")(r)
+  assert separation(r, flags, agreement=0.9)["verdict"] == "separated"
+  out = separation(r, flags, agreement=0.2)
+  assert out["verdict"] == "no separation"
+  assert "noisy replicas drop different rows (Cohen's κ 0.20 < 0.3)" in out["reasons"][0]
+  assert out["statistics"]["agreement"] == 0.2 and out["criteria"]["min_agreement"] == 0.3
+  assert "agreement" not in separation(r, flags)["statistics"]  # one run: not checked

@@ -20,7 +20,9 @@ from ff_jax import cli
 from ff_jax.config import load_config
 from ff_jax.data.formats import load_source
 from ff_jax.data.records import fingerprint
+from ff_jax.data.templates import PromptTemplate
 from ff_jax.errors import RunDirError
+from ff_jax.pipeline.context import encode_inputs
 from ff_jax.pipeline.filter import kept_and_flagged
 from ff_jax.pipeline.inputs import load_inputs, subsample_safe
 from ff_jax.pipeline.rundir import RunDir
@@ -299,3 +301,30 @@ def test_another_hub_config_or_revision_is_another_run(tmp_path):
     with pytest.raises(RunDirError, match=r"another config \(differs at: data\.noisy\)"):
       RunDir(changed.run_dir).open(changed.to_dict(), {"noisy": "x"})
   RunDir(cfg.run_dir).open(cfg.to_dict(), {"noisy": "x"})  # the same spec resumes
+
+
+def test_max_len_auto_is_the_longest_rows_width_and_cuts_nothing(tiny_model, tmp_path):
+  """The filter preset's `data.max_len: auto`: the longest row's bucket, nothing truncated; the
+  model's context caps it, and a number the user sets still cuts."""
+  words = " ".join(SAFE[0]["response"].split() * 20)
+  long_row = {"id": "long", "prompt": NOISY[0]["prompt"], "response": words[:300]}
+  noisy = write_jsonl(tmp_path / "noisy.jsonl", [*NOISY, long_row])
+  safe = write_jsonl(tmp_path / "safe.jsonl", SAFE)
+
+  def encoded(*overrides):
+    cfg = load_config("configs/filter.yaml", [
+        f"model.source={tiny_model}", "model.config=null", f"data.noisy={noisy}",
+        f"data.safe={safe}", f"run_dir={tmp_path / 'run'}", *overrides])
+    inputs = load_inputs(cfg, RunDir(cfg.run_dir))
+    return encode_inputs(cfg, inputs, PromptTemplate(mode=cfg.data.template))
+
+  cfg, rows, _ = encoded()
+  longest = max(len(e.tokens) for e in rows)
+  assert 64 < longest <= 128 and not any(e.truncated for e in rows)
+  assert (cfg.data.max_len, cfg.data.buckets) == (128, (64, 128))  # 128: the model's context too
+  assert cfg.to_dict()["data"]["max_len"] == 128  # what the manifest records
+  cut, rows, _ = encoded("data.max_len=64")
+  assert (cut.data.max_len, cut.data.buckets) == (64, (64,))
+  assert [e.id for e in rows if e.truncated] == ["long"]
+  listed, _, _ = encoded("data.buckets=[32,64]")  # a list gets the width the longest row needs
+  assert listed.data.buckets == (32, 64, 128)
