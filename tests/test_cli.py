@@ -207,13 +207,13 @@ def test_filter_signal_nll_alone_is_the_papers_single_run_method():
 
 
 @pytest.mark.parametrize("overrides,fix", [
-    (["scoring.noisy_replicas=1"], "set filter.signal=nll (the paper's method) or "
-                                   "scoring.noisy_replicas>=2"),
+    (["filter.signal=nll_tail_nens", "scoring.noisy_replicas=1"],
+     "set filter.signal=nll (the paper's method) or scoring.noisy_replicas>=2"),
     (["filter.signal=nll_lnf_nens", "scoring.m0=false"], "scoring.m0=true"),
     (["filter.signal=grad"], "or scoring.gradient_blocks=N"),
     (["scoring.noisy_replicas=several"], "set auto (what filter.signal needs) or a count"),
     (["scoring.noisy_replicas=0"], "set scoring.noisy_replicas=1 or auto"),
-    (["filter.signal=nll_mean"], "set filter.signal to one of nll, acc"),
+    (["filter.signal=nll_mean"], "set filter.signal to auto or one of nll, acc"),
     (["seed.x=1"], "set seed=VALUE"),
     (["configs/nope.yaml"], "a preset as configs/NAME (one of bench-gpu.yaml"),
 ])
