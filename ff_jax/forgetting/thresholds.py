@@ -382,11 +382,6 @@ SEPARATION_MIN_DELTA_BIC = 10.0  # Kass & Raftery's "very strong" evidence for t
 SEPARATION_MIN_ASHMAN_D = 2.0  # an equal mixture of two Gaussians is bimodal exactly for D > 2
 SEPARATION_MIN_VALLEY = 0.25  # the valley between the modes at most 75% of the lower peak
 SEPARATION_MIN_SCORES = 10
-# The noisy replicas' own filters agree on the rows they drop (Cohen's κ, mean over pairs) at
-# least this much; below it the upper group is the style or noise of one run, not a population.
-# On the tuning runs (docs/fidelity.md) the filters that worked had κ 0.41-0.97 (F1 0.77-1.00),
-# the two that dropped a style's task rows κ -0.02 and 0.08 (F1 0.87, 45% and 39% of the task rows).
-SEPARATION_MIN_AGREEMENT = 0.3
 # The diagnostic's components are at least a tenth of the scores' spread wide (σ ≥ 0.1·σ_total).
 # With the auto threshold's floor (1e-6 of the variance) a component collapses onto a spike of
 # identical scores (exact zeros of an unchanged ROUGE) and the other takes both the rest of the
@@ -432,7 +427,7 @@ def separation(r: Any, flags: Any = None, max_drop_fraction: float = 0.6,
                min_delta_bic: float = SEPARATION_MIN_DELTA_BIC,
                min_ashman_d: float = SEPARATION_MIN_ASHMAN_D,
                min_valley: float = SEPARATION_MIN_VALLEY, agreement: float | None = None,
-               min_agreement: float = SEPARATION_MIN_AGREEMENT) -> dict[str, Any]:
+               min_agreement: float | None = None) -> dict[str, Any]:
   """Whether the scores r show two groups a threshold can split, judged without labels.
 
   A filter is only as good as the gap in its scores: on scores that form one blob every ϕ cuts
@@ -453,11 +448,10 @@ def separation(r: Any, flags: Any = None, max_drop_fraction: float = 0.6,
       sides of 0 (μ₁ + σ₁ < 0 < μ₂), the two checks above must pass on r itself too;
     - with `flags` (the filter's decisions): it drops at most `max_drop_fraction` of all the
       examples, unscored ones included (1.0 turns the check off);
-    - with `agreement` (the noisy replicas' own filters' Cohen's κ, `choice.replica_agreement`):
-      the replicas drop the same rows, κ ≥ `min_agreement` (0.3). Two groups in one run's scores
-      can be a population or a tail that run's safety finetune pushed up (a style, a few short
-      answers); a population comes out of every replica. One run cannot tell the two apart: its
-      verdict says the check did not run.
+    - with `agreement` (the noisy replicas' own filters' Cohen's κ, `choice.replica_agreement`)
+      and `min_agreement`: the replicas drop the same rows, κ ≥ `min_agreement`. Off by default
+      (κ is recorded in the statistics): at 0.3, chosen on the tuning runs, it refused a
+      validation pair whose filter had F1 0.983 (κ 0.22; docs/fidelity.md).
   Fewer than `SEPARATION_MIN_SCORES` scored examples, or scores that do not vary, are "no
   separation". NaN scores are left out of the fit.
 
@@ -489,7 +483,7 @@ def separation(r: Any, flags: Any = None, max_drop_fraction: float = 0.6,
                            "n_nan": int(r.size - finite.size)}
   criteria = {"min_delta_bic": float(min_delta_bic), "min_ashman_d": float(min_ashman_d),
               "min_valley": float(min_valley), "max_drop_fraction": max_drop_fraction,
-              "min_agreement": float(min_agreement)}
+              "min_agreement": min_agreement}
   limits = (min_delta_bic, min_ashman_d, min_valley)
   failed: list[str] = []
   passed: list[str] = []
@@ -517,6 +511,7 @@ def separation(r: Any, flags: Any = None, max_drop_fraction: float = 0.6,
 
   if agreement is not None:
     stats["agreement"] = float(agreement)
+  if agreement is not None and min_agreement is not None:
     if agreement < min_agreement:
       failed.append(f"the noisy replicas drop different rows (Cohen's κ {agreement:.2f} < "
                     f"{min_agreement:g}): the upper group is one run's, not a population")
