@@ -67,8 +67,9 @@ def _summary_section(a: RunAnalysis) -> list[str]:
     block = filt.get("separation")
     if isinstance(block, dict) and block.get("verdict"):
       stats = block.get("statistics") or {}
+      # agreement: Cohen's κ of the noisy replicas' own filters (recorded, not a check)
       numbers = [f"{k}={fmt(stats[k])}" for k in ("delta_bic", "valley_depth", "ashman_d",
-                                                  "drop_fraction") if k in stats]
+                                                  "agreement", "drop_fraction") if k in stats]
       lines.append(f"- Separation (label-free, ff_jax.forgetting.thresholds.separation): "
                    f"**{fmt(block['verdict'])}**" + (f"; {', '.join(numbers)}" if numbers
                                                     else ""))
