@@ -97,7 +97,7 @@ def choose_signal(signals: Mapping[str, np.ndarray], per_replica: Mapping[str, n
                   "agreement": agreement, "ashman_d": verdict["statistics"].get("ashman_d"),
                   "separated": verdict["verdict"] == "separated",
                   "flagged": int(flags.sum())}
-  if not rows:  # a run scored before nll_tail existed has its nll only
+  if not rows:  # only where the run's score tables hold no NLL of its replicas
     name = "nll_nens" if replicated else "nll"
     return name, {"rule": "only candidate", "candidates": {}, "reason": f"{name}: the only "
                   "NLL signal this run scored"}
@@ -105,7 +105,8 @@ def choose_signal(signals: Mapping[str, np.ndarray], per_replica: Mapping[str, n
   def merit(name: str) -> tuple[bool, float]:
     row = rows[name]
     score = row["correlation"] if row["correlation"] is not None else row["ashman_d"]
-    return row["separated"], -np.inf if score is None else score
+    # A replica whose scores do not vary has no rank correlation (NaN): it ranks last.
+    return row["separated"], -np.inf if score is None or np.isnan(score) else score
 
   chosen = max(rows, key=merit)  # the first candidate (nll) on a tie: deterministic
   by = ("the replicas' rank correlation (Spearman's ρ)" if replicated
