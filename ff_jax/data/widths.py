@@ -13,10 +13,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ff_jax.data.batching import pick_bucket
 from ff_jax.errors import ConfigError
 
 AUTO = "auto"
 SMALLEST_BUCKET = 64
+
+
+def _power_of_two_at_least(length: int) -> int:
+  """The smallest power of two from `SMALLEST_BUCKET` that holds `length` tokens."""
+  size = SMALLEST_BUCKET
+  while size < length:
+    size *= 2
+  return size
 
 
 def bucket_ladder(width: int, smallest: int = SMALLEST_BUCKET) -> tuple[int, ...]:
@@ -29,16 +38,11 @@ def bucket_ladder(width: int, smallest: int = SMALLEST_BUCKET) -> tuple[int, ...
 
 
 def _round_up(longest: int, buckets: Sequence[int] | None, context: int) -> int:
-  """The width a row of `longest` tokens needs: the first of `buckets` (or of the power-of-two
-  ladder) that holds it, at most `context`."""
-  widths = sorted(buckets) if buckets else []
-  fits = [w for w in widths if w >= longest]
-  if fits:
-    return min(fits[0], context)
-  size = SMALLEST_BUCKET
-  while size < longest:
-    size *= 2
-  return min(size, context)
+  """The width a row of `longest` tokens needs: the bucket of `buckets` that holds it
+  (`batching.pick_bucket`), else of the power-of-two ladder, at most `context`."""
+  if buckets and max(buckets) >= longest:
+    return min(pick_bucket(longest, buckets), context)
+  return min(_power_of_two_at_least(longest), context)
 
 
 def resolve_widths(max_len: int | str, buckets: Sequence[int] | str, longest: int,

@@ -39,7 +39,7 @@ AUTO = "auto"
 CANDIDATES = {True: (("nll_nens", "nll"), ("nll_tail_nens", "nll_tail")),
               False: (("nll", "nll"), ("nll_tail", "nll_tail"))}
 # The signals averaged over noisy replicas whose replicas' agreement the separation check reads.
-REPLICA_COLUMN = {"nll_nens": "nll", "nll_tail_nens": "nll_tail"}
+REPLICA_COLUMN = dict(CANDIDATES[True])
 
 
 def cohen_kappa(a: np.ndarray, b: np.ndarray) -> float:

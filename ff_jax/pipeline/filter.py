@@ -123,8 +123,11 @@ def filter_records(cfg: RunConfig, run: RunDir, records: list[Record], truncated
   flags, phi, info = threshold(r)
   flags = np.asarray(flags, dtype=bool)
   column = REPLICA_COLUMN.get(signal)
-  agreement = (replica_agreement(per_replica[column], threshold) if column in per_replica
-               else None)
+  if choice is not None and signal in choice["candidates"]:  # measured while choosing
+    agreement = choice["candidates"][signal]["agreement"]
+  else:
+    agreement = (replica_agreement(per_replica[column], threshold) if column in per_replica
+                 else None)
   verdict = separation(r, flags, cfg.filter.max_drop_fraction, agreement=agreement)
 
   columns = _columns(before, after, signals, extra)
