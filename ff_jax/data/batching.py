@@ -36,11 +36,14 @@ from ff_jax.data.host_rows import host_block
 from ff_jax.data.templates import EncodedExample
 from ff_jax.errors import ConfigError, DataError
 
-# Packed rows are at most this many times the largest bucket wide. Wider rows leave less room
-# unfilled (rows of 1 bucket pad 12-20% on the demo and the bias mixture, rows of 2 about 8%), but
-# each token attends over its whole row (the einsum path and the masked fused kernel compute every
-# (query, key) pair of a row): on CPU, rows of 4 buckets trained slower than rows of 2, for the demo
-# model and for SmolLM2's widths alike.
+# Packed rows are at most this many times as wide as the bucket of the longest example they pack
+# (of the batch in training, of the set in scoring). Wider rows leave less room unfilled (rows of 1
+# bucket pad 12-20% on the demo and the bias mixture, rows of 2 about 8%), but each token attends
+# over its whole row (the einsum path and the masked fused kernel compute every (query, key) pair
+# of a row): on CPU, rows of 4 buckets trained slower than rows of 2, for the demo model and for
+# SmolLM2's widths alike. The batch's own bucket, not the largest one, because one long row of the
+# data (which sets `data.max_len: auto`) must not widen every other batch: on the tuning mixture,
+# rows of up to 2 x 512 where 2 x 256 held the batch made the noisy finetune 1.5x slower.
 PACKED_WIDTH_FACTOR = 2
 # Packed widths and row counts are rounded up to 8 values per octave (8..15 x 2^e): rounding costs
 # ~4% of the slots, and a phase compiles one shape per ~9% step of its batches' token counts
@@ -194,8 +197,9 @@ def packed_rows(examples: Sequence[EncodedExample], indices: Sequence[int],
   (`packed_layout`, rows a multiple of `row_multiple` and of the process count): the same on every
   host."""
   real = [i for i in indices if i >= 0]
-  num_rows, width, packed = packed_layout([len(examples[i]) for i in real],
-                                          PACKED_WIDTH_FACTOR * max(buckets),
+  lengths = [len(examples[i]) for i in real]
+  num_rows, width, packed = packed_layout(lengths,
+                                          PACKED_WIDTH_FACTOR * pick_bucket(max(lengths), buckets),
                                           math.lcm(row_multiple, process_count))
   return num_rows, width, [[real[p] for p in row] for row in packed]
 
@@ -405,18 +409,17 @@ def packed_eval_batches(examples: Sequence[EncodedExample], batch_size: int,
   """Every example exactly once, packed first-fit-decreasing over the whole set into batches of
   one shape (one compile per set).
 
-  A batch holds at most the token slots of an unpacked batch of the largest bucket
-  (`batch_size` x largest bucket; a single row may exceed it), in rows of a ladder width from 1 to
-  PACKED_WIDTH_FACTOR largest buckets: whichever needs the fewest slots in all (ties: the
-  narrower, cheaper attention). The rows are spread evenly over the batches, each a multiple of
+  A batch holds at most the token slots of an unpacked batch in the longest example's bucket
+  (`batch_size` x that bucket; a single row may exceed it), in rows of a ladder width from 1 to
+  PACKED_WIDTH_FACTOR such buckets: whichever needs the fewest slots in all (ties: the narrower,
+  cheaper attention). The rows are spread evenly over the batches, each a multiple of
   `row_multiple` rows and of the process count.
   """
   if not examples:
     return []
   row_multiple = math.lcm(row_multiple, process_count)
   lengths = [len(e) for e in examples]
-  longest_bucket = max(buckets)
-  pick_bucket(max(lengths), buckets)
+  longest_bucket = pick_bucket(max(lengths), buckets)
   widths = sorted({min(ladder_up(w), PACKED_WIDTH_FACTOR * longest_bucket)
                    for w in range(longest_bucket, PACKED_WIDTH_FACTOR * longest_bucket + 1)})
   best = None

@@ -109,6 +109,22 @@ def test_train_iterator_packs_the_same_examples_as_unpacked():
   assert len(shapes) <= 12, shapes
 
 
+def test_a_longer_bucket_does_not_widen_batches_of_short_examples():
+  # `data.max_len: auto` adds the bucket of the data's longest row; batches without such a row
+  # must pack as they would without that bucket (rows of at most 2 of their own buckets), and a
+  # batch with one gets rows wide enough for it.
+  exs = _mixed(48) + _examples([200], seed=9)
+  order = np.random.default_rng(5).permutation(48)
+  for batch in np.split(order, 6):
+    idx = batch.tolist()
+    assert (batching.packed_rows(exs, idx, BUCKETS + (256,))
+            == batching.packed_rows(exs, idx, BUCKETS))
+  _, width, _ = batching.packed_rows(exs, idx[:7] + [48], BUCKETS + (256,))
+  assert 200 <= width <= 2 * 256
+  evals = batching.eval_batches(exs[:48], 8, BUCKETS + (256,), pad_id=PAD, packing=True)
+  assert evals[0]["tokens"].shape[1] <= 2 * max(BUCKETS)
+
+
 def test_packed_iterator_resume_replays_the_same_batches():
   exs = _mixed(30, seed=1)
   kw = dict(batch_size=8, seed=7, buckets=BUCKETS, pad_id=PAD, packing=True)
