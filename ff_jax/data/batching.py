@@ -410,9 +410,11 @@ def packed_eval_batches(examples: Sequence[EncodedExample], batch_size: int,
   one shape (one compile per set).
 
   A batch holds at most the token slots of an unpacked batch in the longest example's bucket
-  (`batch_size` x that bucket; a single row may exceed it), in rows of a ladder width from 1 to
-  PACKED_WIDTH_FACTOR such buckets: whichever needs the fewest slots in all (ties: the narrower,
-  cheaper attention). The rows are spread evenly over the batches, each a multiple of
+  (`batch_size` x that bucket; a single row may exceed it), in rows of a ladder width from the
+  longest example's to PACKED_WIDTH_FACTOR such buckets: whichever needs the fewest slots in all
+  (ties: the narrower, cheaper attention). From the example's width, not its bucket's: a few rows
+  just over a bucket (which `data.max_len: auto` keeps whole) would otherwise double the narrowest
+  width every batch can take. The rows are spread evenly over the batches, each a multiple of
   `row_multiple` rows and of the process count.
   """
   if not examples:
@@ -421,7 +423,7 @@ def packed_eval_batches(examples: Sequence[EncodedExample], batch_size: int,
   lengths = [len(e) for e in examples]
   longest_bucket = pick_bucket(max(lengths), buckets)
   widths = sorted({min(ladder_up(w), PACKED_WIDTH_FACTOR * longest_bucket)
-                   for w in range(longest_bucket, PACKED_WIDTH_FACTOR * longest_bucket + 1)})
+                   for w in range(max(lengths), PACKED_WIDTH_FACTOR * longest_bucket + 1)})
   best = None
   for width in widths:
     rows = first_fit_decreasing(lengths, width)
