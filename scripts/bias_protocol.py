@@ -278,8 +278,8 @@ def cmd_widths(args: argparse.Namespace) -> None:
   from ff_jax.training.loop import phase_steps
 
   print("| data.max_len | buckets | rows cut | finetune token slots | attention Σ rows·T² "
-        "| score token slots |")
-  print("|---|---|---|---|---|---|")
+        "| score token slots | score attention Σ rows·T² |")
+  print("|---|---|---|---|---|---|---|")
   for limit in args.limits:
     widths = [] if limit == "auto" else [f"data.max_len={limit}",
                                          f"data.buckets={list(bucket_ladder(int(limit)))}"]
@@ -297,9 +297,10 @@ def cmd_widths(args: argparse.Namespace) -> None:
         rows, width = iterator.batch_shape(iterator.next_indices())
         slots, attention = slots + rows * width, attention + rows * width ** 2
     scoring = Batching(cfg.scoring.batch_size, cfg.data.buckets, inputs.tokenizer.pad_id, True)
-    scored = sum(b["tokens"].size for b in scoring.eval_batches(noisy))
+    shapes = [b["tokens"].shape for b in scoring.eval_batches(noisy)]
     print(f"| {limit} → {cfg.data.max_len} | {list(cfg.data.buckets)} | "
-          f"{sum(e.truncated for e in noisy + safe)} | {slots} | {attention:.3g} | {scored} |")
+          f"{sum(e.truncated for e in noisy + safe)} | {slots} | {attention:.3g} | "
+          f"{sum(r * t for r, t in shapes)} | {sum(r * t * t for r, t in shapes):.3g} |")
 
 
 def cmd_rescore(args: argparse.Namespace) -> None:
